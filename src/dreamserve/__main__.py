@@ -1,0 +1,3 @@
+from dreamserve.cli import main
+
+main()

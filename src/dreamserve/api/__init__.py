@@ -1,0 +1,1 @@
+"""HTTP and WebSocket surface. Never imports torch or the engine."""

@@ -1,0 +1,70 @@
+"""``create_app(settings)``: wires routers, the lifespan, and the one place errors become responses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dreamserve import __version__
+from dreamserve.api import files, health, run, socket, tasks
+from dreamserve.errors import DreamError, InvalidRequest, RateLimited, RouteNotFound
+from dreamserve.services import Services
+from dreamserve.settings import Settings
+
+log = logging.getLogger("dreamserve.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services(settings)
+        await services.start()
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await services.close()
+
+    app = FastAPI(title="dreamserve", version=__version__, lifespan=lifespan)
+    for module in (run, tasks, files, socket, health):
+        app.include_router(module.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DreamError)
+    async def dream_error(_: Request, exc: DreamError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        return JSONResponse(exc.to_wire(), status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error: DreamError
+        if exc.status_code == 404:
+            error = RouteNotFound()
+        elif exc.status_code == 405:
+            error = RouteNotFound("Error parsing url. Every endpoint takes POST, except file downloads (GET).")
+            error.http_status = 405
+        else:
+            error = DreamError(str(exc.detail))
+            error.http_status = exc.status_code
+        return JSONResponse(error.to_wire(), status_code=error.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(InvalidRequest("Request parameters are invalid.").to_wire())
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        error = DreamError("Internal server error. The incident was logged; retry with backoff.")
+        return JSONResponse(error.to_wire(), status_code=500)

@@ -1,0 +1,102 @@
+"""``/v1/File/*``: folders, uploads, and the file URLs (inputs, uploads, outputs) readable by access key."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
+from dreamserve.db import File, Folder
+from dreamserve.errors import InvalidRequest, NotFound
+from dreamserve.params import Upload, check_image
+from dreamserve.store import new_accesskey
+from dreamserve.wire import envelope, file_item, unix
+
+router = APIRouter()
+
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+
+
+@router.post("/v1/File/FolderCreate")
+@router.post("/v1/Folder/Create")
+async def folder_create(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    fields = await read_fields(request, max_file_bytes=0)
+    name = str(fields.get("name", [""])[-1]).strip()
+    if not _FOLDER_NAME.match(name):
+        raise InvalidRequest("Request parameter [name] must be 1-100 letters, digits, '-' or '_'.")
+    parent = str((fields.get("parentid") or fields.get("parentId") or [""])[-1]).strip()
+    parent_id = int(parent) if parent.isdigit() and parent != "0" else None
+    async with services.sessions.begin() as session:
+        if parent_id is not None and await _folder(session, project.id, parent_id) is None:
+            raise NotFound(f"Folder {parent_id} does not exist in this project.")
+        folder = Folder(project_id=project.id, name=name, parent_id=parent_id, created=time.time())
+        session.add(folder)
+        await session.flush()
+    item = {
+        "id": str(folder.id),
+        "name": folder.name,
+        "parentid": str(folder.parent_id or 0),
+        "size": "0",
+        "contenttype": "",
+        "addedtime": unix(folder.created),
+    }
+    return envelope(list=[item])
+
+
+@router.post("/v1/File/Upload")
+async def upload(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    settings = services.settings
+    fields = await read_fields(request, settings.max_upload_bytes)
+    uploads = [value for value in fields.get("file", []) if isinstance(value, Upload)]
+    if len(uploads) != 1:
+        raise InvalidRequest("Request files [file] required: send one file as multipart field 'file'.")
+    data = uploads[0]
+    ext, width, height = check_image(
+        data.data, repr(data.filename), settings.max_upload_bytes, settings.max_input_pixels
+    )
+    folder_raw = str(fields.get("folderid", [""])[-1]).strip()
+    folder_id = int(folder_raw) if folder_raw.isdigit() and folder_raw != "0" else None
+    stem = _SAFE_NAME.sub("_", data.filename.rsplit(".", 1)[0])[:80] or "upload"
+    accesskey = new_accesskey()
+    file = File(
+        project_id=project.id,
+        folder_id=folder_id,
+        role="upload",
+        name=f"{stem}.{ext}",
+        contenttype=CONTENT_TYPES.get(ext, f"image/{ext}"),
+        size=len(data.data),
+        accesskey=accesskey,
+        blob_key=f"uploads/{accesskey}/{stem}.{ext}",
+        meta={"width": width, "height": height},
+        created=time.time(),
+    )
+    async with services.sessions.begin() as session:
+        if folder_id is not None and await _folder(session, project.id, folder_id) is None:
+            raise NotFound(f"Folder {folder_id} does not exist in this project.")
+        services.blobs.put(file.blob_key, data.data)
+        session.add(file)
+    return envelope(list=[file_item(settings.base_url, file)])
+
+
+@router.get("/v1/File/{accesskey}/{name}")
+async def read_file(accesskey: str, name: str, services: ServicesDep) -> FileResponse:
+    """No credentials: the access key in the URL is the capability (Wiro: "anyone with the URL")."""
+    async with services.sessions() as session:
+        query = select(File).where(File.accesskey == accesskey, File.name == name)
+        file = (await session.execute(query)).scalar_one_or_none()
+    if file is None or not services.blobs.exists(file.blob_key):
+        raise NotFound("File not found. Check the URL; output URLs are listed in Task/Detail outputs[].url.")
+    return FileResponse(services.blobs.path(file.blob_key), media_type=file.contenttype)
+
+
+async def _folder(session: Any, project_id: int, folder_id: int) -> Folder | None:
+    query = select(Folder).where(Folder.id == folder_id, Folder.project_id == project_id)
+    folder: Folder | None = (await session.execute(query)).scalar_one_or_none()
+    return folder

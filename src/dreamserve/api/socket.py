@@ -1,0 +1,84 @@
+"""The task socket at ``/v1``: register with ``{"type": "task_info", "tasktoken": ...}``, then receive
+every event of that task in order, the ones that happened before registration first.
+
+No credentials: the task token is the capability (as on Wiro). Events come from the in-process hub
+when the worker runs here, and from polling the event log otherwise (a worker on another process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from dreamserve.events import TERMINAL
+from dreamserve.services import Services
+from dreamserve.wire import socket_frame
+
+router = APIRouter()
+
+POLL_SECONDS = 0.5
+
+
+@router.websocket("/v1")
+@router.websocket("/v1/")
+async def task_socket(websocket: WebSocket) -> None:
+    services: Services = websocket.app.state.services
+    await websocket.accept()
+    lock = asyncio.Lock()
+    followers: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            try:
+                request = json.loads(await websocket.receive_text())
+            except json.JSONDecodeError:
+                await _send(websocket, lock, {"type": "error", "message": "Send JSON frames.", "result": False})
+                continue
+            token = str(request.get("tasktoken", "")) if isinstance(request, dict) else ""
+            if not isinstance(request, dict) or request.get("type") != "task_info" or not token:
+                message = 'Register with {"type": "task_info", "tasktoken": "<socketaccesstoken>"}.'
+                await _send(websocket, lock, {"type": "error", "message": message, "result": False})
+                continue
+            follower = asyncio.create_task(_follow(websocket, lock, services, token))
+            followers.add(follower)
+            follower.add_done_callback(followers.discard)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for follower in followers:
+            follower.cancel()
+
+
+async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, token: str) -> None:
+    task = await services.store.get_by_token(token)
+    if task is None:
+        await _send(websocket, lock, {"type": "error", "message": "No task has that tasktoken.", "result": False})
+        return
+    # Subscribe before replaying, so nothing published in between is missed; ids drop the duplicates.
+    live = services.hub.subscribe(task.id)
+    last = 0
+    try:
+        while True:
+            pending = await services.store.events(task.id, after=last)
+            while not live.empty():
+                pending.append(live.get_nowait())
+            for event in sorted({e.id: e for e in pending if e.id > last}.values(), key=lambda e: e.id):
+                await _send(websocket, lock, socket_frame(event.type, task.id, token, event.message))
+                last = event.id
+                if event.type in TERMINAL:
+                    return
+            with contextlib.suppress(TimeoutError):
+                # Woken by the hub, or every POLL_SECONDS to catch events written by other processes.
+                live.put_nowait(await asyncio.wait_for(live.get(), timeout=POLL_SECONDS))
+    except (WebSocketDisconnect, RuntimeError):
+        return
+    finally:
+        services.hub.unsubscribe(task.id, live)
+
+
+async def _send(websocket: WebSocket, lock: asyncio.Lock, frame: dict[str, Any]) -> None:
+    async with lock:
+        await websocket.send_text(json.dumps(frame))

@@ -1,0 +1,95 @@
+"""``/v1/Task/*``: Detail, List, Cancel (queued, or running at the next step) and Kill (running, at once)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
+from dreamserve.db import Project, Task
+from dreamserve.errors import InvalidRequest, InvalidState, NotFound
+from dreamserve.events import RUNNING, TERMINAL
+from dreamserve.wire import envelope
+
+router = APIRouter()
+
+
+async def _find(request: Request, services: ServicesDep, project: Project) -> Task:
+    """Accept ``taskid``, ``tasktoken`` or ``socketaccesstoken``: Wiro's docs and clients use all three."""
+    fields = await read_fields(request, max_file_bytes=0)
+    value = {name: str(values[-1]).strip() for name, values in fields.items() if values}
+    taskid = value.get("taskid", "")
+    token = value.get("tasktoken") or value.get("socketaccesstoken")
+    if taskid:
+        if not taskid.isdigit():
+            raise InvalidRequest(f"Request parameter [taskid] must be integer, got {taskid[:20]!r}.")
+        task = await services.store.get(project_id=project.id, taskid=int(taskid))
+    elif token:
+        task = await services.store.get(project_id=project.id, token=token)
+    else:
+        raise InvalidRequest("taskid or socketaccesstoken is required")
+    if task is None:
+        raise NotFound("There is no task yet. No task of this project has that taskid or tasktoken.")
+    return task
+
+
+async def _tasklist(services: ServicesDep, task_id: int) -> dict[str, Any]:
+    rendered = await services.render(task_id)
+    return envelope(total="1", tasklist=[rendered] if rendered else [])
+
+
+@router.post("/v1/Task/Detail")
+async def detail(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    task = await _find(request, services, project)
+    return await _tasklist(services, task.id)
+
+
+@router.post("/v1/Task/Cancel")
+async def cancel(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    task = await _find(request, services, project)
+    if await services.store.cancel_queued(task.id) is None:
+        fresh = await services.store.get_by_id(task.id)
+        if fresh is None or fresh.status not in RUNNING:
+            raise InvalidState(f"Task is not in a cancellable state. Task {task.id} is {_status(fresh)}.")
+        # Running: stop at the next denoising step; the model stays loaded.
+        await services.stop_task(task.id, "cancel")
+        await services.wait_terminal(task.id, services.settings.cancel_grace_seconds + 2)
+    return await _tasklist(services, task.id)
+
+
+@router.post("/v1/Task/Kill")
+async def kill(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    task = await _find(request, services, project)
+    if await services.store.cancel_queued(task.id) is None:
+        fresh = await services.store.get_by_id(task.id)
+        if fresh is None or fresh.status not in RUNNING:
+            raise InvalidState(f"Task could not be killed: task {task.id} is {_status(fresh)}.")
+        await services.stop_task(task.id, "kill")
+        await services.wait_terminal(task.id, 10)
+    return await _tasklist(services, task.id)
+
+
+@router.post("/v1/Task/List")
+async def task_list(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    fields = await read_fields(request, max_file_bytes=0)
+    start = _int(fields, "start", 0)
+    limit = min(_int(fields, "limit", 20), 100)
+    ids, total = await services.store.list_ids(project.id, start=start, limit=limit)
+    tasks = [await services.render(task_id) for task_id in ids]
+    return envelope(total=str(total), tasklist=[t for t in tasks if t])
+
+
+def _int(fields: dict[str, list[Any]], name: str, default: int) -> int:
+    raw = str(fields.get(name, [default])[-1]).strip()
+    if not raw.isdigit():
+        raise InvalidRequest(f"Request parameter [{name}] must be integer, got {raw[:20]!r}.")
+    return int(raw)
+
+
+def _status(task: Task | None) -> str:
+    if task is None:
+        return "gone"
+    if task.status in TERMINAL:
+        return f"already finished ({task.status})"
+    return task.status

@@ -1,0 +1,172 @@
+"""The SQL schema and engine factory. The ``tasks`` table is the queue (see ``store.py``).
+
+Times are unix seconds as floats (UTC by construction); the wire layer renders them as Wiro's
+integer strings. Types are portable so the same schema runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    #: sha256 of the API key: the key itself is never stored.
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_prefix: Mapped[str] = mapped_column(String(12))
+    #: The secret, sealed with a pad derived from the API key (see ``projects.py``).
+    secret_sealed: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    signature_required: Mapped[bool] = mapped_column(Boolean, default=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[float] = mapped_column(Float)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_queue", "status", "model", "priority", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    #: Wiro's ``socketaccesstoken``: also the ``tasktoken`` of Task/Detail and of the socket.
+    token: Mapped[str] = mapped_column(String(64), unique=True)
+    #: ``owner/model`` as served, lower case.
+    model: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(40))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: The echo of the request as Wiro shows it (uploaded inputs rewritten to file URLs).
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: What the worker needs: prompt, width, height, num_images, seed, watermark, inputs.
+    job: Mapped[dict[str, Any]] = mapped_column(JSON)
+    callback_url: Mapped[str] = mapped_column(Text, default="")
+    pexit: Mapped[str] = mapped_column(String(16), default="")
+    debugoutput: Mapped[str] = mapped_column(Text, default="")
+    debugerror: Mapped[str] = mapped_column(Text, default="")
+    #: Stage timings, generation method, seeds: our additions to the task object.
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The latest progress object, for clients that poll Task/Detail instead of following the socket.
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    createtime: Mapped[float] = mapped_column(Float)
+    accepttime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    preprocessstarttime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    preprocessendtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    assigntime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    starttime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    endtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    postprocessstarttime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    postprocessendtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    canceltime: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    #: Lease of the worker running the task; expired leases are reaped (``store.reap``).
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: "" none, "cancel" (stop at the next step), "kill" (terminate the model process).
+    stop_requested: Mapped[str] = mapped_column(String(16), default="")
+
+
+class TaskEvent(Base):
+    """The event log: every socket frame of a task, in order, so late clients can replay it."""
+
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    type: Mapped[str] = mapped_column(String(40))
+    message: Mapped[Any] = mapped_column(JSON, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+
+
+class Folder(Base):
+    __tablename__ = "folders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    parent_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+
+
+class File(Base):
+    __tablename__ = "files"
+    __table_args__ = (UniqueConstraint("accesskey", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    folder_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    task_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    #: "upload" (File/Upload), "input" (sent with Run) or "output" (generated).
+    role: Mapped[str] = mapped_column(String(16))
+    #: Position among the task's inputs or outputs.
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    name: Mapped[str] = mapped_column(String(255))
+    contenttype: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(Integer)
+    #: Unguessable capability in the file's URL; holding it is enough to read the file.
+    accesskey: Mapped[str] = mapped_column(String(64), index=True)
+    #: Key in the blob store.
+    blob_key: Mapped[str] = mapped_column(String(400))
+    #: Extra facts (width, height, seed) for outputs.
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created: Mapped[float] = mapped_column(Float)
+
+
+class Nonce(Base):
+    __tablename__ = "nonces"
+
+    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen: Mapped[float] = mapped_column(Float, index=True)
+
+
+class WebhookDelivery(Base):
+    """Outbox of callback deliveries, written in the same transaction as the terminal status."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(Integer, index=True)
+    url: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt: Mapped[float] = mapped_column(Float)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[float] = mapped_column(Float)
+    delivered: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+def make_engine(url: str) -> AsyncEngine:
+    engine = create_async_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        # WAL lets the API read while a worker writes; busy_timeout queues writers instead of failing.
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    return engine
+
+
+async def create_schema(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[Any]:
+    return async_sessionmaker(engine, expire_on_commit=False)

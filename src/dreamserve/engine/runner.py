@@ -1,0 +1,279 @@
+"""``Engine``: one loaded pipeline, and the one way to run a Seedream-style job on it.
+
+``generate`` is a numbered recipe in the manner of a diffusers ``__call__``. Requests above the
+model's native cap are generated at the cap (same aspect) and upscaled; ``maxImages`` gives
+distinct images (one seed each, never a grid); progress and cancel ride ``callback_on_step_end``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from dreamserve.engine.loader import load_pipeline, resolve_device
+from dreamserve.jobs import GeneratedImage, GenerationJob, GenerationResult, StepInfo
+from dreamserve.settings import ModelSpec
+
+#: Default denoising steps per family (distilled models need few; pipelines default to 50).
+DEFAULT_STEPS = {"klein": 4, "flux2": 28, "qwen-edit": 40, "qwen": 40, "sd": 2, "flux": 28, "other": 30}
+#: Families whose pipeline takes a list of reference images as ``image``.
+MULTI_REFERENCE = {"klein", "flux2", "qwen-edit"}
+#: With more references than this, each is shrunk to REFERENCE_AREA pixels to bound the token count.
+MANY_REFERENCES = 4
+REFERENCE_AREA = 512 * 512
+SIZE_MULTIPLE = 16
+
+
+class Interrupted(Exception):
+    """The job was stopped on request between denoising steps."""
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, pipeline: Any, family: str, load_seconds: float) -> None:
+        self.spec = spec
+        self.pipeline = pipeline
+        self.family = family
+        self.load_seconds = load_seconds
+        self.device = resolve_device(spec)
+        self._img2img: Any = None
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> Engine:
+        started = time.perf_counter()
+        pipeline, family = load_pipeline(spec)
+        return cls(spec, pipeline, family, time.perf_counter() - started)
+
+    @property
+    def steps(self) -> int:
+        return self.spec.steps or DEFAULT_STEPS[self.family]
+
+    def generate(
+        self, job: GenerationJob, on_step: Callable[[StepInfo], None], should_stop: Callable[[], bool]
+    ) -> GenerationResult:
+        # 1. Check inputs.
+        if job.num_images < 1 or job.width < 1 or job.height < 1:
+            raise ValueError(f"nothing to generate: {job.num_images} images of {job.width}x{job.height}")
+        started = time.perf_counter()
+
+        # 2. Plan sizes: native generation size and batches.
+        gen_width, gen_height = native_size(job.width, job.height, self.spec.max_pixels)
+        batches = [
+            range(i, min(i + self.spec.max_batch, job.num_images))
+            for i in range(0, job.num_images, self.spec.max_batch)
+        ]
+        total = self.steps * len(batches)
+        method = describe(gen_width, gen_height, job.width, job.height)
+
+        # 3. Load references.
+        references = [load_reference(path, len(job.references)) for path in job.references]
+        call, method = self._plan_call(references, method)
+
+        # 4. Denoise, batch by batch, one seed per image.
+        timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
+        images: list[tuple[Image.Image, int]] = []
+        for number, batch in enumerate(batches):
+            if should_stop():
+                raise Interrupted
+            seeds = [job.seed + i for i in batch]
+            done_before = number * self.steps
+            output = self._denoise(
+                call,
+                job.prompt,
+                gen_width,
+                gen_height,
+                seeds,
+                timings,
+                done_before,
+                total,
+                started,
+                on_step,
+                should_stop,
+            )
+            if should_stop():
+                raise Interrupted
+            images.extend(zip(output, seeds, strict=True))
+
+        # 5. Post-process: reach the exact size, mark, and save atomically.
+        tick = time.perf_counter()
+        final = [
+            (
+                image
+                if image.size == (job.width, job.height)
+                else image.resize((job.width, job.height), Image.Resampling.LANCZOS),
+                seed,
+            )
+            for image, seed in images
+        ]
+        timings["upscale"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        saved = [self._save(job, position, image, seed) for position, (image, seed) in enumerate(final)]
+        timings["save"] = time.perf_counter() - tick
+        return GenerationResult(images=saved, method=method, timings=timings)
+
+    def _plan_call(self, references: list[Image.Image], method: str) -> tuple[Callable[..., Any], str]:
+        """The callable to run and what it does with the references."""
+        pipeline = self.pipeline
+        if not references:
+            return pipeline, method
+        if self.family in MULTI_REFERENCE:
+            return _bind(pipeline, image=references), f"{method}; {len(references)} references"
+        if self.family == "sd":
+            if self._img2img is None:
+                from diffusers import StableDiffusionImg2ImgPipeline
+
+                self._img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipeline)
+            # img2img works at the reference's resolution: resize it to the generation size in _denoise.
+            return _bind(self._img2img, image=references[0], strength=0.6), f"{method}; img2img from reference 1"
+        return pipeline, f"{method}; references ignored ({type(pipeline).__name__} takes none)"
+
+    def _denoise(
+        self,
+        call: Callable[..., Any],
+        prompt: str,
+        width: int,
+        height: int,
+        seeds: list[int],
+        timings: dict[str, float],
+        done_before: int,
+        total: int,
+        started: float,
+        on_step: Callable[[StepInfo], None],
+        should_stop: Callable[[], bool],
+    ) -> list[Image.Image]:
+        marks: dict[str, float] = {}
+        denoiser = getattr(self.pipeline, "transformer", None) or self.pipeline.unet
+
+        def first_forward(_module: Any, _args: Any) -> None:
+            marks.setdefault("denoise", time.perf_counter())
+
+        def step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            marks["last_step"] = time.perf_counter()
+            on_step(StepInfo(step=done_before + step + 1, total=total, elapsed=time.perf_counter() - started))
+            if should_stop():
+                pipe._interrupt = True
+            return kwargs
+
+        generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        hook = denoiser.register_forward_pre_hook(first_forward)
+        begin = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                result = call(
+                    prompt=prompt,
+                    width=width,
+                    height=height,
+                    num_images_per_prompt=len(seeds),
+                    num_inference_steps=self.steps,
+                    generator=generators,
+                    callback_on_step_end=step_end,
+                    **self._family_kwargs(),
+                )
+        finally:
+            hook.remove()
+        end = time.perf_counter()
+        denoise_start = marks.get("denoise", begin)
+        last_step = marks.get("last_step", end)
+        timings["encode"] += denoise_start - begin
+        timings["denoise"] += last_step - denoise_start
+        timings["decode"] += end - last_step
+        return list(result.images)
+
+    def _family_kwargs(self) -> dict[str, Any]:
+        if self.family == "klein" and self.spec.source == "tiny":
+            # The tiny text encoder has two layers; real klein reads layers (9, 18, 27).
+            return {"text_encoder_out_layers": (1,), "max_sequence_length": 32}
+        if self.family == "sd":
+            return {"guidance_scale": 0.0}  # SD-Turbo is trained without classifier-free guidance
+        return {}
+
+    def _save(self, job: GenerationJob, position: int, image: Image.Image, seed: int) -> GeneratedImage:
+        if job.watermark:
+            image = add_visible_mark(image)
+        info = PngInfo()
+        info.add_text("Software", "dreamserve")
+        info.add_text("ai_generated", "true")
+        info.add_text("prompt", job.prompt)
+        info.add_text("seed", str(seed))
+        info.add_text("model", self.spec.source)
+        if job.watermark:
+            info.add_text("watermark", "visible")
+        folder = Path(job.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{position}.png"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                image.save(handle, format="PNG", pnginfo=info)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, folder / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        size = (folder / name).stat().st_size
+        return GeneratedImage(name, str(folder / name), image.width, image.height, seed, size)
+
+
+def _bind(call: Callable[..., Any], **bound: Any) -> Callable[..., Any]:
+    def bound_call(**kwargs: Any) -> Any:
+        return call(**bound, **kwargs)
+
+    return bound_call
+
+
+def native_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The generation size: the request's aspect within ``max_pixels``, sides multiples of 16 (min 64)."""
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+
+    def side(value: int) -> int:
+        return max(64, int(value * scale) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+
+    return side(width), side(height)
+
+
+def describe(gen_width: int, gen_height: int, width: int, height: int) -> str:
+    if (gen_width, gen_height) == (width, height):
+        return f"native {width}x{height}"
+    return f"generated {gen_width}x{gen_height}, upscaled (lanczos) to {width}x{height}"
+
+
+def load_reference(path: str, count: int) -> Image.Image:
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    if count > MANY_REFERENCES and image.width * image.height > REFERENCE_AREA:
+        scale = math.sqrt(REFERENCE_AREA / (image.width * image.height))
+        image = image.resize(
+            (max(64, int(image.width * scale)), max(64, int(image.height * scale))), Image.Resampling.LANCZOS
+        )
+    if min(image.size) < 64:
+        # FLUX.2's image processor refuses references under 64 px.
+        scale = 64 / min(image.size)
+        image = image.resize(
+            (math.ceil(image.width * scale), math.ceil(image.height * scale)), Image.Resampling.LANCZOS
+        )
+    return image
+
+
+def add_visible_mark(image: Image.Image) -> Image.Image:
+    """A semi-transparent "AI generated" label in the bottom-right corner, scaled to the image."""
+    base = image.convert("RGBA")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    font = ImageFont.load_default(size=max(10, base.height // 24))
+    text = "AI generated"
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    margin = max(4, base.height // 64)
+    x = base.width - (right - left) - 2 * margin
+    y = base.height - (bottom - top) - 2 * margin
+    draw.rectangle((x - margin, y - margin, base.width - margin, base.height - margin), fill=(0, 0, 0, 110))
+    draw.text((x, y - top), text, font=font, fill=(255, 255, 255, 200))
+    return Image.alpha_composite(base, overlay).convert("RGB")

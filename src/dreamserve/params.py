@@ -1,0 +1,194 @@
+"""The parameters of ``POST /v1/Run/bytedance/seedream-v4``, parsed and checked before anything is stored.
+
+Wiro's clients send them as JSON or multipart, numbers and booleans often as strings, and
+``inputImage`` as repeated fields, a JSON array, one string, or comma-separated URLs
+(api-spec.md §1.4, §1.12). Everything is checked here so that a bad request stores nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from dreamserve.errors import InvalidRequest
+from dreamserve.sizes import parse_size
+
+MAX_REFERENCES = 14
+MAX_TOTAL_IMAGES = 15
+MAX_PROMPT_CHARS = 10_000
+IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "MPO": "jpg"}
+
+
+@dataclass
+class Upload:
+    filename: str
+    data: bytes
+
+
+@dataclass
+class Reference:
+    """One ``inputImage`` entry: an uploaded file (checked image) or a URL fetched by the worker."""
+
+    url: str | None = None
+    upload: Upload | None = None
+    #: Set for uploads once checked: (format extension, width, height).
+    ext: str = ""
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class RunParams:
+    prompt: str
+    size: str
+    width: int
+    height: int
+    max_images: int
+    watermark: bool
+    seed: int
+    priority: int
+    callback_url: str
+    references: list[Reference] = field(default_factory=list)
+
+
+def parse_run(fields: Mapping[str, Sequence[Any]], *, max_upload_bytes: int, max_input_pixels: int) -> RunParams:
+    """Check every parameter; ``fields`` maps a name to its values (str, list, bool, int or Upload)."""
+    prompt = _text(fields, "prompt")
+    if not prompt.strip():
+        raise InvalidRequest('Request parameter [prompt] required. Describe the image, e.g. "a red fox in snow".')
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"Request parameter [prompt] must be at most {MAX_PROMPT_CHARS} characters.")
+
+    references = _references(fields, max_upload_bytes, max_input_pixels)
+    max_images = _integer(fields, "maxImages", default=1, low=1, high=MAX_TOTAL_IMAGES)
+    if len(references) + max_images > MAX_TOTAL_IMAGES:
+        room = MAX_TOTAL_IMAGES - len(references)
+        raise InvalidRequest(
+            f"Request parameter [maxImages] plus the {len(references)} reference images must be at most "
+            f"{MAX_TOTAL_IMAGES}: ask for at most {room} images, or send fewer references."
+        )
+
+    size = _text(fields, "size").strip() or "2048x2048"
+    first = next((r for r in references if r.upload is not None), None)
+    width, height = parse_size(size, (first.width, first.height) if first else None)
+
+    callback_url = _text(fields, "callbackUrl").strip()
+    if callback_url and not callback_url.lower().startswith(("http://", "https://")):
+        raise InvalidRequest("Request parameter [callbackUrl] must be an http:// or https:// URL.")
+
+    seed_default = secrets.randbelow(2**31)
+    return RunParams(
+        prompt=prompt,
+        size=size,
+        width=width,
+        height=height,
+        max_images=max_images,
+        watermark=_boolean(fields, "watermark"),
+        seed=_integer(fields, "seed", default=seed_default, low=0, high=2**32 - 1),
+        priority=_integer(fields, "priority", default=0, low=0, high=9),
+        callback_url=callback_url,
+        references=references,
+    )
+
+
+def _values(fields: Mapping[str, Sequence[Any]], name: str) -> list[Any]:
+    values: list[Any] = []
+    for value in fields.get(name, ()):
+        values.extend(value if isinstance(value, list) else [value])
+    return values
+
+
+def _text(fields: Mapping[str, Sequence[Any]], name: str) -> str:
+    values = _values(fields, name)
+    if not values:
+        return ""
+    value = values[-1]
+    if isinstance(value, Upload):
+        raise InvalidRequest(f"Request parameter [{name}] must be text, not a file.")
+    return str(value)
+
+
+def _integer(fields: Mapping[str, Sequence[Any]], name: str, *, default: int, low: int, high: int) -> int:
+    raw = _text(fields, name).strip()
+    if not raw:
+        return default
+    try:
+        number = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"Request parameter [{name}] must be integer or float, got {raw[:20]!r}.") from None
+    if number != int(number) or not low <= number <= high:
+        raise InvalidRequest(f"Request parameter [{name}] must be between {low} and {high}, got {raw[:20]}.")
+    return int(number)
+
+
+def _boolean(fields: Mapping[str, Sequence[Any]], name: str) -> bool:
+    raw = _text(fields, name).strip().lower()
+    if raw in ("", "false", "0", "no"):
+        return False
+    if raw in ("true", "1", "yes"):
+        return True
+    raise InvalidRequest(f'Request parameter [{name}] must be "true" or "false", got {raw[:20]!r}.')
+
+
+def _references(fields: Mapping[str, Sequence[Any]], max_bytes: int, max_pixels: int) -> list[Reference]:
+    references: list[Reference] = []
+    for value in _values(fields, "inputImage") + _values(fields, "inputImageUrl"):
+        if isinstance(value, Upload):
+            references.append(_check_upload(value, len(references) + 1, max_bytes, max_pixels))
+            continue
+        for url in str(value).split(","):
+            url = url.strip()
+            if not url:
+                continue
+            if not url.lower().startswith(("http://", "https://")):
+                raise InvalidRequest(
+                    f"Request parameter [inputImage] entry {len(references) + 1} must be an uploaded file or an "
+                    f"http(s) URL, got {url[:60]!r}."
+                )
+            references.append(Reference(url=url))
+    if len(references) > MAX_REFERENCES:
+        raise InvalidRequest(
+            f"Request parameter [inputImage] takes at most {MAX_REFERENCES} reference images, got {len(references)}. "
+            "Send fewer references."
+        )
+    return references
+
+
+def check_image(data: bytes, label: str, max_bytes: int, max_pixels: int) -> tuple[str, int, int]:
+    """Identify an image by its content (never its name); returns (extension, width, height)."""
+    if len(data) > max_bytes:
+        raise InvalidRequest(f"Request files [inputImage] {label} is {len(data):,} bytes; the limit is {max_bytes:,}.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = image.format or ""
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidRequest(
+                    f"Request files [inputImage] {label} has {width}x{height} pixels; the limit is {max_pixels:,} "
+                    "pixels. Send a smaller image."
+                )
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise InvalidRequest(
+            f"Request files [inputImage] {label} is not an image this service can read. "
+            "Send PNG, JPEG, WebP, GIF, BMP or TIFF."
+        ) from None
+    if fmt not in IMAGE_FORMATS:
+        raise InvalidRequest(f"Request files [inputImage] {label} is {fmt}; send PNG, JPEG, WebP, GIF, BMP or TIFF.")
+    if min(width, height) < 14 or max(width, height) / min(width, height) > 16:
+        raise InvalidRequest(
+            f"Request files [inputImage] {label} is {width}x{height}; each side must be over 14 px and the "
+            "aspect ratio within 1:16 to 16:1."
+        )
+    return IMAGE_FORMATS[fmt], width, height
+
+
+def _check_upload(upload: Upload, number: int, max_bytes: int, max_pixels: int) -> Reference:
+    label = f"{number} ({upload.filename!r})" if upload.filename else str(number)
+    ext, width, height = check_image(upload.data, label, max_bytes, max_pixels)
+    return Reference(upload=upload, ext=ext, width=width, height=height)

@@ -1,0 +1,126 @@
+"""Projects and their credentials.
+
+The API key is stored only as a sha256 hash. Wiro's signature is HMAC(key=API_KEY,
+msg=API_SECRET+NONCE), so the server must recover the secret; it is stored sealed with a pad
+derived from the API key, which the database never holds: a stolen database yields neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from dreamserve.db import Project, create_schema, make_engine, make_sessionmaker
+from dreamserve.settings import Settings
+
+
+@dataclass
+class Credentials:
+    api_key: str
+    api_secret: str | None
+    project_id: int
+    server: str = ""
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def _pad(api_key: str, length: int) -> bytes:
+    blocks = b""
+    counter = 0
+    while len(blocks) < length:
+        blocks += hmac.new(api_key.encode(), b"dreamserve-secret-seal-%d" % counter, hashlib.sha256).digest()
+        counter += 1
+    return blocks[:length]
+
+
+def seal_secret(api_key: str, secret: str) -> str:
+    data = secret.encode()
+    return bytes(a ^ b for a, b in zip(data, _pad(api_key, len(data)), strict=True)).hex()
+
+
+def unseal_secret(api_key: str, sealed: str) -> str:
+    data = bytes.fromhex(sealed)
+    return bytes(a ^ b for a, b in zip(data, _pad(api_key, len(data)), strict=True)).decode()
+
+
+async def add_project(sessions: async_sessionmaker[AsyncSession], name: str, signature: bool) -> Credentials:
+    api_key = secrets.token_hex(16)
+    api_secret = secrets.token_hex(16)
+    project = Project(
+        name=name,
+        api_key_hash=hash_key(api_key),
+        api_key_prefix=api_key[:8],
+        secret_sealed=seal_secret(api_key, api_secret),
+        signature_required=signature,
+        created=time.time(),
+    )
+    async with sessions.begin() as session:
+        session.add(project)
+        await session.flush()
+        project_id = project.id
+    return Credentials(api_key=api_key, api_secret=api_secret if signature else None, project_id=project_id)
+
+
+async def find_project(sessions: async_sessionmaker[AsyncSession], api_key: str) -> Project | None:
+    async with sessions() as session:
+        query = select(Project).where(Project.api_key_hash == hash_key(api_key), Project.revoked.is_(False))
+        return (await session.execute(query)).scalar_one_or_none()
+
+
+async def _create(settings: Settings, name: str, signature: bool) -> Credentials:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.db_url)
+    try:
+        await create_schema(engine)
+        return await add_project(make_sessionmaker(engine), name, signature)
+    finally:
+        await engine.dispose()
+
+
+def create_project(settings: Settings, name: str, signature: bool = True) -> Credentials:
+    """Create a project from the command line (``dreamserve keys create``)."""
+    creds = asyncio.run(_create(settings, name, signature))
+    creds.server = settings.base_url
+    return creds
+
+
+def ensure_default_credentials(settings: Settings) -> Credentials:
+    """The local project that ``serve`` prints and ``generate`` uses, kept in ``<data_dir>/credentials.json``."""
+    path = settings.data_dir / "credentials.json"
+    if path.exists():
+        creds = Credentials(**json.loads(path.read_text()))
+        if asyncio.run(_exists(settings, creds.api_key)):
+            creds.server = settings.base_url
+            _write_private(path, creds)
+            return creds
+    creds = create_project(settings, "default", signature=True)
+    _write_private(path, creds)
+    return creds
+
+
+async def _exists(settings: Settings, api_key: str) -> bool:
+    engine = make_engine(settings.db_url)
+    try:
+        await create_schema(engine)
+        return await find_project(make_sessionmaker(engine), api_key) is not None
+    finally:
+        await engine.dispose()
+
+
+def _write_private(path: Path, creds: Credentials) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(asdict(creds), handle, indent=2)

@@ -1,0 +1,92 @@
+"""The one typed settings object. Read once (``Settings()``), then passed down; tests build it directly.
+
+Environment variables use the prefix ``DREAMSERVE_`` and ``__`` for nesting, e.g.
+``DREAMSERVE_DATA_DIR=/srv/dream`` or ``DREAMSERVE_MODELS='{"bytedance/seedream-v4": {"source": "/w/klein"}}'``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "bytedance/seedream-v4"
+
+
+class ModelSpec(BaseModel):
+    """How one served model (``/v1/Run/{owner}/{model}``) is loaded and run."""
+
+    #: ``tiny`` (random weights built in code), a local diffusers folder, a single-file checkpoint, or a hub id.
+    source: str = "tiny"
+    #: Denoising steps; ``None`` takes the family's default (4 for distilled FLUX.2 klein).
+    steps: int | None = None
+    #: Native generation cap in pixels: larger requests are generated at this area and upscaled.
+    max_pixels: int = Field(default=256 * 256, ge=64 * 64)
+    #: Largest number of images denoised in one pipeline call.
+    max_batch: int = Field(default=4, ge=1, le=15)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    #: Worker child processes serving this model on this host (one per GPU in production).
+    workers: int = Field(default=1, ge=0)
+    #: Allow downloads from the Hugging Face hub when ``source`` is a hub id.
+    allow_download: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DREAMSERVE_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Path("dreamserve-data")
+    #: SQLAlchemy async URL; defaults to SQLite in ``data_dir``.
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Base URL put in output links; defaults to ``http://{host}:{port}``.
+    public_url: str | None = None
+
+    models: dict[str, ModelSpec] = Field(default_factory=lambda: {DEFAULT_MODEL: ModelSpec()})
+    #: Run the model workers inside ``serve`` (the embedded default). Off for an API-only replica.
+    run_workers: bool = True
+
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 2.0
+    #: A task whose worker died is re-queued until it has been started this many times, then failed.
+    max_attempts: int = 2
+    #: How long a cooperative cancel of a running task may take before the child is killed.
+    cancel_grace_seconds: float = 10.0
+
+    #: Timestamp-like nonces must be within this many seconds of the server clock.
+    nonce_skew_seconds: int = 300
+    #: Reject a nonce already seen for the project (inside the skew window).
+    unique_nonces: bool = False
+
+    max_upload_bytes: int = 30 * 1024 * 1024
+    max_input_pixels: int = 36_000_000
+    fetch_timeout_seconds: float = 20.0
+    #: Let server-side fetches (input URLs, callbacks) reach loopback and private addresses.
+    fetch_allow_private: bool = False
+
+    webhook_attempts: int = 5
+    webhook_backoff_seconds: float = 1.0
+
+    #: Reported as ``cps``; ``totalcost`` = cps x elapsed seconds for successful tasks.
+    cost_per_second: float = 0.0
+
+    @field_validator("models")
+    @classmethod
+    def _lower_slugs(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        # Wiro model slugs are case-insensitive in practice (/Run/ByteDance/seedream-v4 works).
+        return {slug.lower(): spec for slug, spec in value.items()}
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'dreamserve.db'}"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "files"

@@ -1,0 +1,82 @@
+"""Seedream's ``size`` parameter: Wiro's presets, ``1K``/``2K``/``4K``, or free ``WxH`` within Seedream's limits."""
+
+from __future__ import annotations
+
+import re
+
+from dreamserve.errors import InvalidRequest
+
+#: Wiro's eight presets for bytedance/seedream-v4 (2K class), by aspect ratio.
+PRESETS_2K = {
+    "1:1": (2048, 2048),
+    "4:3": (2304, 1728),
+    "3:4": (1728, 2304),
+    "16:9": (2560, 1440),
+    "9:16": (1440, 2560),
+    "3:2": (2496, 1664),
+    "2:3": (1664, 2496),
+    "21:9": (3024, 1296),
+}
+PRESETS_1K = {
+    "1:1": (1024, 1024),
+    "4:3": (1152, 864),
+    "3:4": (864, 1152),
+    "16:9": (1280, 720),
+    "9:16": (720, 1280),
+    "3:2": (1248, 832),
+    "2:3": (832, 1248),
+    "21:9": (1512, 648),
+}
+PRESETS_4K = {
+    "1:1": (4096, 4096),
+    "4:3": (4704, 3520),
+    "3:4": (3520, 4704),
+    "16:9": (5504, 3040),
+    "9:16": (3040, 5504),
+    "3:2": (4992, 3328),
+    "2:3": (3328, 4992),
+    "21:9": (6240, 2656),
+}
+TIERS = {"1K": PRESETS_1K, "2K": PRESETS_2K, "4K": PRESETS_4K}
+
+#: Seedream 4.0 bounds for explicit sizes: 1280x720 to 4096x4096 pixels, aspect ratio 1:16 to 16:1.
+MIN_PIXELS = 1280 * 720
+MAX_PIXELS = 4096 * 4096
+MAX_ASPECT = 16.0
+DEFAULT_SIZE = "2048x2048"
+
+_WXH = re.compile(r"^\s*(\d{1,6})\s*[xX×*]\s*(\d{1,6})\s*$")
+_HINT = (
+    "Use one of the presets (" + ", ".join(f"{w}x{h}" for w, h in PRESETS_2K.values()) + "), 1K, 2K, 4K, "
+    f"or WxH with {MIN_PIXELS:,} to {MAX_PIXELS:,} pixels and an aspect ratio between 1:16 and 16:1"
+)
+
+
+def parse_size(value: str | None, reference: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Return ``(width, height)`` for a ``size`` value.
+
+    ``1K``/``2K``/``4K`` pick the tier's preset whose aspect ratio is closest to ``reference``
+    (the first reference image), or 1:1 without one, as Seedream's "mode 1" lets the model choose.
+    """
+    text = (value or DEFAULT_SIZE).strip()
+    tier = TIERS.get(text.upper())
+    if tier is not None:
+        if reference is None:
+            return tier["1:1"]
+        ratio = reference[0] / reference[1]
+        return min(tier.values(), key=lambda wh: abs(wh[0] / wh[1] - ratio) / ratio)
+    match = _WXH.match(text)
+    if match is None:
+        raise InvalidRequest(f"Request parameter [size] is not a size: {text[:40]!r}. {_HINT}.")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width <= 0 or height <= 0:
+        raise InvalidRequest(f"Request parameter [size] must have a positive width and height, got {text}. {_HINT}.")
+    aspect = max(width / height, height / width)
+    if aspect > MAX_ASPECT:
+        raise InvalidRequest(
+            f"Request parameter [size] has aspect ratio {aspect:.1f}:1, beyond 16:1 ({width}x{height}). {_HINT}."
+        )
+    pixels = width * height
+    if not MIN_PIXELS <= pixels <= MAX_PIXELS:
+        raise InvalidRequest(f"Request parameter [size] {width}x{height} has {pixels:,} pixels. {_HINT}.")
+    return width, height

@@ -1,0 +1,110 @@
+"""Wiro's wire shapes: numbers as strings, unix times as integer strings, a flat envelope."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dreamserve.db import File, Task
+from dreamserve.events import TERMINAL
+
+CATEGORIES = json.dumps(["tool", "text-to-image", "image-to-image", "image-editing"])
+
+
+def envelope(**fields: Any) -> dict[str, Any]:
+    """Wiro's success envelope; key order follows the model page sample (errors, ..., result)."""
+    return {"errors": [], **fields, "result": True}
+
+
+def unix(value: float | None) -> str:
+    return str(int(value)) if value else "0"
+
+
+def file_url(base_url: str, file: File) -> str:
+    return f"{base_url}/v1/File/{file.accesskey}/{file.name}"
+
+
+def file_item(base_url: str, file: File) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "id": str(file.id),
+        "name": file.name,
+        "contenttype": file.contenttype,
+        "parentid": str(file.folder_id or 0),
+        "uuid": "",
+        "size": str(file.size),
+        "addedtime": unix(file.created),
+        "modifiedtime": unix(file.created),
+        "accesskey": file.accesskey,
+        "foldercount": "0",
+        "filecount": "0",
+        "ispublic": 0,
+        "expiretime": None,
+        "url": file_url(base_url, file),
+    }
+    if "seed" in file.meta:
+        # Ours, beyond Wiro: what it takes to reproduce this image.
+        item.update(seed=str(file.meta["seed"]), width=str(file.meta["width"]), height=str(file.meta["height"]))
+    return item
+
+
+def elapsed_seconds(task: Task, now: float) -> float:
+    """Seconds on a worker: from assignment (model hand-off) to the end of post-processing."""
+    if not task.assigntime:
+        return 0.0
+    end = task.postprocessendtime or task.canceltime or now
+    return max(0.0, end - task.assigntime)
+
+
+def task_object(task: Task, outputs: list[File], *, base_url: str, cps: float, now: float) -> dict[str, Any]:
+    elapsed = elapsed_seconds(task, now)
+    succeeded = task.status == "task_postprocess_end" and task.pexit == "0"
+    total_cost = cps * elapsed if succeeded else 0.0
+    owner, _, project = task.model.partition("/")
+    return {
+        "id": str(task.id),
+        "uuid": "",
+        "name": "",
+        "socketaccesstoken": task.token,
+        "parameters": task.parameters,
+        "debugoutput": task.debugoutput,
+        "debugerror": task.debugerror,
+        "starttime": unix(task.starttime),
+        "endtime": unix(task.endtime),
+        "elapsedseconds": f"{elapsed:.4f}",
+        "status": task.status,
+        "cps": f"{cps:.12f}",
+        "totalcost": f"{total_cost:.12f}",
+        "guestid": None,
+        "projectid": str(task.project_id),
+        "modelid": "0",
+        "basemodelid": "0",
+        "description": "",
+        "runtype": "model",
+        "modelfolderid": "",
+        "modelfileid": "",
+        "callbackurl": task.callback_url,
+        "marketplaceid": None,
+        "createtime": unix(task.createtime),
+        "accepttime": unix(task.accepttime),
+        "preprocessstarttime": unix(task.preprocessstarttime),
+        "preprocessendtime": unix(task.preprocessendtime),
+        "assigntime": unix(task.assigntime),
+        "postprocessstarttime": unix(task.postprocessstarttime),
+        "postprocessendtime": unix(task.postprocessendtime),
+        "canceltime": unix(task.canceltime),
+        "pexit": task.pexit if task.status in TERMINAL else "",
+        "categories": CATEGORIES,
+        "outputs": [file_item(base_url, f) for f in outputs],
+        "size": str(sum(f.size for f in outputs)),
+        "modeldescription": "Seedream 4.0 compatible text-to-image and multi-reference editing on open weights.",
+        "modelslugowner": owner,
+        "modelslugproject": project,
+        # Ours, beyond Wiro: per-stage timings, generation method, attempts.
+        "details": task.details,
+        "progress": task.progress,
+        "attempts": str(task.attempts),
+    }
+
+
+def socket_frame(event_type: str, task_id: int, token: str, message: Any) -> dict[str, Any]:
+    return {"type": event_type, "id": str(task_id), "tasktoken": token, "message": message, "result": True}

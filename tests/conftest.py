@@ -1,0 +1,218 @@
+"""Fixtures that run the real thing: a uvicorn server in a subprocess, SQLite on disk, the tiny
+FLUX.2-klein pipeline in a spawned model process, and a small HTTP server for URLs and callbacks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from dreamserve.projects import Credentials, create_project
+from dreamserve.settings import ModelSpec, Settings
+from dreamserve.signing import auth_headers
+
+MODEL = "bytedance/seedream-v4"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def png_bytes(width: int = 96, height: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class Server:
+    settings: Settings
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    creds: Credentials | None = None
+
+    @property
+    def url(self) -> str:
+        return self.settings.base_url
+
+    def start(self, timeout: float = 90) -> None:
+        log = self.log_path.open("ab")
+        command = [
+            sys.executable,
+            "-m",
+            "dreamserve",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.settings.port),
+        ]
+        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready in {timeout} s:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def headers(self, creds: Credentials | None = None) -> dict[str, str]:
+        creds = creds or self.creds
+        assert creds is not None
+        return auth_headers(creds.api_key, creds.api_secret, str(int(time.time())))
+
+    def post(self, path: str, creds: Credentials | None = None, **kwargs: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", headers=self.headers(creds), timeout=60, **kwargs)
+
+    def run(self, data: dict[str, Any] | None = None, files: Any = None, **kwargs: Any) -> dict[str, Any]:
+        if files is None:
+            response = self.post(f"/v1/Run/{MODEL}", json=data, **kwargs)
+        else:
+            response = self.post(f"/v1/Run/{MODEL}", data=data, files=files, **kwargs)
+        body: dict[str, Any] = response.json()
+        return body
+
+    def detail(self, taskid: str, creds: Credentials | None = None) -> dict[str, Any]:
+        body = self.post("/v1/Task/Detail", creds, json={"taskid": taskid}).json()
+        assert body["result"] is True, body
+        task: dict[str, Any] = body["tasklist"][0]
+        return task
+
+    def wait(self, taskid: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.detail(taskid)
+            if task["status"] in ("task_postprocess_end", "task_cancel"):
+                return task
+            time.sleep(0.2)
+        raise AssertionError(f"task {taskid} did not finish in {timeout} s: {task['status']}")
+
+    def wait_progress(self, taskid: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait until the task has finished at least one denoising step."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.detail(taskid)
+            if task["progress"] and task["status"] == "task_start":
+                return task
+            assert task["status"] not in ("task_postprocess_end", "task_cancel"), task["status"]
+            time.sleep(0.05)
+        raise AssertionError(f"task {taskid} made no progress: {task['status']}")
+
+    def workers(self) -> list[dict[str, Any]]:
+        workers: list[dict[str, Any]] = httpx.get(f"{self.url}/healthz", timeout=10).json()["workers"]
+        return workers
+
+
+@pytest.fixture
+def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Start servers with chosen model settings; each gets a data dir and a signature project."""
+    servers: list[Server] = []
+
+    def factory(data_dir: Path | None = None, start: bool = True, **overrides: Any) -> Server:
+        data_dir = data_dir or tmp_path_factory.mktemp("data")
+        spec = ModelSpec(**overrides.pop("model", {}))
+        settings = Settings(
+            data_dir=data_dir,
+            host="127.0.0.1",
+            port=free_port(),
+            models={MODEL: spec},
+            fetch_allow_private=True,
+            **overrides,
+        )
+        env = {
+            **os.environ,
+            "DREAMSERVE_DATA_DIR": str(data_dir),
+            "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
+            "DREAMSERVE_FETCH_ALLOW_PRIVATE": "true",
+            "PYTHONUNBUFFERED": "1",
+            **{f"DREAMSERVE_{k.upper()}": str(v) for k, v in overrides.items()},
+        }
+        server = Server(settings=settings, env=env, log_path=data_dir / "server.log")
+        server.creds = create_project(settings, "tests", signature=True)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@dataclass
+class Receiver:
+    """A local HTTP server: serves ``files`` on GET and records POSTed bodies (callbacks)."""
+
+    port: int
+    files: dict[str, bytes] = field(default_factory=dict)
+    posts: list[dict[str, Any]] = field(default_factory=list)
+    fail_first: int = 0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(port=free_port())
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = state.files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("content-length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            state.posts.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+            failing = state.fail_first > 0
+            state.fail_first -= 1
+            self.send_response(500 if failing else 200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", state.port), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()

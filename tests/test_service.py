@@ -1,0 +1,187 @@
+"""End to end through a real server: HTTP, WebSocket, SQLite and the tiny FLUX.2-klein pipeline."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import httpx
+import psutil
+from PIL import Image
+from websockets.sync.client import connect
+
+from tests.conftest import Receiver, png_bytes
+
+ORDER = [
+    "task_queue",
+    "task_accept",
+    "task_preprocess_start",
+    "task_preprocess_end",
+    "task_assign",
+    "task_start",
+    "task_output",
+    "task_output_full",
+    "task_end",
+    "task_postprocess_start",
+    "task_postprocess_end",
+]
+
+SLOW = {"max_pixels": 384 * 384, "steps": 60}
+
+
+def socket_events(url: str, token: str, timeout: float = 120) -> list[dict[str, Any]]:
+    frames = []
+    with connect(url.replace("http://", "ws://") + "/v1", open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "task_info", "tasktoken": token}))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            frame = json.loads(ws.recv(timeout=timeout))
+            frames.append(frame)
+            if frame["type"] in ("task_postprocess_end", "task_cancel"):
+                break
+    return frames
+
+
+def test_seed_flow_files_url_socket_detail_output(make_server: Any, receiver: Receiver) -> None:
+    server = make_server(model={"max_pixels": 64 * 64})
+    receiver.files["/ref.png"] = png_bytes(80, 80, (10, 200, 10))
+    files = [("inputImage", (f"ref{i}.png", png_bytes(96, 64), "image/png")) for i in range(3)]
+    data = {"prompt": "two cats on a sofa", "size": "1280x720", "maxImages": "2", "watermark": "false"}
+    # Wiro's combinefileinput: files and a URL in the same repeated multipart field.
+    files.append(("inputImage", (None, receiver.url("/ref.png"))))
+    run = server.run(data=data, files=files)
+    assert list(run) == ["errors", "taskid", "socketaccesstoken", "result"]
+    assert run["result"] is True and run["errors"] == [] and run["taskid"].isdigit()
+    assert len(run["socketaccesstoken"]) == 30
+
+    frames = socket_events(server.url, run["socketaccesstoken"])
+    types = [f["type"] for f in frames]
+    assert [t for t in ORDER if t in types] == ORDER, types
+    assert [t for t in types if t != "task_output"] == [t for t in ORDER if t != "task_output"]
+    assert all(f["id"] == run["taskid"] and f["tasktoken"] == run["socketaccesstoken"] for f in frames)
+    progress = [f["message"] for f in frames if f["type"] == "task_output"]
+    assert progress[-1]["stepCurrent"] == progress[-1]["stepTotal"]
+    assert all(isinstance(v, str) for p in progress for v in p.values())
+
+    task = server.detail(run["taskid"])
+    assert task["status"] == "task_postprocess_end" and task["pexit"] == "0"
+    assert frames[-1]["message"] == task["outputs"]
+    assert [o["name"] for o in task["outputs"]] == ["0.png", "1.png"]
+    for key in ("createtime", "accepttime", "preprocessstarttime", "assigntime", "starttime", "endtime"):
+        assert task[key].isdigit() and int(task[key]) > 0, key
+    assert task["canceltime"] == "0"
+    float(task["elapsedseconds"])
+    assert task["parameters"]["inputImage"][3] == receiver.url("/ref.png")
+
+    images = []
+    for output in task["outputs"]:
+        response = httpx.get(output["url"])  # no credentials needed
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        assert int(output["size"]) == len(response.content)
+        image = Image.open(io.BytesIO(response.content))
+        assert image.size == (1280, 720)
+        assert image.text["ai_generated"] == "true"
+        images.append(image.tobytes())
+    assert images[0] != images[1], "maxImages gives distinct images"
+    assert task["outputs"][0]["seed"] != task["outputs"][1]["seed"]
+
+
+def test_json_body_and_late_socket_replay(make_server: Any) -> None:
+    server = make_server(model={"max_pixels": 64 * 64})
+    run = server.run({"prompt": "a lighthouse", "size": "1K", "maxImages": 1, "watermark": True})
+    task = server.wait(run["taskid"])
+    assert task["pexit"] == "0"
+    # The task is over: a socket that registers now still gets every event, from the stored log.
+    frames = socket_events(server.url, run["socketaccesstoken"])
+    types = [f["type"] for f in frames]
+    expected = [t for t in ORDER if "preprocess" not in t]
+    assert [t for t in types if t != "task_output"] == [t for t in expected if t != "task_output"]
+    image = Image.open(io.BytesIO(httpx.get(task["outputs"][0]["url"]).content))
+    assert image.size == (1024, 1024) and image.text.get("watermark") == "visible"
+
+
+def test_cancel_queued_kill_running_then_next_succeeds(make_server: Any) -> None:
+    server = make_server(model=SLOW)
+    first = server.run({"prompt": "slow one", "size": "1K"})
+    second = server.run({"prompt": "waiting", "size": "1K"})
+    server.wait_progress(first["taskid"])
+    assert server.detail(second["taskid"])["status"] == "task_queue"
+
+    cancelled = server.post("/v1/Task/Cancel", json={"taskid": second["taskid"]}).json()
+    assert cancelled["result"] is True and cancelled["tasklist"][0]["status"] == "task_cancel"
+    again = server.post("/v1/Task/Cancel", json={"taskid": second["taskid"]}).json()
+    assert again["result"] is False and again["errors"][0]["code"] == 1
+
+    old_pid = server.workers()[0]["pid"]
+    old_rss = psutil.Process(old_pid).memory_info().rss
+    assert old_rss > 50 * 1024 * 1024  # the model process holds the loaded pipeline
+    killed = server.post("/v1/Task/Kill", json={"socketaccesstoken": first["socketaccesstoken"]}).json()
+    assert killed["result"] is True and killed["tasklist"][0]["status"] == "task_cancel"
+    assert killed["tasklist"][0]["pexit"] == "137"
+    assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+
+    third = server.run({"prompt": "after the kill", "size": "1K"})
+    task = server.wait(third["taskid"])
+    assert task["pexit"] == "0" and len(task["outputs"]) == 1
+    assert server.workers()[0]["pid"] not in (None, old_pid)
+    assert server.detail(second["taskid"])["starttime"] == "0", "a cancelled task never ran"
+
+
+def test_cancel_running_stops_at_next_step_and_keeps_the_model(make_server: Any) -> None:
+    server = make_server(model=SLOW)
+    run = server.run({"prompt": "to be cancelled", "size": "1K"})
+    server.wait_progress(run["taskid"])
+    pid = server.workers()[0]["pid"]
+    body = server.post("/v1/Task/Cancel", json={"taskid": run["taskid"]}).json()
+    task = body["tasklist"][0]
+    assert task["status"] == "task_cancel" and task["pexit"] == "130"
+    assert server.workers()[0]["pid"] == pid, "cooperative cancel keeps the loaded model process"
+
+
+def test_restart_loses_no_task(make_server: Any) -> None:
+    server = make_server(model={"max_pixels": 256 * 256, "steps": 30})
+    runs = [server.run({"prompt": f"task {i}", "size": "1K"}) for i in range(3)]
+    server.wait_progress(runs[0]["taskid"])
+    assert server.process is not None
+    # The whole server dies mid-task (the model child goes with it: its pipe closes).
+    server.stop(signal.SIGKILL)
+    server.start()
+    tasks = [server.wait(r["taskid"]) for r in runs]
+    assert [t["pexit"] for t in tasks] == ["0", "0", "0"]
+    assert tasks[0]["attempts"] == "2", "the task that was running is re-queued once"
+    assert "was lost" in tasks[0]["debugerror"]
+
+
+def test_projects_never_see_each_other(make_server: Any) -> None:
+    from dreamserve.projects import create_project
+
+    server = make_server(model={"max_pixels": 64 * 64})
+    other = create_project(server.settings, "other", signature=False)
+    run = server.run({"prompt": "private", "size": "1K"})
+    # Key-only project: x-api-key alone is enough for it.
+    response = httpx.post(
+        f"{server.url}/v1/Task/Detail", headers={"x-api-key": other.api_key}, json={"taskid": run["taskid"]}
+    )
+    body = response.json()
+    assert body["result"] is False and body["errors"][0]["code"] == 1
+    mine = server.post("/v1/Task/List", json={}).json()
+    theirs = httpx.post(f"{server.url}/v1/Task/List", headers={"x-api-key": other.api_key}, json={}).json()
+    assert mine["total"] == "1" and theirs["total"] == "0"
+
+
+def test_callback_is_posted_and_retried(make_server: Any, receiver: Receiver) -> None:
+    server = make_server(model={"max_pixels": 64 * 64}, webhook_backoff_seconds=0.2)
+    receiver.fail_first = 1
+    run = server.run({"prompt": "callback", "size": "1K", "callbackUrl": receiver.url("/hook")})
+    server.wait(run["taskid"])
+    deadline = time.monotonic() + 20
+    while len(receiver.posts) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(receiver.posts) == 2, "one failed attempt, then a retry"
+    body = receiver.posts[-1]["body"]
+    assert body["id"] == run["taskid"] and body["status"] == "task_postprocess_end" and body["pexit"] == "0"
+    assert body["outputs"][0]["url"].endswith("/0.png")
