@@ -184,3 +184,22 @@ def test_callback_is_posted_and_retried(make_server: Any, receiver: Receiver) ->
     body = receiver.posts[-1]["body"]
     assert body["id"] == run["taskid"] and body["status"] == "task_postprocess_end" and body["pexit"] == "0"
     assert body["outputs"][0]["url"].endswith("/0.png")
+
+
+def test_cli_generate_downloads_outputs(make_server: Any, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    server = make_server(model={"max_pixels": 64 * 64})
+    ref = tmp_path / "ref.png"
+    ref.write_bytes(png_bytes(70, 70))
+    creds = server.creds
+    command = [
+        *(sys.executable, "-m", "dreamserve", "generate", "a fox", "-i", str(ref), "--size", "1K", "-n", "2"),
+        *("-o", str(tmp_path / "out"), "--server", server.url, "--key", creds.api_key, "--secret", creds.api_secret),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    paths = done.stdout.split()
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["0.png", "1.png"]
+    assert Image.open(paths[0]).size == (1024, 1024)

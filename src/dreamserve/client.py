@@ -140,7 +140,7 @@ class _BaseClient:
         if not files:
             return url, {"json": {**fields, **({"inputImage": urls} if urls else {})}}
         # Files and URLs share the repeated multipart field, as Wiro's combinefileinput expects.
-        data = [*fields.items(), *(("inputImage", u) for u in urls)]
+        data: dict[str, Any] = {**fields, **({"inputImage": urls} if urls else {})}
         return url, {"data": data, "files": files}
 
     @staticmethod

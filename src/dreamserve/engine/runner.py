@@ -188,9 +188,11 @@ class Engine:
         return list(result.images)
 
     def _family_kwargs(self) -> dict[str, Any]:
-        if self.family == "klein" and self.spec.source == "tiny":
-            # The tiny text encoder has two layers; real klein reads layers (9, 18, 27).
-            return {"text_encoder_out_layers": (1,), "max_sequence_length": 32}
+        if self.family == "klein":
+            kwargs = _klein_text_layers(self.pipeline)
+            if self.spec.source == "tiny":
+                kwargs["max_sequence_length"] = 32  # random weights: a short sequence keeps tests fast
+            return kwargs
         if self.family == "sd":
             return {"guidance_scale": 0.0}  # SD-Turbo is trained without classifier-free guidance
         return {}
@@ -221,6 +223,17 @@ class Engine:
             raise
         size = (folder / name).stat().st_size
         return GeneratedImage(name, str(folder / name), image.width, image.height, seed, size)
+
+
+def _klein_text_layers(pipeline: Any) -> dict[str, Any]:
+    """klein feeds the transformer hidden states of text-encoder layers (9, 18, 27) of Qwen3's 36; a model
+    with a smaller encoder (a distilled or test build) gets as many evenly spaced layers as its transformer reads."""
+    encoder = pipeline.text_encoder.config
+    needed = pipeline.transformer.config.joint_attention_dim // encoder.hidden_size
+    if needed == 3 and encoder.num_hidden_layers >= 27:
+        return {}
+    step = encoder.num_hidden_layers // needed
+    return {"text_encoder_out_layers": tuple(step * (i + 1) for i in range(needed))}
 
 
 def _bind(call: Callable[..., Any], **bound: Any) -> Callable[..., Any]:

@@ -124,7 +124,10 @@ def build_tiny_sd_turbo(seed: int = 0) -> Any:
         latent_channels=4,
         norm_num_groups=2,
     )
-    scheduler = EulerDiscreteScheduler(timestep_spacing="trailing")
+    # SD-Turbo's own scheduler settings.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
+    )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
