@@ -1,14 +1,60 @@
-"""Where file bytes live. Local disk by default; keys are relative paths like ``outputs/<accesskey>/0.png``.
+"""Where file bytes live: ``LocalBlobStore`` (the data folder) or ``S3BlobStore`` (any S3 endpoint, via obstore).
 
-Writes go to a temporary name in the same folder and are renamed into place, so a reader (or a
-crash) never sees half a file.
+Keys are relative paths like ``outputs/<accesskey>/0.png``. Local writes go to a temporary name
+in the same folder and are renamed into place, so a reader (or a crash) never sees half a file;
+an S3 PUT is atomic by itself.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
+
+from dreamserve.settings import S3Settings, Settings
+
+
+class BlobStore(Protocol):
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    def read(self, key: str) -> bytes: ...
+
+    def download(self, key: str, path: Path) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def local_path(self, key: str) -> Path | None:
+        """The file on this machine's disk, when the store is local (served and read in place)."""
+
+    def presign(self, key: str) -> str | None:
+        """A time-limited URL that reads the object directly, when the store has one."""
+
+
+def make_blob_store(settings: Settings) -> BlobStore:
+    if settings.s3 is not None:
+        return S3BlobStore(settings.s3)
+    return LocalBlobStore(settings.blob_dir)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class LocalBlobStore:
@@ -23,24 +69,84 @@ class LocalBlobStore:
         return path
 
     def put(self, key: str, data: bytes) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_atomic(self.path(key), data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self.path(key)
+        if target != path.resolve():
+            _write_atomic(target, path.read_bytes())
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def download(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.path(key), path)
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return self.path(key)
+
+    def presign(self, key: str) -> str | None:
+        return None
+
+
+class S3BlobStore:
+    def __init__(self, config: S3Settings) -> None:
+        from obstore.store import S3Store
+
+        self.config = config
+        self.store = S3Store(
+            config.bucket,
+            endpoint=config.endpoint,
+            region=config.region,
+            access_key_id=config.access_key_id,
+            secret_access_key=config.secret_access_key,
+            allow_http=bool(config.endpoint and config.endpoint.startswith("http://")),
+            virtual_hosted_style_request=False,
+        )
+
+    def put(self, key: str, data: bytes) -> None:
+        import obstore
+
+        obstore.put(self.store, key, data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        import obstore
+
+        obstore.put(self.store, key, path)
+
+    def read(self, key: str) -> bytes:
+        import obstore
+
+        return bytes(obstore.get(self.store, key).bytes())
+
+    def download(self, key: str, path: Path) -> None:
+        _write_atomic(path, self.read(key))
+
+    def exists(self, key: str) -> bool:
+        import obstore
+
+        try:
+            obstore.head(self.store, key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        obstore.delete(self.store, key)
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def presign(self, key: str) -> str | None:
+        import obstore
+
+        return obstore.sign(self.store, "GET", key, timedelta(seconds=self.config.presign_seconds))

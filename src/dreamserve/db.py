@@ -74,6 +74,8 @@ class Task(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     #: "" none, "cancel" (stop at the next step), "kill" (terminate the model process).
     stop_requested: Mapped[str] = mapped_column(String(16), default="")
+    #: When a dispatcher sent the task to a worker queue (Celery mode); NULL = still to send.
+    dispatched_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class TaskEvent(Base):
@@ -161,11 +163,6 @@ def make_engine(url: str) -> AsyncEngine:
             cursor.close()
 
     return engine
-
-
-async def create_schema(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[Any]:

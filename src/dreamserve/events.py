@@ -1,16 +1,19 @@
-"""Live fan-out of task events inside one process.
+"""Live fan-out of task events.
 
 The durable event log is the ``task_events`` table (written by ``store.TaskStore`` in the same
-transaction as the status change); this hub only wakes the WebSockets that are watching a task.
-A socket subscribes first, then replays the log, then drains the hub, skipping ids it has sent.
+transaction as the status change). A hub only carries events to the sockets watching a task:
+``EventHub`` inside one process, ``RedisEventHub`` (one Redis stream per task) across API replicas
+and worker hosts. A socket subscribes first, then replays the log, then drains its subscription,
+dropping ids it has already sent, so nothing is lost or repeated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -39,22 +42,56 @@ TERMINAL = frozenset({"task_postprocess_end", "task_cancel"})
 RUNNING = frozenset(LIFECYCLE[1:8])
 
 
+class Subscription(Protocol):
+    async def next(self, timeout: float) -> list[Event]:
+        """Events published since the last call (possibly some already seen); [] after ``timeout`` seconds."""
+
+    async def close(self) -> None: ...
+
+
+class Hub(Protocol):
+    async def publish(self, event: Event) -> None: ...
+
+    def subscribe(self, task_id: int) -> Subscription: ...
+
+    async def close(self) -> None: ...
+
+
 class EventHub:
+    """In-process hub: one asyncio queue per watching socket."""
+
     def __init__(self) -> None:
-        self._subscribers: dict[int, set[asyncio.Queue[Event]]] = defaultdict(set)
+        self._queues: dict[int, set[asyncio.Queue[Event]]] = defaultdict(set)
 
-    def subscribe(self, task_id: int) -> asyncio.Queue[Event]:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._subscribers[task_id].add(queue)
-        return queue
-
-    def unsubscribe(self, task_id: int, queue: asyncio.Queue[Event]) -> None:
-        subscribers = self._subscribers.get(task_id)
-        if subscribers is not None:
-            subscribers.discard(queue)
-            if not subscribers:
-                del self._subscribers[task_id]
-
-    def publish(self, event: Event) -> None:
-        for queue in self._subscribers.get(event.task_id, ()):
+    async def publish(self, event: Event) -> None:
+        for queue in self._queues.get(event.task_id, ()):
             queue.put_nowait(event)
+
+    def subscribe(self, task_id: int) -> Subscription:
+        return _LocalSubscription(self, task_id)
+
+    async def close(self) -> None:
+        self._queues.clear()
+
+
+class _LocalSubscription:
+    def __init__(self, hub: EventHub, task_id: int) -> None:
+        self._hub = hub
+        self._task_id = task_id
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        hub._queues[task_id].add(self._queue)
+
+    async def next(self, timeout: float) -> list[Event]:
+        events = []
+        with contextlib.suppress(TimeoutError):
+            events.append(await asyncio.wait_for(self._queue.get(), timeout))
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return events
+
+    async def close(self) -> None:
+        queues = self._hub._queues.get(self._task_id)
+        if queues is not None:
+            queues.discard(self._queue)
+            if not queues:
+                del self._hub._queues[self._task_id]

@@ -20,7 +20,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.db import Project, create_schema, make_engine, make_sessionmaker
+from dreamserve.db import Project, make_engine, make_sessionmaker
+from dreamserve.migrate import upgrade
 from dreamserve.settings import Settings
 
 
@@ -83,7 +84,7 @@ async def _create(settings: Settings, name: str, signature: bool) -> Credentials
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)
     try:
-        await create_schema(engine)
+        await upgrade(engine)
         return await add_project(make_sessionmaker(engine), name, signature)
     finally:
         await engine.dispose()
@@ -113,7 +114,7 @@ def ensure_default_credentials(settings: Settings) -> Credentials:
 async def _exists(settings: Settings, api_key: str) -> bool:
     engine = make_engine(settings.db_url)
     try:
-        await create_schema(engine)
+        await upgrade(engine)
         return await find_project(make_sessionmaker(engine), api_key) is not None
     finally:
         await engine.dispose()

@@ -15,9 +15,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from dreamserve.blobs import LocalBlobStore
-from dreamserve.db import create_schema, make_engine, make_sessionmaker
-from dreamserve.events import TERMINAL, EventHub
+from dreamserve.blobs import BlobStore, make_blob_store
+from dreamserve.db import make_engine, make_sessionmaker
+from dreamserve.events import TERMINAL, EventHub, Hub
+from dreamserve.migrate import upgrade
 from dreamserve.settings import Settings
 from dreamserve.store import TaskStore
 from dreamserve.webhooks import deliver_due
@@ -27,31 +28,52 @@ from dreamserve.worker.supervisor import Supervisor, worker_alive
 log = logging.getLogger("dreamserve")
 
 
+def make_hub(settings: Settings) -> Hub:
+    if settings.redis_url:
+        from dreamserve.redis_events import RedisEventHub
+
+        return RedisEventHub(settings.redis_url)
+    return EventHub()
+
+
 class Services:
-    def __init__(self, settings: Settings) -> None:
+    """``workers="poll"`` (embedded) runs supervisors that poll the tasks table; ``"dispatched"`` (a Celery
+    worker) creates them idle, for ``Supervisor.run_one``; ``"none"`` (an API replica) creates none."""
+
+    def __init__(self, settings: Settings, workers: str | None = None) -> None:
         self.settings = settings
+        self.workers = workers or ("poll" if settings.run_workers else "none")
         self.engine: AsyncEngine = make_engine(settings.db_url)
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
-        self.hub = EventHub()
+        self.hub = make_hub(settings)
         self.store = TaskStore(self.sessions, self.hub)
-        self.blobs = LocalBlobStore(settings.blob_dir)
+        self.blobs: BlobStore = make_blob_store(settings)
         self.supervisors: list[Supervisor] = []
         self._loops: list[asyncio.Task[None]] = []
+        self._dispatch: Callable[[int, str, int], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        await create_schema(self.engine)
+        await upgrade(self.engine)
         # Tasks left running by a previous process of this host are recovered before anything new runs.
         await self.store.reap(worker_alive, self.settings.max_attempts)
-        if self.settings.run_workers:
+        if self.workers != "none":
             for slug, spec in self.settings.models.items():
                 for index in range(spec.workers):
-                    supervisor = Supervisor(slug, spec, index, self.settings, self.store)
-                    self.supervisors.append(supervisor)
-                    self._loops.append(asyncio.create_task(supervisor.run(), name=f"worker {supervisor.worker_id}"))
+                    self.supervisors.append(Supervisor(slug, spec, index, self.settings, self.store, self.blobs))
+        if self.workers == "poll":
+            for supervisor in self.supervisors:
+                self._loops.append(asyncio.create_task(supervisor.run(), name=f"worker {supervisor.worker_id}"))
+        if self.workers == "dispatched":
+            return  # a dispatched worker only runs tasks; API replicas reap, deliver and dispatch
         reap_every = max(0.5, self.settings.lease_seconds / 4)
         self._loops.append(asyncio.create_task(self._every(reap_every, self._reap), name="reaper"))
         self._loops.append(asyncio.create_task(self._every(0.5, self._deliver), name="webhooks"))
+        if self.settings.dispatch == "celery":
+            from dreamserve.scale.dispatch import celery_dispatcher
+
+            self._dispatch = celery_dispatcher(self.settings)
+            self._loops.append(asyncio.create_task(self._every(0.2, self._send_queued), name="dispatcher"))
 
     async def close(self) -> None:
         for supervisor in self.supervisors:
@@ -61,6 +83,7 @@ class Services:
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+        await self.hub.close()
         await self.engine.dispose()
 
     # -- used by the API -------------------------------------------------------------------------
@@ -108,6 +131,17 @@ class Services:
             task = await self.store.get_by_id(task_id)
             if task is not None:
                 self.wake(task.model)
+
+    async def _send_queued(self) -> None:
+        """Send new and re-queued tasks to their model's queue; the conditional mark lets one replica send each."""
+        assert self._dispatch is not None
+        for task_id, model, priority in await self.store.undispatched():
+            if await self.store.mark_dispatched(task_id):
+                try:
+                    await self._dispatch(task_id, model, priority)
+                except Exception:
+                    await self.store.unmark_dispatched(task_id)
+                    raise
 
     async def _deliver(self) -> None:
         await deliver_due(self.sessions, self.settings, self.render)

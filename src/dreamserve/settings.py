@@ -34,6 +34,18 @@ class ModelSpec(BaseModel):
     allow_download: bool = False
 
 
+class S3Settings(BaseModel):
+    """Output and input files in an S3 bucket (any S3 endpoint) instead of the local data folder."""
+
+    bucket: str
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    #: Lifetime of the presigned URLs that output links redirect to.
+    presign_seconds: int = 3600
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMSERVE_", env_nested_delimiter="__", extra="ignore")
 
@@ -48,6 +60,13 @@ class Settings(BaseSettings):
     models: dict[str, ModelSpec] = Field(default_factory=lambda: {DEFAULT_MODEL: ModelSpec()})
     #: Run the model workers inside ``serve`` (the embedded default). Off for an API-only replica.
     run_workers: bool = True
+
+    # Scale-out: set these and the same code runs on PostgreSQL, Redis and S3 (docs/deploy.md).
+    #: Redis for events (one stream per task) and, with ``dispatch="celery"``, the Celery broker.
+    redis_url: str | None = None
+    #: ``local``: workers in this process poll the tasks table; ``celery``: tasks go to ``gpu.<model>`` queues.
+    dispatch: Literal["local", "celery"] = "local"
+    s3: S3Settings | None = None
 
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 2.0

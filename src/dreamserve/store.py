@@ -18,7 +18,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.db import File, Task, TaskEvent, WebhookDelivery
-from dreamserve.events import LIFECYCLE, RUNNING, TERMINAL, Event, EventHub
+from dreamserve.events import LIFECYCLE, RUNNING, TERMINAL, Event, Hub
 
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
 
@@ -42,7 +42,7 @@ def new_accesskey() -> str:
 
 
 class TaskStore:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: EventHub) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: Hub) -> None:
         self.sessions = sessions
         self.hub = hub
 
@@ -82,7 +82,7 @@ class TaskStore:
             session.add(row)
             await session.flush()
             event = Event(row.id, task.id, row.type, None)
-        self.hub.publish(event)
+        await self.hub.publish(event)
         return task
 
     async def get(self, *, project_id: int, taskid: int | None = None, token: str | None = None) -> Task | None:
@@ -185,12 +185,11 @@ class TaskStore:
             session.add(row)
             await session.flush()
             event = Event(row.id, task_id, event_type, message)
-        self.hub.publish(event)
+        await self.hub.publish(event)
         return task
 
     async def claim_next(self, worker_id: str, models: Sequence[str], lease_seconds: float) -> Task | None:
         """Take the highest-priority, oldest queued task of one of ``models``; None if there is none."""
-        now = time.time()
         candidate = (
             select(Task.id)
             .where(Task.status == "task_queue", Task.model.in_(list(models)))
@@ -199,9 +198,17 @@ class TaskStore:
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
+        return await self._claim(candidate, worker_id, lease_seconds)
+
+    async def claim(self, task_id: int, worker_id: str, lease_seconds: float) -> Task | None:
+        """Take one given task (a dispatched message names it); None if it is no longer queued."""
+        return await self._claim(task_id, worker_id, lease_seconds)
+
+    async def _claim(self, which: Any, worker_id: str, lease_seconds: float) -> Task | None:
+        now = time.time()
         claim = (
             update(Task)
-            .where(Task.id == candidate, Task.status == "task_queue")
+            .where(Task.id == which, Task.status == "task_queue")
             .values(
                 status="task_accept",
                 accepttime=now,
@@ -220,7 +227,7 @@ class TaskStore:
             await session.flush()
             event = Event(row.id, task_id, row.type, None)
             task = await session.get(Task, task_id)
-        self.hub.publish(event)
+        await self.hub.publish(event)
         return task
 
     async def heartbeat(self, task_id: int, worker_id: str, lease_seconds: float) -> str | None:
@@ -278,6 +285,7 @@ class TaskStore:
                 worker_id=worker_id,
                 debugerror=f"Worker {worker_id} was lost during attempt {attempts}; the task was queued again.\n",
                 stop_requested="",
+                dispatched_at=None,
             )
             return task is not None
         message = f"Worker lost during attempt {attempts} of {max_attempts}; the task was not retried again."
@@ -304,6 +312,32 @@ class TaskStore:
         await self.record(task_id, "task_postprocess_start", None)
         await self.record(task_id, "task_postprocess_end", [], pexit=pexit, debugerror=message, debugoutput=output)
         return True
+
+    async def undispatched(self, limit: int = 100) -> list[tuple[int, str, int]]:
+        """Queued tasks no dispatcher has sent yet (new, or re-queued by the reaper): (id, model, priority)."""
+        query = (
+            select(Task.id, Task.model, Task.priority)
+            .where(Task.status == "task_queue", Task.dispatched_at.is_(None))
+            .order_by(Task.priority.desc(), Task.id)
+            .limit(limit)
+        )
+        async with self.sessions() as session:
+            return [(row.id, row.model, row.priority) for row in (await session.execute(query)).all()]
+
+    async def mark_dispatched(self, task_id: int) -> bool:
+        """Take the right to dispatch a task; only one API replica wins it."""
+        stmt = (
+            update(Task)
+            .where(Task.id == task_id, Task.dispatched_at.is_(None))
+            .values(dispatched_at=time.time())
+            .returning(Task.id)
+        )
+        async with self.sessions.begin() as session:
+            return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+    async def unmark_dispatched(self, task_id: int) -> None:
+        async with self.sessions.begin() as session:
+            await session.execute(update(Task).where(Task.id == task_id).values(dispatched_at=None))
 
     async def list_ids(self, project_id: int, *, start: int, limit: int) -> tuple[list[int], int]:
         """Newest first."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
@@ -80,20 +81,28 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
     async with services.sessions.begin() as session:
         if folder_id is not None and await _folder(session, project.id, folder_id) is None:
             raise NotFound(f"Folder {folder_id} does not exist in this project.")
-        services.blobs.put(file.blob_key, data.data)
+        await asyncio.to_thread(services.blobs.put, file.blob_key, data.data)
         session.add(file)
     return envelope(list=[file_item(settings.base_url, file)])
 
 
 @router.get("/v1/File/{accesskey}/{name}")
-async def read_file(accesskey: str, name: str, services: ServicesDep) -> FileResponse:
+async def read_file(accesskey: str, name: str, services: ServicesDep) -> Response:
     """No credentials: the access key in the URL is the capability (Wiro: "anyone with the URL")."""
     async with services.sessions() as session:
         query = select(File).where(File.accesskey == accesskey, File.name == name)
         file = (await session.execute(query)).scalar_one_or_none()
-    if file is None or not services.blobs.exists(file.blob_key):
-        raise NotFound("File not found. Check the URL; output URLs are listed in Task/Detail outputs[].url.")
-    return FileResponse(services.blobs.path(file.blob_key), media_type=file.contenttype)
+    missing = NotFound("File not found. Check the URL; output URLs are listed in Task/Detail outputs[].url.")
+    if file is None:
+        raise missing
+    local = services.blobs.local_path(file.blob_key)
+    if local is None:
+        # S3: send the client straight to the bucket with a short-lived presigned URL.
+        url = await asyncio.to_thread(services.blobs.presign, file.blob_key)
+        return RedirectResponse(url or "", status_code=307)
+    if not local.is_file():
+        raise missing
+    return FileResponse(local, media_type=file.contenttype)
 
 
 async def _folder(session: Any, project_id: int, folder_id: int) -> Folder | None:

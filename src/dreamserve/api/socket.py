@@ -8,7 +8,6 @@ when the worker runs here, and from polling the event log otherwise (a worker on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any
 
@@ -61,22 +60,21 @@ async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, 
     live = services.hub.subscribe(task.id)
     last = 0
     try:
+        pending = await services.store.events(task.id)
         while True:
-            pending = await services.store.events(task.id, after=last)
-            while not live.empty():
-                pending.append(live.get_nowait())
             for event in sorted({e.id: e for e in pending if e.id > last}.values(), key=lambda e: e.id):
                 await _send(websocket, lock, socket_frame(event.type, task.id, token, event.message))
                 last = event.id
                 if event.type in TERMINAL:
                     return
-            with contextlib.suppress(TimeoutError):
-                # Woken by the hub, or every POLL_SECONDS to catch events written by other processes.
-                live.put_nowait(await asyncio.wait_for(live.get(), timeout=POLL_SECONDS))
+            pending = await live.next(POLL_SECONDS)
+            if not pending:
+                # Quiet for a while: read the log too, in case a writer could not reach this hub.
+                pending = await services.store.events(task.id, after=last)
     except (WebSocketDisconnect, RuntimeError):
         return
     finally:
-        services.hub.unsubscribe(task.id, live)
+        await live.close()
 
 
 async def _send(websocket: WebSocket, lock: asyncio.Lock, frame: dict[str, Any]) -> None:

@@ -13,13 +13,15 @@ import enum
 import logging
 import multiprocessing
 import os
+import shutil
 import socket
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
-from dreamserve.blobs import LocalBlobStore
+from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Task
 from dreamserve.errors import InvalidRequest
 from dreamserve.events import RUNNING
@@ -113,12 +115,14 @@ class ChildProcess:
 
 
 class Supervisor:
-    def __init__(self, slug: str, spec: ModelSpec, index: int, settings: Settings, store: TaskStore) -> None:
+    def __init__(
+        self, slug: str, spec: ModelSpec, index: int, settings: Settings, store: TaskStore, blobs: BlobStore
+    ) -> None:
         self.slug = slug
         self.spec = spec
         self.settings = settings
         self.store = store
-        self.blobs = LocalBlobStore(settings.blob_dir)
+        self.blobs = blobs
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{slug}:{index}"
         self.state = WorkerState.NEW
         self.error = ""
@@ -168,8 +172,9 @@ class Supervisor:
     # -- main loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Embedded mode: poll the tasks table for this model, woken early when a task arrives."""
         while not self._closing:
-            if self.child is None and not await self._spawn():
+            if not await self.ensure_ready():
                 await asyncio.sleep(30)
                 continue
             task = await self.store.claim_next(self.worker_id, [self.slug], self.settings.lease_seconds)
@@ -178,17 +183,33 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                 continue
-            self.state = WorkerState.BUSY
-            try:
-                await self._process(task)
-            except Exception:
-                log.exception("task %s: supervisor error", task.id)
-                await self.store.fail(
-                    task.id, PEXIT_MODEL_ERROR, "Internal worker error.", expect=RUNNING, worker_id=self.worker_id
-                )
-            finally:
-                self.current = None
-                self.state = WorkerState.READY if self.child else WorkerState.STARTING
+            await self._guarded(task)
+
+    async def run_one(self, task_id: int) -> bool:
+        """Dispatched mode: run the task a queue message names, if it is still queued (else drop the message)."""
+        if not await self.ensure_ready():
+            raise RuntimeError(f"model {self.slug} is not loaded: {self.error}")
+        task = await self.store.claim(task_id, self.worker_id, self.settings.lease_seconds)
+        if task is None:
+            return False
+        await self._guarded(task)
+        return True
+
+    async def ensure_ready(self) -> bool:
+        return self.child is not None or await self._spawn()
+
+    async def _guarded(self, task: Task) -> None:
+        self.state = WorkerState.BUSY
+        try:
+            await self._process(task)
+        except Exception:
+            log.exception("task %s: supervisor error", task.id)
+            await self.store.fail(
+                task.id, PEXIT_MODEL_ERROR, "Internal worker error.", expect=RUNNING, worker_id=self.worker_id
+            )
+        finally:
+            self.current = None
+            self.state = WorkerState.READY if self.child else WorkerState.STARTING
 
     async def close(self) -> None:
         self._closing = True
@@ -224,8 +245,9 @@ class Supervisor:
     async def _process(self, task: Task) -> None:
         self.current, self._stop_kind, self._lost = task.id, "", False
         heartbeat = asyncio.create_task(self._heartbeat(task.id))
+        scratch = self.settings.data_dir / "scratch" / f"{task.id}-{task.attempts}"
         try:
-            references = await self._preprocess(task)
+            references = await self._preprocess(task, scratch)
             if references is None:
                 return
             if self._stop_kind:
@@ -241,7 +263,7 @@ class Supervisor:
                 seed=task.job["seed"],
                 references=references,
                 watermark=task.job["watermark"],
-                output_dir=str(self.blobs.path(f"outputs/{accesskey}")),
+                output_dir=str(self.blobs.local_path(f"outputs/{accesskey}") or scratch / "outputs"),
             )
             if await self._record(task, "task_assign") is None:
                 return
@@ -250,6 +272,7 @@ class Supervisor:
             await self._follow(task, accesskey)
         finally:
             heartbeat.cancel()
+            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
 
     async def _record(self, task: Task, event_type: str, message: Any = None, **fields: Any) -> Task | None:
         """Record an event only while this worker still holds the task's lease."""
@@ -268,7 +291,8 @@ class Supervisor:
             if requested and requested != self._stop_kind:
                 await self.stop(task_id, requested)
 
-    async def _preprocess(self, task: Task) -> list[str] | None:
+    async def _preprocess(self, task: Task, scratch: Path) -> list[str] | None:
+        """Put every reference on local disk for the child: uploads from the blob store, URLs fetched."""
         inputs: list[dict[str, Any]] = task.job.get("inputs", [])
         if not inputs:
             return []
@@ -277,7 +301,13 @@ class Supervisor:
         try:
             for number, item in enumerate(inputs, start=1):
                 key = item.get("blob_key")
-                if key is None:
+                if key is not None:
+                    local = self.blobs.local_path(key)
+                    if local is None:
+                        local = scratch / f"reference-{number}{Path(key).suffix}"
+                        await asyncio.to_thread(self.blobs.download, key, local)
+                    paths.append(str(local))
+                else:
                     data = await fetch(
                         item["url"],
                         max_bytes=self.settings.max_upload_bytes,
@@ -290,9 +320,9 @@ class Supervisor:
                         self.settings.max_upload_bytes,
                         self.settings.max_input_pixels,
                     )
-                    key = f"tasks/{task.id}/reference-{number}.{ext}"
-                    await asyncio.to_thread(self.blobs.put, key, data)
-                paths.append(str(self.blobs.path(key)))
+                    local = scratch / f"reference-{number}.{ext}"
+                    await asyncio.to_thread(_write, local, data)
+                    paths.append(str(local))
         except InvalidRequest as exc:
             await self.store.fail(task.id, PEXIT_INPUT_ERROR, exc.message, worker_id=self.worker_id)
             return None
@@ -348,6 +378,9 @@ class Supervisor:
         await self._record(task, "task_output_full", {"raw": output})
         await self._record(task, "task_end")
         await self._record(task, "task_postprocess_start")
+        for image in result.images:
+            # Local store: the child wrote in place (put_file is a no-op). S3: upload before any row points at it.
+            await asyncio.to_thread(self.blobs.put_file, f"outputs/{accesskey}/{image.name}", Path(image.path))
         now = time.time()
         files = [
             File(
@@ -385,6 +418,11 @@ class Supervisor:
             debugoutput=output,
             details=details,
         )
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
 
 
 def _progress(step: int, total: int, elapsed: float) -> dict[str, str]:
