@@ -101,14 +101,18 @@ class S3BlobStore:
         from obstore.store import S3Store
 
         self.config = config
+        # Unset values are left out so obstore falls back to the AWS_* environment variables.
+        options = {
+            "endpoint": config.endpoint,
+            "region": config.region,
+            "access_key_id": config.access_key_id,
+            "secret_access_key": config.secret_access_key,
+        }
         self.store = S3Store(
             config.bucket,
-            endpoint=config.endpoint,
-            region=config.region,
-            access_key_id=config.access_key_id,
-            secret_access_key=config.secret_access_key,
             allow_http=bool(config.endpoint and config.endpoint.startswith("http://")),
             virtual_hosted_style_request=False,
+            **{name: value for name, value in options.items() if value is not None},  # type: ignore[arg-type]
         )
 
     def put(self, key: str, data: bytes) -> None:

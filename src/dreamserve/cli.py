@@ -81,6 +81,23 @@ def _banner(url: str, key: str, secret: str | None, data_dir: Path) -> None:
     out('  dreamserve generate "a red fox in the snow" --size 2K -n 2 -o out/\n')
 
 
+@main.command()
+@click.option("--name", default=None, help="Worker name in Celery (default gpu-<host>).")
+@click.option("--model", "source", default=None, help="Source of the default model, as for serve.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Scratch space for this worker.")
+def worker(name: str | None, source: str | None, data_dir: Path | None) -> None:
+    """Run one GPU worker for scale-out mode: consumes gpu.<model> queues from Celery (needs redis_url)."""
+    from dreamserve.scale.worker import run_worker
+    from dreamserve.settings import DEFAULT_MODEL, Settings
+
+    settings = Settings(dispatch="celery")
+    if data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": data_dir})
+    if source is not None and DEFAULT_MODEL in settings.models:
+        settings.models[DEFAULT_MODEL] = settings.models[DEFAULT_MODEL].model_copy(update={"source": source})
+    run_worker(settings, name)
+
+
 @main.group()
 def keys() -> None:
     """Manage project API keys."""

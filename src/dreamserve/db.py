@@ -116,7 +116,7 @@ class File(Base):
     contenttype: Mapped[str] = mapped_column(String(100))
     size: Mapped[int] = mapped_column(Integer)
     #: Unguessable capability in the file's URL; holding it is enough to read the file.
-    accesskey: Mapped[str] = mapped_column(String(64), index=True)
+    accesskey: Mapped[str] = mapped_column(String(80), index=True)
     #: Key in the blob store.
     blob_key: Mapped[str] = mapped_column(String(400))
     #: Extra facts (width, height, seed) for outputs.

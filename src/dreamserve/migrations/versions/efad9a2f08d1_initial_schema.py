@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: b8c95481ca3d
+Revision ID: efad9a2f08d1
 Revises:
-Create Date: 2026-11-25 00:16:17.385784
+Create Date: 2026-11-25 00:20:54.587626
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "b8c95481ca3d"
+revision: str = "efad9a2f08d1"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
@@ -69,7 +69,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=255), nullable=False),
         sa.Column("contenttype", sa.String(length=100), nullable=False),
         sa.Column("size", sa.Integer(), nullable=False),
-        sa.Column("accesskey", sa.String(length=64), nullable=False),
+        sa.Column("accesskey", sa.String(length=80), nullable=False),
         sa.Column("blob_key", sa.String(length=400), nullable=False),
         sa.Column("meta", sa.JSON(), nullable=False),
         sa.Column("created", sa.Float(), nullable=False),

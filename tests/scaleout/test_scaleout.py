@@ -1,0 +1,290 @@
+"""Scale-out mode against real servers: PostgreSQL, Redis (Celery broker + event streams), SeaweedFS S3,
+two API replicas and two GPU workers, all separate processes on 127.0.0.1.
+
+Run through ``scripts/scaleout-env`` (``scripts/test`` does so), which starts the servers and sets
+DREAMSERVE_TEST_*. Without them these tests are skipped locally; in CI they are required.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from websockets.sync.client import connect
+
+from dreamserve.projects import Credentials, create_project
+from dreamserve.settings import ModelSpec, S3Settings, Settings
+from dreamserve.signing import auth_headers
+from tests.conftest import free_port
+
+REDIS = os.environ.get("DREAMSERVE_TEST_REDIS")
+POSTGRES = os.environ.get("DREAMSERVE_TEST_POSTGRES")
+S3 = os.environ.get("DREAMSERVE_TEST_S3")
+MODEL = "bytedance/seedream-v4"
+PRIORITY_MODEL = "test/priority"
+
+pytestmark = pytest.mark.skipif(
+    not (REDIS and POSTGRES and S3) and not os.environ.get("CI"),
+    reason="scale-out servers not running: use scripts/scaleout-env (scripts/test does)",
+)
+
+
+@dataclass
+class Proc:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        handle = self.log.open("ab")
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@dataclass
+class Cluster:
+    apis: list[str]
+    workers: dict[str, Proc]
+    creds: Credentials
+    settings: Settings
+    tmp: Path
+
+    def post(self, replica: int, path: str, **kwargs: Any) -> dict[str, Any]:
+        headers = auth_headers(self.creds.api_key, self.creds.api_secret, str(int(time.time())))
+        body: dict[str, Any] = httpx.post(f"{self.apis[replica]}{path}", headers=headers, timeout=60, **kwargs).json()
+        return body
+
+    def run(self, replica: int, model: str = MODEL, **fields: Any) -> dict[str, Any]:
+        body = self.post(replica, f"/v1/Run/{model}", json={"size": "1K", **fields})
+        assert body["result"] is True, body
+        return body
+
+    def detail(self, replica: int, taskid: str) -> dict[str, Any]:
+        task: dict[str, Any] = self.post(replica, "/v1/Task/Detail", json={"taskid": taskid})["tasklist"][0]
+        return task
+
+    def wait(self, replica: int, taskid: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.detail(replica, taskid)
+            if task["status"] in ("task_postprocess_end", "task_cancel"):
+                return task
+            time.sleep(0.2)
+        raise AssertionError(f"task {taskid} still {task['status']}")
+
+    def wait_progress(self, replica: int, taskid: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.detail(replica, taskid)
+            if task["progress"] and task["status"] == "task_start":
+                return task
+            time.sleep(0.05)
+        raise AssertionError(f"task {taskid} made no progress: {task['status']}")
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def _env(tmp: Path, models: dict[str, ModelSpec], name: str) -> dict[str, str]:
+    assert REDIS and POSTGRES and S3
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "DREAMSERVE_DATA_DIR": str(tmp / name),
+        "DREAMSERVE_DATABASE_URL": POSTGRES,
+        "DREAMSERVE_REDIS_URL": REDIS,
+        "DREAMSERVE_DISPATCH": "celery",
+        "DREAMSERVE_S3": json.dumps({"bucket": "dreamserve", "endpoint": S3}),
+        "DREAMSERVE_MODELS": json.dumps({slug: spec.model_dump() for slug, spec in models.items()}),
+        "DREAMSERVE_LEASE_SECONDS": "4",
+        "DREAMSERVE_HEARTBEAT_SECONDS": "0.5",
+        "DREAMSERVE_FETCH_ALLOW_PRIVATE": "true",
+    }
+
+
+def _worker(tmp: Path, name: str, model: str, spec: ModelSpec) -> Proc:
+    command = [sys.executable, "-m", "dreamserve", "worker", "--name", name]
+    proc = Proc(name, command, _env(tmp, {model: spec}, name), tmp / f"{name}.log")
+    proc.start()
+    return proc
+
+
+def _wait_worker(proc: Proc, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "ready." in proc.log.read_text(errors="replace"):
+            return
+        assert proc.process is not None and proc.process.poll() is None, proc.log.read_text()[-3000:]
+        time.sleep(0.2)
+    raise RuntimeError(f"worker {proc.name} not ready: {proc.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if not (REDIS and POSTGRES and S3):
+        pytest.fail("CI must run the scale-out tests: start the servers with scripts/scaleout-env")
+    tmp = tmp_path_factory.mktemp("cluster")
+    slow = ModelSpec(max_pixels=320 * 320, steps=40)
+    models = {MODEL: slow, PRIORITY_MODEL: ModelSpec(max_pixels=64 * 64, steps=2)}
+    settings = Settings(
+        data_dir=tmp / "cli",
+        database_url=POSTGRES,
+        redis_url=REDIS,
+        dispatch="celery",
+        s3=S3Settings(bucket="dreamserve", endpoint=S3),
+        models=models,
+    )
+    creds = create_project(settings, "scaleout", signature=True)
+    procs: list[Proc] = []
+    apis = []
+    for index in range(2):
+        port = free_port()
+        command = [sys.executable, "-m", "dreamserve", "serve", "--no-workers", "--host", "127.0.0.1"]
+        proc = Proc(
+            f"api{index}", [*command, "--port", str(port)], _env(tmp, models, f"api{index}"), tmp / f"api{index}.log"
+        )
+        proc.env["DREAMSERVE_PUBLIC_URL"] = f"http://127.0.0.1:{port}"
+        proc.start()
+        procs.append(proc)
+        apis.append(f"http://127.0.0.1:{port}")
+    workers = {name: _worker(tmp, name, MODEL, slow) for name in ("w1", "w2")}
+    try:
+        for url in apis:
+            _wait_http(f"{url}/healthz")
+        for proc in workers.values():
+            _wait_worker(proc)
+        yield Cluster(apis=apis, workers=workers, creds=creds, settings=settings, tmp=tmp)
+    finally:
+        for proc in [*workers.values(), *procs]:
+            proc.stop()
+
+
+def _socket(url: str, token: str) -> list[dict[str, Any]]:
+    frames = []
+    with connect(url.replace("http://", "ws://") + "/v1", open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "task_info", "tasktoken": token}))
+        while True:
+            frame = json.loads(ws.recv(timeout=120))
+            frames.append(frame)
+            if frame["type"] in ("task_postprocess_end", "task_cancel"):
+                return frames
+
+
+def test_submit_on_one_replica_follow_on_the_other_and_download_from_s3(cluster: Cluster) -> None:
+    run = cluster.run(0, prompt="across replicas", maxImages=2)
+    frames = _socket(cluster.apis[1], run["socketaccesstoken"])
+    types = [f["type"] for f in frames]
+    assert types[0] == "task_queue" and types[-1] == "task_postprocess_end"
+    assert "task_start" in types and types.count("task_output") >= 40
+    task = cluster.detail(1, run["taskid"])
+    assert task["pexit"] == "0" and len(task["outputs"]) == 2
+    # A socket that registers after the end replays everything, on either replica.
+    assert [f["type"] for f in _socket(cluster.apis[0], run["socketaccesstoken"])] == types
+    # Output URLs redirect to a presigned S3 URL; no credentials needed anywhere.
+    first = httpx.get(task["outputs"][0]["url"], follow_redirects=False)
+    assert first.status_code == 307 and "X-Amz-Signature" in first.headers["location"]
+    image = httpx.get(task["outputs"][0]["url"], follow_redirects=True)
+    assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (1024, 1024)
+
+
+def test_cancel_and_kill_across_hosts(cluster: Cluster) -> None:
+    running = [cluster.run(0, prompt=f"busy {i}") for i in range(2)]
+    queued = cluster.run(0, prompt="waits")
+    for run in running:
+        cluster.wait_progress(1, run["taskid"])
+    assert cluster.detail(1, queued["taskid"])["status"] == "task_queue"
+    cancelled = cluster.post(1, "/v1/Task/Cancel", json={"taskid": queued["taskid"]})
+    assert cancelled["tasklist"][0]["status"] == "task_cancel"
+    killed = cluster.post(1, "/v1/Task/Kill", json={"taskid": running[0]["taskid"]})
+    assert killed["tasklist"][0]["status"] == "task_cancel" and killed["tasklist"][0]["pexit"] == "137"
+    stopped = cluster.post(0, "/v1/Task/Cancel", json={"taskid": running[1]["taskid"]})
+    assert stopped["tasklist"][0]["status"] == "task_cancel" and stopped["tasklist"][0]["pexit"] == "130"
+    after = cluster.run(1, prompt="after kill")
+    assert cluster.wait(0, after["taskid"])["pexit"] == "0"
+    assert cluster.detail(0, queued["taskid"])["starttime"] == "0"
+
+
+def test_priority_order(cluster: Cluster) -> None:
+    # No worker serves this model yet: the tasks wait in its queue, then one worker drains it.
+    lows = [cluster.run(0, model=PRIORITY_MODEL, prompt=f"low {i}") for i in range(4)]
+    high = cluster.run(1, model=PRIORITY_MODEL, prompt="high", priority=9)
+    time.sleep(1.0)  # let a replica dispatch them all
+    worker = _worker(cluster.tmp, "prio", PRIORITY_MODEL, ModelSpec(max_pixels=64 * 64, steps=2))
+    try:
+        _wait_worker(worker)
+        for run in [high, *lows]:
+            assert cluster.wait(0, run["taskid"])["pexit"] == "0"
+    finally:
+        worker.stop()
+    accepted = _db(f"SELECT id, accepttime FROM tasks WHERE model = '{PRIORITY_MODEL}' ORDER BY accepttime")
+    # The high-priority task runs first. Within one level Celery's Redis transport does not promise FIFO
+    # (a prefetched message can be overtaken), so the lows are only checked to come after it.
+    assert [str(row[0]) for row in accepted][0] == high["taskid"]
+    assert sorted(str(row[0]) for row in accepted[1:]) == sorted(r["taskid"] for r in lows)
+
+
+def test_a_worker_killed_mid_task_is_replaced_by_the_other(cluster: Cluster) -> None:
+    run = cluster.run(0, prompt="survives its worker")
+    cluster.wait_progress(1, run["taskid"])
+    holder = str(_db(f"SELECT worker_id FROM tasks WHERE id = {int(run['taskid'])}")[0][0])
+    victim = next(p for p in cluster.workers.values() if p.process and f":{p.process.pid}:" in holder)
+    victim_pid = victim.process.pid if victim.process else -1
+    victim.stop(signal.SIGKILL)
+    done = cluster.wait(0, run["taskid"], timeout=120)
+    assert done["pexit"] == "0", done["debugerror"]
+    assert done["attempts"] == "2" and "was lost" in done["debugerror"]
+    assert f":{victim_pid}:" not in done["details"]["worker"], "finished by the other worker"
+    # Bring the worker back for any test that follows.
+    cluster.workers[victim.name] = _worker(cluster.tmp, victim.name, MODEL, ModelSpec(max_pixels=320 * 320, steps=40))
+    _wait_worker(cluster.workers[victim.name])
+
+
+def _db(sql: str) -> list[Any]:
+    """Read what is not on the wire (lease holders, exact times) straight from PostgreSQL."""
+    import asyncio
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def read() -> list[Any]:
+        assert POSTGRES
+        engine = create_async_engine(POSTGRES)
+        try:
+            async with engine.connect() as connection:
+                return list((await connection.execute(text(sql))).all())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
