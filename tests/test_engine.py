@@ -129,3 +129,31 @@ def test_missing_weights_say_how_to_get_them(tmp_path: Path) -> None:
 )
 def test_native_size(request_size: tuple[int, int], cap: int, expected: tuple[int, int]) -> None:
     assert native_size(*request_size, cap) == expected
+
+
+def test_group_batches_jobs_and_matches_running_them_alone(klein: Engine, tmp_path: Path) -> None:
+    jobs = [
+        job(tmp_path / f"g{i}", prompt=f"prompt {i}", seed=10 * i, num_images=n, output_dir=str(tmp_path / f"g{i}"))
+        for i, n in enumerate((1, 2, 1))
+    ]
+    seen: list[tuple[int, int]] = []
+    results = klein.generate_group(jobs, lambda index, info: seen.append((index, info.step)), lambda index: False)
+    assert all(not isinstance(r, Exception) for r in results)
+    alone = klein.generate(
+        job(tmp_path / "a", prompt="prompt 1", seed=10, num_images=2, output_dir=str(tmp_path / "a")),
+        lambda s: None,
+        lambda: False,
+    )
+    grouped = results[1]
+    assert not isinstance(grouped, Exception)
+    # Batched with other prompts, the same prompt and seeds give the same pixels (checked equal, not close).
+    assert [pixels(i.path) for i in grouped.images] == [pixels(i.path) for i in alone.images]
+    assert {index for index, _ in seen} == {0, 1, 2}
+
+
+def test_group_stops_one_job_and_finishes_the_others(klein: Engine, tmp_path: Path) -> None:
+    jobs = [job(tmp_path / f"s{i}", seed=i, output_dir=str(tmp_path / f"s{i}")) for i in range(3)]
+    results = klein.generate_group(jobs, lambda index, info: None, lambda index: index == 1)
+    assert isinstance(results[1], Interrupted)
+    assert not any(isinstance(results[i], Exception) for i in (0, 2))
+    assert not list((tmp_path / "s1").glob("*.png")) and len(list((tmp_path / "s0").glob("*.png"))) == 1

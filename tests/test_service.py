@@ -203,3 +203,18 @@ def test_cli_generate_downloads_outputs(make_server: Any, tmp_path: Any) -> None
     paths = done.stdout.split()
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["0.png", "1.png"]
     assert Image.open(paths[0]).size == (1024, 1024)
+
+
+def test_same_size_requests_share_pipeline_calls(make_server: Any) -> None:
+    server = make_server(model={**SLOW, "max_batch": 4})
+    blocker = server.run({"prompt": "keeps the worker busy", "size": "1K"})
+    server.wait_progress(blocker["taskid"])
+    batch = [server.run({"prompt": f"batched {i}", "size": "1280x720"}) for i in range(3)]
+    server.wait_progress(batch[0]["taskid"])
+    # One of the three is cancelled while they run together; the other two are not disturbed.
+    cancelled = server.post("/v1/Task/Cancel", json={"taskid": batch[1]["taskid"]}).json()["tasklist"][0]
+    assert cancelled["status"] == "task_cancel" and cancelled["pexit"] == "130"
+    done = [server.wait(batch[i]["taskid"]) for i in (0, 2)]
+    assert [t["pexit"] for t in done] == ["0", "0"]
+    assert batch[2]["taskid"] in {str(i) for i in done[0]["details"]["batched_with"]}
+    assert Image.open(io.BytesIO(httpx.get(done[1]["outputs"][0]["url"]).content)).size == (1280, 720)

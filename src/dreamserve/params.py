@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from dreamserve.errors import InvalidRequest
-from dreamserve.sizes import parse_size
+from dreamserve.sizes import MIN_PIXELS, parse_size
 
 MAX_REFERENCES = 14
 MAX_TOTAL_IMAGES = 15
@@ -56,7 +56,9 @@ class RunParams:
     references: list[Reference] = field(default_factory=list)
 
 
-def parse_run(fields: Mapping[str, Sequence[Any]], *, max_upload_bytes: int, max_input_pixels: int) -> RunParams:
+def parse_run(
+    fields: Mapping[str, Sequence[Any]], *, max_upload_bytes: int, max_input_pixels: int, min_pixels: int = MIN_PIXELS
+) -> RunParams:
     """Check every parameter; ``fields`` maps a name to its values (str, list, bool, int or Upload)."""
     prompt = _text(fields, "prompt")
     if not prompt.strip():
@@ -75,7 +77,7 @@ def parse_run(fields: Mapping[str, Sequence[Any]], *, max_upload_bytes: int, max
 
     size = _text(fields, "size").strip() or "2048x2048"
     first = next((r for r in references if r.upload is not None), None)
-    width, height = parse_size(size, (first.width, first.height) if first else None)
+    width, height = parse_size(size, (first.width, first.height) if first else None, min_pixels)
 
     callback_url = _text(fields, "callbackUrl").strip()
     if callback_url and not callback_url.lower().startswith(("http://", "https://")):

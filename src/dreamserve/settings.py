@@ -32,6 +32,13 @@ class ModelSpec(BaseModel):
     workers: int = Field(default=1, ge=0)
     #: Allow downloads from the Hugging Face hub when ``source`` is a hub id.
     allow_download: bool = False
+    #: A LoRA to fuse after loading (e.g. Qwen-Image-Lightning), a local file or hub id; with it, ``lora_steps``.
+    lora: str | None = None
+    lora_steps: int | None = None
+    #: ``torch.compile`` the denoiser (regional compile where the model supports it).
+    compile: bool = False
+    #: Send a small preview image with every Nth progress event (0 = none).
+    preview_every: int = Field(default=0, ge=0)
 
 
 class S3Settings(BaseModel):
@@ -80,6 +87,8 @@ class Settings(BaseSettings):
     #: Reject a nonce already seen for the project (inside the skew window).
     unique_nonces: bool = False
 
+    #: Smallest output a request may ask for; Seedream's is 1280x720. Lower it for small CPU models.
+    min_pixels: int = Field(default=1280 * 720, ge=64 * 64)
     max_upload_bytes: int = 30 * 1024 * 1024
     max_input_pixels: int = 36_000_000
     fetch_timeout_seconds: float = 20.0

@@ -52,7 +52,9 @@ _HINT = (
 )
 
 
-def parse_size(value: str | None, reference: tuple[int, int] | None = None) -> tuple[int, int]:
+def parse_size(
+    value: str | None, reference: tuple[int, int] | None = None, min_pixels: int = MIN_PIXELS
+) -> tuple[int, int]:
     """Return ``(width, height)`` for a ``size`` value.
 
     ``1K``/``2K``/``4K`` pick the tier's preset whose aspect ratio is closest to ``reference``
@@ -77,6 +79,7 @@ def parse_size(value: str | None, reference: tuple[int, int] | None = None) -> t
             f"Request parameter [size] has aspect ratio {aspect:.1f}:1, beyond 16:1 ({width}x{height}). {_HINT}."
         )
     pixels = width * height
-    if not MIN_PIXELS <= pixels <= MAX_PIXELS:
-        raise InvalidRequest(f"Request parameter [size] {width}x{height} has {pixels:,} pixels. {_HINT}.")
+    if not min_pixels <= pixels <= MAX_PIXELS:
+        hint = _HINT if min_pixels == MIN_PIXELS else _HINT.replace(f"{MIN_PIXELS:,}", f"{min_pixels:,}")
+        raise InvalidRequest(f"Request parameter [size] {width}x{height} has {pixels:,} pixels. {hint}.")
     return width, height

@@ -204,6 +204,35 @@ class TaskStore:
         """Take one given task (a dispatched message names it); None if it is no longer queued."""
         return await self._claim(task_id, worker_id, lease_seconds)
 
+    async def claim_similar(
+        self, worker_id: str, model: str, width: int, height: int, room: int, lease_seconds: float
+    ) -> list[Task]:
+        """Claim queued text-to-image tasks of ``model`` at ``width`` x ``height`` until ``room`` images are taken.
+
+        They run in the same pipeline calls as a task this worker already holds (batching across requests).
+        Candidates are read oldest-first by priority, then each is claimed conditionally like any claim.
+        """
+        query = (
+            select(Task.id, Task.job)
+            .where(Task.status == "task_queue", Task.model == model)
+            .order_by(Task.priority.desc(), Task.id)
+            .limit(50)
+        )
+        async with self.sessions() as session:
+            candidates = (await session.execute(query)).all()
+        claimed: list[Task] = []
+        for task_id, job in candidates:
+            fits = (job["width"], job["height"]) == (width, height) and not job.get("inputs")
+            if not fits or job["num_images"] > room:
+                continue
+            task = await self.claim(task_id, worker_id, lease_seconds)
+            if task is not None:
+                claimed.append(task)
+                room -= job["num_images"]
+            if room <= 0:
+                break
+        return claimed
+
     async def _claim(self, which: Any, worker_id: str, lease_seconds: float) -> Task | None:
         now = time.time()
         claim = (

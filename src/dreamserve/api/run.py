@@ -27,7 +27,12 @@ async def run(owner: str, model: str, request: Request, project: ProjectDep, ser
         raise NotFound(f"slug-owner-project-not-exist: {slug} is not served here. Served models: {served}.")
     settings = services.settings
     fields = await read_fields(request, settings.max_upload_bytes)
-    params = parse_run(fields, max_upload_bytes=settings.max_upload_bytes, max_input_pixels=settings.max_input_pixels)
+    params = parse_run(
+        fields,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_input_pixels=settings.max_input_pixels,
+        min_pixels=settings.min_pixels,
+    )
 
     accesskey = new_accesskey()
     now = time.time()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,12 @@ import torch
 
 from dreamserve.settings import ModelSpec
 
-TINY_BUILDERS = {"tiny": "build_tiny_klein", "tiny-sd-turbo": "build_tiny_sd_turbo"}
+BUILDERS = {
+    "tiny": ("dreamserve.engine.tiny", "build_tiny_klein"),
+    "tiny-sd-turbo": ("dreamserve.engine.tiny", "build_tiny_sd_turbo"),
+    "random:sd-turbo": ("dreamserve.engine.random_init", "build_random_sd_turbo"),
+    "random:flux2-klein-4b": ("dreamserve.engine.random_init", "build_random_klein_4b"),
+}
 
 #: Pipeline class name -> family: the family picks default steps and call arguments in ``runner``.
 FAMILIES = {
@@ -42,9 +48,9 @@ def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
         return torch.float32  # random weights: precision is not what is tested
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # bf16 is ~3x faster than fp32 on CPUs with AMX or AVX512-BF16 (runtime.md §3.3), slower elsewhere.
-    fast_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if fast_bf16 else torch.float32
+    # bf16 is ~3x faster than fp32 on CPUs with AMX tiles (runtime.md §3.3); with AVX512-BF16 alone it was
+    # 3x slower here (SD-Turbo UNet step: 15.7 s bf16 vs 4.7 s fp32, bench/RESULTS.md).
+    return torch.bfloat16 if torch.cpu._is_amx_tile_supported() else torch.float32
 
 
 def family_of(pipeline: Any) -> str:
@@ -52,14 +58,15 @@ def family_of(pipeline: Any) -> str:
 
 
 def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
-    """Build or load the pipeline for ``spec`` and move it to its device; returns ``(pipeline, family)``."""
+    """Build or load the pipeline for ``spec`` (already resolved, see ``models.resolve``) and move it to
+    its device; returns ``(pipeline, family)``."""
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     source = spec.source
-    if source in TINY_BUILDERS:
-        from dreamserve.engine import tiny
-
-        pipeline = getattr(tiny, TINY_BUILDERS[source])()
+    if source in BUILDERS:
+        module, builder = BUILDERS[source]
+        build = getattr(importlib.import_module(module), builder)
+        pipeline = build() if source.startswith("tiny") else build(dtype=dtype)
     elif Path(source).is_dir():
         pipeline = _from_pretrained(source, dtype, local_only=True)
     elif Path(source).suffix in (".safetensors", ".ckpt"):
@@ -69,6 +76,17 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     # from_pretrained already loaded in ``dtype``; the tiny builds are float32 unless asked otherwise.
     pipeline = pipeline.to(device) if pipeline.dtype == dtype else pipeline.to(device=device, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
+    if spec.lora:
+        pipeline.load_lora_weights(spec.lora, local_files_only=not spec.allow_download)
+        pipeline.fuse_lora()
+    if spec.compile:
+        denoiser = getattr(pipeline, "transformer", None) or pipeline.unet
+        # Regional compilation compiles one repeated block and reuses it: far shorter compile times.
+        compile_blocks = getattr(denoiser, "compile_repeated_blocks", None)
+        if compile_blocks is not None and getattr(denoiser, "_repeated_blocks", None):
+            compile_blocks(fullgraph=True)
+        else:
+            denoiser.compile()
     return pipeline, family_of(pipeline)
 
 

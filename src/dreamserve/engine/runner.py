@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dreamserve.engine.loader import load_pipeline, resolve_device
 from dreamserve.jobs import GeneratedImage, GenerationJob, GenerationResult, StepInfo
+from dreamserve.models import resolve
 from dreamserve.settings import ModelSpec
 
 #: Default denoising steps per family (distilled models need few; pipelines default to 50).
@@ -49,6 +50,7 @@ class Engine:
     @classmethod
     def load(cls, spec: ModelSpec) -> Engine:
         started = time.perf_counter()
+        spec = resolve(spec)
         pipeline, family = load_pipeline(spec)
         return cls(spec, pipeline, family, time.perf_counter() - started)
 
@@ -59,58 +61,85 @@ class Engine:
     def generate(
         self, job: GenerationJob, on_step: Callable[[StepInfo], None], should_stop: Callable[[], bool]
     ) -> GenerationResult:
+        """Run one job (text-to-image, or editing with its references)."""
+        (result,) = self.generate_group([job], lambda _, info: on_step(info), lambda _: should_stop())
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def generate_group(
+        self,
+        jobs: list[GenerationJob],
+        on_step: Callable[[int, StepInfo], None],
+        should_stop: Callable[[int], bool],
+    ) -> list[GenerationResult | Exception]:
+        """Run several jobs of one size in shared pipeline calls (the images of all jobs are batched together).
+
+        Only a single job may carry references. A job whose ``should_stop`` turns true gets ``Interrupted``
+        and no files; the others go on. Returns, per job, its result or the exception that ended it.
+        """
         # 1. Check inputs.
-        if job.num_images < 1 or job.width < 1 or job.height < 1:
-            raise ValueError(f"nothing to generate: {job.num_images} images of {job.width}x{job.height}")
+        first = jobs[0]
+        if any((j.width, j.height) != (first.width, first.height) for j in jobs) or any(j.num_images < 1 for j in jobs):
+            raise ValueError("a group needs jobs of one size, each asking for at least one image")
+        if len(jobs) > 1 and any(j.references for j in jobs):
+            raise ValueError("jobs with references run alone")
         started = time.perf_counter()
 
-        # 2. Plan sizes: native generation size and batches.
-        gen_width, gen_height = native_size(job.width, job.height, self.spec.max_pixels)
-        batches = [
-            range(i, min(i + self.spec.max_batch, job.num_images))
-            for i in range(0, job.num_images, self.spec.max_batch)
-        ]
-        total = self.steps * len(batches)
-        method = describe(gen_width, gen_height, job.width, job.height)
+        # 2. Plan sizes and batches: every image of every job, max_batch per pipeline call.
+        gen_width, gen_height = native_size(first.width, first.height, self.spec.max_pixels)
+        images = [(index, job.seed + n) for index, job in enumerate(jobs) for n in range(job.num_images)]
+        batches = [images[i : i + self.spec.max_batch] for i in range(0, len(images), self.spec.max_batch)]
+        method = describe(gen_width, gen_height, first.width, first.height)
 
         # 3. Load references.
-        references = [load_reference(path, len(job.references)) for path in job.references]
+        references = [load_reference(path, len(first.references)) for path in first.references]
         call, method = self._plan_call(references, method)
 
         # 4. Denoise, batch by batch, one seed per image.
         timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
-        images: list[tuple[Image.Image, int]] = []
-        for number, batch in enumerate(batches):
-            if should_stop():
-                raise Interrupted
-            seeds = [job.seed + i for i in batch]
-            done_before = number * self.steps
-            output = self._denoise(
-                call,
-                job.prompt,
-                gen_width,
-                gen_height,
-                seeds,
-                timings,
-                done_before,
-                total,
-                started,
-                on_step,
-                should_stop,
-            )
-            if should_stop():
-                raise Interrupted
-            images.extend(zip(output, seeds, strict=True))
+        outcome: list[GenerationResult | Exception | None] = [None] * len(jobs)
+        done: dict[int, list[tuple[Image.Image, int]]] = {index: [] for index in range(len(jobs))}
+        steps_of = {index: self.steps * sum(any(i == index for i, _ in b) for b in batches) for index in done}
+        steps_done = dict.fromkeys(done, 0)
+        for batch in batches:
+            batch = [(i, seed) for i, seed in batch if outcome[i] is None and not should_stop(i)]
+            members = sorted({i for i, _ in batch})
 
-        # 5. Post-process: reach the exact size, mark, and save atomically.
+            def report(step: int, elapsed: float, members: list[int] = members) -> None:
+                for index in members:
+                    on_step(index, StepInfo(steps_done[index] + step, steps_of[index], elapsed))
+
+            if batch:
+                prompts = [jobs[i].prompt for i, _ in batch]
+                seeds = [seed for _, seed in batch]
+                stop_all = lambda members=members: all(should_stop(i) for i in members)  # noqa: E731
+                output = self._denoise(call, prompts, gen_width, gen_height, seeds, timings, started, report, stop_all)
+                for (index, seed), image in zip(batch, output, strict=True):
+                    done[index].append((image, seed))
+            for index in members:
+                steps_done[index] += self.steps
+            for index in range(len(jobs)):
+                if outcome[index] is None and should_stop(index):
+                    outcome[index] = Interrupted()
+
+        # 5. Post-process each job: reach the exact size, mark, and save atomically.
+        for index, job in enumerate(jobs):
+            if outcome[index] is not None:
+                continue
+            try:
+                outcome[index] = self._finish(job, done[index], method, dict(timings))
+            except Exception as exc:  # one job's disk error must not lose the others
+                outcome[index] = exc
+        return [result for result in outcome if result is not None]
+
+    def _finish(
+        self, job: GenerationJob, images: list[tuple[Image.Image, int]], method: str, timings: dict[str, float]
+    ) -> GenerationResult:
         tick = time.perf_counter()
+        size = (job.width, job.height)
         final = [
-            (
-                image
-                if image.size == (job.width, job.height)
-                else image.resize((job.width, job.height), Image.Resampling.LANCZOS),
-                seed,
-            )
+            (image if image.size == size else image.resize(size, Image.Resampling.LANCZOS), seed)
             for image, seed in images
         ]
         timings["upscale"] = time.perf_counter() - tick
@@ -138,17 +167,16 @@ class Engine:
     def _denoise(
         self,
         call: Callable[..., Any],
-        prompt: str,
+        prompts: list[str],
         width: int,
         height: int,
         seeds: list[int],
         timings: dict[str, float],
-        done_before: int,
-        total: int,
         started: float,
-        on_step: Callable[[StepInfo], None],
+        report: Callable[[int, float], None],
         should_stop: Callable[[], bool],
     ) -> list[Image.Image]:
+        """One pipeline call, one image per prompt, one generator per image."""
         marks: dict[str, float] = {}
         denoiser = getattr(self.pipeline, "transformer", None) or self.pipeline.unet
 
@@ -157,21 +185,23 @@ class Engine:
 
         def step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             marks["last_step"] = time.perf_counter()
-            on_step(StepInfo(step=done_before + step + 1, total=total, elapsed=time.perf_counter() - started))
+            report(step + 1, time.perf_counter() - started)
             if should_stop():
                 pipe._interrupt = True
             return kwargs
 
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+        if max(width, height) > 2048 and hasattr(self.pipeline.vae, "enable_tiling"):
+            self.pipeline.vae.enable_tiling()  # FLUX-class VAEs run out of memory decoding above 2048 px
         hook = denoiser.register_forward_pre_hook(first_forward)
         begin = time.perf_counter()
         try:
             with torch.inference_mode():
                 result = call(
-                    prompt=prompt,
+                    prompt=prompts,
                     width=width,
                     height=height,
-                    num_images_per_prompt=len(seeds),
+                    num_images_per_prompt=1,
                     num_inference_steps=self.steps,
                     generator=generators,
                     callback_on_step_end=step_end,

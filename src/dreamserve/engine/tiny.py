@@ -11,14 +11,23 @@ from typing import Any
 
 import torch
 
-_QWEN_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+QWEN_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
-def _byte_level_vocab() -> dict[str, int]:
+def byte_level_vocab() -> dict[str, int]:
     # The 256 symbols of GPT-2's byte-to-unicode map: every byte sequence tokenizes.
     codes = [*range(33, 127), *range(161, 173), *range(174, 256), *range(256, 324)]
     vocab = {chr(code): index for index, code in enumerate(codes)}
     vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def clip_vocab() -> dict[str, int]:
+    """Character-level CLIP BPE vocabulary: every printable ASCII character, alone or word-final."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for char in (chr(code) for code in range(33, 127)):
+            vocab.setdefault(char + suffix, len(vocab))
     return vocab
 
 
@@ -32,9 +41,9 @@ def build_tiny_klein(seed: int = 0) -> Any:
     )
     from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    vocab = _byte_level_vocab()
+    vocab = byte_level_vocab()
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", eos_token="<|endoftext|>")
-    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     torch.manual_seed(seed)
     text_encoder = Qwen3ForCausalLM(
         Qwen3Config(
@@ -76,6 +85,7 @@ def build_tiny_klein(seed: int = 0) -> Any:
         tokenizer=tokenizer,
         transformer=transformer,
         vae=vae,
+        is_distilled=True,  # like klein-4B: one transformer pass per step, no guidance
     )
 
 
@@ -84,11 +94,7 @@ def build_tiny_sd_turbo(seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    chars = [chr(code) for code in range(33, 127)]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for char in chars:
-            vocab.setdefault(char + suffix, len(vocab))
+    vocab = clip_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(

@@ -2,10 +2,12 @@
 then runs one job at a time sent by its supervisor over a pipe and answers with plain dicts:
 
     parent -> child   {"op": "run", "job": GenerationJob}        {"op": "exit"}
+                      {"op": "run_group", "jobs": [GenerationJob]}  {"op": "stop", "job": i} (during a group)
     child -> parent   {"type": "ready", "load_seconds": s}       {"type": "fatal", "message": m}
                       {"type": "start"}  {"type": "step", "step": i, "total": n, "elapsed": s}
                       {"type": "done", "result": GenerationResult}
                       {"type": "canceled"}  {"type": "error", "message": m, "traceback": tb}
+                      {"type": "group_done", "results": [{"result": ...} | {"canceled": true} | {"message": m}]}
 
 Cancel is the shared ``stop`` event, read by the diffusers step callback; kill is SIGKILL from
 the supervisor, which frees every byte this process holds, GPU memory included.
@@ -32,18 +34,43 @@ def child_main(conn: Connection, stop: EventType, spec: dict[str, Any]) -> None:
         return
     conn.send({"type": "ready", "load_seconds": engine.load_seconds})
 
-    def on_step(info: StepInfo) -> None:
-        conn.send({"type": "step", "step": info.step, "total": info.total, "elapsed": info.elapsed})
+    def on_step(info: StepInfo, job: int = 0) -> None:
+        conn.send({"type": "step", "job": job, "step": info.step, "total": info.total, "elapsed": info.elapsed})
+
+    stopped: set[int] = set()
+
+    def group_should_stop(index: int) -> bool:
+        # Per-job cancels arrive as messages while the group runs; the stop event still stops them all.
+        while conn.poll():
+            message = conn.recv()
+            if message.get("op") == "stop":
+                stopped.add(int(message["job"]))
+        return stop.is_set() or index in stopped
 
     while True:
         try:
             message = conn.recv()
         except EOFError:
             return
-        if message.get("op") != "run":
+        op = message.get("op")
+        if op == "stop":
+            continue  # a cancel that arrived after its job ended
+        if op not in ("run", "run_group"):
             return
         stop.clear()
+        stopped.clear()
         conn.send({"type": "start"})
+        if op == "run_group":
+            jobs = [GenerationJob.from_dict(job) for job in message["jobs"]]
+            try:
+                outcomes = engine.generate_group(jobs, lambda i, info: on_step(info, i), group_should_stop)
+            except Exception as exc:
+                conn.send(
+                    {"type": "error", "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                )
+                continue
+            conn.send({"type": "group_done", "results": [_outcome(o) for o in outcomes]})
+            continue
         try:
             result = engine.generate(GenerationJob.from_dict(message["job"]), on_step, stop.is_set)
         except Interrupted:
@@ -52,3 +79,13 @@ def child_main(conn: Connection, stop: EventType, spec: dict[str, Any]) -> None:
             conn.send({"type": "error", "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         else:
             conn.send({"type": "done", "result": result.to_dict()})
+
+
+def _outcome(outcome: Any) -> dict[str, Any]:
+    from dreamserve.engine import Interrupted
+
+    if isinstance(outcome, Interrupted):
+        return {"canceled": True}
+    if isinstance(outcome, Exception):
+        return {"message": f"{type(outcome).__name__}: {outcome}"}
+    return {"result": outcome.to_dict()}

@@ -17,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,7 @@ class Supervisor:
         self.error = ""
         self.child: ChildProcess | None = None
         self.load_seconds = 0.0
-        self.current: int | None = None
-        self._stop_kind = ""
-        self._lost = False
+        self.running: dict[int, _Running] = {}
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -140,22 +139,28 @@ class Supervisor:
         self._wake.set()
 
     async def stop(self, task_id: int, kind: str) -> bool:
-        """Stop the running task: ``cancel`` at the next denoising step, ``kill`` at once."""
-        if self.current != task_id or self.child is None:
+        """Stop a running task: ``cancel`` at the next denoising step, ``kill`` at once (the model process)."""
+        entry = self.running.get(task_id)
+        if entry is None or self.child is None:
             return False
-        if kind == "kill" or self._stop_kind == "cancel":
-            self._stop_kind = "kill"
+        if kind == "kill" or entry.stop == "cancel":
+            entry.stop = "kill"
             self.child.kill()
-        elif not self._stop_kind:
-            self._stop_kind = "cancel"
-            self.child.stop_event.set()
+        elif not entry.stop:
+            entry.stop = "cancel"
+            if len(self.running) == 1:
+                self.child.stop_event.set()
+            else:
+                index = [e for e in self.running.values() if not e.ended].index(entry)
+                self.child.send({"op": "stop", "job": index})
             asyncio.get_running_loop().call_later(self.settings.cancel_grace_seconds, self._escalate, task_id)
         return True
 
     def _escalate(self, task_id: int) -> None:
-        if self.current == task_id and self._stop_kind == "cancel" and self.child is not None:
+        entry = self.running.get(task_id)
+        if entry is not None and entry.stop == "cancel" and self.child is not None:
             log.warning("task %s did not stop within the grace period; killing the model process", task_id)
-            self._stop_kind = "kill"
+            entry.stop = "kill"
             self.child.kill()
 
     def status(self) -> dict[str, Any]:
@@ -164,7 +169,7 @@ class Supervisor:
             "model": self.slug,
             "state": self.state.value,
             "pid": self.child.pid if self.child else None,
-            "task": self.current,
+            "tasks": sorted(self.running),
             "load_seconds": round(self.load_seconds, 3),
             "error": self.error,
         }
@@ -183,7 +188,16 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                 continue
-            await self._guarded(task)
+            await self._guarded([task, *await self._companions(task)])
+
+    async def _companions(self, task: Task) -> list[Task]:
+        """Other queued text-to-image tasks of the same size, claimed to share this task's pipeline calls."""
+        room = self.spec.max_batch - int(task.job["num_images"])
+        if room <= 0 or task.job.get("inputs"):
+            return []
+        return await self.store.claim_similar(
+            self.worker_id, self.slug, task.job["width"], task.job["height"], room, self.settings.lease_seconds
+        )
 
     async def run_one(self, task_id: int) -> bool:
         """Dispatched mode: run the task a queue message names, if it is still queued (else drop the message)."""
@@ -192,23 +206,24 @@ class Supervisor:
         task = await self.store.claim(task_id, self.worker_id, self.settings.lease_seconds)
         if task is None:
             return False
-        await self._guarded(task)
+        await self._guarded([task])
         return True
 
     async def ensure_ready(self) -> bool:
         return self.child is not None or await self._spawn()
 
-    async def _guarded(self, task: Task) -> None:
+    async def _guarded(self, group: list[Task]) -> None:
         self.state = WorkerState.BUSY
         try:
-            await self._process(task)
+            await self._process(group)
         except Exception:
-            log.exception("task %s: supervisor error", task.id)
-            await self.store.fail(
-                task.id, PEXIT_MODEL_ERROR, "Internal worker error.", expect=RUNNING, worker_id=self.worker_id
-            )
+            log.exception("tasks %s: supervisor error", [task.id for task in group])
+            for task in group:
+                await self.store.fail(
+                    task.id, PEXIT_MODEL_ERROR, "Internal worker error.", expect=RUNNING, worker_id=self.worker_id
+                )
         finally:
-            self.current = None
+            self.running = {}
             self.state = WorkerState.READY if self.child else WorkerState.STARTING
 
     async def close(self) -> None:
@@ -240,56 +255,72 @@ class Supervisor:
             self.child = None
         await self._spawn()
 
-    # -- one task --------------------------------------------------------------------------------
+    # -- one task, or a group of same-size tasks run together --------------------------------------
 
-    async def _process(self, task: Task) -> None:
-        self.current, self._stop_kind, self._lost = task.id, "", False
-        heartbeat = asyncio.create_task(self._heartbeat(task.id))
-        scratch = self.settings.data_dir / "scratch" / f"{task.id}-{task.attempts}"
+    async def _process(self, group: list[Task]) -> None:
+        self.running = {task.id: _Running(task) for task in group}
+        heartbeat = asyncio.create_task(self._heartbeat())
+        scratches = [self.settings.data_dir / "scratch" / f"{task.id}-{task.attempts}" for task in group]
         try:
-            references = await self._preprocess(task, scratch)
-            if references is None:
-                return
-            if self._stop_kind:
-                await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
-                return
-            accesskey = new_accesskey()
-            job = GenerationJob(
-                task_id=task.id,
-                prompt=task.job["prompt"],
-                width=task.job["width"],
-                height=task.job["height"],
-                num_images=task.job["num_images"],
-                seed=task.job["seed"],
-                references=references,
-                watermark=task.job["watermark"],
-                output_dir=str(self.blobs.local_path(f"outputs/{accesskey}") or scratch / "outputs"),
-            )
-            if await self._record(task, "task_assign") is None:
+            for entry, scratch in zip(list(self.running.values()), scratches, strict=True):
+                if not await self._prepare(entry, scratch):
+                    entry.ended = True
+            live = [entry for entry in self.running.values() if not entry.ended]
+            if not live:
                 return
             assert self.child is not None
-            self.child.send({"op": "run", "job": job.to_dict()})
-            await self._follow(task, accesskey)
+            if len(live) == 1:
+                self.child.send({"op": "run", "job": live[0].job_dict()})
+            else:
+                self.child.send({"op": "run_group", "jobs": [entry.job_dict() for entry in live]})
+            await self._follow(live)
         finally:
             heartbeat.cancel()
-            await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+            for scratch in scratches:
+                await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
+            self.running = {}
+
+    async def _prepare(self, entry: _Running, scratch: Path) -> bool:
+        """Inputs on local disk, the job built, ``task_assign`` recorded; False if the task ended instead."""
+        task = entry.task
+        references = await self._preprocess(task, scratch)
+        if references is None:
+            return False
+        if entry.stop:
+            await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
+            return False
+        entry.accesskey = new_accesskey()
+        entry.job = GenerationJob(
+            task_id=task.id,
+            prompt=task.job["prompt"],
+            width=task.job["width"],
+            height=task.job["height"],
+            num_images=task.job["num_images"],
+            seed=task.job["seed"],
+            references=references,
+            watermark=task.job["watermark"],
+            output_dir=str(self.blobs.local_path(f"outputs/{entry.accesskey}") or scratch / "outputs"),
+        )
+        return await self._record(task, "task_assign") is not None
 
     async def _record(self, task: Task, event_type: str, message: Any = None, **fields: Any) -> Task | None:
         """Record an event only while this worker still holds the task's lease."""
         return await self.store.record(task.id, event_type, message, worker_id=self.worker_id, **fields)
 
-    async def _heartbeat(self, task_id: int) -> None:
+    async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
-            requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
-            if requested is None:
-                log.warning("task %s: lease lost; abandoning it", task_id)
-                self._lost = True
-                if self.child is not None:
-                    self.child.kill()
-                return
-            if requested and requested != self._stop_kind:
-                await self.stop(task_id, requested)
+            for task_id, entry in list(self.running.items()):
+                if entry.ended:
+                    continue
+                requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
+                if requested is None:
+                    log.warning("task %s: lease lost; abandoning it", task_id)
+                    entry.lost = True
+                    if self.child is not None:
+                        self.child.kill()
+                elif requested and requested != entry.stop:
+                    await self.stop(task_id, requested)
 
     async def _preprocess(self, task: Task, scratch: Path) -> list[str] | None:
         """Put every reference on local disk for the child: uploads from the blob store, URLs fetched."""
@@ -329,52 +360,70 @@ class Supervisor:
         await self._record(task, "task_preprocess_end")
         return paths
 
-    async def _follow(self, task: Task, accesskey: str) -> None:
+    async def _follow(self, live: list[_Running]) -> None:
         assert self.child is not None
-        log_lines: list[str] = []
         while True:
             message = await self.child.messages.get()
             kind = message["type"]
             if kind == "start":
-                await self._record(task, "task_start")
+                for entry in live:
+                    await self._record(entry.task, "task_start")
             elif kind == "step":
+                entry = live[message.get("job", 0)]
                 progress = _progress(message["step"], message["total"], message["elapsed"])
-                log_lines.append(f"step {message['step']}/{message['total']}")
-                await self._record(task, "task_output", progress, progress=progress)
+                entry.log.append(f"step {message['step']}/{message['total']}")
+                await self._record(entry.task, "task_output", progress, progress=progress)
             elif kind == "done":
-                result = GenerationResult.from_dict(message["result"])
-                await self._succeed(task, accesskey, result, "\n".join(log_lines))
+                await self._settle(live[0], {"result": message["result"]})
                 return
-            elif kind == "canceled":
-                await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
+            elif kind == "group_done":
+                for entry, outcome in zip(live, message["results"], strict=True):
+                    await self._settle(entry, outcome)
                 return
-            elif kind == "error":
-                await self.store.fail(
-                    task.id,
-                    PEXIT_MODEL_ERROR,
-                    message["message"],
-                    raw=message.get("traceback", ""),
-                    output="\n".join(log_lines),
-                    worker_id=self.worker_id,
-                )
+            elif kind in ("canceled", "error"):
+                for entry in live:
+                    await self._settle(entry, message)
                 return
             elif kind == "exit":
-                await self._child_exited(task, "\n".join(log_lines))
+                await self._child_exited(live)
                 return
 
-    async def _child_exited(self, task: Task, output: str) -> None:
+    async def _settle(self, entry: _Running, outcome: dict[str, Any]) -> None:
+        """End one task from what the child reported for it."""
+        task = entry.task
+        if "result" in outcome:
+            await self._succeed(entry, GenerationResult.from_dict(outcome["result"]))
+        elif outcome.get("type") == "canceled" or outcome.get("canceled"):
+            await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
+        else:
+            output = "\n".join(entry.log)
+            raw = outcome.get("traceback", "")
+            await self.store.fail(
+                task.id, PEXIT_MODEL_ERROR, outcome["message"], raw=raw, output=output, worker_id=self.worker_id
+            )
+
+    async def _child_exited(self, live: list[_Running]) -> None:
         assert self.child is not None
         code = self.child.process.exitcode
-        if self._lost:
-            pass  # the reaper has given the task to another worker: record nothing
-        elif self._stop_kind == "kill":
-            await self._record(task, "task_cancel", "killed", pexit=PEXIT_KILLED, debugerror="Killed.")
-        else:
-            reason = f"The model process exited with code {code} (out of memory?)."
-            await self.store.fail(task.id, PEXIT_MODEL_ERROR, reason, output=output, worker_id=self.worker_id)
+        killed = any(entry.stop == "kill" for entry in live)
+        for entry in live:
+            task = entry.task
+            if entry.lost:
+                continue  # the reaper has given the task to another worker: record nothing
+            if entry.stop == "kill":
+                await self._record(task, "task_cancel", "killed", pexit=PEXIT_KILLED, debugerror="Killed.")
+            elif killed:
+                # Another task of the group was killed, taking the model process with it: this one runs again.
+                note = f"Re-queued: task {task.id} shared a model process with a task that was killed.\n"
+                await self._record(task, "task_queue", None, debugerror=note, dispatched_at=None, stop_requested="")
+            else:
+                reason = f"The model process exited with code {code} (out of memory?)."
+                output = "\n".join(entry.log)
+                await self.store.fail(task.id, PEXIT_MODEL_ERROR, reason, output=output, worker_id=self.worker_id)
         await self._respawn()
 
-    async def _succeed(self, task: Task, accesskey: str, result: GenerationResult, output: str) -> None:
+    async def _succeed(self, entry: _Running, result: GenerationResult) -> None:
+        task, accesskey, output = entry.task, entry.accesskey, "\n".join(entry.log)
         await self._record(task, "task_output_full", {"raw": output})
         await self._record(task, "task_end")
         await self._record(task, "task_postprocess_start")
@@ -407,6 +456,7 @@ class Supervisor:
             "seeds": [image.seed for image in result.images],
             "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
             "worker": self.worker_id,
+            "batched_with": [other for other in self.running if other != task.id],
         }
         base_url = self.settings.base_url
         await self._record(
@@ -418,6 +468,24 @@ class Supervisor:
             debugoutput=output,
             details=details,
         )
+
+
+@dataclass
+class _Running:
+    """A claimed task while this supervisor runs it."""
+
+    task: Task
+    accesskey: str = ""
+    job: GenerationJob | None = None
+    log: list[str] = field(default_factory=list)
+    #: "" / "cancel" / "kill": what was asked of this task.
+    stop: str = ""
+    lost: bool = False
+    ended: bool = False
+
+    def job_dict(self) -> dict[str, Any]:
+        assert self.job is not None
+        return self.job.to_dict()
 
 
 def _write(path: Path, data: bytes) -> None:
