@@ -200,7 +200,8 @@ def receiver() -> Iterator[Receiver]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            state.posts.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            state.posts.append({"path": self.path, "headers": headers, "raw": body, "body": json.loads(body)})
             failing = state.fail_first > 0
             state.fail_first -= 1
             self.send_response(500 if failing else 200)

@@ -172,18 +172,44 @@ def test_projects_never_see_each_other(make_server: Any) -> None:
     assert mine["total"] == "1" and theirs["total"] == "0"
 
 
-def test_callback_is_posted_and_retried(make_server: Any, receiver: Receiver) -> None:
-    server = make_server(model={"max_pixels": 64 * 64}, webhook_backoff_seconds=0.2)
+def test_callback_is_posted_signed_and_retried(make_server: Any, receiver: Receiver) -> None:
+    from dreamserve.signing import verify_webhook
+
+    server = make_server(model={"max_pixels": 64 * 64, "steps": 6}, webhook_backoff_seconds=0.2)
     receiver.fail_first = 1
-    run = server.run({"prompt": "callback", "size": "1K", "callbackUrl": receiver.url("/hook")})
+    fields = {
+        "prompt": "callback",
+        "size": "1K",
+        "callbackUrl": receiver.url("/hook"),
+        "callbackEvents": "start,completed",
+    }
+    run = server.run(fields)
     server.wait(run["taskid"])
     deadline = time.monotonic() + 20
-    while len(receiver.posts) < 2 and time.monotonic() < deadline:
+    while len(receiver.posts) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(receiver.posts) == 2, "one failed attempt, then a retry"
+    events = [post["headers"]["x-dreamserve-event"] for post in receiver.posts]
+    assert events == ["start", "start", "completed"], "the first delivery got a 500 and was retried"
+    for post in receiver.posts:
+        headers = post["headers"]
+        assert verify_webhook(
+            server.creds.webhook_secret,
+            headers["x-dreamserve-timestamp"],
+            post["raw"],
+            headers["x-dreamserve-signature"],
+        )
+        assert not verify_webhook(
+            "another secret", headers["x-dreamserve-timestamp"], post["raw"], headers["x-dreamserve-signature"]
+        )
     body = receiver.posts[-1]["body"]
     assert body["id"] == run["taskid"] and body["status"] == "task_postprocess_end" and body["pexit"] == "0"
     assert body["outputs"][0]["url"].endswith("/0.png")
+    log = server.post("/v1/Task/Webhooks", json={"taskid": run["taskid"]}).json()
+    assert [(d["event"], d["state"], d["attempts"]) for d in log["deliveries"]] == [
+        ("start", "delivered", "2"),
+        ("completed", "delivered", "1"),
+    ]
+    assert log["deliveries"][0]["laststatus"] == "200"
 
 
 def test_cli_generate_downloads_outputs(make_server: Any, tmp_path: Any) -> None:

@@ -28,6 +28,8 @@ class Project(Base):
     #: The secret, sealed with a pad derived from the API key (see ``projects.py``).
     secret_sealed: Mapped[str | None] = mapped_column(String(256), nullable=True)
     signature_required: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Key that signs callback deliveries. Held in clear: the server must sign with it, unlike the API secret.
+    webhook_secret: Mapped[str] = mapped_column(String(64), default="")
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[float] = mapped_column(Float)
 
@@ -49,6 +51,8 @@ class Task(Base):
     #: What the worker needs: prompt, width, height, num_images, seed, watermark, inputs.
     job: Mapped[dict[str, Any]] = mapped_column(JSON)
     callback_url: Mapped[str] = mapped_column(Text, default="")
+    #: Which events are POSTed to ``callback_url``: any of "start", "progress", "completed".
+    callback_events: Mapped[list[Any]] = mapped_column(JSON, default=list)
     pexit: Mapped[str] = mapped_column(String(16), default="")
     debugoutput: Mapped[str] = mapped_column(Text, default="")
     debugerror: Mapped[str] = mapped_column(Text, default="")
@@ -140,7 +144,11 @@ class WebhookDelivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     task_id: Mapped[int] = mapped_column(Integer, index=True)
     url: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, delivered, failed
+    #: "start", "progress" or "completed".
+    event: Mapped[str] = mapped_column(String(16), default="completed")
+    #: What was true when the event happened (progress); completed deliveries send the final task object.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending, sending, delivered, failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt: Mapped[float] = mapped_column(Float)
     last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)

@@ -21,6 +21,7 @@ from dreamserve.sizes import MIN_PIXELS, parse_size
 MAX_REFERENCES = 14
 MAX_TOTAL_IMAGES = 15
 MAX_PROMPT_CHARS = 10_000
+CALLBACK_EVENTS = {"start", "progress", "completed"}
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "MPO": "jpg"}
 
 
@@ -54,6 +55,7 @@ class RunParams:
     priority: int
     callback_url: str
     references: list[Reference] = field(default_factory=list)
+    callback_events: list[str] = field(default_factory=lambda: ["completed"])
 
 
 def parse_run(
@@ -83,6 +85,13 @@ def parse_run(
     if callback_url and not callback_url.lower().startswith(("http://", "https://")):
         raise InvalidRequest("Request parameter [callbackUrl] must be an http:// or https:// URL.")
 
+    events = [e.strip() for e in _text(fields, "callbackEvents").split(",") if e.strip()] or ["completed"]
+    unknown = sorted(set(events) - CALLBACK_EVENTS)
+    if unknown:
+        raise InvalidRequest(
+            f"Request parameter [callbackEvents] takes start, progress, completed; got {unknown[0]!r}."
+        )
+
     seed_default = secrets.randbelow(2**31)
     return RunParams(
         prompt=prompt,
@@ -95,6 +104,7 @@ def parse_run(
         priority=_integer(fields, "priority", default=0, low=0, high=9),
         callback_url=callback_url,
         references=references,
+        callback_events=events,
     )
 
 

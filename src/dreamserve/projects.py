@@ -31,6 +31,8 @@ class Credentials:
     api_secret: str | None
     project_id: int
     server: str = ""
+    #: Verifies callback deliveries (``signing.verify_webhook``).
+    webhook_secret: str = ""
 
 
 def hash_key(api_key: str) -> str:
@@ -59,19 +61,26 @@ def unseal_secret(api_key: str, sealed: str) -> str:
 async def add_project(sessions: async_sessionmaker[AsyncSession], name: str, signature: bool) -> Credentials:
     api_key = secrets.token_hex(16)
     api_secret = secrets.token_hex(16)
+    webhook_secret = secrets.token_hex(32)
     project = Project(
         name=name,
         api_key_hash=hash_key(api_key),
         api_key_prefix=api_key[:8],
         secret_sealed=seal_secret(api_key, api_secret),
         signature_required=signature,
+        webhook_secret=webhook_secret,
         created=time.time(),
     )
     async with sessions.begin() as session:
         session.add(project)
         await session.flush()
         project_id = project.id
-    return Credentials(api_key=api_key, api_secret=api_secret if signature else None, project_id=project_id)
+    return Credentials(
+        api_key=api_key,
+        api_secret=api_secret if signature else None,
+        project_id=project_id,
+        webhook_secret=webhook_secret,
+    )
 
 
 async def find_project(sessions: async_sessionmaker[AsyncSession], api_key: str) -> Project | None:

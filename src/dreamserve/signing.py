@@ -1,4 +1,8 @@
-"""Wiro's request signature: ``hex(HMAC-SHA256(key=API_KEY, msg=API_SECRET + NONCE))``. Stdlib only."""
+"""Wiro's request signature: ``hex(HMAC-SHA256(key=API_KEY, msg=API_SECRET + NONCE))``.
+
+Stdlib only: the server imports this module too, and so does the client, which must stay light.
+The signature covers neither method, path nor body (Wiro's design); the nonce is what limits replay.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,34 @@ import time
 
 
 def sign(api_key: str, api_secret: str, nonce: str) -> str:
+    """Lowercase hex HMAC-SHA256. Note the roles: the *key* is the HMAC key, secret + nonce the message."""
     return hmac.new(api_key.encode(), (api_secret + nonce).encode(), hashlib.sha256).hexdigest()
 
 
 def verify(api_key: str, api_secret: str, nonce: str, signature: str) -> bool:
-    return hmac.compare_digest(sign(api_key, api_secret, nonce), signature.lower())
+    """Constant-time check; hex case is ignored. Bytes, because ``compare_digest`` rejects non-ASCII str."""
+    expected = sign(api_key, api_secret, nonce).encode()
+    return hmac.compare_digest(expected, signature.strip().lower().encode("utf-8", "replace"))
 
 
 def auth_headers(api_key: str, api_secret: str | None, nonce: str | None = None) -> dict[str, str]:
-    """Headers for one request; key-only mode when there is no secret."""
+    """Headers for one request. ``api_secret=None`` is Wiro's key-only mode; the nonce defaults to unix seconds."""
     if api_secret is None:
         return {"x-api-key": api_key}
-    nonce = nonce or str(int(time.time()))
+    if nonce is None:
+        nonce = str(int(time.time()))
     return {"x-api-key": api_key, "x-nonce": nonce, "x-signature": sign(api_key, api_secret, nonce)}
+
+
+def sign_webhook(secret: str, timestamp: str, body: bytes) -> str:
+    """Signature of a callback delivery: ``hex(HMAC-SHA256(key=webhook_secret, msg=timestamp + "." + body))``."""
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def verify_webhook(secret: str, timestamp: str, body: bytes, signature: str, tolerance: float = 300.0) -> bool:
+    """For receivers: the delivery is ours, unaltered, and recent (replays of old deliveries fail)."""
+    try:
+        age = abs(time.time() - float(timestamp))
+    except ValueError:
+        return False
+    return age <= tolerance and hmac.compare_digest(sign_webhook(secret, timestamp, body), signature.lower())

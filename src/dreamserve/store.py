@@ -58,6 +58,7 @@ class TaskStore:
         callback_url: str,
         priority: int,
         inputs: Sequence[File],
+        callback_events: Sequence[str] = ("completed",),
     ) -> Task:
         now = time.time()
         async with self.sessions.begin() as session:
@@ -70,6 +71,7 @@ class TaskStore:
                 parameters=parameters,
                 job=job,
                 callback_url=callback_url,
+                callback_events=list(callback_events),
                 details={},
                 createtime=now,
             )
@@ -179,14 +181,29 @@ class TaskStore:
                 await session.flush()
             if callable(message):
                 message = message()
-            if event_type == "task_postprocess_end" and task.callback_url:
-                session.add(WebhookDelivery(task_id=task_id, url=task.callback_url, next_attempt=now, created=now))
+            hook = _WEBHOOK_EVENTS.get(event_type)
+            wanted = bool(task.callback_url) and hook in (task.callback_events or ["completed"])
+            if wanted and (hook != "progress" or await self._progress_due(session, task_id, now)):
+                payload = {"event": hook, "taskid": str(task_id), "status": task.status, "progress": task.progress}
+                delivery = WebhookDelivery(
+                    task_id=task_id, url=task.callback_url, event=hook, payload=payload, next_attempt=now, created=now
+                )
+                session.add(delivery)
             row = TaskEvent(task_id=task_id, type=event_type, message=message, created=now)
             session.add(row)
             await session.flush()
             event = Event(row.id, task_id, event_type, message)
         await self.hub.publish(event)
         return task
+
+    @staticmethod
+    async def _progress_due(session: AsyncSession, task_id: int, now: float) -> bool:
+        """Progress callbacks are throttled to one a second per task (steps can be much faster)."""
+        query = select(func.max(WebhookDelivery.created)).where(
+            WebhookDelivery.task_id == task_id, WebhookDelivery.event == "progress"
+        )
+        last = (await session.execute(query)).scalar_one_or_none()
+        return last is None or now - last >= PROGRESS_WEBHOOK_SECONDS
 
     async def claim_next(self, worker_id: str, models: Sequence[str], lease_seconds: float) -> Task | None:
         """Take the highest-priority, oldest queued task of one of ``models``; None if there is none."""
@@ -379,6 +396,14 @@ class TaskStore:
             )
             return list((await session.execute(query)).scalars()), int(total)
 
+
+PROGRESS_WEBHOOK_SECONDS = 1.0
+_WEBHOOK_EVENTS = {
+    "task_start": "start",
+    "task_output": "progress",
+    "task_postprocess_end": "completed",
+    "task_cancel": "completed",
+}
 
 _TIMESTAMP = {
     "task_accept": "accepttime",

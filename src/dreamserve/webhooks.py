@@ -1,7 +1,11 @@
-"""Callback delivery (``callbackUrl``): the outbox rows written with each terminal status, sent with retries.
+"""Callback delivery (``callbackUrl``) from the outbox rows that each chosen event writes with it.
 
-A delivery is the final task object as JSON. Any 2xx acknowledges it; anything else is retried
-with exponential backoff until ``webhook_attempts`` is spent. The rows are the delivery log.
+``completed`` deliveries carry the final task object (what Wiro POSTs); ``start`` and ``progress``
+(ours, chosen with ``callbackEvents``) carry a small event record. Every delivery is signed:
+``x-dreamserve-timestamp`` and ``x-dreamserve-signature`` = HMAC-SHA256 with the project's webhook
+secret over ``timestamp + "." + body`` (``signing.verify_webhook`` checks it). Any 2xx acknowledges;
+anything else is retried with exponential backoff until ``webhook_attempts`` is spent. A row is
+claimed before it is sent, so API replicas never deliver it twice; the rows are the delivery log.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.db import WebhookDelivery
+from dreamserve.db import Project, Task, WebhookDelivery
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import post_json
 from dreamserve.settings import Settings
+from dreamserve.signing import sign_webhook
 
 log = logging.getLogger("dreamserve.webhooks")
 
@@ -29,16 +34,53 @@ async def deliver_due(sessions: async_sessionmaker[AsyncSession], settings: Sett
     """Attempt every delivery that is due; returns how many were attempted."""
     now = time.time()
     query = (
-        select(WebhookDelivery)
-        .where(WebhookDelivery.state == "pending", WebhookDelivery.next_attempt <= now)
+        select(WebhookDelivery.id, WebhookDelivery.state, WebhookDelivery.next_attempt)
+        # A row left "sending" by a replica that died is due again once its claim ran out.
+        .where(or_(WebhookDelivery.state == "pending", WebhookDelivery.state == "sending"))
+        .where(WebhookDelivery.next_attempt <= now)
         .order_by(WebhookDelivery.id)
         .limit(20)
     )
     async with sessions() as session:
-        due = list((await session.execute(query)).scalars())
-    for delivery in due:
-        await _attempt(sessions, settings, render, delivery)
-    return len(due)
+        due = (await session.execute(query)).all()
+    attempted = 0
+    for delivery_id, state, next_attempt in due:
+        delivery = await _claim(sessions, delivery_id, state, next_attempt, settings.fetch_timeout_seconds + 5)
+        if delivery is not None:
+            await _attempt(sessions, settings, render, delivery)
+            attempted += 1
+    return attempted
+
+
+async def _claim(
+    sessions: async_sessionmaker[AsyncSession], delivery_id: int, state: str, next_attempt: float, hold: float
+) -> WebhookDelivery | None:
+    stmt = (
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.state == state,
+            WebhookDelivery.next_attempt == next_attempt,
+        )
+        .values(state="sending", next_attempt=time.time() + hold)
+        .returning(WebhookDelivery.id)
+    )
+    async with sessions.begin() as session:
+        if (await session.execute(stmt)).scalar_one_or_none() is None:
+            return None
+        return await session.get(WebhookDelivery, delivery_id)
+
+
+async def _body(
+    sessions: async_sessionmaker[AsyncSession], render: TaskRenderer, delivery: WebhookDelivery
+) -> tuple[bytes, str]:
+    async with sessions() as session:
+        query = (
+            select(Project.webhook_secret).join(Task, Task.project_id == Project.id).where(Task.id == delivery.task_id)
+        )
+        secret = (await session.execute(query)).scalar_one_or_none() or ""
+    payload = await render(delivery.task_id) if delivery.event == "completed" else delivery.payload
+    return json.dumps(payload).encode(), secret
 
 
 async def _attempt(
@@ -46,13 +88,19 @@ async def _attempt(
 ) -> None:
     status: int | None = None
     error = ""
-    task = await render(delivery.task_id)
     try:
-        body = json.dumps(task).encode()
+        body, secret = await _body(sessions, render, delivery)
+        stamp = str(int(time.time()))
+        headers = {
+            "x-dreamserve-event": delivery.event,
+            "x-dreamserve-delivery": str(delivery.id),
+            "x-dreamserve-timestamp": stamp,
+            "x-dreamserve-signature": sign_webhook(secret, stamp, body),
+        }
         status = await post_json(
             delivery.url,
             body,
-            headers={},
+            headers=headers,
             timeout=settings.fetch_timeout_seconds,
             allow_private=settings.fetch_allow_private,
         )
@@ -72,4 +120,25 @@ async def _attempt(
             row.state = "failed"
             log.warning("callback for task %s to %s failed after %d attempts", row.task_id, row.url, attempts)
         else:
+            row.state = "pending"
             row.next_attempt = time.time() + settings.webhook_backoff_seconds * 2 ** (attempts - 1)
+
+
+async def delivery_log(sessions: async_sessionmaker[AsyncSession], task_id: int) -> list[dict[str, Any]]:
+    query = select(WebhookDelivery).where(WebhookDelivery.task_id == task_id).order_by(WebhookDelivery.id)
+    async with sessions() as session:
+        rows = (await session.execute(query)).scalars()
+        return [
+            {
+                "id": str(row.id),
+                "event": row.event,
+                "url": row.url,
+                "state": row.state,
+                "attempts": str(row.attempts),
+                "laststatus": str(row.last_status or ""),
+                "lasterror": row.last_error,
+                "createtime": str(int(row.created)),
+                "deliveredtime": str(int(row.delivered or 0)),
+            }
+            for row in rows
+        ]

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
-from dreamserve.api import files, health, run, socket, tasks
+from dreamserve.api import files, health, metrics, openai, run, socket, tasks
 from dreamserve.errors import DreamError, InvalidRequest, RateLimited, RouteNotFound
 from dreamserve.services import Services
 from dreamserve.settings import Settings
@@ -34,8 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.close()
 
     app = FastAPI(title="dreamserve", version=__version__, lifespan=lifespan)
-    for module in (run, tasks, files, socket, health):
+    for module in (run, tasks, files, openai, socket, health, metrics):
         app.include_router(module.router)
+    app.add_middleware(metrics.RequestCounter)
     _install_error_handlers(app)
     return app
 

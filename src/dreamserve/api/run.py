@@ -2,109 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
-from dreamserve.db import File
-from dreamserve.errors import NotFound
-from dreamserve.params import RunParams, parse_run
-from dreamserve.store import new_accesskey
-from dreamserve.wire import envelope, file_url
+from dreamserve.submit import served_model, submit
+from dreamserve.wire import envelope
 
 router = APIRouter()
-
-CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
 @router.post("/v1/Run/{owner}/{model}")
 async def run(owner: str, model: str, request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
-    slug = f"{owner}/{model}".lower()
-    if slug not in services.settings.models:
-        served = ", ".join(sorted(services.settings.models))
-        raise NotFound(f"slug-owner-project-not-exist: {slug} is not served here. Served models: {served}.")
-    settings = services.settings
-    fields = await read_fields(request, settings.max_upload_bytes)
-    params = parse_run(
-        fields,
-        max_upload_bytes=settings.max_upload_bytes,
-        max_input_pixels=settings.max_input_pixels,
-        min_pixels=settings.min_pixels,
-    )
-
-    accesskey = new_accesskey()
-    now = time.time()
-    inputs: list[File] = []
-    job_inputs: list[dict[str, str]] = []
-    echo: list[str] = []
-    for position, reference in enumerate(params.references):
-        if reference.upload is None:
-            job_inputs.append({"url": reference.url or ""})
-            echo.append(reference.url or "")
-            continue
-        name = f"inputImage-{position}.{reference.ext}"
-        key = f"inputs/{accesskey}/{name}"
-        file = File(
-            project_id=project.id,
-            role="input",
-            position=position,
-            name=name,
-            contenttype=CONTENT_TYPES.get(reference.ext, f"image/{reference.ext}"),
-            size=len(reference.upload.data),
-            accesskey=accesskey,
-            blob_key=key,
-            meta={"width": reference.width, "height": reference.height},
-            created=now,
-        )
-        inputs.append(file)
-        job_inputs.append({"blob_key": key})
-        echo.append(file_url(settings.base_url, file))
-
-    # Bytes first, then the rows that point at them: a crash in between leaves only unreferenced blobs.
-    try:
-        for file, reference in zip(inputs, (r for r in params.references if r.upload), strict=True):
-            services.blobs.put(file.blob_key, reference.upload.data if reference.upload else b"")
-        task = await services.store.create(
-            project_id=project.id,
-            model=slug,
-            parameters=_echo(params, echo),
-            job=_job(params, job_inputs),
-            callback_url=params.callback_url,
-            priority=params.priority,
-            inputs=inputs,
-        )
-    except BaseException:
-        for file in inputs:
-            services.blobs.delete(file.blob_key)
-        raise
-    services.wake(slug)
+    slug = served_model(services, f"{owner}/{model}")
+    fields = await read_fields(request, services.settings.max_upload_bytes)
+    task = await submit(services, project, slug, fields)
     return envelope(taskid=str(task.id), socketaccesstoken=task.token)
-
-
-def _echo(params: RunParams, inputs: list[str]) -> dict[str, Any]:
-    echo: dict[str, Any] = {
-        "prompt": params.prompt,
-        "size": params.size,
-        "maxImages": str(params.max_images),
-        "watermark": "true" if params.watermark else "false",
-        "seed": str(params.seed),
-    }
-    if inputs:
-        echo["inputImage"] = inputs[0] if len(inputs) == 1 else inputs
-    if params.callback_url:
-        echo["callbackUrl"] = params.callback_url
-    return echo
-
-
-def _job(params: RunParams, inputs: list[dict[str, str]]) -> dict[str, Any]:
-    return {
-        "prompt": params.prompt,
-        "width": params.width,
-        "height": params.height,
-        "num_images": params.max_images,
-        "seed": params.seed,
-        "watermark": params.watermark,
-        "inputs": inputs,
-    }

@@ -10,6 +10,7 @@ from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.db import Project, Task
 from dreamserve.errors import InvalidRequest, InvalidState, NotFound
 from dreamserve.events import RUNNING, TERMINAL
+from dreamserve.webhooks import delivery_log
 from dreamserve.wire import envelope
 
 router = APIRouter()
@@ -68,6 +69,14 @@ async def kill(request: Request, project: ProjectDep, services: ServicesDep) -> 
         await services.stop_task(task.id, "kill")
         await services.wait_terminal(task.id, 10)
     return await _tasklist(services, task.id)
+
+
+@router.post("/v1/Task/Webhooks")
+async def webhooks(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    """Ours: the callback delivery log of a task (attempts, answers, errors)."""
+    task = await _find(request, services, project)
+    deliveries = await delivery_log(services.sessions, task.id)
+    return envelope(total=str(len(deliveries)), deliveries=deliveries)
 
 
 @router.post("/v1/Task/List")

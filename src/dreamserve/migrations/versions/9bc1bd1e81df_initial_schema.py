@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: efad9a2f08d1
+Revision ID: 9bc1bd1e81df
 Revises:
-Create Date: 2026-11-25 00:20:54.587626
+Create Date: 2026-11-25 00:38:32.112388
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "efad9a2f08d1"
+revision: str = "9bc1bd1e81df"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("api_key_prefix", sa.String(length=12), nullable=False),
         sa.Column("secret_sealed", sa.String(length=256), nullable=True),
         sa.Column("signature_required", sa.Boolean(), nullable=False),
+        sa.Column("webhook_secret", sa.String(length=64), nullable=False),
         sa.Column("revoked", sa.Boolean(), nullable=False),
         sa.Column("created", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
@@ -46,6 +47,8 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("task_id", sa.Integer(), nullable=False),
         sa.Column("url", sa.Text(), nullable=False),
+        sa.Column("event", sa.String(length=16), nullable=False),
+        sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("next_attempt", sa.Float(), nullable=False),
@@ -112,6 +115,7 @@ def upgrade() -> None:
         sa.Column("parameters", sa.JSON(), nullable=False),
         sa.Column("job", sa.JSON(), nullable=False),
         sa.Column("callback_url", sa.Text(), nullable=False),
+        sa.Column("callback_events", sa.JSON(), nullable=False),
         sa.Column("pexit", sa.String(length=16), nullable=False),
         sa.Column("debugoutput", sa.Text(), nullable=False),
         sa.Column("debugerror", sa.Text(), nullable=False),

@@ -1,0 +1,111 @@
+"""Turning checked request fields into a stored task: shared by Wiro's Run and the OpenAI-style endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dreamserve.db import File, Project, Task
+from dreamserve.errors import NotFound
+from dreamserve.params import RunParams, parse_run
+from dreamserve.services import Services
+from dreamserve.store import new_accesskey
+from dreamserve.wire import file_url
+
+CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+
+
+def served_model(services: Services, slug: str) -> str:
+    slug = slug.lower()
+    if slug not in services.settings.models:
+        served = ", ".join(sorted(services.settings.models))
+        raise NotFound(f"slug-owner-project-not-exist: {slug} is not served here. Served models: {served}.")
+    return slug
+
+
+async def submit(services: Services, project: Project, slug: str, fields: Mapping[str, Sequence[Any]]) -> Task:
+    """Check every field, store uploaded references, then the task; nothing is stored if a check fails."""
+    settings = services.settings
+    params = parse_run(
+        fields,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_input_pixels=settings.max_input_pixels,
+        min_pixels=settings.min_pixels,
+    )
+    accesskey = new_accesskey()
+    now = time.time()
+    inputs: list[File] = []
+    job_inputs: list[dict[str, str]] = []
+    echo: list[str] = []
+    for position, reference in enumerate(params.references):
+        if reference.upload is None:
+            job_inputs.append({"url": reference.url or ""})
+            echo.append(reference.url or "")
+            continue
+        name = f"inputImage-{position}.{reference.ext}"
+        file = File(
+            project_id=project.id,
+            role="input",
+            position=position,
+            name=name,
+            contenttype=CONTENT_TYPES.get(reference.ext, f"image/{reference.ext}"),
+            size=len(reference.upload.data),
+            accesskey=accesskey,
+            blob_key=f"inputs/{accesskey}/{name}",
+            meta={"width": reference.width, "height": reference.height},
+            created=now,
+        )
+        inputs.append(file)
+        job_inputs.append({"blob_key": file.blob_key})
+        echo.append(file_url(settings.base_url, file))
+
+    # Bytes first, then the rows that point at them: a crash in between leaves only unreferenced blobs.
+    uploads = [r.upload.data for r in params.references if r.upload is not None]
+    try:
+        for file, data in zip(inputs, uploads, strict=True):
+            await asyncio.to_thread(services.blobs.put, file.blob_key, data)
+        task = await services.store.create(
+            project_id=project.id,
+            model=slug,
+            parameters=_echo(params, echo),
+            job=_job(params, job_inputs),
+            callback_url=params.callback_url,
+            callback_events=params.callback_events,
+            priority=params.priority,
+            inputs=inputs,
+        )
+    except BaseException:
+        for file in inputs:
+            services.blobs.delete(file.blob_key)
+        raise
+    services.wake(slug)
+    return task
+
+
+def _echo(params: RunParams, inputs: list[str]) -> dict[str, Any]:
+    echo: dict[str, Any] = {
+        "prompt": params.prompt,
+        "size": params.size,
+        "maxImages": str(params.max_images),
+        "watermark": "true" if params.watermark else "false",
+        "seed": str(params.seed),
+    }
+    if inputs:
+        echo["inputImage"] = inputs[0] if len(inputs) == 1 else inputs
+    if params.callback_url:
+        echo["callbackUrl"] = params.callback_url
+    return echo
+
+
+def _job(params: RunParams, inputs: list[dict[str, str]]) -> dict[str, Any]:
+    return {
+        "prompt": params.prompt,
+        "width": params.width,
+        "height": params.height,
+        "num_images": params.max_images,
+        "seed": params.seed,
+        "watermark": params.watermark,
+        "inputs": inputs,
+    }
