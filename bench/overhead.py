@@ -79,7 +79,7 @@ def service(model: str, steps: int, images: int, clients: int) -> tuple[float, f
 
         def one(client: Client, out: Path) -> None:
             run = client.run("a red fox in the snow", size=f"{SIZE}x{SIZE}")
-            task = client.wait(run.socketaccesstoken)
+            task = client.wait(tasktoken=run.socketaccesstoken)
             assert task.succeeded, task.data.get("debugerror")
             client.download(task.outputs[0], out)
 

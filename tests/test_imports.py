@@ -21,6 +21,13 @@ def test_client_side_never_imports_the_server(module: str) -> None:
         assert heavy not in modules, f"{module} imports {heavy}"
 
 
+def test_signing_is_stdlib_only() -> None:
+    # The server and the client both import it; it must not drag either one's dependencies along.
+    modules = loaded_after("import dreamserve.signing")
+    for heavy in ("httpx", "websockets", "pydantic", "click", "rich", "fastapi"):
+        assert heavy not in modules, f"dreamserve.signing imports {heavy}"
+
+
 def test_api_never_imports_torch() -> None:
     modules = loaded_after("from dreamserve.api.app import create_app; create_app()")
     assert "fastapi" in modules
