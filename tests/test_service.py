@@ -244,3 +244,33 @@ def test_same_size_requests_share_pipeline_calls(make_server: Any) -> None:
     assert [t["pexit"] for t in done] == ["0", "0"]
     assert batch[2]["taskid"] in {str(i) for i in done[0]["details"]["batched_with"]}
     assert Image.open(io.BytesIO(httpx.get(done[1]["outputs"][0]["url"]).content)).size == (1280, 720)
+
+
+def test_literal_curl_commands_from_the_readme(make_server: Any, receiver: Receiver, tmp_path: Any) -> None:
+    """Wiro's sample, as a shell would run it: openssl for the signature, curl for the calls."""
+    import shutil
+    import subprocess
+
+    if not (shutil.which("curl") and shutil.which("openssl")):
+        raise AssertionError("curl and openssl are part of the test set-up")
+    server = make_server(model={"max_pixels": 64 * 64})
+    for index in range(3):
+        (tmp_path / f"in{index}.png").write_bytes(png_bytes(90, 60, (40 * index, 90, 200)))
+    receiver.files["/style.png"] = png_bytes(64, 64)
+    script = f"""
+        set -e
+        KEY={server.creds.api_key}; SECRET={server.creds.api_secret}; NONCE=$(date +%s)
+        SIGNATURE=$(echo -n "${{SECRET}}${{NONCE}}" | openssl dgst -sha256 -hmac "${{KEY}}" | sed 's/^.* //')
+        curl -s -X POST "{server.url}/v1/Run/bytedance/seedream-v4" \\
+          -H "x-api-key: ${{KEY}}" -H "x-nonce: ${{NONCE}}" -H "x-signature: ${{SIGNATURE}}" \\
+          -F "prompt=Make a poster of these" -F "inputImage=@{tmp_path}/in0.png" -F "inputImage=@{tmp_path}/in1.png" \\
+          -F "inputImage=@{tmp_path}/in2.png" -F "inputImage={receiver.url("/style.png")}" \\
+          -F "size=2048x2048" -F "maxImages=1" -F "watermark=false"
+    """
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    run = json.loads(done.stdout)
+    assert run["result"] is True
+    task = server.wait(run["taskid"])
+    assert task["pexit"] == "0" and len(task["parameters"]["inputImage"]) == 4
+    png = subprocess.run(["curl", "-s", task["outputs"][0]["url"]], capture_output=True, timeout=60, check=True).stdout
+    assert Image.open(io.BytesIO(png)).size == (2048, 2048)
