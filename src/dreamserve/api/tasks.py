@@ -48,27 +48,30 @@ async def detail(request: Request, project: ProjectDep, services: ServicesDep) -
 
 @router.post("/v1/Task/Cancel")
 async def cancel(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    """Queued: cancelled at once. Running: stopped at the next denoising step; the model stays loaded."""
     task = await _find(request, services, project)
-    if await services.store.cancel_queued(task.id) is None:
-        fresh = await services.store.get_by_id(task.id)
-        if fresh is None or fresh.status not in RUNNING:
-            raise InvalidState(f"Task is not in a cancellable state. Task {task.id} is {_status(fresh)}.")
-        # Running: stop at the next denoising step; the model stays loaded.
-        await services.stop_task(task.id, "cancel")
-        await services.wait_terminal(task.id, services.settings.cancel_grace_seconds + 2)
+    await _stop(services, task, "cancel", "Task is not in a cancellable state. Task {id} is {status}.")
     return await _tasklist(services, task.id)
 
 
 @router.post("/v1/Task/Kill")
 async def kill(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    """Queued: cancelled at once. Running: its model process is terminated (and restarted for the next task)."""
     task = await _find(request, services, project)
-    if await services.store.cancel_queued(task.id) is None:
-        fresh = await services.store.get_by_id(task.id)
-        if fresh is None or fresh.status not in RUNNING:
-            raise InvalidState(f"Task could not be killed: task {task.id} is {_status(fresh)}.")
-        await services.stop_task(task.id, "kill")
-        await services.wait_terminal(task.id, 10)
+    await _stop(services, task, "kill", "Task could not be killed: task {id} is {status}.")
     return await _tasklist(services, task.id)
+
+
+async def _stop(services: ServicesDep, task: Task, kind: str, refusal: str) -> None:
+    if await services.store.cancel_queued(task.id) is not None:
+        return
+    fresh = await services.store.get_by_id(task.id)
+    if fresh is None or fresh.status not in RUNNING:
+        raise InvalidState(refusal.format(id=task.id, status=_status(fresh)))
+    await services.stop_task(task.id, kind)
+    # Answer with the final state: the worker sees the request at once here, or at its next heartbeat.
+    grace = services.settings.cancel_grace_seconds if kind == "cancel" else 0.0
+    await services.wait_terminal(task.id, grace + 2 * services.settings.heartbeat_seconds + 5)
 
 
 @router.post("/v1/Task/Webhooks")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dreamserve.engine.tiny import QWEN_CHAT_TEMPLATE, byte_level_vocab, clip_vocab
+from dreamserve.engine.tiny import QWEN_CHAT_TEMPLATE, byte_level_vocab, clip_vocab, sd_turbo_pipeline
 
 
 @contextlib.contextmanager
@@ -29,7 +29,7 @@ def _created_in(dtype: torch.dtype, seed: int) -> Iterator[None]:
 
 def build_random_sd_turbo(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
     """SD-Turbo (SD 2.1 architecture): 865M UNet, OpenCLIP-H text encoder, SD VAE."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with _created_in(dtype, seed):
@@ -66,19 +66,7 @@ def build_random_sd_turbo(dtype: torch.dtype = torch.bfloat16, seed: int = 0) ->
             sample_size=768,
         )
     tokenizer = CLIPTokenizer(vocab=clip_vocab(), merges=[], model_max_length=77)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return sd_turbo_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 def build_random_klein_4b(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:

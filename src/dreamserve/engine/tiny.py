@@ -91,7 +91,7 @@ def build_tiny_klein(seed: int = 0) -> Any:
 
 def build_tiny_sd_turbo(seed: int = 0) -> Any:
     """SD-Turbo's shape (StableDiffusionPipeline: UNet2DConditionModel + AutoencoderKL + CLIP)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab = clip_vocab()
@@ -130,7 +130,13 @@ def build_tiny_sd_turbo(seed: int = 0) -> Any:
         latent_channels=4,
         norm_num_groups=2,
     )
-    # SD-Turbo's own scheduler settings.
+    return sd_turbo_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def sd_turbo_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:
+    """A StableDiffusionPipeline with SD-Turbo's scheduler settings and no safety checker."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
     )
