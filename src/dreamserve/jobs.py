@@ -38,6 +38,9 @@ class StepInfo:
     step: int
     total: int
     elapsed: float
+    #: Every ``ModelSpec.preview_every`` steps: a small JPEG (<= 256 px on the long side) of the job's first image
+    #: in the current batch, as a ``data:image/jpeg;base64,...`` URI; None on the other steps and when off.
+    preview: str | None = None
 
 
 @dataclass

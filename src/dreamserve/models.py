@@ -1,56 +1,182 @@
-"""Built-in model presets: a name given as ``ModelSpec.source`` expands to where the weights live and
-how to run them. Anything else in ``source`` is taken as a local folder, a checkpoint file or a hub id.
+"""Model presets: a name given as ``ModelSpec.source`` expands to where the weights live and how to run them.
 
-- ``flux2-klein-4b``: black-forest-labs/FLUX.2-klein-4B, 4 steps, 4 MP. The default on GPU: text-to-image
-  and multi-reference editing in one Apache-2.0 checkpoint.
-- ``flux2-dev``: black-forest-labs/FLUX.2-dev, 28 steps, 4 MP. Quality tier (non-commercial licence).
-- ``qwen-image-edit-2509`` / ``-2511``: Qwen/Qwen-Image-Edit-*, 40 steps (``lora_steps`` with a Lightning
-  LoRA in ``lora``), ~1.7 MP. The editing backend.
-- ``sd-turbo``: stabilityai/sd-turbo, 1 step, 512x512. CPU-feasible; img2img with one reference.
-- ``tiny``, ``tiny-sd-turbo``: built in code with random weights; the offline default and the tests.
-- ``random:sd-turbo``, ``random:flux2-klein-4b``: the real architectures with random weights, for
-  benchmarks (real speed, noise out).
+Anything else in ``source`` is a local diffusers folder, a single-file checkpoint or a hub id; its defaults then
+come from the family of the pipeline class it loads as (``FAMILY_DEFAULTS``). ``resolve`` is the one place
+where a spec becomes concrete numbers; it imports no torch, so the API side may call it too.
+
+| preset | weights | family | steps | native cap | refs | licence |
+|---|---|---|---|---|---|---|
+| ``flux2-klein-4b`` | black-forest-labs/FLUX.2-klein-4B | klein | 4 | 2048x2048 | 14 | Apache-2.0 (GPU default) |
+| ``flux2-klein-9b-kv`` | black-forest-labs/FLUX.2-klein-9b-kv | klein | 4 | 2048x2048 | 14 | non-commercial |
+| ``flux2-dev`` | black-forest-labs/FLUX.2-dev | flux2 | 28 | 2048x2048 | 10 | non-commercial |
+| ``qwen-image-edit-2509`` | Qwen/Qwen-Image-Edit-2509 | qwen-edit-plus | 40 (4/8 LoRA) | 1328² | 3 | Apache-2.0 |
+| ``qwen-image-edit-2511`` | Qwen/Qwen-Image-Edit-2511 | qwen-edit-plus | 40 (4/8 LoRA) | 1328² | 3 | Apache-2.0 |
+| ``sd-turbo`` | stabilityai/sd-turbo | sd | 1 | 512x512 | 1 (img2img) | Stability AI Community |
+| ``tiny``, ``tiny-sd-turbo`` | random weights, built in code | klein, sd | 4, 2 | 256x256 | 14, 1 | tests |
+| ``random:flux2-klein-4b`` | real architecture, random weights | klein | 4 | 2048x2048 | 14 | benchmarks |
+| ``random:flux2-klein-4b-small-te`` | the same, 3 of 36 text-encoder layers | klein | 4 | 2048x2048 | 14 | CPU bench |
+| ``random:sd-turbo`` | real architecture, random weights | sd | 1 | 512x512 | 1 | benchmarks |
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from dreamserve.settings import ModelSpec
+
+FOUR_MP = 2048 * 2048
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    steps: int
+    max_pixels: int
+    #: References the pipeline takes (0: text-to-image only; 1 for SD's img2img).
+    max_references: int
+    #: Extra keyword arguments of every pipeline call.
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: Defaults per family, for sources that are not presets (a local folder of any supported pipeline).
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+    "klein": FamilyDefaults(4, FOUR_MP, 14),
+    # FLUX.2 [dev] is guidance-distilled: guidance is an input of the transformer, not a second pass.
+    "flux2": FamilyDefaults(28, FOUR_MP, 10, {"guidance_scale": 4.0}),
+    # Qwen-Image runs true classifier-free guidance, which needs a negative prompt (a space: "no preference").
+    # Edit-Plus (2509/2511) takes a list of references, best with 1-3 (model card); the first Edit takes one.
+    "qwen-edit-plus": FamilyDefaults(40, 1328 * 1328, 3, {"true_cfg_scale": 4.0, "negative_prompt": " "}),
+    "qwen-edit": FamilyDefaults(40, 1328 * 1328, 1, {"true_cfg_scale": 4.0, "negative_prompt": " "}),
+    "qwen": FamilyDefaults(40, 1328 * 1328, 0, {"true_cfg_scale": 4.0, "negative_prompt": " "}),
+    # SD-Turbo is trained without classifier-free guidance; img2img from one reference.
+    "sd": FamilyDefaults(2, 512 * 512, 1, {"guidance_scale": 0.0}),
+    "sdxl": FamilyDefaults(30, 1024 * 1024, 0),
+    "flux": FamilyDefaults(28, 1024 * 1024, 0),
+    "kontext": FamilyDefaults(28, 1024 * 1024, 1, {"guidance_scale": 2.5}),
+    "other": FamilyDefaults(30, 1024 * 1024, 0),
+}
+
+#: With a Lightning LoRA (CFG- and step-distilled), Qwen-Image runs without CFG on a shift-3 schedule
+#: (the scheduler settings published with lightx2v/Qwen-Image-Lightning).
+LIGHTNING_CALL_KWARGS: Mapping[str, Any] = {"true_cfg_scale": 1.0}
+LIGHTNING_SCHEDULER: Mapping[str, Any] = {
+    "base_shift": math.log(3),
+    "max_shift": math.log(3),
+    "shift": 1.0,
+    "shift_terminal": None,
+    "use_dynamic_shifting": True,
+    "time_shift_type": "exponential",
+}
+LIGHTNING_FAMILIES = {"qwen", "qwen-edit", "qwen-edit-plus"}
 
 
 @dataclass(frozen=True)
 class Preset:
     source: str
+    family: str
     steps: int
     max_pixels: int
+    max_references: int
+    licence: str
+    #: Overrides of ``ModelSpec`` fields the preset needs (e.g. the reference K/V cache of a -kv checkpoint).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
-PRESETS = {
-    "flux2-klein-4b": Preset("black-forest-labs/FLUX.2-klein-4B", 4, 2048 * 2048),
-    "flux2-dev": Preset("black-forest-labs/FLUX.2-dev", 28, 2048 * 2048),
-    "qwen-image-edit-2509": Preset("Qwen/Qwen-Image-Edit-2509", 40, 1328 * 1328),
-    "qwen-image-edit-2511": Preset("Qwen/Qwen-Image-Edit-2511", 40, 1328 * 1328),
-    "sd-turbo": Preset("stabilityai/sd-turbo", 1, 512 * 512),
-    "tiny": Preset("tiny", 4, 256 * 256),
-    "tiny-sd-turbo": Preset("tiny-sd-turbo", 2, 256 * 256),
-    "random:sd-turbo": Preset("random:sd-turbo", 1, 512 * 512),
-    "random:flux2-klein-4b": Preset("random:flux2-klein-4b", 4, 512 * 512),
+PRESETS: dict[str, Preset] = {
+    "flux2-klein-4b": Preset("black-forest-labs/FLUX.2-klein-4B", "klein", 4, FOUR_MP, 14, "Apache-2.0"),
+    "flux2-klein-9b-kv": Preset(
+        "black-forest-labs/FLUX.2-klein-9b-kv",
+        "klein",
+        4,
+        FOUR_MP,
+        14,
+        "FLUX Non-Commercial",
+        {"reference_kv_cache": True},
+    ),
+    "flux2-dev": Preset("black-forest-labs/FLUX.2-dev", "flux2", 28, FOUR_MP, 10, "FLUX [dev] Non-Commercial"),
+    "qwen-image-edit-2509": Preset("Qwen/Qwen-Image-Edit-2509", "qwen-edit-plus", 40, 1328 * 1328, 3, "Apache-2.0"),
+    "qwen-image-edit-2511": Preset("Qwen/Qwen-Image-Edit-2511", "qwen-edit-plus", 40, 1328 * 1328, 3, "Apache-2.0"),
+    "sd-turbo": Preset("stabilityai/sd-turbo", "sd", 1, 512 * 512, 1, "Stability AI Community"),
+    "tiny": Preset("tiny", "klein", 4, 256 * 256, 14, "random weights"),
+    "tiny-sd-turbo": Preset("tiny-sd-turbo", "sd", 2, 256 * 256, 1, "random weights"),
+    "random:sd-turbo": Preset("random:sd-turbo", "sd", 1, 512 * 512, 1, "random weights"),
+    "random:flux2-klein-4b": Preset("random:flux2-klein-4b", "klein", 4, FOUR_MP, 14, "random weights"),
+    # The same with 3 of Qwen3-4B's 36 text-encoder layers: fits a 24 GB CPU machine beside another process.
+    "random:flux2-klein-4b-small-te": Preset(
+        "random:flux2-klein-4b-small-te", "klein", 4, FOUR_MP, 14, "random weights"
+    ),
 }
 #: Built in code rather than loaded: no weights on disk.
-BUILT_IN = {"tiny", "tiny-sd-turbo", "random:sd-turbo", "random:flux2-klein-4b"}
+BUILT_IN = {"tiny", "tiny-sd-turbo", "random:sd-turbo", "random:flux2-klein-4b", "random:flux2-klein-4b-small-te"}
 
 
-def resolve(spec: ModelSpec) -> ModelSpec:
-    """Fill what the user left unset from the preset named by ``source``; other sources pass through."""
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A ``ModelSpec`` made concrete: what ``engine`` loads and how it calls the pipeline."""
+
+    #: The preset name, or None for a folder, file or hub id given directly.
+    preset: str | None
+    #: Where the weights are: a built-in name, a local path or a hub id.
+    source: str
+    #: The family when known (from the preset, or from the loaded pipeline's class); None before loading.
+    family: str | None
+    steps: int
+    max_pixels: int
+    max_references: int
+    call_kwargs: Mapping[str, Any]
+    #: Scheduler config changes to apply after loading (Lightning LoRAs).
+    scheduler_overrides: Mapping[str, Any]
+    reference_kv_cache: bool
+    licence: str
+
+    @property
+    def built_in(self) -> bool:
+        return self.source in BUILT_IN
+
+
+def resolve(spec: ModelSpec, family: str | None = None) -> ResolvedModel:
+    """Expand a preset and fill every value the spec leaves unset (``None``) from the preset, then the family.
+
+    ``family`` is the family of the loaded pipeline (``engine.loader.family_of``); before loading, a source
+    that is not a preset resolves with the ``other`` defaults, which only matters for ``source``.
+    """
     preset = PRESETS.get(spec.source)
-    if preset is None:
-        return spec
-    unset = spec.model_fields_set
-    return spec.model_copy(
-        update={
-            "source": preset.source,
-            "steps": spec.steps if "steps" in unset else (spec.lora_steps if spec.lora else preset.steps),
-            "max_pixels": spec.max_pixels if "max_pixels" in unset else preset.max_pixels,
-        }
+    family = family or (preset.family if preset else None)
+    defaults = FAMILY_DEFAULTS.get(family or "other", FAMILY_DEFAULTS["other"])
+    options = dict(preset.options) if preset else {}
+    call_kwargs = dict(defaults.call_kwargs)
+    scheduler: dict[str, Any] = {}
+    steps = preset.steps if preset else defaults.steps
+    if spec.lora and family in LIGHTNING_FAMILIES:
+        steps = lora_steps(spec.lora, spec.lora_steps)
+        call_kwargs.update(LIGHTNING_CALL_KWARGS)
+        scheduler.update(LIGHTNING_SCHEDULER)
+    elif spec.lora and spec.lora_steps:
+        steps = spec.lora_steps
+    return ResolvedModel(
+        preset=spec.source if preset else None,
+        source=preset.source if preset else spec.source,
+        family=family,
+        steps=spec.steps or steps,
+        max_pixels=spec.max_pixels or (preset.max_pixels if preset else defaults.max_pixels),
+        max_references=(
+            spec.max_references
+            if spec.max_references is not None
+            else (preset.max_references if preset else defaults.max_references)
+        ),
+        call_kwargs=call_kwargs,
+        scheduler_overrides=scheduler,
+        reference_kv_cache=spec.reference_kv_cache or bool(options.get("reference_kv_cache")),
+        licence=preset.licence if preset else "see the model card",
     )
+
+
+def lora_steps(lora: str, given: int | None) -> int:
+    """Steps for a step-distilled LoRA: ``lora_steps`` if given, else the ``4steps``/``8steps`` in its name, else 8."""
+    if given:
+        return given
+    found = re.search(r"(\d+)[-_ ]?steps?", lora, re.IGNORECASE)
+    return int(found.group(1)) if found else 8

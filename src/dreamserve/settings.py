@@ -18,12 +18,16 @@ DEFAULT_MODEL = "bytedance/seedream-v4"
 class ModelSpec(BaseModel):
     """How one served model (``/v1/Run/{owner}/{model}``) is loaded and run."""
 
-    #: ``tiny`` (random weights built in code), a local diffusers folder, a single-file checkpoint, or a hub id.
+    #: A preset name from ``dreamserve.models.PRESETS`` (``flux2-klein-4b``, ``sd-turbo``, ``tiny``, ...), a local
+    #: diffusers folder, a single-file checkpoint, or a hub id.
     source: str = "tiny"
-    #: Denoising steps; ``None`` takes the family's default (4 for distilled FLUX.2 klein).
+    #: Denoising steps; ``None`` takes the preset's or the family's default (4 for distilled FLUX.2 klein).
     steps: int | None = None
-    #: Native generation cap in pixels: larger requests are generated at this area and upscaled.
-    max_pixels: int = Field(default=256 * 256, ge=64 * 64)
+    #: Native generation cap in pixels: larger requests are generated at this area and upscaled. ``None`` takes the
+    #: preset's or the family's cap (4 MP for FLUX.2, 512x512 for SD-Turbo, 256x256 for ``tiny``).
+    max_pixels: int | None = Field(default=None, ge=64 * 64)
+    #: Most reference images passed to the model (the first ones are used); ``None`` takes the preset's.
+    max_references: int | None = Field(default=None, ge=0, le=14)
     #: Largest number of images denoised in one pipeline call.
     max_batch: int = Field(default=4, ge=1, le=15)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -37,8 +41,15 @@ class ModelSpec(BaseModel):
     lora_steps: int | None = None
     #: ``torch.compile`` the denoiser (regional compile where the model supports it).
     compile: bool = False
-    #: Send a small preview image with every Nth progress event (0 = none).
-    preview_every: int = Field(default=0, ge=0)
+    #: Send a small preview image (latent -> RGB, no VAE decode) with every Nth progress event (0 = none). Live
+    #: socket frames carry it; the event log and Task/Detail do not keep it.
+    preview_every: int = Field(default=1, ge=0)
+    #: Above the native cap, upscale with this ESRGAN-class model (a local .pth/.safetensors loaded by ``spandrel``)
+    #: instead of Lanczos.
+    upscaler: str | None = None
+    #: FLUX.2 [klein]: compute the references' attention K/V on the first step and reuse them (Flux2KleinKVPipeline).
+    #: Meant for checkpoints trained for it (FLUX.2-klein-9b-kv); other klein weights were not.
+    reference_kv_cache: bool = False
 
 
 class S3Settings(BaseModel):
@@ -86,17 +97,36 @@ class Settings(BaseSettings):
     nonce_skew_seconds: int = 300
     #: Reject a nonce already seen for the project (inside the skew window).
     unique_nonces: bool = False
+    #: Requests a project may make per minute (a token bucket per project in each API process); 0 = no limit.
+    #: Over it, the answer is HTTP 429 with code 96 and Retry-After.
+    rate_limit_per_minute: int = Field(default=0, ge=0)
+    #: Requests a project may make at once before the per-minute rate applies; 0 = one minute's worth.
+    rate_limit_burst: int = Field(default=0, ge=0)
 
     #: Smallest output a request may ask for; Seedream's is 1280x720. Lower it for small CPU models.
     min_pixels: int = Field(default=1280 * 720, ge=64 * 64)
+    #: Largest file in a request (each reference image, each upload).
     max_upload_bytes: int = 30 * 1024 * 1024
+    #: Largest request body: refused from its Content-Length, or as soon as that many bytes have streamed in.
+    max_request_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     max_input_pixels: int = 36_000_000
     fetch_timeout_seconds: float = 20.0
     #: Let server-side fetches (input URLs, callbacks) reach loopback and private addresses.
     fetch_allow_private: bool = False
+    #: Hosts (``minio.internal``, ``*.corp.example``) and networks (``10.1.0.0/16``, ``fd00::5``) that
+    #: server-side fetches may always reach, private or not.
+    fetch_allow_hosts: list[str] = Field(default_factory=list)
 
     webhook_attempts: int = 5
     webhook_backoff_seconds: float = 1.0
+
+    #: How long ``/v1/images/*`` (OpenAI's synchronous shape) waits for its task before answering an error
+    #: that names the task, which keeps running and can be followed with Task/Detail.
+    sync_wait_seconds: float = 600.0
+    #: Cancel the task of a synchronous ``/v1/images/*`` call whose client went away: nobody can get its images.
+    sync_cancel_on_disconnect: bool = True
+    #: Serve the web playground at ``/``.
+    playground: bool = True
 
     #: Reported as ``cps``; ``totalcost`` = cps x elapsed seconds for successful tasks.
     cost_per_second: float = 0.0

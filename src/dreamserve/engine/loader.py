@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from dreamserve.models import PRESETS, resolve
 from dreamserve.settings import ModelSpec
 
 BUILDERS = {
@@ -15,24 +16,32 @@ BUILDERS = {
     "tiny-sd-turbo": ("dreamserve.engine.tiny", "build_tiny_sd_turbo"),
     "random:sd-turbo": ("dreamserve.engine.random_init", "build_random_sd_turbo"),
     "random:flux2-klein-4b": ("dreamserve.engine.random_init", "build_random_klein_4b"),
+    "random:flux2-klein-4b-small-te": ("dreamserve.engine.random_init", "build_random_klein_4b_small_te"),
 }
 
-#: Pipeline class name -> family: the family picks default steps and call arguments in ``runner``.
+#: Pipeline class name -> family: the family picks default steps, size cap and call arguments in ``runner``.
 FAMILIES = {
     "Flux2KleinPipeline": "klein",
     "Flux2KleinKVPipeline": "klein",
     "Flux2Pipeline": "flux2",
-    "QwenImageEditPlusPipeline": "qwen-edit",
+    "QwenImageEditPlusPipeline": "qwen-edit-plus",
     "QwenImageEditPipeline": "qwen-edit",
     "QwenImagePipeline": "qwen",
     "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
     "FluxPipeline": "flux",
+    "FluxKontextPipeline": "kontext",
+}
+
+#: Single-file checkpoints diffusers can turn into a whole pipeline, told apart by a key only they have.
+SINGLE_FILE_KEYS = {
+    "conditioner.embedders.1.": "StableDiffusionXLPipeline",
+    "cond_stage_model.": "StableDiffusionPipeline",
 }
 
 
 class WeightsNotFound(RuntimeError):
-    """The weights named by the model source are not on this machine."""
+    """The weights named by the model source are not on this machine (or not in a loadable form)."""
 
 
 def resolve_device(spec: ModelSpec) -> str:
@@ -44,13 +53,14 @@ def resolve_device(spec: ModelSpec) -> str:
 def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)
-    if spec.source.startswith("tiny"):
-        return torch.float32  # random weights: precision is not what is tested
+    if resolve(spec).source.startswith("tiny"):
+        return torch.float32  # random weights: precision is not what is tested, robustness is
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # bf16 is ~3x faster than fp32 on CPUs with AMX tiles (runtime.md §3.3); with AVX512-BF16 alone it was
     # 3x slower here (SD-Turbo UNet step: 15.7 s bf16 vs 4.7 s fp32, bench/RESULTS.md).
-    return torch.bfloat16 if torch.cpu._is_amx_tile_supported() else torch.float32
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent on some builds
+    return torch.bfloat16 if has_amx is not None and has_amx() else torch.float32
 
 
 def family_of(pipeline: Any) -> str:
@@ -58,27 +68,40 @@ def family_of(pipeline: Any) -> str:
 
 
 def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
-    """Build or load the pipeline for ``spec`` (already resolved, see ``models.resolve``) and move it to
-    its device; returns ``(pipeline, family)``."""
+    """Build or load the pipeline for ``spec`` (a preset name is expanded by ``models.resolve``), move it to its
+    device, fuse its LoRA and compile it if asked; returns ``(pipeline, family)``."""
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
-    source = spec.source
+    source = resolve(spec).source
     if source in BUILDERS:
         module, builder = BUILDERS[source]
         build = getattr(importlib.import_module(module), builder)
-        pipeline = build() if source.startswith("tiny") else build(dtype=dtype)
+        # Random real-size models are created on their device, in their dtype: seconds on a GPU, not minutes.
+        pipeline = build() if source.startswith("tiny") else build(dtype=dtype, device=device)
     elif Path(source).is_dir():
         pipeline = _from_pretrained(source, dtype, local_only=True)
     elif Path(source).suffix in (".safetensors", ".ckpt"):
-        pipeline = _from_single_file(Path(source), dtype)
+        pipeline = _from_single_file(Path(source), dtype, local_only=not spec.allow_download)
+    elif _looks_like_path(source):
+        raise WeightsNotFound(
+            f"{source} does not exist. --model takes a preset ({', '.join(sorted(PRESETS))}), a diffusers folder, "
+            "a .safetensors/.ckpt checkpoint or a hub id (owner/name)."
+        )
     else:
         pipeline = _from_pretrained(source, dtype, local_only=not spec.allow_download)
     # from_pretrained already loaded in ``dtype``; the tiny builds are float32 unless asked otherwise.
     pipeline = pipeline.to(device) if pipeline.dtype == dtype else pipeline.to(device=device, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     if spec.lora:
+        # Needs ``peft``. Fused, then the adapter dropped: no per-step LoRA cost, and torch.compile sees plain weights.
         pipeline.load_lora_weights(spec.lora, local_files_only=not spec.allow_download)
         pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
+    overrides = resolve(spec, family_of(pipeline)).scheduler_overrides  # a Lightning LoRA's shift-3 schedule
+    if overrides:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
+    if spec.reference_kv_cache:
+        pipeline = _with_reference_kv_cache(pipeline)
     if spec.compile:
         denoiser = getattr(pipeline, "transformer", None) or pipeline.unet
         # Regional compilation compiles one repeated block and reuses it: far shorter compile times.
@@ -90,34 +113,78 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     return pipeline, family_of(pipeline)
 
 
+def _looks_like_path(source: str) -> bool:
+    # A hub id is exactly "owner/name"; anything else with a separator was meant as a local path.
+    return source.startswith(("/", ".", "~")) or source.count("/") != 1
+
+
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool) -> Any:
     from diffusers import DiffusionPipeline
 
     try:
+        # ``dtype`` is the current name; diffusers 0.42 deprecates ``torch_dtype``.
         return DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise WeightsNotFound(
                 f"{source} is not a complete diffusers pipeline folder ({exc}). It needs model_index.json and "
-                "one sub-folder per component, as written by pipeline.save_pretrained() or huggingface-cli download."
+                "one sub-folder per component, as written by pipeline.save_pretrained() or `hf download`."
             ) from exc
+        folder = f"/models/{source.split('/')[-1]}"
+        fetch = f"`hf download {source} --local-dir {folder}` and start with `--model {folder}`"
+        if not local_only:
+            raise WeightsNotFound(f"Downloading {source!r} from the Hugging Face hub failed ({exc}). {fetch}.") from exc
         raise WeightsNotFound(
-            f"The weights of {source!r} are not on this machine. Fetch them with "
-            f"`huggingface-cli download {source} --local-dir /models/{source.split('/')[-1]}` and start with "
-            f"`--model /models/{source.split('/')[-1]}`, or allow downloads for this model "
-            "(ModelSpec.allow_download) on a machine that reaches the hub."
+            f"The weights of {source!r} are not in the local Hugging Face cache. Fetch them with {fetch}, or allow "
+            "downloads for this model (ModelSpec.allow_download) on a machine that reaches the hub."
         ) from exc
 
 
-def _from_single_file(path: Path, dtype: torch.dtype) -> Any:
+def _from_single_file(path: Path, dtype: torch.dtype, local_only: bool) -> Any:
     if not path.is_file():
         raise WeightsNotFound(f"Checkpoint {path} does not exist.")
-    from diffusers import StableDiffusionPipeline
+    class_name = _single_file_class(path)
+    if class_name is None:
+        raise WeightsNotFound(
+            f"{path} is not a whole Stable Diffusion / SDXL checkpoint, the only kinds loaded from one file. FLUX.2, "
+            "FLUX.1 and Qwen-Image files usually hold the transformer alone; point --model at a diffusers folder "
+            "(e.g. `hf download black-forest-labs/FLUX.2-klein-4B --local-dir /models/flux2-klein-4b`)."
+        )
+    import diffusers
 
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=True)
+        return getattr(diffusers, class_name).from_single_file(str(path), dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise WeightsNotFound(
-            f"{path} could not be loaded as a single-file Stable Diffusion checkpoint ({exc}). FLUX.2 and Qwen-Image "
-            "load from a diffusers folder: pass the folder with --model."
+            f"{path} could not be loaded as a {class_name} checkpoint ({exc}). Single files need the model's "
+            "configs from the hub cache: allow downloads once (ModelSpec.allow_download), or convert it to a "
+            "diffusers folder with pipeline.save_pretrained() and pass that folder."
         ) from exc
+
+
+def _single_file_class(path: Path) -> str | None:
+    """The pipeline class of a single-file checkpoint, from its tensor names only (nothing is loaded)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    else:
+        try:  # mmap: tensors stay on disk; weights_only: a .ckpt is a pickle and must not run code
+            state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:
+            raise WeightsNotFound(f"{path} could not be read safely ({exc}); convert it to .safetensors.") from exc
+        keys = list(state.get("state_dict", state))
+    for prefix, class_name in SINGLE_FILE_KEYS.items():
+        if any(key.startswith(prefix) for key in keys):
+            return class_name
+    return None
+
+
+def _with_reference_kv_cache(pipeline: Any) -> Any:
+    if family_of(pipeline) != "klein":
+        raise ValueError(f"reference_kv_cache is for FLUX.2 [klein] only, not {type(pipeline).__name__}")
+    from diffusers import Flux2KleinKVPipeline
+
+    # Same components, shared not copied: the KV pipeline caches the references' K/V on the first step.
+    return Flux2KleinKVPipeline.from_pipe(pipeline)

@@ -16,23 +16,25 @@ from dreamserve.engine.tiny import QWEN_CHAT_TEMPLATE, byte_level_vocab, clip_vo
 
 
 @contextlib.contextmanager
-def _created_in(dtype: torch.dtype, seed: int) -> Iterator[None]:
-    """Create parameters directly in ``dtype`` (a 4B model in float32 would not fit beside its encoder)."""
+def _created_in(dtype: torch.dtype, seed: int, device: str | None = None) -> Iterator[None]:
+    """Create parameters directly in ``dtype`` (a 4B model in float32 would not fit beside its encoder), and on
+    ``device`` (random initialisation of 8B parameters takes minutes on a CPU, seconds on a GPU)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     torch.manual_seed(seed)
     try:
-        yield
+        with torch.device(device or "cpu"):
+            yield
     finally:
         torch.set_default_dtype(previous)
 
 
-def build_random_sd_turbo(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
+def build_random_sd_turbo(dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str | None = None) -> Any:
     """SD-Turbo (SD 2.1 architecture): 865M UNet, OpenCLIP-H text encoder, SD VAE."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    with _created_in(dtype, seed):
+    with _created_in(dtype, seed, device):
         unet = UNet2DConditionModel(
             sample_size=64,
             in_channels=4,
@@ -69,8 +71,22 @@ def build_random_sd_turbo(dtype: torch.dtype = torch.bfloat16, seed: int = 0) ->
     return sd_turbo_pipeline(vae, text_encoder, tokenizer, unet)
 
 
-def build_random_klein_4b(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Any:
-    """FLUX.2 [klein] 4B: 5 double + 20 single blocks (24 heads x 128), Qwen3-4B text encoder, FLUX.2 VAE."""
+def build_random_klein_4b_small_te(
+    dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str | None = None
+) -> Any:
+    """klein 4B with only 3 text-encoder layers (hidden size, vocabulary and sequence length unchanged): the
+    transformer and VAE are the real ones; the text encoding costs about 1/12 of Qwen3-4B's."""
+    return build_random_klein_4b(dtype, seed, device, text_layers=3)
+
+
+def build_random_klein_4b(
+    dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str | None = None, text_layers: int = 36
+) -> Any:
+    """FLUX.2 [klein] 4B: 5 double + 20 single blocks (24 heads x 128), Qwen3-4B text encoder, FLUX.2 VAE.
+
+    The transformer reads the hidden states of 3 text-encoder layers (9, 18, 27 of 36; evenly spaced ones of a
+    smaller ``text_layers``, see ``runner._klein_text_layers``), concatenated: 3 x 2560 = ``joint_attention_dim``.
+    """
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
@@ -79,7 +95,7 @@ def build_random_klein_4b(dtype: torch.dtype = torch.bfloat16, seed: int = 0) ->
     )
     from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    with _created_in(dtype, seed):
+    with _created_in(dtype, seed, device):
         transformer = Flux2Transformer2DModel(
             num_layers=5,
             num_single_layers=20,
@@ -93,7 +109,7 @@ def build_random_klein_4b(dtype: torch.dtype = torch.bfloat16, seed: int = 0) ->
                 vocab_size=151936,
                 hidden_size=2560,
                 intermediate_size=9728,
-                num_hidden_layers=36,
+                num_hidden_layers=text_layers,
                 num_attention_heads=32,
                 num_key_value_heads=8,
                 head_dim=128,

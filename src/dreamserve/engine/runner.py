@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +20,71 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from dreamserve.engine.loader import load_pipeline, resolve_device
+from dreamserve.engine.loader import load_pipeline, resolve_device, resolve_dtype
+from dreamserve.engine.preview import LatentPreview, denoised_estimate
+from dreamserve.engine.upscale import ModelUpscaler, upscale
 from dreamserve.jobs import GeneratedImage, GenerationJob, GenerationResult, StepInfo
-from dreamserve.models import resolve
+from dreamserve.models import ResolvedModel, resolve
 from dreamserve.settings import ModelSpec
 
-#: Default denoising steps per family (distilled models need few; pipelines default to 50).
-DEFAULT_STEPS = {"klein": 4, "flux2": 28, "qwen-edit": 40, "qwen": 40, "sd": 2, "flux": 28, "other": 30}
-#: Families whose pipeline takes a list of reference images as ``image``.
-MULTI_REFERENCE = {"klein", "flux2", "qwen-edit"}
+#: Families whose pipeline takes a list of reference images as ``image``, and those that take one image.
+MULTI_REFERENCE = {"klein", "flux2", "qwen-edit-plus"}
+SINGLE_REFERENCE = {"qwen-edit", "kontext"}
 #: With more references than this, each is shrunk to REFERENCE_AREA pixels to bound the token count.
 MANY_REFERENCES = 4
 REFERENCE_AREA = 512 * 512
 SIZE_MULTIPLE = 16
+#: VAEs decode tile by tile above this side (FLUX-class VAEs run out of memory decoding above 2048 px).
+TILED_DECODE_ABOVE = 2048
+#: Batches of images of at least this many pixels are decoded one image at a time.
+SLICED_DECODE_FROM = 1024 * 1024
+
+
+IMG2IMG_STRENGTH = 0.6
 
 
 class Interrupted(Exception):
     """The job was stopped on request between denoising steps."""
 
 
+@dataclass
+class _Call:
+    """A planned pipeline call: the callable, the steps it is asked for and the steps it reports."""
+
+    run: Callable[..., Any]
+    steps: int
+    reported_steps: int
+    method: str
+
+
 class Engine:
     def __init__(self, spec: ModelSpec, pipeline: Any, family: str, load_seconds: float) -> None:
         self.spec = spec
+        #: The spec made concrete (preset expanded, defaults of the family filled in).
+        self.model = resolve(spec, family)
         self.pipeline = pipeline
         self.family = family
-        self.load_seconds = load_seconds
         self.device = resolve_device(spec)
         self._img2img: Any = None
+        self._kv: Any = None
+        started = time.perf_counter()
+        self.upscaler = (
+            ModelUpscaler(spec.upscaler, self.device, resolve_dtype(spec, self.device)) if spec.upscaler else None
+        )
+        self.previewer = LatentPreview.fit(pipeline, family) if spec.preview_every else None
+        #: Seconds to load the model (and its upscaler and preview map); reported with the first job after it.
+        self.load_seconds = load_seconds + time.perf_counter() - started
+        self._load_reported = False
 
     @classmethod
     def load(cls, spec: ModelSpec) -> Engine:
         started = time.perf_counter()
-        spec = resolve(spec)
         pipeline, family = load_pipeline(spec)
         return cls(spec, pipeline, family, time.perf_counter() - started)
 
     @property
     def steps(self) -> int:
-        return self.spec.steps or DEFAULT_STEPS[self.family]
+        return self.model.steps
 
     def generate(
         self, job: GenerationJob, on_step: Callable[[StepInfo], None], should_stop: Callable[[], bool]
@@ -73,10 +101,12 @@ class Engine:
         on_step: Callable[[int, StepInfo], None],
         should_stop: Callable[[int], bool],
     ) -> list[GenerationResult | Exception]:
-        """Run several jobs of one size in shared pipeline calls (the images of all jobs are batched together).
+        """Run several jobs of one size in shared pipeline calls: the images of all jobs are denoised together,
+        ``max_batch`` per call, one prompt and one seeded generator per image.
 
-        Only a single job may carry references. A job whose ``should_stop`` turns true gets ``Interrupted``
-        and no files; the others go on. Returns, per job, its result or the exception that ended it.
+        Only a single job may carry references. ``on_step(i, info)`` reports job ``i``'s progress (with a preview
+        every ``preview_every`` steps); a job whose ``should_stop(i)`` turns true gets ``Interrupted`` and no
+        files while the others go on. Returns, per job, its result or the exception that ended it.
         """
         # 1. Check inputs.
         first = jobs[0]
@@ -87,28 +117,38 @@ class Engine:
         started = time.perf_counter()
 
         # 2. Plan sizes and batches: every image of every job, max_batch per pipeline call.
-        gen_width, gen_height = native_size(first.width, first.height, self.spec.max_pixels)
+        gen_width, gen_height = native_size(first.width, first.height, self.model.max_pixels)
         images = [(index, job.seed + n) for index, job in enumerate(jobs) for n in range(job.num_images)]
         batches = [images[i : i + self.spec.max_batch] for i in range(0, len(images), self.spec.max_batch)]
-        method = describe(gen_width, gen_height, first.width, first.height)
+        method = describe(gen_width, gen_height, first.width, first.height, self.upscaler)
 
-        # 3. Load references.
-        references = [load_reference(path, len(first.references)) for path in first.references]
-        call, method = self._plan_call(references, method)
+        # 3. Load references (the first max_references of them; shrunk when there are many).
+        used = first.references[: self.model.max_references]
+        references = [load_reference(path, len(used)) for path in used]
+        call = self._plan_call(references, gen_width, gen_height, method)
+        if len(used) < len(first.references):
+            call.method += f" ({len(first.references) - len(used)} of {len(first.references)} references not used)"
 
         # 4. Denoise, batch by batch, one seed per image.
-        timings = {"encode": 0.0, "denoise": 0.0, "decode": 0.0}
+        timings = {"encode": time.perf_counter() - started, "denoise": 0.0, "decode": 0.0}
         outcome: list[GenerationResult | Exception | None] = [None] * len(jobs)
         done: dict[int, list[tuple[Image.Image, int]]] = {index: [] for index in range(len(jobs))}
-        steps_of = {index: self.steps * sum(any(i == index for i, _ in b) for b in batches) for index in done}
+        steps_of = {index: call.reported_steps * sum(any(i == index for i, _ in b) for b in batches) for index in done}
         steps_done = dict.fromkeys(done, 0)
         for batch in batches:
             batch = [(i, seed) for i, seed in batch if outcome[i] is None and not should_stop(i)]
             members = sorted({i for i, _ in batch})
+            # Each job's preview shows its first image in this batch.
+            rows = {index: next(row for row, (i, _) in enumerate(batch) if i == index) for index in members}
 
-            def report(step: int, elapsed: float, members: list[int] = members) -> None:
+            def report(
+                step: int, elapsed: float, grids: Any, members: list[int] = members, rows: dict[int, int] = rows
+            ) -> None:
                 for index in members:
-                    on_step(index, StepInfo(steps_done[index] + step, steps_of[index], elapsed))
+                    preview = None
+                    if grids is not None and self.previewer is not None:
+                        preview = self.previewer.render(grids[rows[index]], gen_width, gen_height)
+                    on_step(index, StepInfo(steps_done[index] + step, steps_of[index], elapsed, preview))
 
             if batch:
                 prompts = [jobs[i].prompt for i, _ in batch]
@@ -118,7 +158,7 @@ class Engine:
                 for (index, seed), image in zip(batch, output, strict=True):
                     done[index].append((image, seed))
             for index in members:
-                steps_done[index] += self.steps
+                steps_done[index] += call.reported_steps
             for index in range(len(jobs)):
                 if outcome[index] is None and should_stop(index):
                     outcome[index] = Interrupted()
@@ -127,8 +167,12 @@ class Engine:
         for index, job in enumerate(jobs):
             if outcome[index] is not None:
                 continue
+            job_timings = dict(timings)
+            if index == 0 and not self._load_reported:
+                job_timings = {"load": self.load_seconds, **job_timings}
+                self._load_reported = True
             try:
-                outcome[index] = self._finish(job, done[index], method, dict(timings))
+                outcome[index] = self._finish(job, done[index], call.method, job_timings)
             except Exception as exc:  # one job's disk error must not lose the others
                 outcome[index] = exc
         return [result for result in outcome if result is not None]
@@ -138,74 +182,115 @@ class Engine:
     ) -> GenerationResult:
         tick = time.perf_counter()
         size = (job.width, job.height)
-        final = [
-            (image if image.size == size else image.resize(size, Image.Resampling.LANCZOS), seed)
-            for image, seed in images
-        ]
+        final = [(upscale(image, size, self.upscaler), seed) for image, seed in images]
         timings["upscale"] = time.perf_counter() - tick
         tick = time.perf_counter()
         saved = [self._save(job, position, image, seed) for position, (image, seed) in enumerate(final)]
         timings["save"] = time.perf_counter() - tick
         return GenerationResult(images=saved, method=method, timings=timings)
 
-    def _plan_call(self, references: list[Image.Image], method: str) -> tuple[Callable[..., Any], str]:
-        """The callable to run and what it does with the references."""
+    def _plan_call(self, references: list[Image.Image], width: int, height: int, method: str) -> _Call:
+        """The callable to run, its step counts, and what it does with the references."""
         pipeline = self.pipeline
         if not references:
-            return pipeline, method
+            return _Call(pipeline, self.steps, self.steps, method)
+        if self.family == "klein" and self.model.reference_kv_cache:
+            if type(pipeline).__name__ != "Flux2KleinKVPipeline":
+                if self._kv is None:
+                    from diffusers import Flux2KleinKVPipeline
+
+                    # Shares every module with the loaded pipeline. It swaps the transformer's attention processors
+                    # for K/V-cache-aware ones, which compute the same as before when no cache is passed.
+                    self._kv = Flux2KleinKVPipeline.from_pipe(pipeline)
+                    self._kv.set_progress_bar_config(disable=True)
+                pipeline = self._kv
+            text = f"{method}; {len(references)} references (K/V cached after step 1)"
+            return _Call(_bind(pipeline, image=references), self.steps, self.steps, text)
         if self.family in MULTI_REFERENCE:
-            return _bind(pipeline, image=references), f"{method}; {len(references)} references"
+            return _Call(
+                _bind(pipeline, image=references), self.steps, self.steps, f"{method}; {len(references)} references"
+            )
+        if self.family in SINGLE_REFERENCE:
+            return _Call(_bind(pipeline, image=references[0]), self.steps, self.steps, f"{method}; reference 1")
         if self.family == "sd":
             if self._img2img is None:
                 from diffusers import StableDiffusionImg2ImgPipeline
 
                 self._img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipeline)
-            # img2img works at the reference's resolution: resize it to the generation size in _denoise.
-            return _bind(self._img2img, image=references[0], strength=0.6), f"{method}; img2img from reference 1"
-        return pipeline, f"{method}; references ignored ({type(pipeline).__name__} takes none)"
+                self._img2img.set_progress_bar_config(disable=True)
+            # img2img denoises the reference itself, at its size: bring it to the generation size (cropped to the
+            # aspect, not stretched). It runs int(steps * strength) steps, so ask for enough to run at least one.
+            start = ImageOps.fit(references[0], (width, height), Image.Resampling.LANCZOS)
+            steps = max(self.steps, math.ceil(1 / IMG2IMG_STRENGTH))
+            executed = min(int(steps * IMG2IMG_STRENGTH), steps)
+            call = _bind(self._img2img, image=start, strength=IMG2IMG_STRENGTH)
+            return _Call(call, steps, executed, f"{method}; img2img from reference 1")
+        return _Call(
+            pipeline, self.steps, self.steps, f"{method}; references ignored ({type(pipeline).__name__} takes none)"
+        )
 
     def _denoise(
         self,
-        call: Callable[..., Any],
+        call: _Call,
         prompts: list[str],
         width: int,
         height: int,
         seeds: list[int],
         timings: dict[str, float],
         started: float,
-        report: Callable[[int, float], None],
+        report: Callable[[int, float, Any], None],
         should_stop: Callable[[], bool],
     ) -> list[Image.Image]:
         """One pipeline call, one image per prompt, one generator per image."""
         marks: dict[str, float] = {}
         denoiser = getattr(self.pipeline, "transformer", None) or self.pipeline.unet
+        every = self.spec.preview_every if self.previewer is not None else 0
+        previous: list[Any] = [None]
 
         def first_forward(_module: Any, _args: Any) -> None:
             marks.setdefault("denoise", time.perf_counter())
 
         def step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             marks["last_step"] = time.perf_counter()
-            report(step + 1, time.perf_counter() - started)
+            grids = None
+            if every and self.previewer is not None:
+                latents = kwargs["latents"]
+                if (step + 1) % every == 0:
+                    estimate = denoised_estimate(pipe.scheduler, latents, previous[0])
+                    grids = self.previewer.grid(estimate, width, height)
+                # Keep these latents only when the next step previews (x0 needs the latents before a step).
+                previous[0] = latents.detach().clone() if (step + 2) % every == 0 else None
+            report(step + 1, time.perf_counter() - started, grids)
             if should_stop():
                 pipe._interrupt = True
             return kwargs
 
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
-        if max(width, height) > 2048 and hasattr(self.pipeline.vae, "enable_tiling"):
-            self.pipeline.vae.enable_tiling()  # FLUX-class VAEs run out of memory decoding above 2048 px
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is not None and hasattr(vae, "enable_tiling"):
+            if max(width, height) > TILED_DECODE_ABOVE:
+                vae.enable_tiling()
+            elif getattr(vae, "use_tiling", False):
+                vae.disable_tiling()
+        if vae is not None and hasattr(vae, "enable_slicing"):
+            # A batch of large images is decoded one image at a time: same speed, a quarter of the peak memory.
+            if len(prompts) > 1 and width * height >= SLICED_DECODE_FROM:
+                vae.enable_slicing()
+            elif getattr(vae, "use_slicing", False):
+                vae.disable_slicing()
         hook = denoiser.register_forward_pre_hook(first_forward)
         begin = time.perf_counter()
         try:
             with torch.inference_mode():
-                result = call(
+                result = call.run(
                     prompt=prompts,
                     width=width,
                     height=height,
                     num_images_per_prompt=1,
-                    num_inference_steps=self.steps,
+                    num_inference_steps=call.steps,
                     generator=generators,
                     callback_on_step_end=step_end,
-                    **self._family_kwargs(),
+                    **self._family_kwargs(len(prompts)),
                 )
         finally:
             hook.remove()
@@ -217,15 +302,11 @@ class Engine:
         timings["decode"] += end - last_step
         return list(result.images)
 
-    def _family_kwargs(self) -> dict[str, Any]:
-        if self.family == "klein":
-            kwargs = _klein_text_layers(self.pipeline)
-            if self.spec.source == "tiny":
-                kwargs["max_sequence_length"] = 32  # random weights: a short sequence keeps tests fast
-            return kwargs
-        if self.family == "sd":
-            return {"guidance_scale": 0.0}  # SD-Turbo is trained without classifier-free guidance
-        return {}
+    def _family_kwargs(self, batch: int) -> dict[str, Any]:
+        kwargs = call_kwargs(self.pipeline, self.family, self.model)
+        if isinstance(kwargs.get("negative_prompt"), str):
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * batch  # one per prompt, as CFG pairs them
+        return kwargs
 
     def _save(self, job: GenerationJob, position: int, image: Image.Image, seed: int) -> GeneratedImage:
         if job.watermark:
@@ -253,6 +334,18 @@ class Engine:
             raise
         size = (folder / name).stat().st_size
         return GeneratedImage(name, str(folder / name), image.width, image.height, seed, size)
+
+
+def call_kwargs(pipeline: Any, family: str, model: ResolvedModel) -> dict[str, Any]:
+    """The keyword arguments every pipeline call of this model gets, besides prompt, size, steps and seeds."""
+    kwargs = dict(model.call_kwargs)
+    if family == "klein":
+        kwargs.update(_klein_text_layers(pipeline))
+        if getattr(pipeline.config, "is_distilled", False):
+            kwargs.setdefault("guidance_scale", 1.0)  # step-distilled: no CFG pass (the default 4.0 only warns)
+        if model.source == "tiny":
+            kwargs["max_sequence_length"] = 32  # random weights: a short sequence keeps tests fast
+    return kwargs
 
 
 def _klein_text_layers(pipeline: Any) -> dict[str, Any]:
@@ -283,15 +376,30 @@ def native_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     return side(width), side(height)
 
 
-def describe(gen_width: int, gen_height: int, width: int, height: int) -> str:
+def describe(gen_width: int, gen_height: int, width: int, height: int, upscaler: ModelUpscaler | None = None) -> str:
     if (gen_width, gen_height) == (width, height):
         return f"native {width}x{height}"
-    return f"generated {gen_width}x{gen_height}, upscaled (lanczos) to {width}x{height}"
+    how = (
+        f"{upscaler.name} + lanczos" if upscaler is not None and width * height > gen_width * gen_height else "lanczos"
+    )
+    return f"generated {gen_width}x{gen_height}, upscaled ({how}) to {width}x{height}"
 
 
 def load_reference(path: str, count: int) -> Image.Image:
+    """A reference as upright 8-bit RGB: the first frame of an animation, EXIF orientation applied, 16-bit
+    samples scaled (not clipped), CMYK converted, and transparency composited on white (not black)."""
     with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+        opened.seek(0)
+        image = ImageOps.exif_transpose(opened)
+    if image.mode.startswith("I"):  # 16- or 32-bit grayscale: 0..65535 -> 0..255
+        image = image.convert("I").point(lambda value: value * (1 / 257)).convert("L")
+    elif image.mode == "F":
+        image = image.convert("L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+    image = image.convert("RGB")
     if count > MANY_REFERENCES and image.width * image.height > REFERENCE_AREA:
         scale = math.sqrt(REFERENCE_AREA / (image.width * image.height))
         image = image.resize(

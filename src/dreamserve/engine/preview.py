@@ -1,0 +1,112 @@
+"""Cheap per-step previews: latent -> RGB by a linear map fitted on the model's own VAE when the model loads.
+
+No decoder runs during denoising. At load, a few smooth random colour images go through the VAE encoder into
+the pipeline's latent space, and a least-squares fit gives one 3x(C+1) matrix from latent channels to RGB
+(what ComfyUI's hand-fitted ``latent_rgb_factors`` are, fitted here for whichever weights are loaded). Each
+preview is then one small matrix product over the latent grid (1/8 or 1/16 of the image side), resized to at
+most 256 px and sent as a JPEG data URI.
+
+What is previewed is the denoised estimate x0 = x_t - sigma_t * v, with v recovered from two consecutive
+latents of the Euler step (x_t = x_prev + (sigma_t - sigma_prev) * v); on the first step, where there is no
+previous latent, the noisy latent itself. Families: FLUX.2 (klein, dev) and Stable Diffusion; others get none.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import torch
+from PIL import Image
+
+PREVIEW_SIDE = 256
+CALIBRATION_IMAGES = 16
+#: Latent cells per calibration image side.
+CALIBRATION_GRID = 8
+
+
+class LatentPreview:
+    def __init__(self, pipeline: Any, family: str, weights: torch.Tensor, cell: int) -> None:
+        self.pipeline = pipeline
+        self.family = family
+        #: (C + 1, 3): latent channels and a bias -> RGB in [-1, 1].
+        self.weights = weights
+        #: Image pixels per latent cell.
+        self.cell = cell
+        self.fit_r2 = 0.0
+
+    @classmethod
+    def fit(cls, pipeline: Any, family: str, seed: int = 0) -> LatentPreview | None:
+        """Fit the map on ``pipeline``'s VAE; None for families without a supported latent layout."""
+        if family not in ("klein", "flux2", "sd") or getattr(pipeline, "vae", None) is None:
+            return None
+        cell = int(pipeline.vae_scale_factor) * (2 if family in ("klein", "flux2") else 1)
+        side = cell * CALIBRATION_GRID
+        generator = torch.Generator().manual_seed(seed)
+        coarse = torch.rand(CALIBRATION_IMAGES, 3, 3, 3, generator=generator) * 2 - 1
+        images = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bicubic", align_corners=True)
+        images = images.clamp(-1, 1)
+        vae = pipeline.vae
+        with torch.inference_mode():
+            encoded = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()
+            latents = cls._to_pipeline_space(pipeline, family, encoded).float().cpu()
+        target = torch.nn.functional.avg_pool2d(images, cell)  # (N, 3, grid, grid)
+        channels = latents.shape[1]
+        inputs = latents.permute(0, 2, 3, 1).reshape(-1, channels)
+        inputs = torch.cat([inputs, torch.ones(inputs.shape[0], 1)], dim=1)
+        outputs = target.permute(0, 2, 3, 1).reshape(-1, 3)
+        weights = torch.linalg.lstsq(inputs, outputs).solution
+        preview = cls(pipeline, family, weights, cell)
+        # How much of the colour the map explains on its own calibration images (1 = all). Trained VAEs are close
+        # to linear in colour; random test weights are not, and score near 0.
+        residual = ((inputs @ weights - outputs) ** 2).sum()
+        preview.fit_r2 = float(1 - residual / ((outputs - outputs.mean(0)) ** 2).sum())
+        return preview
+
+    @staticmethod
+    def _to_pipeline_space(pipeline: Any, family: str, encoded: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the space the denoiser works in, as a (N, C, h, w) grid."""
+        vae = pipeline.vae
+        if family in ("klein", "flux2"):
+            patched = pipeline._patchify_latents(encoded)
+            mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patched.device, patched.dtype)
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+                patched.device, patched.dtype
+            )
+            return (patched - mean) / std
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (encoded - shift) * vae.config.scaling_factor
+
+    def grid(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """The callback's latents as a (B, C, h, w) grid (FLUX.2 packs them as a token sequence, row-major)."""
+        if latents.ndim == 3:
+            rows, cols = height // self.cell, width // self.cell
+            return latents.reshape(latents.shape[0], rows, cols, latents.shape[2]).permute(0, 3, 1, 2)
+        return latents
+
+    def render(self, grid: torch.Tensor, width: int, height: int) -> str:
+        """One (C, h, w) latent grid -> a JPEG data URI of at most PREVIEW_SIDE px on the long side."""
+        cells = grid.float().cpu().permute(1, 2, 0)
+        rgb = torch.cat([cells, torch.ones(*cells.shape[:2], 1)], dim=2) @ self.weights
+        pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        image = Image.fromarray(pixels, "RGB")
+        scale = min(PREVIEW_SIDE, max(width, height)) / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=70)
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def denoised_estimate(scheduler: Any, latents: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """x0 from the latents after an Euler step and those before it; the latents themselves when unknown."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    index = getattr(scheduler, "step_index", None)
+    if previous is None or sigmas is None or index is None or not 1 <= index < len(sigmas):
+        return latents
+    sigma, sigma_before = float(sigmas[index]), float(sigmas[index - 1])
+    if sigma == sigma_before:
+        return latents
+    velocity = (latents.float() - previous.float()) / (sigma - sigma_before)
+    return latents.float() - sigma * velocity
