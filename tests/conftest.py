@@ -142,7 +142,10 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Start servers with chosen model settings; each gets a data dir and a signature project."""
     servers: list[Server] = []
 
-    def factory(data_dir: Path | None = None, start: bool = True, **overrides: Any) -> Server:
+    def factory(
+        data_dir: Path | None = None, start: bool = True, allow_private: bool = True, **overrides: Any
+    ) -> Server:
+        """``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production)."""
         data_dir = data_dir or tmp_path_factory.mktemp("data")
         spec = ModelSpec(**overrides.pop("model", {}))
         settings = Settings(
@@ -150,16 +153,19 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             host="127.0.0.1",
             port=free_port(),
             models={MODEL: spec},
-            fetch_allow_private=True,
+            fetch_allow_private=allow_private,
             **overrides,
         )
         env = {
             **os.environ,
             "DREAMSERVE_DATA_DIR": str(data_dir),
             "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
-            "DREAMSERVE_FETCH_ALLOW_PRIVATE": "true",
+            "DREAMSERVE_FETCH_ALLOW_PRIVATE": "true" if allow_private else "false",
             "PYTHONUNBUFFERED": "1",
-            **{f"DREAMSERVE_{k.upper()}": str(v) for k, v in overrides.items()},
+            **{
+                f"DREAMSERVE_{k.upper()}": json.dumps(v) if isinstance(v, list | dict) else str(v)
+                for k, v in overrides.items()
+            },
         }
         server = Server(settings=settings, env=env, log_path=data_dir / "server.log")
         server.creds = create_project(settings, "tests", signature=True)

@@ -65,9 +65,12 @@ def test_seed_flow_files_url_socket_detail_output(make_server: Any, receiver: Re
     progress = [f["message"] for f in frames if f["type"] == "task_output"]
     assert progress[-1]["stepCurrent"] == progress[-1]["stepTotal"]
     assert all(isinstance(v, str) for p in progress for v in p.values())
+    # Live frames may carry a step preview; the stored progress (replayed frames, Detail) never does.
+    assert all(p["preview"].startswith("data:image/jpeg;base64,") for p in progress if "preview" in p)
 
     task = server.detail(run["taskid"])
     assert task["status"] == "task_postprocess_end" and task["pexit"] == "0"
+    assert task["progress"]["stepCurrent"] == progress[-1]["stepCurrent"] and "preview" not in task["progress"]
     assert frames[-1]["message"] == task["outputs"]
     assert [o["name"] for o in task["outputs"]] == ["0.png", "1.png"]
     for key in ("createtime", "accepttime", "preprocessstarttime", "assigntime", "starttime", "endtime"):

@@ -2,7 +2,8 @@
 
 The signature does not cover the method, path or body (that is Wiro's design), so the nonce is
 what limits replay: timestamp-like nonces (unix seconds or milliseconds) must be near the server
-clock, and with ``unique_nonces`` each nonce is accepted once per project.
+clock, and with ``unique_nonces`` each nonce is accepted once per project. Revoked projects are
+unknown to ``find_project``, so their keys fail like keys that never existed.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from dreamserve.signing import verify
 NOT_FOUND = "Project authorization is not founded."
 NEEDS_SIGNATURE = "Project requires signature authentication. x-signature and x-nonce headers are required."
 NOT_VALID = "Project authorization is not valid."
+#: ``seen`` of a nonce that is never purged (1 January 2100).
+REMEMBER_FOREVER = 4_102_444_800.0
 
 
 def nonce_time(nonce: str) -> float | None:
     """The unix time a nonce stands for, if it looks like a timestamp in seconds or milliseconds."""
-    if not nonce.isdigit() or len(nonce) > 16:
+    # ASCII digits only: str.isdigit() is also true of "²" and other digits that int() refuses.
+    if not (nonce.isascii() and nonce.isdigit()) or len(nonce) > 16:
         return None
     value = int(nonce)
     if 10**9 <= value < 10**11:
@@ -71,9 +75,12 @@ async def _check_nonce(
         )
     if not settings.unique_nonces:
         return
+    # A timestamp nonce can be forgotten once the clock check refuses it anyway (2 x skew after use); any other
+    # nonce ("random integer") is remembered for good, or it could be replayed once forgotten.
+    seen = now if stamp is not None else REMEMBER_FOREVER
     try:
         async with sessions.begin() as session:
             await session.execute(delete(Nonce).where(Nonce.seen < now - 2 * settings.nonce_skew_seconds))
-            session.add(Nonce(project_id=project_id, nonce=nonce, seen=now))
+            session.add(Nonce(project_id=project_id, nonce=nonce, seen=seen))
     except IntegrityError:
         raise AuthError(f"{NOT_VALID} x-nonce {nonce} was already used; send a new nonce with every request.") from None

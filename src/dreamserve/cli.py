@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:  # the server's settings need pydantic-settings, a server extr
 console = Console(stderr=True)
 DEFAULT_DATA_DIR = "dreamserve-data"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+#: How often ``generate`` asks for the queue position while its task waits (the socket is silent then).
+QUEUE_POLL_SECONDS = 1.0
 STATUS_TEXT = {
     "task_queue": "queued",
     "task_accept": "accepted",
@@ -143,16 +146,15 @@ def keys() -> None:
 @click.option("--name", default="project", show_default=True, help="A label for the project.")
 @click.option("--key-only", is_flag=True, help="Accept x-api-key alone (no signature) for this project.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="The server's data folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print {project_id, api_key, api_secret} as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print {project_id, api_key, api_secret, webhook_secret}.")
 def keys_create(name: str, key_only: bool, data_dir: Path | None, as_json: bool) -> None:
     """Create a project and print its key and secret (the secret is shown only now)."""
     from dreamserve.projects import create_project
 
     creds = create_project(_settings({"data_dir": data_dir}), name, signature=not key_only)
     if as_json:
-        click.echo(
-            json.dumps({"project_id": creds.project_id, "api_key": creds.api_key, "api_secret": creds.api_secret})
-        )
+        keys = {"project_id": creds.project_id, "api_key": creds.api_key, "api_secret": creds.api_secret}
+        click.echo(json.dumps({**keys, "webhook_secret": creds.webhook_secret}))
         return
     click.echo(f"Project {creds.project_id} ({name}) created.")
     click.echo(f"  API key:    {creds.api_key}")
@@ -161,6 +163,27 @@ def keys_create(name: str, key_only: bool, data_dir: Path | None, as_json: bool)
     else:
         click.echo(f"  API secret: {creds.api_secret}")
         click.echo("The secret is not shown again; only a sealed form of it is stored. Keep it now.")
+    # Unlike the API secret, the server keeps this one (it signs callbacks with it), so it can be shown again.
+    click.echo(f"  Webhook secret: {creds.webhook_secret} (verify callbacks with dreamserve.signing.verify_webhook)")
+
+
+@keys.command("revoke")
+@click.argument("which")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="The server's data folder.")
+def keys_revoke(which: str, data_dir: Path | None) -> None:
+    """Revoke a project's key: WHICH is the project id, the API key, or its first 8 characters.
+
+    A running server refuses the key from its next request on; the project's tasks and files stay.
+    """
+    from dreamserve.projects import revoke_project
+
+    try:
+        revoked = revoke_project(_settings({"data_dir": data_dir}), which)
+    except ValueError as exc:
+        _error(f"[red]{escape(str(exc))}[/]")
+        sys.exit(1)
+    for project_id, name, prefix in revoked:
+        click.echo(f"Project {project_id} ({name}, key {prefix}...) revoked.")
 
 
 # -- client side ------------------------------------------------------------------------------------
@@ -233,13 +256,43 @@ def _follow(client: Client, run: RunResult) -> Task:
     )
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"task {run.taskid} queued", total=None, steps="", eta="")
+        seen = {"status": "task_queue"}
+
+        def on_event(event: Event) -> None:
+            if event.type in STATUS_TEXT:
+                seen["status"] = event.type
+            _show(progress, bar, run, event)
+
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch_queue, args=(client, run, seen, on_event, stop), daemon=True)
+        watcher.start()
         try:
-            return client.wait(tasktoken=run.socketaccesstoken, on_event=lambda e: _show(progress, bar, run, e))
+            return client.wait(tasktoken=run.socketaccesstoken, on_event=on_event)
         except KeyboardInterrupt:
             progress.update(bar, description=f"task {run.taskid} cancelling")
             if _stop(client, run.taskid):
                 console.print(f"Task {run.taskid} cancelled.")
             sys.exit(130)
+        finally:
+            stop.set()
+
+
+def _watch_queue(client: Client, run: RunResult, seen: dict[str, str], on_event: Any, stop: threading.Event) -> None:
+    """While the task waits, poll Task/Detail for ``queueposition`` (ours) and report it as a task_queue event."""
+    shown = None
+    delay = 0.2  # the first look comes quickly: a queued task is what this thread is for
+    while not stop.wait(delay) and seen["status"] == "task_queue":
+        delay = QUEUE_POLL_SECONDS
+        try:
+            task = client.detail(run.taskid)
+        except DreamError:
+            continue  # the socket drives the bar; a failed poll only delays the position
+        position = task.data.get("queueposition")
+        if task.status != "task_queue" or not position:
+            return
+        if position != shown and seen["status"] == "task_queue":
+            shown = position
+            on_event(Event("task_queue", run.taskid, run.socketaccesstoken, {"position": position}))
 
 
 def _show(progress: Progress, bar: TaskID, run: RunResult, event: Event) -> None:
@@ -254,7 +307,8 @@ def _show(progress: Progress, bar: TaskID, run: RunResult, event: Event) -> None
     elif event.type in STATUS_TEXT:
         text = STATUS_TEXT[event.type]
         if event.queue_position is not None:
-            text += f" (position {event.queue_position})"
+            # Our queueposition counts the tasks ahead: 0 means this one runs next.
+            text += f" ({event.queue_position} ahead)" if event.queue_position else " (next)"
         progress.update(bar, description=f"task {run.taskid} {text}")
 
 

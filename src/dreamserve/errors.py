@@ -8,6 +8,7 @@ errors with 401, unknown routes with 404 and rate limits with 429, so each class
     ├── InvalidRequest               a parameter or file is wrong (code 0)
     ├── AuthError                    credentials missing or wrong (code 0, HTTP 401)
     ├── NotFound                     task, file, folder or model unknown to this project (code 1)
+    │   └── FileNotFound             a download URL that names no file (code 1, HTTP 404)
     ├── InvalidState                 the task is not in a state that allows this (code 1)
     ├── RateLimited                  too many requests (code 96, HTTP 429, Retry-After)
     └── RouteNotFound                no such endpoint (code 0, HTTP 404)
@@ -40,6 +41,12 @@ class AuthError(DreamError):
 
 class NotFound(DreamError):
     code = 1
+
+
+class FileNotFound(NotFound):
+    """A GET of a file URL: HTTP clients and caches go by the status, so it is a real 404."""
+
+    http_status = 404
 
 
 class InvalidState(DreamError):

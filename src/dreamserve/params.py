@@ -8,7 +8,10 @@ Wiro's clients send them as JSON or multipart, numbers and booleans often as str
 from __future__ import annotations
 
 import io
+import math
+import re
 import secrets
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,8 @@ MAX_REFERENCES = 14
 MAX_TOTAL_IMAGES = 15
 MAX_PROMPT_CHARS = 10_000
 CALLBACK_EVENTS = {"start", "progress", "completed"}
+#: EXIF tag 274: values 5 to 8 mean the stored image is displayed turned by 90 degrees.
+_EXIF_ORIENTATION = 0x0112
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "MPO": "jpg"}
 
 
@@ -133,7 +138,8 @@ def _integer(fields: Mapping[str, Sequence[Any]], name: str, *, default: int, lo
         number = float(raw)
     except ValueError:
         raise InvalidRequest(f"Request parameter [{name}] must be integer or float, got {raw[:20]!r}.") from None
-    if number != int(number) or not low <= number <= high:
+    # "nan", "inf" and "1e999" are floats too: refused here, before int() would raise on them.
+    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
         raise InvalidRequest(f"Request parameter [{name}] must be between {low} and {high}, got {raw[:20]}.")
     return int(number)
 
@@ -172,20 +178,34 @@ def _references(fields: Mapping[str, Sequence[Any]], max_bytes: int, max_pixels:
 
 
 def check_image(data: bytes, label: str, max_bytes: int, max_pixels: int) -> tuple[str, int, int]:
-    """Identify an image by its content (never its name); returns (extension, width, height)."""
+    """Identify an image by its content (never its name); returns (extension, upright width, upright height).
+
+    Only the header is read before the pixel count is checked, so a decompression bomb (a huge image that
+    compresses small) is refused without decoding it; ``verify`` then walks the file without decoding
+    pixels either. Width and height are as displayed: an EXIF orientation that rotates by 90 degrees swaps them.
+    """
     if len(data) > max_bytes:
         raise InvalidRequest(f"Request files [inputImage] {label} is {len(data):,} bytes; the limit is {max_bytes:,}.")
+
+    def too_many(pixels: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"Request files [inputImage] {label} has {pixels} pixels; the limit is {max_pixels:,}. "
+            "Send a smaller image."
+        )
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt = image.format or ""
             width, height = image.size
             if width * height > max_pixels:
-                raise InvalidRequest(
-                    f"Request files [inputImage] {label} has {width}x{height} pixels; the limit is {max_pixels:,} "
-                    "pixels. Send a smaller image."
-                )
+                raise too_many(f"{width}x{height}")
+            if _orientation(image) in (5, 6, 7, 8):
+                width, height = height, width
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError as exc:  # Pillow refuses to open it at all (over twice its own limit)
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        raise too_many(f"{int(counted.group(1)):,}" if counted else "far too many") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
         raise InvalidRequest(
             f"Request files [inputImage] {label} is not an image this service can read. "
             "Send PNG, JPEG, WebP, GIF, BMP or TIFF."
@@ -198,6 +218,20 @@ def check_image(data: bytes, label: str, max_bytes: int, max_pixels: int) -> tup
             "aspect ratio within 1:16 to 16:1."
         )
     return IMAGE_FORMATS[fmt], width, height
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation found in the file's header (never by decoding pixels, as ``getexif`` may for PNG)."""
+    raw = image.info.get("exif")
+    if isinstance(raw, bytes):
+        exif = Image.Exif()
+        exif.load(raw)
+        value = exif.get(_EXIF_ORIENTATION)
+    elif image.format == "TIFF":
+        value = image.getexif().get(_EXIF_ORIENTATION)
+    else:
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _check_upload(upload: Upload, number: int, max_bytes: int, max_pixels: int) -> Reference:

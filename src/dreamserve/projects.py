@@ -89,6 +89,47 @@ async def find_project(sessions: async_sessionmaker[AsyncSession], api_key: str)
         return (await session.execute(query)).scalar_one_or_none()
 
 
+async def revoke(sessions: async_sessionmaker[AsyncSession], which: str) -> list[tuple[int, str, str]]:
+    """Revoke the project named by ``which``: its id, its whole API key, or the key's first 8 characters.
+
+    Returns (id, name, key prefix) of what was revoked; raises ``ValueError`` when ``which`` names no
+    project, or more than one (a prefix shared by two keys: give the id or the whole key).
+    """
+    which = which.strip()
+    if which.isascii() and which.isdigit() and len(which) < 8:
+        condition = Project.id == int(which)
+    elif len(which) == 32:
+        condition = Project.api_key_hash == hash_key(which)
+    elif len(which) >= 8:
+        condition = Project.api_key_prefix == which[:8]
+    else:
+        raise ValueError("Give a project id, an API key, or at least its first 8 characters.")
+    async with sessions.begin() as session:
+        projects = list((await session.execute(select(Project).where(condition))).scalars())
+        if not projects:
+            raise ValueError(f"No project matches {which[:12]!r}.")
+        if len(projects) > 1:
+            ids = ", ".join(str(p.id) for p in projects)
+            raise ValueError(f"{which[:12]!r} matches projects {ids}: give the project id or the whole API key.")
+        for project in projects:
+            project.revoked = True
+        return [(p.id, p.name, p.api_key_prefix) for p in projects]
+
+
+async def _revoke(settings: Settings, which: str) -> list[tuple[int, str, str]]:
+    engine = make_engine(settings.db_url)
+    try:
+        await upgrade(engine)
+        return await revoke(make_sessionmaker(engine), which)
+    finally:
+        await engine.dispose()
+
+
+def revoke_project(settings: Settings, which: str) -> list[tuple[int, str, str]]:
+    """``dreamserve keys revoke``: a running server refuses the key from its next request on."""
+    return asyncio.run(_revoke(settings, which))
+
+
 async def _create(settings: Settings, name: str, signature: bool) -> Credentials:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)

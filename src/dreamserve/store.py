@@ -144,12 +144,15 @@ class TaskStore:
         expect: Iterable[str] | None = None,
         worker_id: str | None = None,
         outputs: Sequence[File] = (),
+        live_extra: dict[str, Any] | None = None,
         **fields: Any,
     ) -> Task | None:
         """Append an event and apply ``fields`` (plus the status, for lifecycle events) atomically.
 
         ``expect`` restricts the statuses the task may be in; ``worker_id`` requires that worker to
-        still hold the lease. Returns the updated task, or ``None`` when the guard failed.
+        still hold the lease. ``live_extra`` is merged into the published copy of a dict message only: large,
+        short-lived data (step previews) that subscribers see live and the event log does not keep.
+        Returns the updated task, or ``None`` when the guard failed.
         """
         now = time.time()
         values = dict(fields)
@@ -192,6 +195,8 @@ class TaskStore:
             row = TaskEvent(task_id=task_id, type=event_type, message=message, created=now)
             session.add(row)
             await session.flush()
+            if live_extra and isinstance(message, dict):
+                message = {**message, **live_extra}
             event = Event(row.id, task_id, event_type, message)
         await self.hub.publish(event)
         return task
@@ -352,11 +357,18 @@ class TaskStore:
         first = await self.record(task_id, "task_error", message, expect=expect, worker_id=worker_id)
         if first is None:
             return False
-        await self.record(task_id, "task_output_full", {"raw": output})
-        await self.record(task_id, "task_error_full", {"raw": raw or message})
-        await self.record(task_id, "task_end", None)
-        await self.record(task_id, "task_postprocess_start", None)
-        await self.record(task_id, "task_postprocess_end", [], pexit=pexit, debugerror=message, debugoutput=output)
+        # Each step keeps the lease guard: if the reaper re-queued the task in between (this worker froze past
+        # its lease), the rest is not written and the task cannot end twice.
+        closing: list[tuple[str, Any, dict[str, Any]]] = [
+            ("task_output_full", {"raw": output}, {}),
+            ("task_error_full", {"raw": raw or message}, {}),
+            ("task_end", None, {}),
+            ("task_postprocess_start", None, {}),
+            ("task_postprocess_end", [], {"pexit": pexit, "debugerror": message, "debugoutput": output}),
+        ]
+        for event_type, event_message, fields in closing:
+            if await self.record(task_id, event_type, event_message, worker_id=worker_id, **fields) is None:
+                return False
         return True
 
     async def undispatched(self, limit: int = 100) -> list[tuple[int, str, int]]:

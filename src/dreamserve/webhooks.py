@@ -103,6 +103,7 @@ async def _attempt(
             headers=headers,
             timeout=settings.fetch_timeout_seconds,
             allow_private=settings.fetch_allow_private,
+            allow_hosts=settings.fetch_allow_hosts,
         )
     except InvalidRequest as exc:
         error = exc.message

@@ -7,11 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from starlette.datastructures import UploadFile
+from starlette.types import Message
 
 from dreamserve.auth import authenticate
 from dreamserve.db import Project
 from dreamserve.errors import InvalidRequest
 from dreamserve.params import Upload
+from dreamserve.ratelimit import RateLimiter
 from dreamserve.services import Services
 
 
@@ -24,18 +26,66 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def get_project(request: Request, services: ServicesDep) -> Project:
-    return await authenticate(services.sessions, services.settings, request.headers)
+    project = await authenticate(services.sessions, services.settings, request.headers)
+    check_rate(request, services, project)
+    return project
+
+
+def check_rate(request: Request, services: Services, project: Project) -> None:
+    """Spend one of the project's request tokens; ``RateLimited`` (429) when there are none."""
+    _limiter(request, services).check(project.id)
+
+
+def _limiter(request: Request, services: Services) -> RateLimiter:
+    """This process's per-project buckets, made on first use (``rate_limit_per_minute``; 0 = off)."""
+    limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
+    if limiter is None:
+        settings = services.settings
+        limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+        request.app.state.rate_limiter = limiter
+    return limiter
 
 
 ProjectDep = Annotated[Project, Depends(get_project)]
 
 
+def _too_large(limit: int) -> InvalidRequest:
+    error = InvalidRequest(
+        f"The request body is larger than {limit:,} bytes, the limit. Send fewer or smaller files (or URLs to them)."
+    )
+    error.http_status = 413
+    return error
+
+
+def _limited_body(request: Request) -> Request:
+    """The same request, refused (HTTP 413) before it is read when its Content-Length is over
+    ``max_request_bytes``, and as soon as that many bytes have streamed in when it does not say."""
+    limit = get_services(request).settings.max_request_bytes
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    receive = request.receive
+    received = 0
+
+    async def counting() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(limit)
+        return message
+
+    return Request(request.scope, counting)
+
+
 async def read_fields(request: Request, max_file_bytes: int) -> dict[str, list[Any]]:
     """The body as ``name -> values``, from JSON or a form; files become ``Upload``s.
 
-    An oversized file is cut at ``max_file_bytes + 1`` bytes so the size check can refuse it
-    without reading the whole of it into memory.
+    The whole body is bounded by ``max_request_bytes`` (see ``_limited_body``); an oversized file is
+    cut at ``max_file_bytes + 1`` bytes so the size check can refuse it without reading all of it.
     """
+    request = _limited_body(request)
     content_type = request.headers.get("content-type", "")
     fields: dict[str, list[Any]] = {}
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):

@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.db import File, Folder
-from dreamserve.errors import InvalidRequest, NotFound
+from dreamserve.errors import FileNotFound, InvalidRequest, NotFound
 from dreamserve.params import Upload, check_image
 from dreamserve.store import new_accesskey
 from dreamserve.wire import envelope, file_item, unix
@@ -92,7 +92,7 @@ async def read_file(accesskey: str, name: str, services: ServicesDep) -> Respons
     async with services.sessions() as session:
         query = select(File).where(File.accesskey == accesskey, File.name == name)
         file = (await session.execute(query)).scalar_one_or_none()
-    missing = NotFound("File not found. Check the URL; output URLs are listed in Task/Detail outputs[].url.")
+    missing = FileNotFound("File not found. Check the URL; output URLs are listed in Task/Detail outputs[].url.")
     if file is None:
         raise missing
     local = services.blobs.local_path(file.blob_key)

@@ -1,16 +1,25 @@
 """OpenAI-compatible ``/v1/images/generations`` and ``/v1/images/edits`` on the same task queue.
 
-Requests become ordinary tasks (so they show in Task/List, can be followed on the socket and
-cancelled); the call waits for the task and answers in OpenAI's shape, plus ``task_id`` and
-``socketaccesstoken``. Auth is ``Authorization: Bearer <api key>`` for key-only projects, and
-``Bearer <api key>:<api secret>`` for signature projects (OpenAI clients cannot sign requests).
-Errors use OpenAI's ``{"error": {...}}`` shape; the route class below is the one place they are translated.
+Requests become ordinary tasks through ``submit.submit`` (so they show in Task/List, can be
+followed on the socket and cancelled); the call waits for its task (``sync_wait_seconds``) and
+answers in OpenAI's shape, plus ``task_id`` and ``socketaccesstoken``. A client that hangs up
+while waiting gets its task cancelled (``sync_cancel_on_disconnect``): nobody could fetch the images.
+
+Auth is ``Authorization: Bearer <api key>`` for key-only projects and ``Bearer <api key>:<api secret>``
+for signature projects: OpenAI clients cannot sign requests, and accepting the bare key would let
+anyone holding only the key into a project that asked for signatures.
+
+Errors use OpenAI's ``{"error": {"message", "type", "param", "code"}}``; ``OpenAIRoute`` is the one
+place they are translated, so the rest of the code raises the usual ``errors`` tree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
+import io
+import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -18,22 +27,54 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from PIL import Image
 
-from dreamserve.api.deps import ServicesDep, read_fields
-from dreamserve.db import Project
-from dreamserve.errors import AuthError, DreamError, InvalidRequest
+from dreamserve.api.deps import ServicesDep, check_rate, read_fields
+from dreamserve.db import Project, Task
+from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited
+from dreamserve.events import TERMINAL
 from dreamserve.params import Upload
 from dreamserve.projects import find_project, unseal_secret
 from dreamserve.services import Services
 from dreamserve.settings import DEFAULT_MODEL
-from dreamserve.submit import served_model, submit
+from dreamserve.submit import submit
 
-#: Seconds a synchronous call waits for its task before answering with the task id to follow.
-WAIT_SECONDS = 600.0
+#: Our parameter names as OpenAI's clients know them, for error messages and ``param``.
+OPENAI_NAMES = {"maxImages": "n", "inputImage": "image"}
+#: ``auto`` lets the server choose: the 1K tier, at the aspect ratio of the first reference image.
+AUTO_SIZE = "1K"
+POLL_SECONDS = 0.1
+_PARAM = re.compile(r"Request (?:parameter|files) \[(\w+)\]")
+
+
+def openai_error(exc: DreamError) -> JSONResponse:
+    """The translation of our error tree into OpenAI's status codes and error body."""
+    message = exc.message
+    for ours, theirs in OPENAI_NAMES.items():
+        message = message.replace(f"[{ours}]", f"[{theirs}]")
+    match = _PARAM.search(message)
+    param = match.group(1) if match else None
+    headers = None
+    if isinstance(exc, AuthError):
+        status, kind, code = 401, "invalid_request_error", "invalid_api_key"
+    elif isinstance(exc, RateLimited):
+        status, kind, code = 429, "requests", "rate_limit_exceeded"
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, NotFound):
+        status, kind, code = 404, "invalid_request_error", "model_not_found"
+    elif exc.http_status >= 500:
+        status, kind, code = exc.http_status, "server_error", None
+    elif isinstance(exc, InvalidState):
+        # Not 5xx on purpose: OpenAI clients retry those, and a retry would queue a second task.
+        status, kind, code = 400, "invalid_request_error", "task_not_completed"
+    else:
+        status, kind, code = 400, "invalid_request_error", "invalid_value" if param else None
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class OpenAIRoute(APIRoute):
-    """Renders our errors in OpenAI's shape for the routes of this module."""
+    """Renders our errors in OpenAI's shape for the routes of this module (dependencies included)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -42,10 +83,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except DreamError as exc:
-                kind = "authentication_error" if isinstance(exc, AuthError) else "invalid_request_error"
-                status = 401 if isinstance(exc, AuthError) else (exc.http_status if exc.http_status >= 400 else 400)
-                body = {"error": {"message": exc.message, "type": kind, "param": None, "code": None}}
-                return JSONResponse(body, status_code=status)
+                return openai_error(exc)
 
         return translated
 
@@ -60,8 +98,10 @@ async def bearer_project(request: Request, services: ServicesDep) -> Project:
     project = await find_project(services.sessions, api_key) if api_key else None
     if project is None:
         raise AuthError("Send the API key as Authorization: Bearer <key> (or <key>:<secret> for signature projects).")
-    if project.signature_required and secret != unseal_secret(api_key, project.secret_sealed or ""):
+    expected = unseal_secret(api_key, project.secret_sealed or "") if project.signature_required else ""
+    if project.signature_required and not hmac.compare_digest(secret.encode(), expected.encode()):
         raise AuthError("This project requires its secret: send Authorization: Bearer <api key>:<api secret>.")
+    check_rate(request, services, project)
     return project
 
 
@@ -71,60 +111,122 @@ BearerProject = Annotated[Project, Depends(bearer_project)]
 @router.post("/v1/images/generations")
 async def generations(request: Request, project: BearerProject, services: ServicesDep) -> dict[str, Any]:
     body = await read_fields(request, 0)
-    return await _run(services, project, body, [])
+    return await _run(request, services, project, body, [])
 
 
 @router.post("/v1/images/edits")
 async def edits(request: Request, project: BearerProject, services: ServicesDep) -> dict[str, Any]:
     body = await read_fields(request, services.settings.max_upload_bytes)
+    if body.get("mask"):
+        raise InvalidRequest("Request parameter [mask] is not supported: describe the change in the prompt instead.")
     images = [v for name in ("image", "image[]") for v in body.get(name, []) if isinstance(v, Upload)]
     if not images:
-        raise InvalidRequest("images/edits needs at least one image file (field 'image' or 'image[]').")
-    return await _run(services, project, body, images)
+        raise InvalidRequest("Request files [image] required: send at least one image file ('image' or 'image[]').")
+    return await _run(request, services, project, body, images)
 
 
 async def _run(
-    services: Services, project: Project, body: dict[str, list[Any]], images: list[Upload]
+    request: Request, services: Services, project: Project, body: dict[str, list[Any]], images: list[Upload]
 ) -> dict[str, Any]:
     def one(name: str, default: Any = None) -> Any:
         values = body.get(name)
-        return values[-1] if values else default
+        return values[-1] if values not in (None, []) and values[-1] is not None else default
 
     response_format = str(one("response_format", "url"))
     if response_format not in ("url", "b64_json"):
-        raise InvalidRequest("response_format must be 'url' or 'b64_json'.")
-    output_format = str(one("output_format", "png"))
-    if output_format != "png":
-        raise InvalidRequest("output_format: this server produces 'png'.")
-    size = str(one("size", "auto"))
+        raise InvalidRequest("Request parameter [response_format] must be 'url' or 'b64_json'.")
+    output_format = str(one("output_format", "png")).lower()
+    if output_format not in ("png", "jpeg", "webp"):
+        raise InvalidRequest("Request parameter [output_format] must be 'png', 'jpeg' or 'webp'.")
+    if output_format != "png" and response_format == "url":
+        raise InvalidRequest("Request parameter [output_format]: url outputs are PNG; use b64_json for jpeg or webp.")
+    size = str(one("size", "auto")).strip()
     fields: dict[str, list[Any]] = {
         "prompt": [one("prompt", "")],
         "maxImages": [one("n", 1)],
-        "size": ["1024x1024" if size == "auto" else size],
+        "size": [AUTO_SIZE if size.lower() == "auto" else size],
         "inputImage": list(images),
     }
-    slug = served_model(services, DEFAULT_MODEL)
-    task = await submit(services, project, slug, fields)
-    await services.wait_terminal(task.id, WAIT_SECONDS)
+    for extra in ("seed", "watermark"):  # ours, beyond OpenAI
+        if one(extra) is not None:
+            fields[extra] = [one(extra)]
+    task = await submit(services, project, _model(services, str(one("model", ""))), fields)
+    await _wait(request, services, task)
+    return await _answer(services, task, response_format, output_format, _quality(one("output_compression")))
+
+
+def _model(services: Services, requested: str) -> str:
+    """A served slug is used as given; any other name (``gpt-image-1``, ``dall-e-3``) means the default model."""
+    served = services.settings.models
+    slug = requested.strip().lower()
+    if slug in served:
+        return slug
+    if DEFAULT_MODEL in served:
+        return DEFAULT_MODEL
+    if not served:
+        raise NotFound("This server serves no model.")
+    return next(iter(served))
+
+
+def _quality(value: Any) -> int:
+    text = str(value if value is not None else 90).strip()
+    if not text.isdigit() or not 0 <= int(text) <= 100:
+        raise InvalidRequest("Request parameter [output_compression] must be an integer from 0 to 100.")
+    return int(text)
+
+
+async def _wait(request: Request, services: Services, task: Task) -> None:
+    settings = services.settings
+    deadline = time.monotonic() + settings.sync_wait_seconds
+    while time.monotonic() < deadline:
+        current = await services.store.get_by_id(task.id)
+        if current is None or current.status in TERMINAL:
+            return
+        if settings.sync_cancel_on_disconnect and await request.is_disconnected():
+            if await services.store.cancel_queued(task.id) is None:
+                await services.stop_task(task.id, "cancel")
+            return
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def _answer(
+    services: Services, task: Task, response_format: str, output_format: str, quality: int
+) -> dict[str, Any]:
     rendered = await services.render(task.id) or {}
-    if rendered.get("status") != "task_postprocess_end":
-        raise InvalidRequest(f"Task {task.id} is still {rendered.get('status')}; follow it with Task/Detail.")
-    if rendered.get("pexit") != "0":
-        raise InvalidRequest(f"Task {task.id} failed: {rendered.get('debugerror', '')[:500]}")
-    data = []
+    status, pexit = rendered.get("status"), rendered.get("pexit")
+    follow = f"Task {task.id} (socketaccesstoken {task.token})"
+    if status not in TERMINAL:
+        raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
+    if status == "task_cancel" or pexit in ("130", "137"):
+        raise InvalidState(f"{follow} was cancelled.")
+    if pexit != "0":
+        error = DreamError(f"{follow} failed (pexit {pexit}): {str(rendered.get('debugerror', ''))[:500]}")
+        error.http_status = 400 if pexit == "2" else 500  # 2: an input could not be read
+        raise error
     files = (await services.store.files([task.id], "output"))[task.id]
+    data: list[dict[str, Any]] = []
     for output, file in zip(rendered["outputs"], files, strict=True):
         if response_format == "url":
-            data.append({"url": output["url"], "revised_prompt": None})
+            data.append({"url": output["url"]})
         else:
             raw = await asyncio.to_thread(services.blobs.read, file.blob_key)
-            data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
+            encoded = await asyncio.to_thread(_encode, raw, output_format, quality)
+            data.append({"b64_json": base64.b64encode(encoded).decode()})
     return {
-        "created": int(time.time()),
+        "created": int(task.createtime),
         "data": data,
-        "output_format": "png",
-        "size": rendered["parameters"].get("size"),
-        # Beyond OpenAI: the task behind the images, to follow, list or cancel it.
+        "output_format": output_format,
+        "size": f"{task.job['width']}x{task.job['height']}",
+        # Beyond OpenAI: the task behind the images, to follow, list or cancel it like any other.
         "task_id": str(task.id),
         "socketaccesstoken": task.token,
     }
+
+
+def _encode(png: bytes, output_format: str, quality: int) -> bytes:
+    if output_format == "png":
+        return png
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as image:
+        image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality)
+    return buffer.getvalue()

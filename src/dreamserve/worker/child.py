@@ -4,7 +4,9 @@ then runs one job at a time sent by its supervisor over a pipe and answers with 
     parent -> child   {"op": "run", "job": GenerationJob}        {"op": "exit"}
                       {"op": "run_group", "jobs": [GenerationJob]}  {"op": "stop", "job": i} (during a group)
     child -> parent   {"type": "ready", "load_seconds": s}       {"type": "fatal", "message": m}
-                      {"type": "start"}  {"type": "step", "step": i, "total": n, "elapsed": s}
+                      {"type": "start"}
+                      {"type": "step", "job": i, "step": k, "total": n, "elapsed": s, "preview": uri (some steps)}
+                      {"type": "job_canceled", "job": i} (a group member stopped; its images will be dropped)
                       {"type": "done", "result": GenerationResult}
                       {"type": "canceled"}  {"type": "error", "message": m, "traceback": tb}
                       {"type": "group_done", "results": [{"result": ...} | {"canceled": true} | {"message": m}]}
@@ -35,7 +37,10 @@ def child_main(conn: Connection, stop: EventType, spec: dict[str, Any]) -> None:
     conn.send({"type": "ready", "load_seconds": engine.load_seconds})
 
     def on_step(info: StepInfo, job: int = 0) -> None:
-        conn.send({"type": "step", "job": job, "step": info.step, "total": info.total, "elapsed": info.elapsed})
+        message = {"type": "step", "job": job, "step": info.step, "total": info.total, "elapsed": info.elapsed}
+        if info.preview is not None:
+            message["preview"] = info.preview
+        conn.send(message)
 
     stopped: set[int] = set()
 
@@ -43,8 +48,9 @@ def child_main(conn: Connection, stop: EventType, spec: dict[str, Any]) -> None:
         # Per-job cancels arrive as messages while the group runs; the stop event still stops them all.
         while conn.poll():
             message = conn.recv()
-            if message.get("op") == "stop":
+            if message.get("op") == "stop" and int(message["job"]) not in stopped:
                 stopped.add(int(message["job"]))
+                conn.send({"type": "job_canceled", "job": int(message["job"])})
         return stop.is_set() or index in stopped
 
     while True:

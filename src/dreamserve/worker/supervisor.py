@@ -151,14 +151,13 @@ class Supervisor:
             if len(self.running) == 1:
                 self.child.stop_event.set()
             else:
-                index = [e for e in self.running.values() if not e.ended].index(entry)
-                self.child.send({"op": "stop", "job": index})
+                self.child.send({"op": "stop", "job": entry.index})
             asyncio.get_running_loop().call_later(self.settings.cancel_grace_seconds, self._escalate, task_id)
         return True
 
     def _escalate(self, task_id: int) -> None:
         entry = self.running.get(task_id)
-        if entry is not None and entry.stop == "cancel" and self.child is not None:
+        if entry is not None and entry.stop == "cancel" and not entry.settled and self.child is not None:
             log.warning("task %s did not stop within the grace period; killing the model process", task_id)
             entry.stop = "kill"
             self.child.kill()
@@ -210,6 +209,11 @@ class Supervisor:
         return True
 
     async def ensure_ready(self) -> bool:
+        if self.child is not None and not self.child.process.is_alive():
+            # The model process died between tasks (OOM killer, a signal): replace it before taking work.
+            log.warning("model process %s exited with code %s while idle", self.child.pid, self.child.process.exitcode)
+            await self.child.close(timeout=1.0)
+            self.child = None
         return self.child is not None or await self._spawn()
 
     async def _guarded(self, group: list[Task]) -> None:
@@ -268,11 +272,23 @@ class Supervisor:
             live = [entry for entry in self.running.values() if not entry.ended]
             if not live:
                 return
+            for index, entry in enumerate(live):
+                entry.index = index
             assert self.child is not None
-            if len(live) == 1:
-                self.child.send({"op": "run", "job": live[0].job_dict()})
-            else:
-                self.child.send({"op": "run_group", "jobs": [entry.job_dict() for entry in live]})
+            try:
+                if len(live) == 1:
+                    self.child.send({"op": "run", "job": live[0].job_dict()})
+                else:
+                    self.child.send({"op": "run_group", "jobs": [entry.job_dict() for entry in live]})
+            except OSError:
+                # The model process died before it was given the work: nothing ran, so the tasks run again.
+                for entry in live:
+                    note = f"Re-queued: the model process had exited before task {entry.task.id} was sent to it.\n"
+                    await self._record(
+                        entry.task, "task_queue", None, debugerror=note, dispatched_at=None, stop_requested=""
+                    )
+                await self._respawn()
+                return
             await self._follow(live)
         finally:
             heartbeat.cancel()
@@ -311,9 +327,11 @@ class Supervisor:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             for task_id, entry in list(self.running.items()):
-                if entry.ended:
+                if entry.ended or entry.settled:
                     continue
                 requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
+                if requested is None and entry.settled:
+                    continue  # it ended while the heartbeat was on its way: not a lost lease
                 if requested is None:
                     log.warning("task %s: lease lost; abandoning it", task_id)
                     entry.lost = True
@@ -344,6 +362,7 @@ class Supervisor:
                         max_bytes=self.settings.max_upload_bytes,
                         timeout=self.settings.fetch_timeout_seconds,
                         allow_private=self.settings.fetch_allow_private,
+                        allow_hosts=self.settings.fetch_allow_hosts,
                     )
                     ext, _, _ = check_image(
                         data,
@@ -372,7 +391,12 @@ class Supervisor:
                 entry = live[message.get("job", 0)]
                 progress = _progress(message["step"], message["total"], message["elapsed"])
                 entry.log.append(f"step {message['step']}/{message['total']}")
-                await self._record(entry.task, "task_output", progress, progress=progress)
+                preview = {"preview": message["preview"]} if message.get("preview") else None
+                await self._record(entry.task, "task_output", progress, progress=progress, live_extra=preview)
+            elif kind == "job_canceled":
+                # A cancelled member of a group: the shared pipeline call goes on for the others, but this task's
+                # images will be dropped, so it ends now rather than when the call ends.
+                await self._settle(live[message["job"]], {"canceled": True})
             elif kind == "done":
                 await self._settle(live[0], {"result": message["result"]})
                 return
@@ -389,7 +413,10 @@ class Supervisor:
                 return
 
     async def _settle(self, entry: _Running, outcome: dict[str, Any]) -> None:
-        """End one task from what the child reported for it."""
+        """End one task from what the child reported for it (once: a cancelled group member ends early)."""
+        if entry.settled:
+            return
+        entry.settled = True
         task = entry.task
         if "result" in outcome:
             await self._succeed(entry, GenerationResult.from_dict(outcome["result"]))
@@ -408,8 +435,8 @@ class Supervisor:
         killed = any(entry.stop == "kill" for entry in live)
         for entry in live:
             task = entry.task
-            if entry.lost:
-                continue  # the reaper has given the task to another worker: record nothing
+            if entry.lost or entry.settled:
+                continue  # ended already, or the reaper has given the task to another worker: record nothing
             if entry.stop == "kill":
                 await self._record(task, "task_cancel", "killed", pexit=PEXIT_KILLED, debugerror="Killed.")
             elif killed:
@@ -481,7 +508,12 @@ class _Running:
     #: "" / "cancel" / "kill": what was asked of this task.
     stop: str = ""
     lost: bool = False
+    #: Ended before the model ran (input error, cancelled while queued for the group).
     ended: bool = False
+    #: Its terminal state is recorded.
+    settled: bool = False
+    #: Position in the group sent to the model process.
+    index: int = 0
 
     def job_dict(self) -> dict[str, Any]:
         assert self.job is not None

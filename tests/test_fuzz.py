@@ -1,0 +1,238 @@
+"""Fuzzing: no input makes the server answer 500.
+
+* schemathesis generates requests for every operation of the OpenAPI schema the server publishes;
+* the Wiro endpoints read raw bodies (the schema cannot describe them), so a hand-written hypothesis
+  strategy posts random JSON and multipart field values to ``/v1/Run`` and ``/v1/Task/*``;
+* hypothesis checks the size parser and the signature check on their own.
+
+The server is real (uvicorn subprocess, SQLite) but runs no model worker, so generated tasks stay queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dreamserve.errors import InvalidRequest
+from dreamserve.projects import create_project
+from dreamserve.settings import ModelSpec, Settings
+from dreamserve.signing import sign, verify
+from dreamserve.sizes import MAX_ASPECT, MAX_PIXELS, MIN_PIXELS, parse_size
+from tests.conftest import MODEL, Server, free_port, png_bytes
+
+FUZZ = settings(
+    max_examples=int(os.environ.get("DREAMSERVE_FUZZ_EXAMPLES", 40)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("fuzz")
+    spec = ModelSpec(workers=0)
+    config = Settings(data_dir=data_dir, port=free_port(), models={MODEL: spec}, min_pixels=64 * 64)
+    env = {
+        **os.environ,
+        "DREAMSERVE_DATA_DIR": str(data_dir),
+        "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
+        "DREAMSERVE_MIN_PIXELS": str(64 * 64),
+        # The OpenAI-style calls wait for their task; with no worker, not for long.
+        "DREAMSERVE_SYNC_WAIT_SECONDS": "0.5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    server = Server(settings=config, env=env, log_path=data_dir / "server.log")
+    server.creds = create_project(config, "fuzz", signature=True)
+    server.start()
+    yield server
+    server.stop()
+    log = Path(server.log_path).read_text()
+    assert "unhandled error" not in log, log[-4000:]
+    assert " 500 Internal Server Error" not in log, log[-4000:]
+
+
+def test_openapi_operations_never_fail_with_500(fuzz_server: Server) -> None:
+    """Every operation in /openapi.json, with schemathesis' generated paths, queries and bodies."""
+    api = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert len(operations) >= 15, [op.label for op in operations]
+    assert creds_of(fuzz_server)
+    for operation in operations:
+
+        @FUZZ
+        @given(case=operation.as_strategy())
+        def check(case: Any) -> None:
+            headers = {**fuzz_server.headers(), "authorization": f"Bearer {creds_of(fuzz_server)}"}
+            response = case.call(headers={**(case.headers or {}), **headers}, timeout=30)
+            assert response.status_code < 500, (case.method, case.formatted_path, response.text[:500])
+
+        check()
+
+
+def creds_of(server: Server) -> str:
+    assert server.creds is not None
+    return server.creds.api_key
+
+
+# -- hand-written: the raw-body Wiro endpoints -----------------------------------------------------------------
+
+FIELDS = [
+    "prompt",
+    "size",
+    "maxImages",
+    "watermark",
+    "seed",
+    "priority",
+    "callbackUrl",
+    "callbackEvents",
+    "inputImage",
+    "inputImageUrl",
+    "taskid",
+    "tasktoken",
+    "socketaccesstoken",
+    "start",
+    "limit",
+]
+SIZES = ["64x64", "1K", "2K", "4K", "0x0", "99999x1", "1e3x1e3", "auto", "", "64×64", "2048x2048"]
+NUMBERS = ["1", "0", "-1", "15", "16", "1.5", "nan", "inf", "-inf", "1e999", "9" * 40, "0x10", "١", "²", " 2 "]
+URLS = ["http://127.0.0.1:1/x.png", "https://[::1]/a", "file:///etc/passwd", "http://", "ftp://x", "http://a,http://b"]
+
+scalars = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(SIZES + NUMBERS + URLS),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+names = st.one_of(st.sampled_from(FIELDS), st.text(max_size=10))
+json_bodies = st.dictionaries(names, values, max_size=8)
+form_values = st.one_of(st.text(max_size=30), st.sampled_from(SIZES + NUMBERS + URLS))
+files = st.one_of(st.binary(max_size=300), st.just(png_bytes(32, 32)), st.just(png_bytes(64, 64)[:50]))
+multipart = st.tuples(
+    st.lists(st.tuples(names, form_values), max_size=8),
+    st.lists(st.tuples(st.sampled_from(["inputImage", "file", "image"]), st.text(max_size=12), files), max_size=3),
+)
+endpoints = st.sampled_from(
+    [f"/v1/Run/{MODEL}", "/v1/Task/Detail", "/v1/Task/Cancel", "/v1/Task/Kill", "/v1/Task/List", "/v1/Task/Webhooks"]
+)
+
+
+def _envelope(response: httpx.Response) -> None:
+    assert response.status_code < 500, (response.request.url, response.text[:500])
+    body = response.json()
+    assert isinstance(body, dict) and isinstance(body.get("result"), bool), body
+
+
+@FUZZ
+@given(endpoint=endpoints, body=json_bodies)
+def test_wiro_endpoints_with_random_json(fuzz_server: Server, endpoint: str, body: dict[str, Any]) -> None:
+    content = json.dumps(body, allow_nan=True)
+    headers = {**fuzz_server.headers(), "content-type": "application/json"}
+    _envelope(httpx.post(f"{fuzz_server.url}{endpoint}", headers=headers, content=content, timeout=30))
+
+
+@FUZZ
+@given(endpoint=endpoints, form=multipart)
+def test_wiro_endpoints_with_random_multipart(fuzz_server: Server, endpoint: str, form: Any) -> None:
+    fields, uploads = form
+    data: dict[str, list[str]] = {}
+    for name, value in fields:
+        data.setdefault(name, []).append(value)
+    sent = [(name, (filename, content, "image/png")) for name, filename, content in uploads]
+    headers = fuzz_server.headers()
+    if sent:
+        response = httpx.post(f"{fuzz_server.url}{endpoint}", headers=headers, data=data, files=sent, timeout=30)
+    else:
+        response = httpx.post(f"{fuzz_server.url}{endpoint}", headers=headers, data=data, timeout=30)
+    _envelope(response)
+
+
+@FUZZ
+@given(
+    body=st.binary(max_size=200),
+    content_type=st.sampled_from(
+        [
+            "application/json",
+            "multipart/form-data",
+            "text/plain",
+            "multipart/form-data; boundary=x",
+            "application/x-www-form-urlencoded",
+        ]
+    ),
+)
+def test_wiro_endpoints_with_random_bytes(fuzz_server: Server, body: bytes, content_type: str) -> None:
+    headers = {**fuzz_server.headers(), "content-type": content_type}
+    _envelope(httpx.post(f"{fuzz_server.url}/v1/Run/{MODEL}", headers=headers, content=body, timeout=30))
+
+
+@FUZZ
+@given(nonce=st.text(max_size=70), signature=st.text(max_size=70), key=st.text(max_size=40))
+def test_random_credentials_are_refused_cleanly(fuzz_server: Server, nonce: str, signature: str, key: str) -> None:
+    headers = {
+        "x-api-key": key.encode("utf-8", "replace"),
+        "x-nonce": nonce.encode("utf-8", "replace"),
+        "x-signature": signature.encode("utf-8", "replace"),
+    }
+    try:
+        request = httpx.Request("POST", f"{fuzz_server.url}/v1/Task/List", headers=headers, json={})
+    except (ValueError, httpx.HTTPError):
+        return  # not sendable as HTTP headers at all
+    try:
+        response = httpx.Client(timeout=30).send(request)
+    except httpx.LocalProtocolError:
+        return  # h11 refuses to send such a header (newlines, ...)
+    assert response.status_code in (200, 400, 401), response.text[:300]  # 400: h11 refused the header
+
+
+# -- units: the size parser and the signature check ------------------------------------------------------------
+
+
+@given(st.one_of(st.text(max_size=30), st.from_regex(r"\s*\d{1,6}\s*[xX×*]\s*\d{1,6}\s*", fullmatch=True)))
+def test_parse_size_accepts_only_sizes_within_bounds(text: str) -> None:
+    try:
+        width, height = parse_size(text)
+    except InvalidRequest as error:
+        assert "size" in error.message
+        return
+    assert MIN_PIXELS <= width * height <= MAX_PIXELS
+    assert max(width / height, height / width) <= MAX_ASPECT
+
+
+@given(st.integers(1, 20_000), st.integers(1, 20_000), st.sampled_from(["1K", "2K", "4K", "1k"]))
+def test_parse_size_tiers_follow_the_reference(width: int, height: int, tier: str) -> None:
+    chosen = parse_size(tier, (width, height))
+    assert parse_size(f"{chosen[0]}x{chosen[1]}") == chosen
+
+
+@given(st.integers(64, 5000), st.integers(64, 5000), st.integers(64 * 64, MIN_PIXELS))
+def test_parse_size_explicit_round_trip(width: int, height: int, floor: int) -> None:
+    ok = floor <= width * height <= MAX_PIXELS and max(width / height, height / width) <= MAX_ASPECT
+    try:
+        assert parse_size(f"{width}x{height}", None, floor) == (width, height) and ok
+    except InvalidRequest:
+        assert not ok
+
+
+@given(st.text(max_size=40), st.text(max_size=40), st.text(max_size=40), st.text(max_size=80))
+def test_verify_never_raises_and_accepts_only_the_signature(key: str, secret: str, nonce: str, other: str) -> None:
+    signature = sign(key, secret, nonce)
+    assert verify(key, secret, nonce, signature)
+    assert verify(key, secret, nonce, signature.upper())
+    assert verify(key, secret, nonce, other) == (other.strip().lower() == signature)
+    assert not verify(key, secret, nonce + "0", signature)
+    assert not verify(key + "x", secret, nonce, signature)
