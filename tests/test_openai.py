@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from typing import Any
 
 import httpx
@@ -11,7 +12,10 @@ import openai
 import pytest
 from PIL import Image
 
+from dreamserve.projects import create_project
 from tests.conftest import png_bytes
+
+SLOW = {"max_pixels": 384 * 384, "steps": 60}
 
 
 def _client(server: Any) -> openai.OpenAI:
@@ -19,44 +23,105 @@ def _client(server: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=f"{creds.api_key}:{creds.api_secret}", max_retries=0)
 
 
+def _image(b64: str | None) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64 or "")))
+
+
 def test_generate_url_and_b64(make_server: Any) -> None:
     server = make_server(model={"max_pixels": 64 * 64})
     client = _client(server)
-    result = client.images.generate(model="seedream-4", prompt="a lighthouse at dusk", n=2, size="1024x1024")
-    assert len(result.data) == 2 and all(item.url for item in result.data)
-    image = Image.open(io.BytesIO(httpx.get(result.data[0].url or "").content))
+    result = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dusk", n=2, size="1024x1024")
+    assert len(result.data or []) == 2 and all(item.url for item in result.data or [])
+    assert result.created > 0 and result.size == "1024x1024"
+    image = Image.open(io.BytesIO(httpx.get(result.data[0].url or "").content))  # type: ignore[index]
     assert image.size == (1024, 1024)
     extra: dict[str, Any] = result.model_extra or {}
-    # Beyond OpenAI: the task is an ordinary task of the project.
+    # Beyond OpenAI: the task is an ordinary task of the project, listed, followed and detailed like any other.
     task = server.detail(extra["task_id"])
     assert task["status"] == "task_postprocess_end" and task["parameters"]["maxImages"] == "2"
+    assert task["socketaccesstoken"] == extra["socketaccesstoken"]
+    listed = server.post("/v1/Task/List", json={}).json()["tasklist"]
+    assert [t["id"] for t in listed] == [extra["task_id"]]
 
     encoded = client.images.generate(prompt="same, inline", size="1536x1024", response_format="b64_json")
-    raw = base64.b64decode(encoded.data[0].b64_json or "")
-    assert Image.open(io.BytesIO(raw)).size == (1536, 1024)
+    assert _image(encoded.data[0].b64_json).size == (1536, 1024)  # type: ignore[index]
+    jpeg = client.images.generate(prompt="as jpeg", size="2K", response_format="b64_json", output_format="jpeg")
+    picture = _image(jpeg.data[0].b64_json)  # type: ignore[index]
+    assert picture.format == "JPEG" and picture.size == (2048, 2048) and jpeg.output_format == "jpeg"
 
 
-def test_edit_with_several_images(make_server: Any) -> None:
+def test_edit_with_several_images_url_and_b64(make_server: Any) -> None:
     server = make_server(model={"max_pixels": 64 * 64})
     client = _client(server)
     images = [("a.png", png_bytes(80, 80), "image/png"), ("b.png", png_bytes(96, 64, (0, 0, 200)), "image/png")]
     result = client.images.edit(image=images, prompt="put the blue thing on the red thing", size="1024x1024")
-    assert len(result.data) == 1
+    assert len(result.data or []) == 1 and result.data[0].url  # type: ignore[index]
     extra: dict[str, Any] = result.model_extra or {}
     task = server.detail(extra["task_id"])
     assert len(task["parameters"]["inputImage"]) == 2 and task["pexit"] == "0"
 
+    # One file in the plain ``image`` field, two images back inline; "auto" follows the reference's 16:9.
+    wide = ("wide.png", png_bytes(160, 90), "image/png")
+    inline = client.images.edit(image=wide, prompt="the same, at night", n=2, size="auto", response_format="b64_json")
+    assert [_image(item.b64_json).size for item in inline.data or []] == [(1280, 720), (1280, 720)]
 
-def test_errors_in_openai_shape(make_server: Any) -> None:
+
+def test_bearer_rules_and_errors_in_openai_shape(make_server: Any) -> None:
     server = make_server(model={"workers": 0})
     wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as denied:
         wrong.images.generate(prompt="x")
-    # A signature project refuses its key without the secret.
+    assert denied.value.code == "invalid_api_key"
+    # A signature project refuses its key without the secret: OpenAI clients cannot sign, so the secret goes along.
     keyonly = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.creds.api_key, max_retries=0)
     with pytest.raises(openai.AuthenticationError) as info:
         keyonly.images.generate(prompt="x")
     assert "secret" in str(info.value)
+
+    client = _client(server)
     with pytest.raises(openai.BadRequestError) as bad:
-        _client(server).images.generate(prompt="x", size="10x10")
-    assert "[size]" in bad.value.body["message"]  # type: ignore[index]
+        client.images.generate(prompt="x", size="10x10")
+    assert bad.value.param == "size" and "[size]" in bad.value.message  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as many:
+        client.images.generate(prompt="x", n=16)
+    # Our field is maxImages; the message speaks OpenAI's names.
+    assert many.value.param == "n" and "[n]" in many.value.message  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.images.generate(prompt="")
+    assert empty.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as noimage:
+        client.images.edit(image=[], prompt="x")
+    assert noimage.value.param == "image"
+    raw = httpx.post(
+        f"{server.url}/v1/images/generations",
+        headers={"Authorization": f"Bearer {server.creds.api_key}:{server.creds.api_secret}"},
+        json={"prompt": "x", "response_format": "url", "output_format": "webp"},
+    )
+    error = raw.json()["error"]
+    assert raw.status_code == 400 and set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == "output_format"
+
+
+def test_key_only_project_takes_the_bare_key(make_server: Any) -> None:
+    server = make_server(model={"max_pixels": 64 * 64})
+    other = create_project(server.settings, "key-only", signature=False)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=other.api_key, max_retries=0)
+    result = client.images.generate(prompt="a red kite", size="1K")
+    assert result.data and result.data[0].url
+
+
+def test_client_that_hangs_up_cancels_its_task(make_server: Any) -> None:
+    # Far more steps than 4 s can run on any machine; the cancel ends it at the next step.
+    server = make_server(model={**SLOW, "steps": 2000})
+    headers = {"Authorization": f"Bearer {server.creds.api_key}:{server.creds.api_secret}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.url}/v1/images/generations", headers=headers, json={"prompt": "slow", "size": "1K"}, timeout=4
+        )
+    tasks = server.post("/v1/Task/List", json={}).json()["tasklist"]
+    assert len(tasks) == 1
+    deadline = time.monotonic() + 60
+    while tasks[0]["status"] != "task_cancel" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        tasks = [server.detail(tasks[0]["id"])]
+    assert tasks[0]["status"] == "task_cancel" and tasks[0]["pexit"] == "130", "nobody can fetch its images"

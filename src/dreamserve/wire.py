@@ -103,6 +103,9 @@ def task_object(task: Task, outputs: list[File], *, base_url: str, cps: float, n
         "details": task.details,
         "progress": task.progress,
         "attempts": str(task.attempts),
+        # Queued tasks ahead of this one for its model ("0" = next), filled in by Task/Detail and Task/List
+        # (it costs a query); "" once the task has left the queue.
+        "queueposition": "",
     }
 
 

@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
-from dreamserve.api import files, health, metrics, openai, run, socket, tasks
+from dreamserve.api import files, health, metrics, openai, run, socket, tasks, web
 from dreamserve.errors import DreamError, InvalidRequest, RateLimited, RouteNotFound
+from dreamserve.metrics import Monitor
 from dreamserve.services import Services
 from dreamserve.settings import Settings
 
@@ -22,21 +23,26 @@ log = logging.getLogger("dreamserve.api")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    monitor = Monitor()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services(settings)
         await services.start()
         app.state.services = services
+        await monitor.tasks.begin(services.sessions)
         try:
             yield
         finally:
             await services.close()
 
     app = FastAPI(title="dreamserve", version=__version__, lifespan=lifespan)
+    app.state.monitor = monitor
     for module in (run, tasks, files, openai, socket, health, metrics):
         app.include_router(module.router)
-    app.add_middleware(metrics.RequestCounter)
+    if settings.playground:
+        web.install(app)
+    app.add_middleware(metrics.RequestCounter, stats=monitor.requests)
     _install_error_handlers(app)
     return app
 

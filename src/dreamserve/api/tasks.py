@@ -35,8 +35,17 @@ async def _find(request: Request, services: ServicesDep, project: Project) -> Ta
     return task
 
 
-async def _tasklist(services: ServicesDep, task_id: int) -> dict[str, Any]:
+async def _render(services: ServicesDep, task_id: int) -> dict[str, Any] | None:
     rendered = await services.render(task_id)
+    if rendered is not None and rendered["status"] == "task_queue":
+        task = await services.store.get_by_id(task_id)
+        if task is not None and task.status == "task_queue":
+            rendered["queueposition"] = str(await services.store.queue_position(task))
+    return rendered
+
+
+async def _tasklist(services: ServicesDep, task_id: int) -> dict[str, Any]:
+    rendered = await _render(services, task_id)
     return envelope(total="1", tasklist=[rendered] if rendered else [])
 
 
@@ -88,7 +97,7 @@ async def task_list(request: Request, project: ProjectDep, services: ServicesDep
     start = _int(fields, "start", 0)
     limit = min(_int(fields, "limit", 20), 100)
     ids, total = await services.store.list_ids(project.id, start=start, limit=limit)
-    tasks = [await services.render(task_id) for task_id in ids]
+    tasks = [await _render(services, task_id) for task_id in ids]
     return envelope(total=str(total), tasklist=[t for t in tasks if t])
 
 

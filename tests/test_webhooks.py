@@ -1,0 +1,179 @@
+"""Signed callbacks against a real server: chosen events in order, throttled progress, retries with backoff,
+the delivery log, and the webhook secret handed out by ``keys create`` and ``credentials.json``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+
+from dreamserve.projects import Credentials
+from dreamserve.signing import sign_webhook, verify_webhook
+from tests.conftest import free_port
+
+
+@dataclass
+class Hook:
+    """A callback receiver that answers each POST with the next of ``statuses`` (then 200) and logs when it came."""
+
+    port: int
+    statuses: list[int] = field(default_factory=list)
+    posts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.posts
+
+    def verified(self, secret: str) -> list[dict[str, Any]]:
+        """The bodies, after checking that every delivery carries a valid signature."""
+        for post in self.posts:
+            headers = post["headers"]
+            stamp, signature = headers["x-dreamserve-timestamp"], headers["x-dreamserve-signature"]
+            assert verify_webhook(secret, stamp, post["raw"], signature), post
+        return [json.loads(post["raw"]) for post in self.posts]
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    state = Hook(port=free_port())
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            state.posts.append({"at": time.monotonic(), "headers": headers, "raw": raw})
+            self.send_response(state.statuses.pop(0) if state.statuses else 200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", state.port), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def deliveries(server: Any, taskid: str, creds: Credentials | None = None) -> list[dict[str, Any]]:
+    body = server.post("/v1/Task/Webhooks", creds, json={"taskid": taskid}).json()
+    assert body["result"] is True and body["total"] == str(len(body["deliveries"]))
+    rows: list[dict[str, Any]] = body["deliveries"]
+    return rows
+
+
+def test_start_progress_completed_arrive_signed_in_order(make_server: Any, hook: Hook) -> None:
+    server = make_server(model={"max_pixels": 256 * 256, "steps": 24})
+    events = "start,progress,completed"
+    run = server.run({"prompt": "followed", "size": "1K", "callbackUrl": hook.url, "callbackEvents": events})
+    task = server.wait(run["taskid"])
+    hook.wait_for(len(deliveries(server, run["taskid"])))
+    log = deliveries(server, run["taskid"])
+    bodies = hook.verified(server.creds.webhook_secret)
+    kinds = [post["headers"]["x-dreamserve-event"] for post in hook.posts]
+    progress = kinds.count("progress")
+    assert kinds == ["start", *["progress"] * progress, "completed"] and progress >= 1, kinds
+    assert bodies[0] == {"event": "start", "taskid": run["taskid"], "status": "task_start", "progress": None}
+    assert bodies[1]["event"] == "progress" and bodies[1]["progress"]["stepTotal"] == "24"
+    # The completed delivery is the final task object, as Wiro posts it.
+    assert bodies[-1]["status"] == "task_postprocess_end" and bodies[-1]["outputs"] == task["outputs"]
+
+    # Progress is throttled to one delivery a second per task, though steps come much faster.
+    created = [int(row["createtime"]) for row in log if row["event"] == "progress"]
+    running = int(task["endtime"]) - int(task["starttime"]) + 1
+    assert len(created) <= running + 1 and len(set(created)) == len(created), (created, running)
+    assert [(row["event"], row["state"], row["attempts"], row["laststatus"]) for row in (log[0], log[-1])] == [
+        ("start", "delivered", "1", "200"),
+        ("completed", "delivered", "1", "200"),
+    ]
+    assert [post["headers"]["x-dreamserve-delivery"] for post in hook.posts] == [row["id"] for row in log]
+
+
+def test_retries_back_off_then_give_up_and_the_log_says_why(make_server: Any, hook: Hook) -> None:
+    server = make_server(model={"workers": 0}, webhook_attempts=3, webhook_backoff_seconds=0.6)
+    hook.statuses = [500, 503, 500, 500]
+    run = server.run({"prompt": "never runs", "size": "1K", "callbackUrl": hook.url})
+    assert server.post("/v1/Task/Cancel", json={"taskid": run["taskid"]}).json()["result"] is True
+    posts = hook.wait_for(3)
+    time.sleep(1.0)  # no fourth attempt comes
+    assert len(posts) == 3
+    # A cancelled task is "completed" too: its final object says how it ended.
+    bodies = hook.verified(server.creds.webhook_secret)
+    assert {(body["status"], body["pexit"]) for body in bodies} == {("task_cancel", "130")}
+    gaps = [later["at"] - earlier["at"] for earlier, later in zip(posts, posts[1:], strict=False)]
+    assert gaps[0] >= 0.6 * 0.9 and gaps[1] >= 1.2 * 0.9, f"exponential backoff: {gaps}"
+    [row] = deliveries(server, run["taskid"])
+    assert (row["event"], row["state"], row["attempts"], row["laststatus"]) == ("completed", "failed", "3", "500")
+
+
+def test_unreachable_receiver_is_retried_then_delivered(make_server: Any, hook: Hook) -> None:
+    server = make_server(model={"workers": 0}, webhook_backoff_seconds=0.3)
+    closed = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
+    first = server.run({"prompt": "to nowhere", "size": "1K", "callbackUrl": closed})
+    second = server.run({"prompt": "to the hook", "size": "1K", "callbackUrl": hook.url})
+    hook.statuses = [500]
+    for run in (first, second):
+        server.post("/v1/Task/Cancel", json={"taskid": run["taskid"]})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        [failing] = deliveries(server, first["taskid"])
+        [ok] = deliveries(server, second["taskid"])
+        if int(failing["attempts"]) >= 2 and ok["state"] == "delivered":
+            break
+        time.sleep(0.2)
+    assert failing["state"] == "pending" and failing["laststatus"] == "" and failing["lasterror"], failing
+    assert (ok["state"], ok["attempts"], ok["lasterror"]) == ("delivered", "2", "")
+
+
+def test_keys_create_and_credentials_json_carry_the_webhook_secret(make_server: Any, hook: Hook) -> None:
+    server = make_server(model={"workers": 0})
+    data_dir = str(server.settings.data_dir)
+    created = subprocess.run(
+        [sys.executable, "-m", "dreamserve", "keys", "create", "--json", "--name", "hooks", "--data-dir", data_dir],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    creds = Credentials(**json.loads(created.stdout))
+    assert len(creds.webhook_secret) == 64 and creds.webhook_secret != server.creds.webhook_secret
+    run = server.run({"prompt": "signed for hooks", "size": "1K", "callbackUrl": hook.url}, creds=creds)
+    server.post("/v1/Task/Cancel", creds, json={"taskid": run["taskid"]})
+    hook.wait_for(1)
+    assert hook.verified(creds.webhook_secret)[0]["id"] == run["taskid"]
+    with pytest.raises(AssertionError):
+        hook.verified(server.creds.webhook_secret)  # another project's secret does not verify it
+    # serve writes the default project's credentials, webhook secret included.
+    saved = json.loads((server.settings.data_dir / "credentials.json").read_text())
+    assert len(saved["webhook_secret"]) == 64
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_verify_webhook_rejects_tampering_and_replays() -> None:
+    body = b'{"event": "completed"}'
+    now = str(int(time.time()))
+    signature = sign_webhook("s3cret", now, body)
+    assert verify_webhook("s3cret", now, body, signature)
+    assert verify_webhook("s3cret", now, body, signature.upper()), "hex case does not matter"
+    assert not verify_webhook("s3cret", now, body + b" ", signature)
+    assert not verify_webhook("s3cret", str(int(now) + 1), body, signature)
+    old = str(int(time.time()) - 600)
+    assert not verify_webhook("s3cret", old, body, sign_webhook("s3cret", old, body)), "older than the tolerance"
+    assert verify_webhook("s3cret", old, body, sign_webhook("s3cret", old, body), tolerance=900)
+    assert not verify_webhook("s3cret", "yesterday", body, signature)
