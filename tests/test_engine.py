@@ -342,3 +342,40 @@ def test_compile_and_lora_are_applied_at_load(tmp_path: Path) -> None:
     # Regional compilation of the repeated blocks; the LoRA fused into the weights and its adapter dropped.
     assert calls == [f"lora {tmp_path / 'style.safetensors'}", "fuse", "unload", "compile {'fullgraph': True}"]
     assert engine.steps == 4, "a LoRA on klein keeps klein's steps"
+
+
+def tiny_autoencoder(folder: Path, latent_channels: int) -> str:
+    """A random AutoencoderTiny whose decoder upsamples 4x, like the tiny VAEs, saved as a user's folder would be."""
+    from diffusers import AutoencoderTiny
+
+    decoder = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8),
+        num_encoder_blocks=(1, 1, 1),
+        num_decoder_blocks=(1, 1, 1),
+        latent_channels=latent_channels,
+    )
+    decoder.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize(("source", "channels"), [("tiny", 1), ("tiny-sd-turbo", 4)])
+def test_previews_decoded_by_a_tiny_autoencoder(source: str, channels: int, tmp_path: Path) -> None:
+    folder = tiny_autoencoder(tmp_path / "tae", channels)
+    engine = Engine.load(ModelSpec(source=source, max_pixels=192 * 128, preview_decoder=folder))
+    assert type(engine.previewer).__name__ == "TinyDecoderPreview"
+    steps: list[StepInfo] = []
+    engine.generate(job(tmp_path, width=300, height=200), steps.append, lambda: False)
+    assert steps and all(s.preview is not None for s in steps)
+    for info in steps:
+        assert info.preview is not None
+        with Image.open(io.BytesIO(base64.b64decode(info.preview.split(",", 1)[1]))) as image:
+            assert image.format == "JPEG" and image.size == (192, 128), "the generation's size (under 256 px)"
+
+
+def test_a_tiny_autoencoder_for_other_latents_is_refused(tmp_path: Path) -> None:
+    folder = tiny_autoencoder(tmp_path / "tae", 16)
+    with pytest.raises(ValueError, match="reads 16-channel latents; this model's VAE makes 4-channel ones"):
+        Engine.load(ModelSpec(source="tiny-sd-turbo", preview_decoder=folder))
+    with pytest.raises(ValueError, match="is not an AutoencoderTiny folder"):
+        Engine.load(ModelSpec(source="tiny-sd-turbo", preview_decoder=str(tmp_path / "missing")))

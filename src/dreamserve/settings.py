@@ -44,6 +44,9 @@ class ModelSpec(BaseModel):
     #: Send a small preview image (latent -> RGB, no VAE decode) with every Nth progress event (0 = none). Live
     #: socket frames carry it; the event log and Task/Detail do not keep it.
     preview_every: int = Field(default=1, ge=0)
+    #: Decode previews with this tiny autoencoder (a diffusers ``AutoencoderTiny`` folder trained for the model's
+    #: VAE latents, e.g. TAESD for SD-Turbo) instead of the fitted linear map.
+    preview_decoder: str | None = None
     #: Above the native cap, upscale with this ESRGAN-class model (a local .pth/.safetensors loaded by ``spandrel``)
     #: instead of Lanczos.
     upscaler: str | None = None

@@ -6,6 +6,10 @@ the pipeline's latent space, and a least-squares fit gives one 3x(C+1) matrix fr
 preview is then one small matrix product over the latent grid (1/8 or 1/16 of the image side), resized to at
 most 256 px and sent as a JPEG data URI.
 
+With ``preview_decoder`` set, previews are decoded instead by a tiny autoencoder (diffusers'
+``AutoencoderTiny``: TAESD-style, a few conv layers) trained for the model's VAE latents, e.g.
+``madebyollin/taesd`` for SD-Turbo: sharper previews for a few milliseconds per step on a GPU.
+
 What is previewed is the denoised estimate x0 = x_t - sigma_t * v, with v recovered from two consecutive
 latents of the Euler step (x_t = x_prev + (sigma_t - sigma_prev) * v); on the first step, where there is no
 previous latent, the noisy latent itself. Families: FLUX.2 (klein, dev) and Stable Diffusion; others get none.
@@ -79,24 +83,87 @@ class LatentPreview:
         return (encoded - shift) * vae.config.scaling_factor
 
     def grid(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        """The callback's latents as a (B, C, h, w) grid (FLUX.2 packs them as a token sequence, row-major)."""
-        if latents.ndim == 3:
-            rows, cols = height // self.cell, width // self.cell
-            return latents.reshape(latents.shape[0], rows, cols, latents.shape[2]).permute(0, 3, 1, 2)
-        return latents
+        return as_grid(latents, width, height, self.cell)
 
     def render(self, grid: torch.Tensor, width: int, height: int) -> str:
         """One (C, h, w) latent grid -> a JPEG data URI of at most PREVIEW_SIDE px on the long side."""
         cells = grid.float().cpu().permute(1, 2, 0)
         rgb = torch.cat([cells, torch.ones(*cells.shape[:2], 1)], dim=2) @ self.weights
-        pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        image = Image.fromarray(pixels, "RGB")
-        scale = min(PREVIEW_SIDE, max(width, height)) / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=70)
-        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        return _jpeg(rgb, width, height)
+
+
+class TinyDecoderPreview:
+    """Previews decoded by an ``AutoencoderTiny`` that reads the latents the model's VAE decodes."""
+
+    def __init__(self, pipeline: Any, family: str, decoder: Any, cell: int) -> None:
+        self.pipeline = pipeline
+        self.family = family
+        self.decoder = decoder
+        self.cell = cell
+
+    @classmethod
+    def load(cls, path: str, pipeline: Any, family: str) -> TinyDecoderPreview:
+        """Load the decoder folder (diffusers layout) beside ``pipeline``; ValueError when it cannot serve it."""
+        from diffusers import AutoencoderTiny
+
+        if family not in ("klein", "flux2", "sd") or getattr(pipeline, "vae", None) is None:
+            raise ValueError(f"preview_decoder is for FLUX.2 and Stable Diffusion pipelines, not the {family} family")
+        try:
+            decoder = AutoencoderTiny.from_pretrained(path, dtype=pipeline.vae.dtype, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"preview_decoder {path!r} is not an AutoencoderTiny folder ({exc}). Fetch one with "
+                "`hf download madebyollin/taesd --local-dir /models/taesd` (for SD-Turbo) and pass that folder."
+            ) from exc
+        expected = pipeline.vae.config.latent_channels
+        if decoder.config.latent_channels != expected:
+            raise ValueError(
+                f"preview_decoder {path!r} reads {decoder.config.latent_channels}-channel latents; this model's VAE "
+                f"makes {expected}-channel ones. Use the tiny autoencoder trained for this model's VAE."
+            )
+        decoder = decoder.to(pipeline.vae.device).eval()
+        cell = int(pipeline.vae_scale_factor) * (2 if family in ("klein", "flux2") else 1)
+        return cls(pipeline, family, decoder, cell)
+
+    def grid(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        return as_grid(latents, width, height, self.cell)
+
+    def render(self, grid: torch.Tensor, width: int, height: int) -> str:
+        latents = grid.unsqueeze(0).to(self.decoder.device, self.decoder.dtype)
+        if self.family in ("klein", "flux2"):
+            # The pipeline's own decode path: undo the batch-norm scaling, then the 2x2 patching.
+            bn = self.pipeline.vae.bn
+            std = torch.sqrt(bn.running_var + self.pipeline.vae.config.batch_norm_eps).view(1, -1, 1, 1)
+            latents = latents * std.to(latents) + bn.running_mean.view(1, -1, 1, 1).to(latents)
+            latents = self.pipeline._unpatchify_latents(latents)
+        config = self.decoder.config
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        with torch.inference_mode():
+            pixels = self.decoder.decode(latents).sample[0]  # (3, H, W) in [-1, 1]
+        return _jpeg(pixels.float().cpu().permute(1, 2, 0), width, height)
+
+
+Previewer = LatentPreview | TinyDecoderPreview
+
+
+def as_grid(latents: torch.Tensor, width: int, height: int, cell: int) -> torch.Tensor:
+    """The callback's latents as a (B, C, h, w) grid (FLUX.2 packs them as a token sequence, row-major)."""
+    if latents.ndim == 3:
+        rows, cols = height // cell, width // cell
+        return latents.reshape(latents.shape[0], rows, cols, latents.shape[2]).permute(0, 3, 1, 2)
+    return latents
+
+
+def _jpeg(rgb: torch.Tensor, width: int, height: int) -> str:
+    """(H, W, 3) values in [-1, 1] -> a JPEG data URI, the generation's aspect, at most PREVIEW_SIDE px."""
+    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    image = Image.fromarray(pixels, "RGB")
+    scale = min(PREVIEW_SIDE, max(width, height)) / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def denoised_estimate(scheduler: Any, latents: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from dreamserve.engine.loader import load_pipeline, resolve_device, resolve_dtype
-from dreamserve.engine.preview import LatentPreview, denoised_estimate
+from dreamserve.engine.preview import LatentPreview, Previewer, TinyDecoderPreview, denoised_estimate
 from dreamserve.engine.upscale import ModelUpscaler, upscale
 from dreamserve.jobs import GeneratedImage, GenerationJob, GenerationResult, StepInfo
 from dreamserve.models import ResolvedModel, resolve
@@ -71,7 +71,11 @@ class Engine:
         self.upscaler = (
             ModelUpscaler(spec.upscaler, self.device, resolve_dtype(spec, self.device)) if spec.upscaler else None
         )
-        self.previewer = LatentPreview.fit(pipeline, family) if spec.preview_every else None
+        self.previewer: Previewer | None = None
+        if spec.preview_every and spec.preview_decoder:
+            self.previewer = TinyDecoderPreview.load(spec.preview_decoder, pipeline, family)
+        elif spec.preview_every:
+            self.previewer = LatentPreview.fit(pipeline, family)
         #: Seconds to load the model (and its upscaler and preview map); reported with the first job after it.
         self.load_seconds = load_seconds + time.perf_counter() - started
         self._load_reported = False
