@@ -253,18 +253,6 @@ def check_scheme(url: str) -> None:
         raise InvalidRequest(f"{url[:80]!r} is not an http(s) URL.")
 
 
-async def check_url(url: str, allow_private: bool, allow_hosts: Sequence[str] = ()) -> None:
-    """Refuse a URL whose host resolves to an address the policy forbids (a check ahead of any connect)."""
-    check_scheme(url)
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    policy = FetchPolicy.build(allow_private, allow_hosts)
-    if policy.allow_private:
-        return
-    for address in await resolve(host, parts.port or (443 if parts.scheme == "https" else 80)):
-        policy.check(host, address)
-
-
 async def fetch(
     url: str, *, max_bytes: int, timeout: float, allow_private: bool, allow_hosts: Sequence[str] = ()
 ) -> bytes:

@@ -25,6 +25,9 @@ import torch
 from PIL import Image
 
 PREVIEW_SIDE = 256
+#: Families whose latent layout the previewers know: FLUX.2 packs 2x2 patches, batch-normalised; SD is scaled.
+PATCHED_FAMILIES = ("klein", "flux2")
+FAMILIES = (*PATCHED_FAMILIES, "sd")
 CALIBRATION_IMAGES = 16
 #: Latent cells per calibration image side.
 CALIBRATION_GRID = 8
@@ -43,9 +46,9 @@ class LatentPreview:
     @classmethod
     def fit(cls, pipeline: Any, family: str, seed: int = 0) -> LatentPreview | None:
         """Fit the map on ``pipeline``'s VAE; None for families without a supported latent layout."""
-        if family not in ("klein", "flux2", "sd") or getattr(pipeline, "vae", None) is None:
+        if family not in FAMILIES or getattr(pipeline, "vae", None) is None:
             return None
-        cell = int(pipeline.vae_scale_factor) * (2 if family in ("klein", "flux2") else 1)
+        cell = latent_cell(pipeline, family)
         side = cell * CALIBRATION_GRID
         generator = torch.Generator().manual_seed(seed)
         coarse = torch.rand(CALIBRATION_IMAGES, 3, 3, 3, generator=generator) * 2 - 1
@@ -72,12 +75,9 @@ class LatentPreview:
     def _to_pipeline_space(pipeline: Any, family: str, encoded: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the space the denoiser works in, as a (N, C, h, w) grid."""
         vae = pipeline.vae
-        if family in ("klein", "flux2"):
+        if family in PATCHED_FAMILIES:
             patched = pipeline._patchify_latents(encoded)
-            mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patched.device, patched.dtype)
-            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
-                patched.device, patched.dtype
-            )
+            mean, std = batch_norm_stats(pipeline, patched)
             return (patched - mean) / std
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (encoded - shift) * vae.config.scaling_factor
@@ -106,7 +106,7 @@ class TinyDecoderPreview:
         """Load the decoder folder (diffusers layout) beside ``pipeline``; ValueError when it cannot serve it."""
         from diffusers import AutoencoderTiny
 
-        if family not in ("klein", "flux2", "sd") or getattr(pipeline, "vae", None) is None:
+        if family not in FAMILIES or getattr(pipeline, "vae", None) is None:
             raise ValueError(f"preview_decoder is for FLUX.2 and Stable Diffusion pipelines, not the {family} family")
         try:
             decoder = AutoencoderTiny.from_pretrained(path, dtype=pipeline.vae.dtype, local_files_only=True)
@@ -122,19 +122,17 @@ class TinyDecoderPreview:
                 f"makes {expected}-channel ones. Use the tiny autoencoder trained for this model's VAE."
             )
         decoder = decoder.to(pipeline.vae.device).eval()
-        cell = int(pipeline.vae_scale_factor) * (2 if family in ("klein", "flux2") else 1)
-        return cls(pipeline, family, decoder, cell)
+        return cls(pipeline, family, decoder, latent_cell(pipeline, family))
 
     def grid(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
         return as_grid(latents, width, height, self.cell)
 
     def render(self, grid: torch.Tensor, width: int, height: int) -> str:
         latents = grid.unsqueeze(0).to(self.decoder.device, self.decoder.dtype)
-        if self.family in ("klein", "flux2"):
+        if self.family in PATCHED_FAMILIES:
             # The pipeline's own decode path: undo the batch-norm scaling, then the 2x2 patching.
-            bn = self.pipeline.vae.bn
-            std = torch.sqrt(bn.running_var + self.pipeline.vae.config.batch_norm_eps).view(1, -1, 1, 1)
-            latents = latents * std.to(latents) + bn.running_mean.view(1, -1, 1, 1).to(latents)
+            mean, std = batch_norm_stats(self.pipeline, latents)
+            latents = latents * std + mean
             latents = self.pipeline._unpatchify_latents(latents)
         config = self.decoder.config
         latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
@@ -144,6 +142,19 @@ class TinyDecoderPreview:
 
 
 Previewer = LatentPreview | TinyDecoderPreview
+
+
+def latent_cell(pipeline: Any, family: str) -> int:
+    """Image pixels per cell of the denoiser's latent grid."""
+    return int(pipeline.vae_scale_factor) * (2 if family in PATCHED_FAMILIES else 1)
+
+
+def batch_norm_stats(pipeline: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FLUX.2 VAE's latent mean and std, shaped (1, C, 1, 1) on ``like``'s device and dtype."""
+    vae = pipeline.vae
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
 
 def as_grid(latents: torch.Tensor, width: int, height: int, cell: int) -> torch.Tensor:

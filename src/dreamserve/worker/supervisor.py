@@ -268,8 +268,8 @@ class Supervisor:
         try:
             for entry, scratch in zip(list(self.running.values()), scratches, strict=True):
                 if not await self._prepare(entry, scratch):
-                    entry.ended = True
-            live = [entry for entry in self.running.values() if not entry.ended]
+                    entry.settled = True  # failed its inputs, or was cancelled, before the model ran
+            live = [entry for entry in self.running.values() if not entry.settled]
             if not live:
                 return
             for index, entry in enumerate(live):
@@ -327,7 +327,7 @@ class Supervisor:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             for task_id, entry in list(self.running.items()):
-                if entry.ended or entry.settled:
+                if entry.settled:
                     continue
                 requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
                 if requested is None and entry.settled:
@@ -508,9 +508,7 @@ class _Running:
     #: "" / "cancel" / "kill": what was asked of this task.
     stop: str = ""
     lost: bool = False
-    #: Ended before the model ran (input error, cancelled while queued for the group).
-    ended: bool = False
-    #: Its terminal state is recorded.
+    #: Its terminal state is recorded (before the model ran, or from what the model process reported).
     settled: bool = False
     #: Position in the group sent to the model process.
     index: int = 0
