@@ -1,5 +1,12 @@
-"""Fixtures that run the real thing: a uvicorn server in a subprocess, SQLite on disk, the tiny
-FLUX.2-klein pipeline in a spawned model process, and a small HTTP server for URLs and callbacks."""
+"""Fixtures that run the real thing, in two tiers.
+
+* ``make_app``: ``create_app(settings)`` in this process behind Starlette's ``TestClient`` (the lifespan runs, so
+  the database, reaper and webhook loop are real), for tests that need no model process. Fast: no interpreter start.
+* ``make_server``: a uvicorn server in a subprocess, SQLite on disk, the tiny FLUX.2-klein pipeline in a spawned
+  model process, for end-to-end, fault, browser, CLI and raw-socket tests.
+
+Both give the same helpers (``post``, ``run``, ``detail``, ``wait``; ``http`` for any other request), and a small
+HTTP server stands in for input URLs and callbacks."""
 
 from __future__ import annotations
 
@@ -21,10 +28,12 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from starlette.testclient import TestClient
 
 from dreamserve.projects import Credentials, create_project
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.signing import auth_headers
+from dreamserve.status import TaskStatus
 
 MODEL = "bytedance/seedream-v4"
 
@@ -42,16 +51,81 @@ def png_bytes(width: int = 96, height: int = 64, color: tuple[int, int, int] = (
 
 
 @dataclass
-class Server:
+class Api:
+    """The helpers both tiers share; ``http`` is an ``httpx.Client`` that reaches the server at ``url``."""
+
     settings: Settings
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
     creds: Credentials | None = None
 
     @property
     def url(self) -> str:
         return self.settings.base_url
+
+    @property
+    def http(self) -> httpx.Client:
+        raise NotImplementedError
+
+    def headers(self, creds: Credentials | None = None) -> dict[str, str]:
+        creds = creds or self.creds
+        assert creds is not None
+        return auth_headers(creds.api_key, creds.api_secret, str(int(time.time())))
+
+    def post(self, path: str, creds: Credentials | None = None, **kwargs: Any) -> httpx.Response:
+        return self.http.post(path, headers=self.headers(creds), **kwargs)
+
+    def run(self, data: dict[str, Any] | None = None, files: Any = None, **kwargs: Any) -> dict[str, Any]:
+        if files is None:
+            response = self.post(f"/v1/Run/{MODEL}", json=data, **kwargs)
+        else:
+            response = self.post(f"/v1/Run/{MODEL}", data=data, files=files, **kwargs)
+        body: dict[str, Any] = response.json()
+        return body
+
+    def detail(self, taskid: str, creds: Credentials | None = None) -> dict[str, Any]:
+        body = self.post("/v1/Task/Detail", creds, json={"taskid": taskid}).json()
+        assert body["result"] is True, body
+        task: dict[str, Any] = body["tasklist"][0]
+        return task
+
+    def wait(self, taskid: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.detail(taskid)
+            if TaskStatus(task["status"]).is_terminal:
+                return task
+            time.sleep(0.2)
+        raise AssertionError(f"task {taskid} did not finish in {timeout} s: {task['status']}")
+
+    def wait_progress(self, taskid: str, timeout: float = 60) -> dict[str, Any]:
+        """Wait until the task has finished at least one denoising step."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task = self.detail(taskid)
+            if task["progress"] and task["status"] == TaskStatus.START:
+                return task
+            assert not TaskStatus(task["status"]).is_terminal, task["status"]
+            time.sleep(0.05)
+        raise AssertionError(f"task {taskid} made no progress: {task['status']}")
+
+    def workers(self) -> list[dict[str, Any]]:
+        workers: list[dict[str, Any]] = self.http.get("/healthz").json()["workers"]
+        return workers
+
+
+@dataclass(kw_only=True)
+class Server(Api):
+    """A ``dreamserve serve`` subprocess."""
+
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _client: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(base_url=self.url, timeout=60)
+        return self._client
 
     def start(self, timeout: float = 90) -> None:
         log = self.log_path.open("ab")
@@ -89,52 +163,54 @@ class Server:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
-    def headers(self, creds: Credentials | None = None) -> dict[str, str]:
-        creds = creds or self.creds
-        assert creds is not None
-        return auth_headers(creds.api_key, creds.api_secret, str(int(time.time())))
 
-    def post(self, path: str, creds: Credentials | None = None, **kwargs: Any) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", headers=self.headers(creds), timeout=60, **kwargs)
+@dataclass(kw_only=True)
+class App(Api):
+    """``create_app(settings)`` in this process; the TestClient runs its lifespan on a loop in another thread, so
+    background loops (reaper, webhooks) go on while a test sleeps. Full URLs work too: the host is not looked at."""
 
-    def run(self, data: dict[str, Any] | None = None, files: Any = None, **kwargs: Any) -> dict[str, Any]:
-        if files is None:
-            response = self.post(f"/v1/Run/{MODEL}", json=data, **kwargs)
-        else:
-            response = self.post(f"/v1/Run/{MODEL}", data=data, files=files, **kwargs)
-        body: dict[str, Any] = response.json()
-        return body
+    client: TestClient
 
-    def detail(self, taskid: str, creds: Credentials | None = None) -> dict[str, Any]:
-        body = self.post("/v1/Task/Detail", creds, json={"taskid": taskid}).json()
-        assert body["result"] is True, body
-        task: dict[str, Any] = body["tasklist"][0]
-        return task
+    @property
+    def http(self) -> httpx.Client:
+        return self.client
 
-    def wait(self, taskid: str, timeout: float = 120) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            task = self.detail(taskid)
-            if task["status"] in ("task_postprocess_end", "task_cancel"):
-                return task
-            time.sleep(0.2)
-        raise AssertionError(f"task {taskid} did not finish in {timeout} s: {task['status']}")
 
-    def wait_progress(self, taskid: str, timeout: float = 60) -> dict[str, Any]:
-        """Wait until the task has finished at least one denoising step."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            task = self.detail(taskid)
-            if task["progress"] and task["status"] == "task_start":
-                return task
-            assert task["status"] not in ("task_postprocess_end", "task_cancel"), task["status"]
-            time.sleep(0.05)
-        raise AssertionError(f"task {taskid} made no progress: {task['status']}")
+def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any) -> Settings:
+    spec = ModelSpec(**overrides.pop("model", {}))
+    return Settings(
+        data_dir=data_dir,
+        host="127.0.0.1",
+        port=free_port(),
+        models={MODEL: spec},
+        fetch_allow_private=allow_private,
+        **overrides,
+    )
 
-    def workers(self) -> list[dict[str, Any]]:
-        workers: list[dict[str, Any]] = httpx.get(f"{self.url}/healthz", timeout=10).json()["workers"]
-        return workers
+
+@pytest.fixture
+def make_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """In-process apps with chosen settings (``model={"workers": 0}`` for no model process at all)."""
+    from dreamserve.api.app import create_app
+
+    apps: list[App] = []
+
+    def factory(data_dir: Path | None = None, allow_private: bool = True, **overrides: Any) -> App:
+        settings = build_settings(data_dir or tmp_path_factory.mktemp("data"), allow_private, **overrides)
+        creds = create_project(settings, "tests", signature=True)
+        client = TestClient(create_app(settings), base_url=settings.base_url, raise_server_exceptions=False)
+        client.__enter__()  # runs the lifespan: migrations, services, background loops
+        app = App(settings=settings, creds=creds, client=client)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.client.__exit__(None, None, None)
 
 
 @pytest.fixture
@@ -147,15 +223,9 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     ) -> Server:
         """``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production)."""
         data_dir = data_dir or tmp_path_factory.mktemp("data")
-        spec = ModelSpec(**overrides.pop("model", {}))
-        settings = Settings(
-            data_dir=data_dir,
-            host="127.0.0.1",
-            port=free_port(),
-            models={MODEL: spec},
-            fetch_allow_private=allow_private,
-            **overrides,
-        )
+        spec = ModelSpec(**overrides.get("model", {}))
+        settings = build_settings(data_dir, allow_private, **overrides)
+        overrides.pop("model", None)
         env = {
             **os.environ,
             "DREAMSERVE_DATA_DIR": str(data_dir),

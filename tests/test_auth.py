@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import subprocess
-import sys
 import time
 from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner, Result
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dreamserve import cli
 from dreamserve.auth import nonce_time
 from dreamserve.errors import RateLimited
 from dreamserve.projects import create_project
@@ -75,15 +75,16 @@ def test_token_bucket_never_exceeds_its_rate(gaps: list[float], per_minute: int,
     assert allowed <= (burst or per_minute) + now[0] * per_minute / 60 + 1e-9
 
 
-# -- through a server ------------------------------------------------------------------------------------------
+# -- through the app (in-process) or a server ---------------------------------------------------------------
 
 
 def _post(server: Any, headers: dict[str, str], path: str = "/v1/Task/List") -> httpx.Response:
-    return httpx.post(f"{server.url}{path}", headers=headers, json={}, timeout=30)
+    response: httpx.Response = server.http.post(path, headers=headers, json={})
+    return response
 
 
-def test_nonces_replay_and_clock_skew(make_server: Any) -> None:
-    server = make_server(model={"workers": 0}, unique_nonces=True, nonce_skew_seconds=300)
+def test_nonces_replay_and_clock_skew(make_app: Any) -> None:
+    server = make_app(model={"workers": 0}, unique_nonces=True, nonce_skew_seconds=300)
     key, secret = server.creds.api_key, server.creds.api_secret
     now = time.time()
 
@@ -108,11 +109,13 @@ def test_nonces_replay_and_clock_skew(make_server: Any) -> None:
     assert call(random_nonce).status_code == 200
     assert call(random_nonce).status_code == 401
 
-    # Digits that are not ASCII: a clean 401 or 200, never a server error.
-    odd = "²³"
-    response = httpx.post(
-        f"{server.url}/v1/Task/List",
-        headers={"x-api-key": key, "x-nonce": odd.encode("latin-1"), "x-signature": sign(key, secret, odd)},
+    # Digits that are not ASCII: a clean 401 or 200, never a server error. The server reads header bytes as
+    # Latin-1 (HTTP's rule), so a client that signed those characters is let in.
+    wire = "²³".encode()
+    odd = wire.decode("latin-1")
+    response = server.http.post(
+        "/v1/Task/List",
+        headers={"x-api-key": key, "x-nonce": wire, "x-signature": sign(key, secret, odd)},
         json={},
     )
     assert response.status_code == 200, response.text
@@ -123,32 +126,23 @@ def test_nonces_replay_and_clock_skew(make_server: Any) -> None:
     assert _post(server, forged).status_code == 401
 
 
-def test_revoked_keys_are_refused_at_once(make_server: Any) -> None:
-    server = make_server(model={"workers": 0})
+def test_revoked_keys_are_refused_at_once(make_app: Any) -> None:
+    server = make_app(model={"workers": 0})
     keep = create_project(server.settings, "keep", signature=False)
     by_prefix = create_project(server.settings, "by-prefix", signature=False)
     by_id = create_project(server.settings, "by-id", signature=True)
     for creds in (keep, by_prefix, by_id):
         assert _post(server, auth_headers(creds.api_key, creds.api_secret)).status_code == 200
 
-    def revoke(which: str) -> subprocess.CompletedProcess[str]:
-        command = [
-            sys.executable,
-            "-m",
-            "dreamserve",
-            "keys",
-            "revoke",
-            which,
-            "--data-dir",
-            str(server.settings.data_dir),
-        ]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=server.env)
+    def revoke(which: str) -> Result:
+        # The CLI command itself, run in this process (a subprocess would cost an interpreter start per call).
+        return CliRunner().invoke(cli.main, ["keys", "revoke", which, "--data-dir", str(server.settings.data_dir)])
 
     done = revoke(by_prefix.api_key[:8])
-    assert done.returncode == 0 and f"Project {by_prefix.project_id} (by-prefix" in done.stdout, done.stderr
+    assert done.exit_code == 0 and f"Project {by_prefix.project_id} (by-prefix" in done.stdout, done.output
     done = revoke(str(by_id.project_id))
-    assert done.returncode == 0 and "revoked" in done.stdout
-    assert revoke("ffff").returncode == 1 and revoke("99999").returncode == 1
+    assert done.exit_code == 0 and "revoked" in done.stdout
+    assert revoke("ffff").exit_code == 1 and revoke("99999").exit_code == 1
 
     for creds in (by_prefix, by_id):
         response = _post(server, auth_headers(creds.api_key, creds.api_secret))
@@ -156,13 +150,13 @@ def test_revoked_keys_are_refused_at_once(make_server: Any) -> None:
         assert response.json()["errors"][0]["message"] == "Project authorization is not founded."
         # The OpenAI-style routes refuse it too.
         bearer = {"authorization": f"Bearer {creds.api_key}:{creds.api_secret or ''}"}
-        openai = httpx.post(f"{server.url}/v1/images/generations", headers=bearer, json={"prompt": "x"})
+        openai = server.http.post("/v1/images/generations", headers=bearer, json={"prompt": "x"})
         assert openai.status_code == 401
     assert _post(server, auth_headers(keep.api_key, None)).status_code == 200
 
 
-def test_rate_limit_per_project(make_server: Any) -> None:
-    server = make_server(model={"workers": 0}, rate_limit_per_minute=60, rate_limit_burst=5)
+def test_rate_limit_per_project(make_app: Any) -> None:
+    server = make_app(model={"workers": 0}, rate_limit_per_minute=60, rate_limit_burst=5)
     other = create_project(server.settings, "other", signature=False)
     answers = [_post(server, server.headers()) for _ in range(6)]
     assert [a.status_code for a in answers[:5]] == [200] * 5
@@ -176,7 +170,7 @@ def test_rate_limit_per_project(make_server: Any) -> None:
     assert _post(server, {"x-api-key": "wrong"}).status_code == 401
     # The OpenAI-style routes spend the same bucket.
     bearer = {"authorization": f"Bearer {server.creds.api_key}:{server.creds.api_secret}"}
-    openai = httpx.post(f"{server.url}/v1/images/generations", headers=bearer, json={"prompt": "x"})
+    openai = server.http.post("/v1/images/generations", headers=bearer, json={"prompt": "x"})
     assert openai.status_code == 429 and openai.headers["retry-after"] == "1", openai.text
     time.sleep(int(limited.headers["retry-after"]))
     assert _post(server, server.headers()).status_code == 200
@@ -203,7 +197,7 @@ def test_output_urls_reveal_nothing_about_other_projects(make_server: Any) -> No
         f"{base}/1.png",
         f"{base}/0.PNG",
         f"{base}/..%2F..%2Fdreamserve.db",
-        f"{server.url}/v1/File/{keys[0][:-1]}0/0.png",
+        f"{server.url}/v1/File/{keys[0][:-1]}{'1' if keys[0].endswith('0') else '0'}/0.png",  # one hex digit off
         f"{server.url}/v1/File/%25/0.png",
         f"{server.url}/v1/File/{keys[1]}/%2E%2E%2F{keys[0]}%2F0.png",
         f"{server.url}/v1/File",

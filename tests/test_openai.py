@@ -19,8 +19,10 @@ SLOW = {"max_pixels": 384 * 384, "steps": 60}
 
 
 def _client(server: Any) -> openai.OpenAI:
+    """The SDK over the tier's own HTTP client: a socket for a server, the ASGI app for ``make_app``."""
     creds = server.creds
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=f"{creds.api_key}:{creds.api_secret}", max_retries=0)
+    key = f"{creds.api_key}:{creds.api_secret}"
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, http_client=server.http)
 
 
 def _image(b64: str | None) -> Image.Image:
@@ -66,14 +68,16 @@ def test_edit_with_several_images_url_and_b64(make_server: Any) -> None:
     assert [_image(item.b64_json).size for item in inline.data or []] == [(1280, 720), (1280, 720)]
 
 
-def test_bearer_rules_and_errors_in_openai_shape(make_server: Any) -> None:
-    server = make_server(model={"workers": 0})
-    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+def test_bearer_rules_and_errors_in_openai_shape(make_app: Any) -> None:
+    server = make_app(model={"workers": 0})
+    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0, http_client=server.http)
     with pytest.raises(openai.AuthenticationError) as denied:
         wrong.images.generate(prompt="x")
     assert denied.value.code == "invalid_api_key"
     # A signature project refuses its key without the secret: OpenAI clients cannot sign, so the secret goes along.
-    keyonly = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.creds.api_key, max_retries=0)
+    keyonly = openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key=server.creds.api_key, max_retries=0, http_client=server.http
+    )
     with pytest.raises(openai.AuthenticationError) as info:
         keyonly.images.generate(prompt="x")
     assert "secret" in str(info.value)
@@ -92,8 +96,8 @@ def test_bearer_rules_and_errors_in_openai_shape(make_server: Any) -> None:
     with pytest.raises(openai.BadRequestError) as noimage:
         client.images.edit(image=[], prompt="x")
     assert noimage.value.param == "image"
-    raw = httpx.post(
-        f"{server.url}/v1/images/generations",
+    raw = server.http.post(
+        "/v1/images/generations",
         headers={"Authorization": f"Bearer {server.creds.api_key}:{server.creds.api_secret}"},
         json={"prompt": "x", "response_format": "url", "output_format": "webp"},
     )

@@ -1,4 +1,6 @@
-"""Every invalid input gets Wiro's error envelope with a message that says what to do, and stores nothing."""
+"""Every invalid input gets Wiro's error envelope with a message that says what to do, and stores nothing.
+
+In-process (``make_app``): none of these needs a model process."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from dreamserve.signing import auth_headers
@@ -46,8 +47,8 @@ CASES: list[tuple[str, dict[str, Any], Any, str]] = [
 ]
 
 
-def test_invalid_inputs_store_nothing(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 64 * 64, "workers": 0})
+def test_invalid_inputs_store_nothing(make_app: Any) -> None:
+    server = make_app(model={"max_pixels": 64 * 64, "workers": 0})
     for name, data, files, expected in CASES:
         if files is None:
             response = server.post(f"/v1/Run/{MODEL}", json=data)
@@ -65,8 +66,8 @@ def test_invalid_inputs_store_nothing(make_server: Any) -> None:
     assert stored == []
 
 
-def test_unknown_model_and_route(make_server: Any) -> None:
-    server = make_server(model={"workers": 0})
+def test_unknown_model_and_route(make_app: Any) -> None:
+    server = make_app(model={"workers": 0})
     body = server.post("/v1/Run/someone/else", json={"prompt": "x"}).json()
     assert body["result"] is False and body["errors"][0]["code"] == 1
     assert "bytedance/seedream-v4" in body["errors"][0]["message"]
@@ -87,8 +88,8 @@ def test_unknown_model_and_route(make_server: Any) -> None:
         ("expired-nonce", 401, "away from the server clock"),
     ],
 )
-def test_auth_failures(make_server: Any, headers: Any, status: int, message: str) -> None:
-    server = make_server(model={"workers": 0})
+def test_auth_failures(make_app: Any, headers: Any, status: int, message: str) -> None:
+    server = make_app(model={"workers": 0})
     creds = server.creds
     if headers == "no-signature":
         headers = {"x-api-key": creds.api_key}
@@ -96,7 +97,7 @@ def test_auth_failures(make_server: Any, headers: Any, status: int, message: str
         headers = {**auth_headers(creds.api_key, creds.api_secret, str(int(time.time()))), "x-signature": "0" * 64}
     elif headers == "expired-nonce":
         headers = auth_headers(creds.api_key, creds.api_secret, str(int(time.time()) - 3600))
-    response = httpx.post(f"{server.url}/v1/Run/{MODEL}", headers=headers, json={"prompt": "x"})
+    response = server.http.post(f"/v1/Run/{MODEL}", headers=headers, json={"prompt": "x"})
     assert response.status_code == status
     body = response.json()
     assert body["result"] is False and message in body["errors"][0]["message"]

@@ -4,8 +4,6 @@ the delivery log, and the webhook secret handed out by ``keys create`` and ``cre
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,10 +11,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
+from click.testing import CliRunner
 
-from dreamserve.projects import Credentials
+from dreamserve import cli
+from dreamserve.projects import Credentials, ensure_default_credentials
 from dreamserve.signing import sign_webhook, verify_webhook
 from tests.conftest import free_port
 
@@ -105,8 +104,8 @@ def test_start_progress_completed_arrive_signed_in_order(make_server: Any, hook:
     assert [post["headers"]["x-dreamserve-delivery"] for post in hook.posts] == [row["id"] for row in log]
 
 
-def test_retries_back_off_then_give_up_and_the_log_says_why(make_server: Any, hook: Hook) -> None:
-    server = make_server(model={"workers": 0}, webhook_attempts=3, webhook_backoff_seconds=0.6)
+def test_retries_back_off_then_give_up_and_the_log_says_why(make_app: Any, hook: Hook) -> None:
+    server = make_app(model={"workers": 0}, webhook_attempts=3, webhook_backoff_seconds=0.6)
     hook.statuses = [500, 503, 500, 500]
     run = server.run({"prompt": "never runs", "size": "1K", "callbackUrl": hook.url})
     assert server.post("/v1/Task/Cancel", json={"taskid": run["taskid"]}).json()["result"] is True
@@ -122,8 +121,8 @@ def test_retries_back_off_then_give_up_and_the_log_says_why(make_server: Any, ho
     assert (row["event"], row["state"], row["attempts"], row["laststatus"]) == ("completed", "failed", "3", "500")
 
 
-def test_unreachable_receiver_is_retried_then_delivered(make_server: Any, hook: Hook) -> None:
-    server = make_server(model={"workers": 0}, webhook_backoff_seconds=0.3)
+def test_unreachable_receiver_is_retried_then_delivered(make_app: Any, hook: Hook) -> None:
+    server = make_app(model={"workers": 0}, webhook_backoff_seconds=0.3)
     closed = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     first = server.run({"prompt": "to nowhere", "size": "1K", "callbackUrl": closed})
     second = server.run({"prompt": "to the hook", "size": "1K", "callbackUrl": hook.url})
@@ -141,16 +140,11 @@ def test_unreachable_receiver_is_retried_then_delivered(make_server: Any, hook: 
     assert (ok["state"], ok["attempts"], ok["lasterror"]) == ("delivered", "2", "")
 
 
-def test_keys_create_and_credentials_json_carry_the_webhook_secret(make_server: Any, hook: Hook) -> None:
-    server = make_server(model={"workers": 0})
+def test_keys_create_and_credentials_json_carry_the_webhook_secret(make_app: Any, hook: Hook) -> None:
+    server = make_app(model={"workers": 0})
     data_dir = str(server.settings.data_dir)
-    created = subprocess.run(
-        [sys.executable, "-m", "dreamserve", "keys", "create", "--json", "--name", "hooks", "--data-dir", data_dir],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    created = CliRunner().invoke(cli.main, ["keys", "create", "--json", "--name", "hooks", "--data-dir", data_dir])
+    assert created.exit_code == 0, created.output
     creds = Credentials(**json.loads(created.stdout))
     assert len(creds.webhook_secret) == 64 and creds.webhook_secret != server.creds.webhook_secret
     run = server.run({"prompt": "signed for hooks", "size": "1K", "callbackUrl": hook.url}, creds=creds)
@@ -159,10 +153,10 @@ def test_keys_create_and_credentials_json_carry_the_webhook_secret(make_server: 
     assert hook.verified(creds.webhook_secret)[0]["id"] == run["taskid"]
     with pytest.raises(AssertionError):
         hook.verified(server.creds.webhook_secret)  # another project's secret does not verify it
-    # serve writes the default project's credentials, webhook secret included.
+    # serve writes the default project's credentials (this function), webhook secret included.
+    ensure_default_credentials(server.settings)
     saved = json.loads((server.settings.data_dir / "credentials.json").read_text())
     assert len(saved["webhook_secret"]) == 64
-    assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
 def test_verify_webhook_rejects_tampering_and_replays() -> None:

@@ -15,6 +15,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dreamserve.status import FINAL
+from dreamserve.status import LIFECYCLE as LIFECYCLE_STATUSES
+
 
 @dataclass(frozen=True)
 class Event:
@@ -24,22 +27,10 @@ class Event:
     message: Any
 
 
-#: Statuses in Wiro's order; any of the last two ends a task.
-LIFECYCLE = (
-    "task_queue",
-    "task_accept",
-    "task_preprocess_start",
-    "task_preprocess_end",
-    "task_assign",
-    "task_start",
-    "task_end",
-    "task_postprocess_start",
-    "task_postprocess_end",
-    "task_cancel",
-)
-TERMINAL = frozenset({"task_postprocess_end", "task_cancel"})
-#: Tasks in these statuses hold a worker lease.
-RUNNING = frozenset(LIFECYCLE[1:8])
+#: Re-exported for the queue's modules: statuses in order, those that end a task, those that hold a lease.
+LIFECYCLE: tuple[str, ...] = tuple(LIFECYCLE_STATUSES)
+TERMINAL: frozenset[str] = frozenset(FINAL)
+RUNNING: frozenset[str] = frozenset(s for s in LIFECYCLE_STATUSES if s.holds_lease)
 
 
 class Subscription(Protocol):

@@ -1,0 +1,92 @@
+"""The task vocabulary, one leaf module (stdlib only): Wiro's statuses and socket frames, exit codes, stop kinds.
+
+The enums are ``StrEnum``s, so a member equals the string stored in the database and sent on the wire
+(``TaskStatus.CANCEL == "task_cancel"``, ``Pexit.CANCELLED == "130"``); the client, the CLI and the server import
+them from here, and the playground gets them from the server (``/v1/playground/config``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TaskStatus(StrEnum):
+    """A task's ``status`` (api-spec.md §1.7), in Wiro's order. Each change is also a socket frame of that type."""
+
+    QUEUE = "task_queue"
+    ACCEPT = "task_accept"
+    PREPROCESS_START = "task_preprocess_start"
+    PREPROCESS_END = "task_preprocess_end"
+    ASSIGN = "task_assign"
+    START = "task_start"
+    END = "task_end"
+    POSTPROCESS_START = "task_postprocess_start"
+    POSTPROCESS_END = "task_postprocess_end"
+    CANCEL = "task_cancel"
+    #: Wiro's status for a fatal pre-run failure; dreamserve never stores it (its failures end in
+    #: ``task_postprocess_end`` with a non-zero ``pexit``), clients treat it as terminal.
+    ERROR = "task_error"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def holds_lease(self) -> bool:
+        """A worker has claimed the task and renews its lease (accepted up to post-processing)."""
+        return self in _RUNNING
+
+
+_TERMINAL = frozenset({TaskStatus.POSTPROCESS_END, TaskStatus.CANCEL, TaskStatus.ERROR})
+_RUNNING = frozenset(
+    {
+        TaskStatus.ACCEPT,
+        TaskStatus.PREPROCESS_START,
+        TaskStatus.PREPROCESS_END,
+        TaskStatus.ASSIGN,
+        TaskStatus.START,
+        TaskStatus.END,
+        TaskStatus.POSTPROCESS_START,
+    }
+)
+#: The statuses a task goes through, in order (``task_error`` is not one of them).
+LIFECYCLE: tuple[TaskStatus, ...] = tuple(s for s in TaskStatus if s is not TaskStatus.ERROR)
+#: The frames after which a task's socket closes: the statuses dreamserve ends a task with. Not ``task_error``,
+#: which as a frame is a stderr line.
+FINAL = frozenset({TaskStatus.POSTPROCESS_END, TaskStatus.CANCEL})
+
+
+class Frame(StrEnum):
+    """Socket frames and logged events that are not status changes."""
+
+    #: Registration, sent by the client: ``{"type": "task_info", "tasktoken": ...}``.
+    INFO = "task_info"
+    #: A progress object (a stdout write).
+    OUTPUT = "task_output"
+    #: A stderr write: an interim log line, not a failure.
+    ERROR = "task_error"
+    OUTPUT_FULL = "task_output_full"
+    ERROR_FULL = "task_error_full"
+
+
+class Pexit(StrEnum):
+    """``pexit``, the model process's exit code as Wiro reports it (a string)."""
+
+    OK = "0"
+    #: The model failed (its traceback is in ``task_error_full``) or its process died.
+    FAILED = "1"
+    #: An input could not be fetched or read.
+    BAD_INPUT = "2"
+    #: The task's worker died ``max_attempts`` times.
+    GAVE_UP = "3"
+    #: Stopped by Task/Cancel (SIGINT's 128 + 2).
+    CANCELLED = "130"
+    #: Stopped by Task/Kill (SIGKILL's 128 + 9).
+    KILLED = "137"
+
+
+class StopKind(StrEnum):
+    """What Task/Cancel and Task/Kill ask of a task (``tasks.stop_requested``; "" is none)."""
+
+    CANCEL = "cancel"
+    KILL = "kill"
