@@ -132,6 +132,12 @@ def test_cancel_queued_kill_running_then_next_succeeds(make_server: Any) -> None
     assert server.workers()[0]["pid"] not in (None, old_pid)
     assert server.detail(second["taskid"])["starttime"] == "0", "a cancelled task never ran"
 
+    # serve's log: the model process's own records reach it, and the kill is logged as one, not as a lost lease.
+    log = server.log_path.read_text()
+    assert "dreamserve.worker.child: model loaded in" in log, log[-3000:]
+    assert f"[task {first['taskid']}]: kill requested" in log and f"[task {first['taskid']}]: killed as requested" in log
+    assert "lease lost" not in log
+
 
 def test_cancel_running_stops_at_next_step_and_keeps_the_model(make_server: Any) -> None:
     server = make_server(model=SLOW)

@@ -77,12 +77,14 @@ def serve(
     """Run the API and (by default) the model workers on this machine."""
     import uvicorn
 
+    from dreamserve import logs
     from dreamserve.api.app import create_app
     from dreamserve.projects import ensure_default_credentials
 
     model = {"source": source, "steps": steps, "max_pixels": max_pixels, "workers": workers}
     given = {"host": host, "port": port, "data_dir": data_dir, "run_workers": False if no_workers else None}
     settings = _settings(given, model)
+    logs.configure(settings.log_level)
     creds = ensure_default_credentials(settings)
     _banner(settings.base_url, creds.api_key, creds.api_secret, settings.data_dir)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
@@ -132,9 +134,12 @@ def _banner(url: str, key: str, secret: str | None, data_dir: Path) -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Scratch space for this worker.")
 def worker(name: str | None, source: str | None, data_dir: Path | None) -> None:
     """Run one GPU worker for scale-out mode: consumes gpu.<model> queues from Celery (needs redis_url)."""
+    from dreamserve import logs
     from dreamserve.scale.worker import run_worker
 
-    run_worker(_settings({"dispatch": "celery", "data_dir": data_dir}, {"source": source}), name)
+    settings = _settings({"dispatch": "celery", "data_dir": data_dir}, {"source": source})
+    logs.configure(settings.log_level)
+    run_worker(settings, name)
 
 
 @main.group()

@@ -25,7 +25,7 @@ from dreamserve.webhooks import deliver_due
 from dreamserve.wire import task_object
 from dreamserve.worker.supervisor import Supervisor, worker_alive
 
-log = logging.getLogger("dreamserve")
+log = logging.getLogger(__name__)
 
 
 def make_hub(settings: Settings) -> Hub:

@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     sync_cancel_on_disconnect: bool = True
     #: Serve the web playground at ``/``.
     playground: bool = True
+    #: Level of the ``dreamserve`` loggers (the model process's records included), set up by ``serve``/``worker``.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     #: Reported as ``cps``; ``totalcost`` = cps x elapsed seconds for successful tasks.
     cost_per_second: float = 0.0

@@ -22,10 +22,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dreamserve.db import Project, Task, WebhookDelivery
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import post_json
+from dreamserve.logs import about
 from dreamserve.settings import Settings
 from dreamserve.signing import sign_webhook
 
-log = logging.getLogger("dreamserve.webhooks")
+log = logging.getLogger(__name__)
 
 TaskRenderer = Callable[[int], Awaitable[dict[str, Any] | None]]
 
@@ -119,7 +120,7 @@ async def _attempt(
             row.state, row.delivered = "delivered", time.time()
         elif attempts >= settings.webhook_attempts:
             row.state = "failed"
-            log.warning("callback for task %s to %s failed after %d attempts", row.task_id, row.url, attempts)
+            log.warning("callback to %s failed after %d attempts", row.url, attempts, extra=about(row.task_id))
         else:
             row.state = "pending"
             row.next_attempt = time.time() + settings.webhook_backoff_seconds * 2 ** (attempts - 1)

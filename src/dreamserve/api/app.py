@@ -18,7 +18,7 @@ from dreamserve.metrics import Monitor
 from dreamserve.services import Services
 from dreamserve.settings import Settings
 
-log = logging.getLogger("dreamserve.api")
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

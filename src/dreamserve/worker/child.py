@@ -10,6 +10,7 @@ then runs one job at a time sent by its supervisor over a pipe and answers with 
                       {"type": "done", "result": GenerationResult}
                       {"type": "canceled"}  {"type": "error", "message": m, "traceback": tb}
                       {"type": "group_done", "results": [{"result": ...} | {"canceled": true} | {"message": m}]}
+                      {"type": "log", "record": {...}} (any time: its logging, replayed by the parent, ``logs.py``)
 
 Cancel is the shared ``stop`` event, read by the diffusers step callback; kill is SIGKILL from
 the supervisor, which frees every byte this process holds, GPU memory included.
@@ -17,42 +18,33 @@ the supervisor, which frees every byte this process holds, GPU memory included.
 
 from __future__ import annotations
 
+import logging
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
+from dreamserve.jobs import GenerationJob, StepInfo
+from dreamserve.logs import forward_from_child
 
-def child_main(conn: Connection, stop: EventType, spec: dict[str, Any]) -> None:
+log = logging.getLogger(__name__)
+
+
+def child_main(conn: Connection, stop: EventType, spec: dict[str, Any], log_level: int = logging.INFO) -> None:
+    send = forward_from_child(conn.send, log_level)
     # Imported here: only the child process may import torch.
-    from dreamserve.engine import Engine, Interrupted
-    from dreamserve.jobs import GenerationJob, StepInfo
+    from dreamserve.engine import Engine
     from dreamserve.settings import ModelSpec
 
     try:
         engine = Engine.load(ModelSpec(**spec))
     except Exception as exc:
-        conn.send({"type": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+        send({"type": "fatal", "message": f"{type(exc).__name__}: {exc}"})
         return
-    conn.send({"type": "ready", "load_seconds": engine.load_seconds})
-
-    def on_step(info: StepInfo, job: int = 0) -> None:
-        message = {"type": "step", "job": job, "step": info.step, "total": info.total, "elapsed": info.elapsed}
-        if info.preview is not None:
-            message["preview"] = info.preview
-        conn.send(message)
-
-    stopped: set[int] = set()
-
-    def group_should_stop(index: int) -> bool:
-        # Per-job cancels arrive as messages while the group runs; the stop event still stops them all.
-        while conn.poll():
-            message = conn.recv()
-            if message.get("op") == "stop" and int(message["job"]) not in stopped:
-                stopped.add(int(message["job"]))
-                conn.send({"type": "job_canceled", "job": int(message["job"])})
-        return stop.is_set() or index in stopped
-
+    log.info("model loaded in %.1f s", engine.load_seconds)
+    send({"type": "ready", "load_seconds": engine.load_seconds})
+    runner = _Runner(engine, conn, send, stop)
     while True:
         try:
             message = conn.recv()
@@ -64,27 +56,61 @@ def child_main(conn: Connection, stop: EventType, spec: dict[str, Any]) -> None:
         if op not in ("run", "run_group"):
             return
         stop.clear()
-        stopped.clear()
-        conn.send({"type": "start"})
+        runner.stopped.clear()
+        send({"type": "start"})
         if op == "run_group":
-            jobs = [GenerationJob.from_dict(job) for job in message["jobs"]]
-            try:
-                outcomes = engine.generate_group(jobs, lambda i, info: on_step(info, i), group_should_stop)
-            except Exception as exc:
-                conn.send(
-                    {"type": "error", "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-                )
-                continue
-            conn.send({"type": "group_done", "results": [_outcome(o) for o in outcomes]})
-            continue
-        try:
-            result = engine.generate(GenerationJob.from_dict(message["job"]), on_step, stop.is_set)
-        except Interrupted:
-            conn.send({"type": "canceled"})
-        except Exception as exc:
-            conn.send({"type": "error", "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+            runner.run_group(message["jobs"])
         else:
-            conn.send({"type": "done", "result": result.to_dict()})
+            runner.run(message["job"])
+
+
+class _Runner:
+    """Runs the jobs of one message and sends what happens: steps, then one outcome message."""
+
+    def __init__(self, engine: Any, conn: Connection, send: Callable[[dict[str, Any]], None], stop: EventType) -> None:
+        self.engine, self.conn, self.send, self.stop = engine, conn, send, stop
+        #: Members of the running group that a per-job ``stop`` message has cancelled.
+        self.stopped: set[int] = set()
+
+    def on_step(self, info: StepInfo, job: int = 0) -> None:
+        message = {"type": "step", "job": job, "step": info.step, "total": info.total, "elapsed": info.elapsed}
+        if info.preview is not None:
+            message["preview"] = info.preview
+        self.send(message)
+
+    def group_should_stop(self, index: int) -> bool:
+        # Per-job cancels arrive as messages while the group runs; the stop event still stops them all.
+        while self.conn.poll():
+            message = self.conn.recv()
+            if message.get("op") == "stop" and int(message["job"]) not in self.stopped:
+                self.stopped.add(int(message["job"]))
+                self.send({"type": "job_canceled", "job": int(message["job"])})
+        return self.stop.is_set() or index in self.stopped
+
+    def run_group(self, jobs: list[dict[str, Any]]) -> None:
+        parsed = [GenerationJob.from_dict(job) for job in jobs]
+        try:
+            outcomes = self.engine.generate_group(parsed, lambda i, info: self.on_step(info, i), self.group_should_stop)
+        except Exception as exc:
+            self._error(exc)
+            return
+        self.send({"type": "group_done", "results": [_outcome(o) for o in outcomes]})
+
+    def run(self, job: dict[str, Any]) -> None:
+        from dreamserve.engine import Interrupted
+
+        try:
+            result = self.engine.generate(GenerationJob.from_dict(job), self.on_step, self.stop.is_set)
+        except Interrupted:
+            self.send({"type": "canceled"})
+        except Exception as exc:
+            self._error(exc)
+        else:
+            self.send({"type": "done", "result": result.to_dict()})
+
+    def _error(self, exc: Exception) -> None:
+        log.error("generation failed: %s: %s", type(exc).__name__, exc)
+        self.send({"type": "error", "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
 
 
 def _outcome(outcome: Any) -> dict[str, Any]:

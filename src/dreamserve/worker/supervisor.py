@@ -28,6 +28,7 @@ from dreamserve.errors import InvalidRequest
 from dreamserve.events import RUNNING
 from dreamserve.fetch import fetch
 from dreamserve.jobs import GenerationJob, GenerationResult
+from dreamserve.logs import about, replay
 from dreamserve.params import check_image
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.store import (
@@ -42,7 +43,7 @@ from dreamserve.store import (
 from dreamserve.wire import file_item
 from dreamserve.worker.child import child_main
 
-log = logging.getLogger("dreamserve.worker")
+log = logging.getLogger(__name__)
 
 
 class WorkerState(enum.Enum):
@@ -76,7 +77,10 @@ class ChildProcess:
         self.conn, self._child_conn = context.Pipe()
         self.stop_event = context.Event()
         self.process = context.Process(
-            target=child_main, args=(self._child_conn, self.stop_event, spec.model_dump()), name=name, daemon=True
+            target=child_main,
+            args=(self._child_conn, self.stop_event, spec.model_dump(), log.getEffectiveLevel()),
+            name=name,
+            daemon=True,
         )
         self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -97,6 +101,9 @@ class ChildProcess:
             except (EOFError, OSError):
                 loop.call_soon_threadsafe(self.messages.put_nowait, {"type": "exit"})
                 return
+            if message.get("type") == "log":
+                replay(message["record"])  # the child's logging, into this process's log
+                continue
             loop.call_soon_threadsafe(self.messages.put_nowait, message)
 
     def send(self, message: dict[str, Any]) -> None:
@@ -144,9 +151,11 @@ class Supervisor:
         if entry is None or self.child is None:
             return False
         if kind == "kill" or entry.stop == "cancel":
+            log.info("kill requested: killing model process %s", self.child.pid, extra=about(task_id))
             entry.stop = "kill"
             self.child.kill()
         elif not entry.stop:
+            log.info("cancel requested: stopping at the next step", extra=about(task_id))
             entry.stop = "cancel"
             if len(self.running) == 1:
                 self.child.stop_event.set()
@@ -158,7 +167,7 @@ class Supervisor:
     def _escalate(self, task_id: int) -> None:
         entry = self.running.get(task_id)
         if entry is not None and entry.stop == "cancel" and not entry.settled and self.child is not None:
-            log.warning("task %s did not stop within the grace period; killing the model process", task_id)
+            log.warning("did not stop within the grace period; killing the model process", extra=about(task_id))
             entry.stop = "kill"
             self.child.kill()
 
@@ -221,7 +230,7 @@ class Supervisor:
         try:
             await self._process(group)
         except Exception:
-            log.exception("tasks %s: supervisor error", [task.id for task in group])
+            log.exception("tasks %s: supervisor error", [t.id for t in group], extra=about(group[0].id))
             for task in group:
                 await self.store.fail(
                     task.id, PEXIT_MODEL_ERROR, "Internal worker error.", expect=RUNNING, worker_id=self.worker_id
@@ -330,10 +339,10 @@ class Supervisor:
                 if entry.settled:
                     continue
                 requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
-                if requested is None and entry.settled:
-                    continue  # it ended while the heartbeat was on its way: not a lost lease
+                if requested is None and (entry.settled or entry.stop == "kill"):
+                    continue  # it ended while the heartbeat was on its way, or is being killed: not a lost lease
                 if requested is None:
-                    log.warning("task %s: lease lost; abandoning it", task_id)
+                    log.warning("lease lost; abandoning the task", extra=about(task_id))
                     entry.lost = True
                     if self.child is not None:
                         self.child.kill()
@@ -437,7 +446,9 @@ class Supervisor:
             task = entry.task
             if entry.lost or entry.settled:
                 continue  # ended already, or the reaper has given the task to another worker: record nothing
+            entry.settled = True
             if entry.stop == "kill":
+                log.info("killed as requested (model process exit code %s)", code, extra=about(task.id))
                 await self._record(task, "task_cancel", "killed", pexit=PEXIT_KILLED, debugerror="Killed.")
             elif killed:
                 # Another task of the group was killed, taking the model process with it: this one runs again.
