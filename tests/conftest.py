@@ -36,6 +36,29 @@ from dreamserve.signing import auth_headers
 from dreamserve.status import TaskStatus
 
 MODEL = "bytedance/seedream-v4"
+#: Fixtures that start a process of their own (a server, a browser): tests using them are not in the fast tier.
+PROCESS_FIXTURES = frozenset({"make_server", "fuzz_server", "browser_page", "klein"})
+#: Modules that run models in this process or kill processes on purpose.
+PROCESS_MODULES = frozenset({"test_engine.py", "test_faults.py", "test_scaleout.py"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fast", action="store_true", help="only the fast tier: in-process tests, no server, model or browser process"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--fast"):
+        return
+    slow = [
+        item
+        for item in items
+        if item.path.name in PROCESS_MODULES or PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item not in slow]
 
 
 def free_port() -> int:

@@ -156,22 +156,23 @@ def test_revoked_keys_are_refused_at_once(make_app: Any) -> None:
 
 
 def test_rate_limit_per_project(make_app: Any) -> None:
-    server = make_app(model={"workers": 0}, rate_limit_per_minute=60, rate_limit_burst=5)
+    server = make_app(model={"workers": 0}, rate_limit_per_minute=20, rate_limit_burst=5)
+    # One token every 3 s: six requests take far less on any machine, however loaded.
     other = create_project(server.settings, "other", signature=False)
     answers = [_post(server, server.headers()) for _ in range(6)]
     assert [a.status_code for a in answers[:5]] == [200] * 5
     limited = answers[5]
-    assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
+    assert limited.status_code == 429 and limited.headers["retry-after"] in ("2", "3")
     body = limited.json()
     assert body["result"] is False and body["errors"][0]["code"] == 96
-    assert "60 requests a minute" in body["errors"][0]["message"]
+    assert "20 requests a minute" in body["errors"][0]["message"]
     # Another project is not slowed down; unauthenticated requests are not counted against anyone.
     assert _post(server, auth_headers(other.api_key, None)).status_code == 200
     assert _post(server, {"x-api-key": "wrong"}).status_code == 401
     # The OpenAI-style routes spend the same bucket.
     bearer = {"authorization": f"Bearer {server.creds.api_key}:{server.creds.api_secret}"}
     openai = server.http.post("/v1/images/generations", headers=bearer, json={"prompt": "x"})
-    assert openai.status_code == 429 and openai.headers["retry-after"] == "1", openai.text
+    assert openai.status_code == 429 and openai.headers["retry-after"] in ("1", "2", "3"), openai.text
     time.sleep(int(limited.headers["retry-after"]))
     assert _post(server, server.headers()).status_code == 200
 

@@ -20,7 +20,18 @@ from websockets.sync.server import ServerConnection, serve
 
 from dreamserve.cli import _credentials
 from dreamserve.client import AsyncClient, Client, Event, ImageInput, RunResult, TransportError
-from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited, RouteNotFound
+from dreamserve.errors import (
+    AuthError,
+    DreamError,
+    InvalidRequest,
+    InvalidState,
+    MethodNotAllowed,
+    NotFound,
+    RateLimited,
+    RequestTooLarge,
+    RouteNotFound,
+    TaskFailed,
+)
 from dreamserve.signing import auth_headers, sign, verify
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -175,6 +186,31 @@ def test_error_envelope_raises_the_matching_class(
     assert info.value.message == message
     if isinstance(info.value, RateLimited):
         assert info.value.retry_after == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "item", "error"),
+    [
+        # dreamserve names the class in ``type``; the English wording no longer matters.
+        (200, {"code": 1, "message": "Nope.", "type": "invalid_state"}, InvalidState),
+        (200, {"code": 1, "message": "Task is not in a cancellable state.", "type": "not_found"}, NotFound),
+        (200, {"code": 0, "message": "Bad.", "type": "invalid_request", "param": "size"}, InvalidRequest),
+        (413, {"code": 0, "message": "Too big.", "type": "request_too_large"}, RequestTooLarge),
+        (405, {"code": 0, "message": "Error parsing url.", "type": "method_not_allowed"}, MethodNotAllowed),
+        (429, {"code": 96, "message": "Slow.", "type": "rate_limited"}, RateLimited),
+        (500, {"code": 0, "message": "Task 1 failed.", "type": "task_failed"}, TaskFailed),
+        (500, {"code": 0, "message": "Internal server error.", "type": "server_error"}, TransportError),
+        (200, {"code": 0, "message": "From a newer server.", "type": "no_such_type"}, InvalidRequest),
+    ],
+)
+def test_error_type_maps_back_to_the_class(status: int, item: dict[str, Any], error: type[DreamError]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json={"result": False, "errors": [item]}, headers={"retry-after": "2"})
+
+    with make_client(handler) as client, pytest.raises(error) as info:
+        client.detail(taskid="1")
+    assert type(info.value) is error and info.value.message == item["message"]
+    assert info.value.param == item.get("param")
 
 
 def test_non_wiro_answers_and_network_failures_are_transport_errors() -> None:

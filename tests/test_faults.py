@@ -10,6 +10,7 @@ writes the figures (docs/reliability.md quotes them).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -51,6 +52,8 @@ SUCCESS_PATH = [
     "task_postprocess_end",
 ]
 SIZES = [(64, 64), (96, 64), (64, 96)]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -211,7 +214,7 @@ def check_invariants(server: Server, submitted: list[str]) -> dict[str, Any]:
 
 def run_chaos(make_server: Any, count: int, server_kills: int, child_kills: int) -> dict[str, Any]:
     seed = int(os.environ.get("DREAMSERVE_CHAOS_SEED", random.randrange(1 << 30)))
-    print(f"chaos seed {seed}")  # reproduce a failure with DREAMSERVE_CHAOS_SEED
+    log.info("chaos seed %s", seed)  # shown with a failure; reproduce it with DREAMSERVE_CHAOS_SEED
     server = make_server(model={"max_pixels": 64 * 64, "max_batch": 4}, min_pixels=64 * 64)
     chaos = Chaos(server, random.Random(seed), count, server_kills, child_kills)
     started = time.monotonic()
@@ -231,7 +234,7 @@ def run_chaos(make_server: Any, count: int, server_kills: int, child_kills: int)
         timeline=chaos.timeline,
         seconds=round(seconds, 1),
     )
-    print(json.dumps(figures))
+    log.info("chaos figures %s", json.dumps(figures))
     report = os.environ.get("DREAMSERVE_CHAOS_REPORT")
     if report:
         Path(report).write_text(json.dumps(figures, indent=2))

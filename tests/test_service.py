@@ -135,7 +135,8 @@ def test_cancel_queued_kill_running_then_next_succeeds(make_server: Any) -> None
     # serve's log: the model process's own records reach it, and the kill is logged as one, not as a lost lease.
     log = server.log_path.read_text()
     assert "dreamserve.worker.child: model loaded in" in log, log[-3000:]
-    assert f"[task {first['taskid']}]: kill requested" in log and f"[task {first['taskid']}]: killed as requested" in log
+    tag = f"[task {first['taskid']}]"
+    assert f"{tag}: kill requested" in log and f"{tag}: killed as requested" in log
     assert "lease lost" not in log
 
 

@@ -4,6 +4,7 @@ In-process (``make_app``): none of these needs a model process."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,12 @@ def test_invalid_inputs_store_nothing(make_app: Any) -> None:
         body = response.json()
         assert response.status_code == 200, name
         assert body["result"] is False, name
-        assert body["errors"][0]["code"] == 0, name
-        assert expected in body["errors"][0]["message"], (name, body["errors"][0]["message"])
+        item = body["errors"][0]
+        assert item["code"] == 0 and item["type"] == "invalid_request", name
+        assert expected in item["message"], (name, item["message"])
+        # Beyond Wiro (its clients ignore extra keys): the field at fault, by name.
+        field = re.search(r"\[(\w+)\]", item["message"])
+        assert item.get("param") == (field.group(1) if field else None), (name, item)
 
     listing = server.post("/v1/Task/List", json={}).json()
     assert listing["result"] is True and listing["total"] == "0"
@@ -67,12 +72,18 @@ def test_invalid_inputs_store_nothing(make_app: Any) -> None:
 
 
 def test_unknown_model_and_route(make_app: Any) -> None:
-    server = make_app(model={"workers": 0})
+    server = make_app(model={"workers": 0}, max_request_bytes=1024)
     body = server.post("/v1/Run/someone/else", json={"prompt": "x"}).json()
     assert body["result"] is False and body["errors"][0]["code"] == 1
     assert "bytedance/seedream-v4" in body["errors"][0]["message"]
     response = server.post("/v1/Nope", json={})
     assert response.status_code == 404 and response.json()["errors"][0]["message"] == "Error parsing url."
+    assert response.json()["errors"][0]["type"] == "route_not_found"
+    wrong_method = server.http.get("/v1/Task/Detail")
+    assert wrong_method.status_code == 405 and wrong_method.json()["errors"][0]["type"] == "method_not_allowed"
+    json_body = {**server.headers(), "content-type": "application/json"}
+    too_large = server.http.post(f"/v1/Run/{MODEL}", content=b"x" * 2048, headers=json_body)
+    assert too_large.status_code == 413 and too_large.json()["errors"][0]["type"] == "request_too_large"
     # Model slugs are case-insensitive, as on Wiro.
     ok = server.post("/v1/Run/ByteDance/Seedream-V4", json={"prompt": "x", "size": "1K"}).json()
     assert ok["result"] is True

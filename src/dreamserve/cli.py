@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from dreamserve import __version__
 from dreamserve.client import DEFAULT_MODEL, Client, Event, RunResult, Task
 from dreamserve.errors import DreamError, InvalidState
+from dreamserve.status import LABELS, TaskStatus
 
 if TYPE_CHECKING:  # the server's settings need pydantic-settings, a server extra: never import it here
     from dreamserve.settings import Settings
@@ -32,18 +33,7 @@ DEFAULT_DATA_DIR = "dreamserve-data"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 #: How often ``generate`` asks for the queue position while its task waits (the socket is silent then).
 QUEUE_POLL_SECONDS = 1.0
-STATUS_TEXT = {
-    "task_queue": "queued",
-    "task_accept": "accepted",
-    "task_preprocess_start": "fetching inputs",
-    "task_preprocess_end": "inputs ready",
-    "task_assign": "loading model",
-    "task_start": "generating",
-    "task_end": "finishing",
-    "task_postprocess_start": "saving",
-    "task_postprocess_end": "done",
-    "task_cancel": "cancelled",
-}
+STATUS_TEXT: dict[str, str] = {status.value: label for status, label in LABELS.items()}
 
 
 @click.group()
@@ -261,7 +251,7 @@ def _follow(client: Client, run: RunResult) -> Task:
     )
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"task {run.taskid} queued", total=None, steps="", eta="")
-        seen = {"status": "task_queue"}
+        seen: dict[str, str] = {"status": TaskStatus.QUEUE}
 
         def on_event(event: Event) -> None:
             if event.type in STATUS_TEXT:
@@ -286,18 +276,18 @@ def _watch_queue(client: Client, run: RunResult, seen: dict[str, str], on_event:
     """While the task waits, poll Task/Detail for ``queueposition`` (ours) and report it as a task_queue event."""
     shown = None
     delay = 0.2  # the first look comes quickly: a queued task is what this thread is for
-    while not stop.wait(delay) and seen["status"] == "task_queue":
+    while not stop.wait(delay) and seen["status"] == TaskStatus.QUEUE:
         delay = QUEUE_POLL_SECONDS
         try:
             task = client.detail(run.taskid)
         except DreamError:
             continue  # the socket drives the bar; a failed poll only delays the position
         position = task.data.get("queueposition")
-        if task.status != "task_queue" or not position:
+        if task.status != TaskStatus.QUEUE or not position:
             return
-        if position != shown and seen["status"] == "task_queue":
+        if position != shown and seen["status"] == TaskStatus.QUEUE:
             shown = position
-            on_event(Event("task_queue", run.taskid, run.socketaccesstoken, {"position": position}))
+            on_event(Event(TaskStatus.QUEUE, run.taskid, run.socketaccesstoken, {"position": position}))
 
 
 def _show(progress: Progress, bar: TaskID, run: RunResult, event: Event) -> None:

@@ -37,13 +37,17 @@ from dreamserve import __version__
 from dreamserve.errors import (
     AuthError,
     DreamError,
+    HTTPProtocolError,
     InvalidRequest,
     InvalidState,
     NotFound,
     RateLimited,
     RouteNotFound,
+    TaskFailed,
+    error_class,
 )
 from dreamserve.signing import auth_headers
+from dreamserve.status import FINAL, Frame, Pexit, TaskStatus
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -63,9 +67,9 @@ DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 DEFAULT_WAIT = 3600.0
 #: Polling backoff when the socket is unavailable (Wiro's MCP client uses the same steps).
 POLL_STEPS: tuple[float, ...] = (2.0, 5.0, 10.0)
-TERMINAL_EVENTS = frozenset({"task_postprocess_end", "task_cancel"})
+TERMINAL_EVENTS: frozenset[str] = FINAL
 #: ``task_error`` is terminal only as a Task/Detail *status* (fatal pre-run failure); as a socket event it is stderr.
-TERMINAL_STATUSES = TERMINAL_EVENTS | {"task_error"}
+TERMINAL_STATUSES: frozenset[str] = frozenset(s for s in TaskStatus if s.is_terminal)
 #: Frames may carry preview images; WiroKit allows 8 MiB too.
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 
@@ -130,7 +134,7 @@ class Task:
 
     @property
     def succeeded(self) -> bool:
-        return self.status == "task_postprocess_end" and self.pexit == "0"
+        return self.status == TaskStatus.POSTPROCESS_END and self.pexit == Pexit.OK
 
 
 @dataclass(frozen=True)
@@ -178,19 +182,19 @@ class Event:
 
     @property
     def progress(self) -> Progress | None:
-        return Progress.parse(self.message) if self.type == "task_output" else None
+        return Progress.parse(self.message) if self.type == Frame.OUTPUT else None
 
     @property
     def queue_position(self) -> int | None:
         """dreamserve extension: ``task_queue`` may carry ``{"position": "3"}``; ``None`` when not given."""
-        if self.type != "task_queue" or not isinstance(self.message, dict):
+        if self.type != TaskStatus.QUEUE or not isinstance(self.message, dict):
             return None
         return _int(self.message.get("position"))
 
     @property
     def outputs(self) -> list[dict[str, Any]]:
         """The output items of ``task_postprocess_end`` (the same items as Task/Detail ``outputs``)."""
-        if self.type != "task_postprocess_end" or not isinstance(self.message, list):
+        if self.type != TaskStatus.POSTPROCESS_END or not isinstance(self.message, list):
             return []
         return [o for o in self.message if isinstance(o, dict)]
 
@@ -287,7 +291,7 @@ class _BaseClient:
 
     @staticmethod
     def _register(tasktoken: str) -> str:
-        return json.dumps({"type": "task_info", "tasktoken": tasktoken})
+        return json.dumps({"type": Frame.INFO.value, "tasktoken": tasktoken})
 
     @staticmethod
     def _event(raw: str | bytes) -> Event | None:
@@ -329,7 +333,7 @@ class _Watch:
         self.progress: Any = None
 
     def seen(self, event: Event) -> None:
-        if event.type != "task_output" and not event.type.endswith("_full") and event.type != "task_error":
+        if event.type not in (Frame.OUTPUT, Frame.ERROR) and not event.type.endswith("_full"):
             self.status = event.type
         if self.on_event is not None:
             self.on_event(event)
@@ -341,7 +345,7 @@ class _Watch:
         progress = task.data.get("progress")
         if progress and progress != self.progress and not task.is_terminal:
             self.progress = progress
-            self.seen(Event("task_output", task.id, self.tasktoken, _decode_message(progress)))
+            self.seen(Event(Frame.OUTPUT, task.id, self.tasktoken, _decode_message(progress)))
 
 
 class Client(_BaseClient):
@@ -771,6 +775,10 @@ def _error_from(body: Mapping[str, Any], response: httpx.Response) -> DreamError
         first = {"message": str(first)}
     message = str(first.get("message") or body.get("message") or f"HTTP {status} with result: false")
     code = _int(first.get("code")) or 0
+    typed = _typed_error(first, message, response)
+    if typed is not None:
+        return typed
+    # A server that sends no ``type`` (Wiro itself): tell the classes apart by status, code and wording.
     lowered = message.lower()
     if status in (401, 403) or code == 99 or lowered.startswith(("project authorization", "project requires sign")):
         return AuthError(message)
@@ -785,6 +793,23 @@ def _error_from(body: Mapping[str, Any], response: httpx.Response) -> DreamError
     if status >= 500:
         return TransportError(message, status)
     return InvalidRequest(message)
+
+
+def _typed_error(item: Mapping[str, Any], message: str, response: httpx.Response) -> DreamError | None:
+    """dreamserve's items name their class in ``type`` (and the field at fault in ``param``)."""
+    cls = error_class(str(item.get("type") or ""))
+    if cls is None:
+        return None
+    if issubclass(cls, RateLimited):
+        return RateLimited(message, _retry_after(response.headers.get("retry-after")))
+    if issubclass(cls, InvalidRequest):
+        param = item.get("param")
+        return cls(message, param=str(param) if param else None)
+    if issubclass(cls, HTTPProtocolError):
+        return HTTPProtocolError(message, response.status_code)
+    if cls.http_status >= 500 and not issubclass(cls, TaskFailed):
+        return TransportError(message, response.status_code)
+    return cls(message)
 
 
 def _retry_after(value: str | None) -> int:

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.db import Task, TaskEvent
 from dreamserve.events import TERMINAL
+from dreamserve.status import Pexit, TaskStatus
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -169,7 +170,7 @@ class TaskStats:
 
     def _count(self, row: Any) -> None:
         self.finished[(("model", row.model), ("pexit", row.pexit or "unknown"))] += 1
-        if row.pexit != "0":
+        if row.pexit != Pexit.OK:
             return
         labels = {"model": row.model}
         for stage, seconds in sorted(((row.details or {}).get("timings") or {}).items()):
@@ -204,7 +205,7 @@ async def task_gauges(sessions: async_sessionmaker[AsyncSession], models: Iterab
     out.family("dreamserve_tasks", "gauge", "Unfinished tasks by model and status.")
     for model, status, count, created in sorted(by_status):
         out.sample("dreamserve_tasks", {"model": model, "status": status}, count)
-        if status == "task_queue":
+        if status == TaskStatus.QUEUE:
             depth[model], oldest[model] = count, now - created
     out.family("dreamserve_queue_depth", "gauge", "Queued tasks waiting for a worker, by model.")
     for model, count in sorted(depth.items()):

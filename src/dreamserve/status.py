@@ -56,6 +56,21 @@ LIFECYCLE: tuple[TaskStatus, ...] = tuple(s for s in TaskStatus if s is not Task
 FINAL = frozenset({TaskStatus.POSTPROCESS_END, TaskStatus.CANCEL})
 
 
+#: What the CLI and the playground show for each status.
+LABELS: dict[TaskStatus, str] = {
+    TaskStatus.QUEUE: "queued",
+    TaskStatus.ACCEPT: "accepted",
+    TaskStatus.PREPROCESS_START: "fetching inputs",
+    TaskStatus.PREPROCESS_END: "inputs ready",
+    TaskStatus.ASSIGN: "loading model",
+    TaskStatus.START: "generating",
+    TaskStatus.END: "finishing",
+    TaskStatus.POSTPROCESS_START: "saving",
+    TaskStatus.POSTPROCESS_END: "done",
+    TaskStatus.CANCEL: "cancelled",
+}
+
+
 class Frame(StrEnum):
     """Socket frames and logged events that are not status changes."""
 

@@ -135,7 +135,7 @@ class TaskStore:
 
     # -- transitions ----------------------------------------------------------------------------
 
-    async def record(
+    async def record(  # noqa: C901 -- to become named transitions (issue 10, section 3)
         self,
         task_id: int,
         event_type: str,

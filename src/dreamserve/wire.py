@@ -7,6 +7,7 @@ from typing import Any
 
 from dreamserve.db import File, Task
 from dreamserve.events import TERMINAL
+from dreamserve.status import Pexit, TaskStatus
 
 CATEGORIES = json.dumps(["tool", "text-to-image", "image-to-image", "image-editing"])
 
@@ -57,7 +58,7 @@ def elapsed_seconds(task: Task, now: float) -> float:
 
 def task_object(task: Task, outputs: list[File], *, base_url: str, cps: float, now: float) -> dict[str, Any]:
     elapsed = elapsed_seconds(task, now)
-    succeeded = task.status == "task_postprocess_end" and task.pexit == "0"
+    succeeded = task.status == TaskStatus.POSTPROCESS_END and task.pexit == Pexit.OK
     total_cost = cps * elapsed if succeeded else 0.0
     owner, _, project = task.model.partition("/")
     return {

@@ -13,7 +13,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
 from dreamserve.api import files, health, metrics, openai, run, socket, tasks, web
-from dreamserve.errors import DreamError, InvalidRequest, RateLimited, RouteNotFound
+from dreamserve.errors import (
+    DreamError,
+    HTTPProtocolError,
+    InvalidRequest,
+    MethodNotAllowed,
+    RateLimited,
+    RouteNotFound,
+    ServerError,
+)
 from dreamserve.metrics import Monitor
 from dreamserve.services import Services
 from dreamserve.settings import Settings
@@ -59,11 +67,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             error = RouteNotFound()
         elif exc.status_code == 405:
-            error = RouteNotFound("Error parsing url. Every endpoint takes POST, except file downloads (GET).")
-            error.http_status = 405
+            error = MethodNotAllowed()
         else:
-            error = DreamError(str(exc.detail))
-            error.http_status = exc.status_code
+            error = HTTPProtocolError(str(exc.detail), exc.status_code)
         return JSONResponse(error.to_wire(), status_code=error.http_status)
 
     @app.exception_handler(RequestValidationError)
@@ -73,5 +79,5 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        error = DreamError("Internal server error. The incident was logged; retry with backoff.")
-        return JSONResponse(error.to_wire(), status_code=500)
+        error = ServerError()
+        return JSONResponse(error.to_wire(), status_code=error.http_status)

@@ -11,7 +11,7 @@ from starlette.types import Message
 
 from dreamserve.auth import authenticate
 from dreamserve.db import Project
-from dreamserve.errors import InvalidRequest
+from dreamserve.errors import InvalidRequest, RequestTooLarge
 from dreamserve.params import Upload
 from dreamserve.ratelimit import RateLimiter
 from dreamserve.services import Services
@@ -49,12 +49,10 @@ def _limiter(request: Request, services: Services) -> RateLimiter:
 ProjectDep = Annotated[Project, Depends(get_project)]
 
 
-def _too_large(limit: int) -> InvalidRequest:
-    error = InvalidRequest(
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
         f"The request body is larger than {limit:,} bytes, the limit. Send fewer or smaller files (or URLs to them)."
     )
-    error.http_status = 413
-    return error
 
 
 def _limited_body(request: Request) -> Request:
@@ -89,13 +87,15 @@ async def read_fields(request: Request, max_file_bytes: int) -> dict[str, list[A
     content_type = request.headers.get("content-type", "")
     fields: dict[str, list[Any]] = {}
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form(max_files=64, max_fields=256)
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                data = await value.read(max_file_bytes + 1)
-                fields.setdefault(name, []).append(Upload(filename=value.filename or "", data=data))
-            else:
-                fields.setdefault(name, []).append(value)
+        # Closed here: Starlette closes the form of the request it made, not of this wrapper (the spooled
+        # temporary files would wait for the garbage collector).
+        async with request.form(max_files=64, max_fields=256) as form:
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    data = await value.read(max_file_bytes + 1)
+                    fields.setdefault(name, []).append(Upload(filename=value.filename or "", data=data))
+                else:
+                    fields.setdefault(name, []).append(value)
         return fields
     body = await request.body()
     if not body.strip():

@@ -19,7 +19,6 @@ import asyncio
 import base64
 import hmac
 import io
-import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -31,12 +30,22 @@ from PIL import Image
 
 from dreamserve.api.deps import ServicesDep, check_rate, read_fields
 from dreamserve.db import Project, Task
-from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited
+from dreamserve.errors import (
+    AuthError,
+    DreamError,
+    InvalidRequest,
+    InvalidState,
+    NotFound,
+    RateLimited,
+    TaskFailed,
+    TaskInputFailed,
+)
 from dreamserve.events import TERMINAL
 from dreamserve.params import Upload
 from dreamserve.projects import find_project, unseal_secret
 from dreamserve.services import Services
 from dreamserve.settings import DEFAULT_MODEL
+from dreamserve.status import Pexit, StopKind, TaskStatus
 from dreamserve.submit import submit
 
 #: Our parameter names as OpenAI's clients know them, for error messages and ``param``.
@@ -44,7 +53,6 @@ OPENAI_NAMES = {"maxImages": "n", "inputImage": "image"}
 #: ``auto`` lets the server choose: the 1K tier, at the aspect ratio of the first reference image.
 AUTO_SIZE = "1K"
 POLL_SECONDS = 0.1
-_PARAM = re.compile(r"Request (?:parameter|files) \[(\w+)\]")
 
 
 def openai_error(exc: DreamError) -> JSONResponse:
@@ -52,8 +60,7 @@ def openai_error(exc: DreamError) -> JSONResponse:
     message = exc.message
     for ours, theirs in OPENAI_NAMES.items():
         message = message.replace(f"[{ours}]", f"[{theirs}]")
-    match = _PARAM.search(message)
-    param = match.group(1) if match else None
+    param = OPENAI_NAMES.get(exc.param, exc.param) if exc.param else None
     headers = None
     if isinstance(exc, AuthError):
         status, kind, code = 401, "invalid_request_error", "invalid_api_key"
@@ -184,7 +191,7 @@ async def _wait(request: Request, services: Services, task: Task) -> None:
             return
         if settings.sync_cancel_on_disconnect and await request.is_disconnected():
             if await services.store.cancel_queued(task.id) is None:
-                await services.stop_task(task.id, "cancel")
+                await services.stop_task(task.id, StopKind.CANCEL)
             return
         await asyncio.sleep(POLL_SECONDS)
 
@@ -197,12 +204,11 @@ async def _answer(
     follow = f"Task {task.id} (socketaccesstoken {task.token})"
     if status not in TERMINAL:
         raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
-    if status == "task_cancel" or pexit in ("130", "137"):
+    if status == TaskStatus.CANCEL or pexit in (Pexit.CANCELLED, Pexit.KILLED):
         raise InvalidState(f"{follow} was cancelled.")
-    if pexit != "0":
-        error = DreamError(f"{follow} failed (pexit {pexit}): {str(rendered.get('debugerror', ''))[:500]}")
-        error.http_status = 400 if pexit == "2" else 500  # 2: an input could not be read
-        raise error
+    if pexit != Pexit.OK:
+        failed = TaskInputFailed if pexit == Pexit.BAD_INPUT else TaskFailed
+        raise failed(f"{follow} failed (pexit {pexit}): {str(rendered.get('debugerror', ''))[:500]}")
     files = (await services.store.files([task.id], "output"))[task.id]
     data: list[dict[str, Any]] = []
     for output, file in zip(rendered["outputs"], files, strict=True):

@@ -15,6 +15,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from dreamserve.events import TERMINAL
 from dreamserve.services import Services
+from dreamserve.status import Frame
 from dreamserve.wire import socket_frame
 
 router = APIRouter()
@@ -37,7 +38,7 @@ async def task_socket(websocket: WebSocket) -> None:
                 await _send(websocket, lock, {"type": "error", "message": "Send JSON frames.", "result": False})
                 continue
             token = str(request.get("tasktoken", "")) if isinstance(request, dict) else ""
-            if not isinstance(request, dict) or request.get("type") != "task_info" or not token:
+            if not isinstance(request, dict) or request.get("type") != Frame.INFO or not token:
                 message = 'Register with {"type": "task_info", "tasktoken": "<socketaccesstoken>"}.'
                 await _send(websocket, lock, {"type": "error", "message": message, "result": False})
                 continue

@@ -10,6 +10,7 @@ from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.db import Project, Task
 from dreamserve.errors import InvalidRequest, InvalidState, NotFound
 from dreamserve.events import RUNNING, TERMINAL
+from dreamserve.status import StopKind, TaskStatus
 from dreamserve.webhooks import delivery_log
 from dreamserve.wire import envelope
 
@@ -37,9 +38,9 @@ async def _find(request: Request, services: ServicesDep, project: Project) -> Ta
 
 async def _render(services: ServicesDep, task_id: int) -> dict[str, Any] | None:
     rendered = await services.render(task_id)
-    if rendered is not None and rendered["status"] == "task_queue":
+    if rendered is not None and rendered["status"] == TaskStatus.QUEUE:
         task = await services.store.get_by_id(task_id)
-        if task is not None and task.status == "task_queue":
+        if task is not None and task.status == TaskStatus.QUEUE:
             rendered["queueposition"] = str(await services.store.queue_position(task))
     return rendered
 
@@ -59,7 +60,7 @@ async def detail(request: Request, project: ProjectDep, services: ServicesDep) -
 async def cancel(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     """Queued: cancelled at once. Running: stopped at the next denoising step; the model stays loaded."""
     task = await _find(request, services, project)
-    await _stop(services, task, "cancel", "Task is not in a cancellable state. Task {id} is {status}.")
+    await _stop(services, task, StopKind.CANCEL, "Task is not in a cancellable state. Task {id} is {status}.")
     return await _tasklist(services, task.id)
 
 
@@ -67,7 +68,7 @@ async def cancel(request: Request, project: ProjectDep, services: ServicesDep) -
 async def kill(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     """Queued: cancelled at once. Running: its model process is terminated (and restarted for the next task)."""
     task = await _find(request, services, project)
-    await _stop(services, task, "kill", "Task could not be killed: task {id} is {status}.")
+    await _stop(services, task, StopKind.KILL, "Task could not be killed: task {id} is {status}.")
     return await _tasklist(services, task.id)
 
 
@@ -79,7 +80,7 @@ async def _stop(services: ServicesDep, task: Task, kind: str, refusal: str) -> N
         raise InvalidState(refusal.format(id=task.id, status=_status(fresh)))
     await services.stop_task(task.id, kind)
     # Answer with the final state: the worker sees the request at once here, or at its next heartbeat.
-    grace = services.settings.cancel_grace_seconds if kind == "cancel" else 0.0
+    grace = services.settings.cancel_grace_seconds if kind == StopKind.CANCEL else 0.0
     await services.wait_terminal(task.id, grace + 2 * services.settings.heartbeat_seconds + 5)
 
 

@@ -2,24 +2,56 @@
 
 The page holds the key and secret in the browser (localStorage) and signs each request with
 WebCrypto exactly as Wiro's clients do, so the server grants it nothing a script could not have.
+Its statuses, labels and request limits come from the server, inlined into the page (``page_config``).
 """
 
 from __future__ import annotations
 
+import json
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from dreamserve.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
+from dreamserve.settings import DEFAULT_MODEL
+from dreamserve.status import FINAL, LABELS, LIFECYCLE, Frame, Pexit, TaskStatus
+
 STATIC = Path(__file__).parent / "static"
+PLACEHOLDER = "<!-- dreamserve-config: replaced by the server with the vocabulary and limits app.js reads -->"
 router = APIRouter()
 
 
+def page_config() -> dict[str, Any]:
+    return {
+        "model": DEFAULT_MODEL,
+        "maxReferences": MAX_REFERENCES,
+        "maxImages": MAX_TOTAL_IMAGES,
+        "status": {status.name: status.value for status in TaskStatus},
+        "frame": {frame.name: frame.value for frame in Frame},
+        "pexit": {code.name: code.value for code in Pexit},
+        "terminal": sorted(FINAL),
+        # A progress frame means running too.
+        "running": [status.value for status in LIFECYCLE if status.holds_lease] + [Frame.OUTPUT.value],
+        "statusText": {status.value: label for status, label in LABELS.items()},
+    }
+
+
+@cache
+def _page() -> str:
+    # "<" escaped: the JSON sits inside a <script> element.
+    data = json.dumps(page_config()).replace("<", "\\u003c")
+    block = f'<script id="dreamserve-config" type="application/json">{data}</script>'
+    return (STATIC / "index.html").read_text().replace(PLACEHOLDER, block)
+
+
 @router.get("/", include_in_schema=False)
-async def playground() -> FileResponse:
+async def playground() -> HTMLResponse:
     # Revalidate every time: an upgraded server must not be driven by a cached older page.
-    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
 
 
 def install(app: FastAPI) -> None:

@@ -113,11 +113,8 @@ class Engine:
         files while the others go on. Returns, per job, its result or the exception that ended it.
         """
         # 1. Check inputs.
+        _check_group(jobs)
         first = jobs[0]
-        if any((j.width, j.height) != (first.width, first.height) for j in jobs) or any(j.num_images < 1 for j in jobs):
-            raise ValueError("a group needs jobs of one size, each asking for at least one image")
-        if len(jobs) > 1 and any(j.references for j in jobs):
-            raise ValueError("jobs with references run alone")
         started = time.perf_counter()
 
         # 2. Plan sizes and batches: every image of every job, max_batch per pipeline call.
@@ -168,6 +165,16 @@ class Engine:
                     outcome[index] = Interrupted()
 
         # 5. Post-process each job: reach the exact size, mark, and save atomically.
+        return self._finish_all(jobs, outcome, done, call.method, timings)
+
+    def _finish_all(
+        self,
+        jobs: list[GenerationJob],
+        outcome: list[GenerationResult | Exception | None],
+        done: dict[int, list[tuple[Image.Image, int]]],
+        method: str,
+        timings: dict[str, float],
+    ) -> list[GenerationResult | Exception]:
         for index, job in enumerate(jobs):
             if outcome[index] is not None:
                 continue
@@ -176,7 +183,7 @@ class Engine:
                 job_timings = {"load": self.load_seconds, **job_timings}
                 self._load_reported = True
             try:
-                outcome[index] = self._finish(job, done[index], call.method, job_timings)
+                outcome[index] = self._finish(job, done[index], method, job_timings)
             except Exception as exc:  # one job's disk error must not lose the others
                 outcome[index] = exc
         return [result for result in outcome if result is not None]
@@ -432,3 +439,11 @@ def add_visible_mark(image: Image.Image) -> Image.Image:
     draw.rectangle((x - margin, y - margin, base.width - margin, base.height - margin), fill=(0, 0, 0, 110))
     draw.text((x, y - top), text, font=font, fill=(255, 255, 255, 200))
     return Image.alpha_composite(base, overlay).convert("RGB")
+
+
+def _check_group(jobs: list[GenerationJob]) -> None:
+    first = jobs[0]
+    if any((j.width, j.height) != (first.width, first.height) for j in jobs) or any(j.num_images < 1 for j in jobs):
+        raise ValueError("a group needs jobs of one size, each asking for at least one image")
+    if len(jobs) > 1 and any(j.references for j in jobs):
+        raise ValueError("jobs with references run alone")

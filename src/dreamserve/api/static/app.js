@@ -2,26 +2,15 @@
 // (Run, Task/List, Task/Detail, Task/Cancel, Task/Kill, the /v1 socket), signed here like Wiro's clients.
 "use strict";
 
-const MODEL = "bytedance/seedream-v4";
-const MAX_REFERENCES = 14;
-const MAX_IMAGES = 15;
-const TERMINAL = new Set(["task_postprocess_end", "task_cancel"]);
-const RUNNING = new Set([
-  "task_accept", "task_preprocess_start", "task_preprocess_end", "task_assign",
-  "task_start", "task_output", "task_end", "task_postprocess_start",
-]);
-const STATUS_TEXT = {
-  task_queue: "queued",
-  task_accept: "accepted",
-  task_preprocess_start: "fetching inputs",
-  task_preprocess_end: "inputs ready",
-  task_assign: "loading model",
-  task_start: "generating",
-  task_end: "finishing",
-  task_postprocess_start: "saving",
-  task_postprocess_end: "done",
-  task_cancel: "cancelled",
-};
+// The server's vocabulary and limits (dreamserve/status.py, params.py), inlined into the page by api/web.py.
+const CONFIG = JSON.parse(document.getElementById("dreamserve-config").textContent);
+const { model: MODEL, maxReferences: MAX_REFERENCES, maxImages: MAX_IMAGES } = CONFIG;
+const S = CONFIG.status; // S.POSTPROCESS_END === "task_postprocess_end", ...
+const F = CONFIG.frame; // F.OUTPUT === "task_output", ...
+const P = CONFIG.pexit; // P.OK === "0", P.KILLED === "137", ...
+const TERMINAL = new Set(CONFIG.terminal);
+const RUNNING = new Set(CONFIG.running);
+const STATUS_TEXT = CONFIG.statusText;
 const STORE = { key: "dreamserve.apiKey", secret: "dreamserve.apiSecret" };
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -306,7 +295,7 @@ function follow(taskid, token, card) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const socket = new WebSocket(`${scheme}//${location.host}/v1`);
   let ended = false;
-  socket.addEventListener("open", () => socket.send(JSON.stringify({ type: "task_info", tasktoken: token })));
+  socket.addEventListener("open", () => socket.send(JSON.stringify({ type: F.INFO, tasktoken: token })));
   socket.addEventListener("message", (event) => {
     const frame = JSON.parse(event.data);
     if (frame.type === "error") return showError(card, frame.message);
@@ -325,8 +314,8 @@ async function poll(taskid, card) {
     await new Promise((resolve) => setTimeout(resolve, 2000));
     try {
       const task = (await api("/v1/Task/Detail", { taskid })).tasklist[0];
-      if (task.progress) onFrame(card, "task_output", decode(task.progress));
-      onFrame(card, task.status, task.status === "task_postprocess_end" ? task.outputs : null);
+      if (task.progress) onFrame(card, F.OUTPUT, decode(task.progress));
+      onFrame(card, task.status, task.status === S.POSTPROCESS_END ? task.outputs : null);
       if (TERMINAL.has(task.status)) return;
     } catch (error) {
       showError(card, error.message);
@@ -335,7 +324,7 @@ async function poll(taskid, card) {
 }
 
 function onFrame(card, type, message) {
-  if (type === "task_output" && message && typeof message === "object") {
+  if (type === F.OUTPUT && message && typeof message === "object") {
     const step = Number(message.stepCurrent);
     const total = Number(message.stepTotal);
     const percent = message.percentage !== undefined ? Number(message.percentage) : (100 * step) / total;
@@ -352,13 +341,13 @@ function onFrame(card, type, message) {
     }
     return;
   }
-  if (type === "task_error") return showError(card, typeof message === "string" ? message : JSON.stringify(message));
+  if (type === F.ERROR) return showError(card, typeof message === "string" ? message : JSON.stringify(message));
   if (!(type in STATUS_TEXT)) return;
   $(".status", card).textContent = STATUS_TEXT[type];
-  if (type === "task_cancel") {
+  if (type === S.CANCEL) {
     card.dataset.state = "cancelled";
     $(".eta", card).textContent = "";
-  } else if (type === "task_postprocess_end") {
+  } else if (type === S.POSTPROCESS_END) {
     const outputs = Array.isArray(message) ? message : [];
     card.dataset.state = outputs.length ? "done" : "failed";
     $(".preview", card).hidden = true;
@@ -416,9 +405,9 @@ function addToGallery(taskid, outputs) {
 // -- the project's task list -----------------------------------------------------------------------
 
 function badge(status, pexit) {
-  if (status === "task_postprocess_end") return pexit === "0" ? ["done", "done"] : ["failed", `failed (${pexit})`];
-  if (status === "task_cancel") return ["cancelled", pexit === "137" ? "killed" : "cancelled"];
-  if (status === "task_queue") return ["queued", "queued"];
+  if (status === S.POSTPROCESS_END) return pexit === P.OK ? ["done", "done"] : ["failed", `failed (${pexit})`];
+  if (status === S.CANCEL) return ["cancelled", pexit === P.KILLED ? "killed" : "cancelled"];
+  if (status === S.QUEUE) return ["queued", "queued"];
   return ["running", STATUS_TEXT[status] || status];
 }
 
@@ -454,7 +443,7 @@ function taskRow(task) {
   const status = document.createElement("span");
   status.className = `badge ${kind}`;
   status.textContent = text;
-  if (task.status === "task_queue" && task.queueposition !== "" && task.queueposition !== undefined) {
+  if (task.status === S.QUEUE && task.queueposition !== "" && task.queueposition !== undefined) {
     status.textContent += task.queueposition === "0" ? " · next" : ` · ${task.queueposition} ahead`;
   } else if (kind === "running" && task.progress && task.progress.percentage !== undefined) {
     status.textContent += ` · ${Math.round(Number(task.progress.percentage))}%`;
@@ -468,7 +457,7 @@ function taskRow(task) {
     cancel.title = "Queued: removed at once. Running: stops at the next step; the model stays loaded.";
     cancel.addEventListener("click", () => stopTask("Cancel", task.id, cancel));
     actions.append(cancel);
-    if (task.status !== "task_queue") {
+    if (task.status !== S.QUEUE) {
       const kill = document.createElement("button");
       kill.className = "small danger kill";
       kill.textContent = "Kill";
