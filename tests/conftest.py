@@ -151,7 +151,6 @@ class Server(Api):
         return self._client
 
     def start(self, timeout: float = 90) -> None:
-        log = self.log_path.open("ab")
         command = [
             sys.executable,
             "-m",
@@ -162,7 +161,8 @@ class Server(Api):
             "--port",
             str(self.settings.port),
         ]
-        self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        with self.log_path.open("ab") as log:  # the server has its own copy of the descriptor
+            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -96,16 +96,16 @@ def test_queue_depth_positions_and_cancelled_tasks(make_server: Any) -> None:
         *("--server", server.url, "--key", creds.api_key, "--secret", creds.api_secret),
     ]
     terminal = {**os.environ, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160"}
-    cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=terminal)
     shown = b""
-    deadline = time.monotonic() + 30
-    assert cli.stderr is not None
-    os.set_blocking(cli.stderr.fileno(), False)
-    while b"(2 ahead)" not in shown and time.monotonic() < deadline and cli.poll() is None:
-        shown += cli.stderr.read() or b""
-        time.sleep(0.1)
-    cli.send_signal(signal.SIGINT)
-    assert cli.wait(30) == 130
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=terminal) as cli:
+        deadline = time.monotonic() + 30
+        assert cli.stderr is not None
+        os.set_blocking(cli.stderr.fileno(), False)
+        while b"(2 ahead)" not in shown and time.monotonic() < deadline and cli.poll() is None:
+            shown += cli.stderr.read() or b""
+            time.sleep(0.1)
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(30) == 130
     assert b"(2 ahead)" in shown, shown[-2000:]
     newest = server.post("/v1/Task/List", json={}).json()["tasklist"][0]
     assert newest["parameters"]["prompt"] == "queued behind two" and newest["status"] == "task_cancel"

@@ -65,6 +65,8 @@ class PipeHandler(logging.Handler):
                 "exc_text": exc_text,
             }
             self._send({"type": "log", "record": fields})
+        except OSError:
+            pass  # the parent is gone (its pipe closed): nobody is left to read the record
         except Exception:
             self.handleError(record)
 

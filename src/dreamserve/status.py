@@ -1,4 +1,5 @@
-"""The task vocabulary, one leaf module (stdlib only): Wiro's statuses and socket frames, exit codes, stop kinds.
+"""The task vocabulary, one leaf module (stdlib only): Wiro's statuses and socket frames, exit codes, stop kinds,
+worker states.
 
 The enums are ``StrEnum``s, so a member equals the string stored in the database and sent on the wire
 (``TaskStatus.CANCEL == "task_cancel"``, ``Pexit.CANCELLED == "130"``); the client, the CLI and the server import
@@ -98,6 +99,20 @@ class Pexit(StrEnum):
     CANCELLED = "130"
     #: Stopped by Task/Kill (SIGKILL's 128 + 9).
     KILLED = "137"
+
+
+class WorkerState(StrEnum):
+    """A model worker's state, as ``/healthz`` reports it; ``/readyz`` waits for every worker to be loaded."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    DEFUNCT = "defunct"
+
+    @property
+    def is_loaded(self) -> bool:
+        return self in (WorkerState.READY, WorkerState.BUSY)
 
 
 class StopKind(StrEnum):

@@ -5,16 +5,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Project, Task
 from dreamserve.errors import NotFound
 from dreamserve.params import RunParams, parse_run
-from dreamserve.services import Services
-from dreamserve.store import new_accesskey
+from dreamserve.settings import Settings
+from dreamserve.store import TaskStore, new_accesskey
 from dreamserve.wire import file_url
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+
+
+class Services(Protocol):
+    """What submitting needs of ``services.Services`` (which sits above this module and is passed in)."""
+
+    settings: Settings
+    store: TaskStore
+    blobs: BlobStore
+
+    def wake(self, model: str) -> None: ...
 
 
 def served_model(services: Services, slug: str) -> str:

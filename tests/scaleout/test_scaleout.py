@@ -50,8 +50,8 @@ class Proc:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        handle = self.log.open("ab")
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+        with self.log.open("ab") as handle:  # the process has its own copy of the descriptor
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -210,8 +210,14 @@ def test_submit_on_one_replica_follow_on_the_other_and_download_from_s3(cluster:
     assert "task_start" in types and types.count("task_output") >= 40
     task = cluster.detail(1, run["taskid"])
     assert task["pexit"] == "0" and len(task["outputs"]) == 2
-    # A socket that registers after the end replays everything, on either replica.
-    assert [f["type"] for f in _socket(cluster.apis[0], run["socketaccesstoken"])] == types
+    # The final frame lists the same outputs as Detail, public URLs included: the replica renders them, not the
+    # worker (whose own base_url, http://127.0.0.1:8000 here, no client could reach).
+    assert frames[-1]["message"] == task["outputs"]
+    assert all(item["url"].startswith(cluster.apis[1] + "/v1/File/") for item in frames[-1]["message"])
+    # A socket that registers after the end replays everything, on either replica, with that replica's URLs.
+    replayed = _socket(cluster.apis[0], run["socketaccesstoken"])
+    assert [f["type"] for f in replayed] == types
+    assert replayed[-1]["message"] == cluster.detail(0, run["taskid"])["outputs"]
     # Output URLs redirect to a presigned S3 URL; no credentials needed anywhere.
     first = httpx.get(task["outputs"][0]["url"], follow_redirects=False)
     assert first.status_code == 307 and "X-Amz-Signature" in first.headers["location"]

@@ -8,7 +8,6 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from dreamserve.api.deps import ServicesDep
-from dreamserve.worker.supervisor import WorkerState
 
 router = APIRouter()
 
@@ -20,7 +19,6 @@ async def healthz(services: ServicesDep) -> dict[str, Any]:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> JSONResponse:
-    loaded = {WorkerState.READY, WorkerState.BUSY}
-    waiting = [s.status() for s in services.supervisors if s.state not in loaded]
+    waiting = [s.status() for s in services.supervisors if not s.state.is_loaded]
     ready = not waiting
     return JSONResponse({"ready": ready, "waiting": waiting}, status_code=200 if ready else 503)

@@ -13,10 +13,10 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from dreamserve.events import TERMINAL
+from dreamserve.events import TERMINAL, Event
 from dreamserve.services import Services
-from dreamserve.status import Frame
-from dreamserve.wire import socket_frame
+from dreamserve.status import Frame, TaskStatus
+from dreamserve.wire import file_item, socket_frame
 
 router = APIRouter()
 
@@ -64,7 +64,7 @@ async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, 
         pending = await services.store.events(task.id)
         while True:
             for event in sorted({e.id: e for e in pending if e.id > last}.values(), key=lambda e: e.id):
-                await _send(websocket, lock, socket_frame(event.type, task.id, token, event.message))
+                await _send(websocket, lock, socket_frame(event.type, task.id, token, await _message(services, event)))
                 last = event.id
                 if event.type in TERMINAL:
                     return
@@ -76,6 +76,15 @@ async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, 
         return
     finally:
         await live.close()
+
+
+async def _message(services: Services, event: Event) -> Any:
+    """The frame's message. The final one lists the outputs, rendered here from the stored file rows with this
+    server's public URL, so they equal Task/Detail's whichever host ran the task."""
+    if event.type != TaskStatus.POSTPROCESS_END:
+        return event.message
+    files = (await services.store.files([event.task_id], "output"))[event.task_id]
+    return [file_item(services.settings.base_url, file) for file in files]
 
 
 async def _send(websocket: WebSocket, lock: asyncio.Lock, frame: dict[str, Any]) -> None:

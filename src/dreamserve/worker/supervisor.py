@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import multiprocessing
 import os
@@ -31,6 +30,7 @@ from dreamserve.jobs import GenerationJob, GenerationResult
 from dreamserve.logs import about, replay
 from dreamserve.params import check_image
 from dreamserve.settings import ModelSpec, Settings
+from dreamserve.status import WorkerState
 from dreamserve.store import (
     PEXIT_CANCELED,
     PEXIT_INPUT_ERROR,
@@ -40,18 +40,9 @@ from dreamserve.store import (
     TaskStore,
     new_accesskey,
 )
-from dreamserve.wire import file_item
 from dreamserve.worker.child import child_main
 
 log = logging.getLogger(__name__)
-
-
-class WorkerState(enum.Enum):
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"
-    BUSY = "busy"
-    DEFUNCT = "defunct"
 
 
 def worker_alive(worker_id: str) -> bool | None:
@@ -496,11 +487,12 @@ class Supervisor:
             "worker": self.worker_id,
             "batched_with": [other for other in self.running if other != task.id],
         }
-        base_url = self.settings.base_url
+        # The event keeps no URLs: the API renders them from the file rows with its own public URL (a worker
+        # host's base_url is not the one clients reach), as Task/Detail does.
         await self._record(
             task,
             "task_postprocess_end",
-            lambda: [file_item(base_url, file) for file in files],
+            None,
             outputs=files,
             pexit=PEXIT_OK,
             debugoutput=output,
