@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from dreamserve.status import TaskStatus
 
 MODEL = "bytedance/seedream-v4"
 #: Fixtures that start a process of their own (a server, a browser): tests using them are not in the fast tier.
-PROCESS_FIXTURES = frozenset({"make_server", "fuzz_server", "browser_page", "klein"})
+PROCESS_FIXTURES = frozenset({"make_server", "tiny_server", "fuzz_server", "browser_page", "klein"})
 #: Modules that run models in this process or kill processes on purpose.
 PROCESS_MODULES = frozenset({"test_engine.py", "test_faults.py", "test_scaleout.py"})
 
@@ -173,6 +173,7 @@ class Server(Api):
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        self.stop()  # not left running behind a failed start
         raise RuntimeError(f"server not ready in {timeout} s:\n{self.log_path.read_text()[-4000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -236,33 +237,46 @@ def make_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         app.client.__exit__(None, None, None)
 
 
+def launch(
+    tmp_path_factory: pytest.TempPathFactory,
+    data_dir: Path | None = None,
+    start: bool = True,
+    allow_private: bool = True,
+    **overrides: Any,
+) -> Server:
+    """A server with chosen settings, a data dir of its own and a signature project.
+
+    ``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production)."""
+    data_dir = data_dir or tmp_path_factory.mktemp("data")
+    spec = ModelSpec(**overrides.get("model", {}))
+    settings = build_settings(data_dir, allow_private, **overrides)
+    overrides.pop("model", None)
+    env = {
+        **os.environ,
+        "DREAMSERVE_DATA_DIR": str(data_dir),
+        "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
+        "DREAMSERVE_FETCH_ALLOW_PRIVATE": "true" if allow_private else "false",
+        "PYTHONUNBUFFERED": "1",
+        **{
+            f"DREAMSERVE_{k.upper()}": json.dumps(v) if isinstance(v, list | dict) else str(v)
+            for k, v in overrides.items()
+        },
+    }
+    server = Server(settings=settings, env=env, log_path=data_dir / "server.log")
+    server.creds = create_project(settings, "tests", signature=True)
+    if start:
+        server.start()
+    return server
+
+
 @pytest.fixture
 def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """Start servers with chosen model settings; each gets a data dir and a signature project."""
+    """Start servers with chosen model settings (``launch``); they stop after the test."""
     servers: list[Server] = []
 
-    def factory(
-        data_dir: Path | None = None, start: bool = True, allow_private: bool = True, **overrides: Any
-    ) -> Server:
-        """``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production)."""
-        data_dir = data_dir or tmp_path_factory.mktemp("data")
-        spec = ModelSpec(**overrides.get("model", {}))
-        settings = build_settings(data_dir, allow_private, **overrides)
-        overrides.pop("model", None)
-        env = {
-            **os.environ,
-            "DREAMSERVE_DATA_DIR": str(data_dir),
-            "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
-            "DREAMSERVE_FETCH_ALLOW_PRIVATE": "true" if allow_private else "false",
-            "PYTHONUNBUFFERED": "1",
-            **{
-                f"DREAMSERVE_{k.upper()}": json.dumps(v) if isinstance(v, list | dict) else str(v)
-                for k, v in overrides.items()
-            },
-        }
-        server = Server(settings=settings, env=env, log_path=data_dir / "server.log")
-        server.creds = create_project(settings, "tests", signature=True)
-        servers.append(server)
+    def factory(start: bool = True, **options: Any) -> Server:
+        server = launch(tmp_path_factory, start=False, **options)
+        servers.append(server)  # stopped at the end even if it fails to start
         if start:
             server.start()
         return server
@@ -270,6 +284,23 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     yield factory
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server per test module with the tiny model at 64x64, for tests that only need tasks of their own."""
+    server = launch(tmp_path_factory, model={"max_pixels": 64 * 64})
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tiny(tiny_server: Server) -> Iterator[Server]:
+    """The module's ``tiny_server`` seen through a fresh project: a test sees only its own tasks and files."""
+    view = replace(tiny_server, creds=create_project(tiny_server.settings, "test", signature=True), _client=None)
+    yield view
+    if view._client is not None:
+        view._client.close()
 
 
 @dataclass

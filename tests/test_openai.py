@@ -29,8 +29,8 @@ def _image(b64: str | None) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64 or "")))
 
 
-def test_generate_url_and_b64(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 64 * 64})
+def test_generate_url_and_b64(tiny: Any) -> None:
+    server = tiny
     client = _client(server)
     result = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dusk", n=2, size="1024x1024")
     assert len(result.data or []) == 2 and all(item.url for item in result.data or [])
@@ -52,8 +52,8 @@ def test_generate_url_and_b64(make_server: Any) -> None:
     assert picture.format == "JPEG" and picture.size == (2048, 2048) and jpeg.output_format == "jpeg"
 
 
-def test_edit_with_several_images_url_and_b64(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 64 * 64})
+def test_edit_with_several_images_url_and_b64(tiny: Any) -> None:
+    server = tiny
     client = _client(server)
     images = [("a.png", png_bytes(80, 80), "image/png"), ("b.png", png_bytes(96, 64, (0, 0, 200)), "image/png")]
     result = client.images.edit(image=images, prompt="put the blue thing on the red thing", size="1024x1024")
@@ -106,8 +106,8 @@ def test_bearer_rules_and_errors_in_openai_shape(make_app: Any) -> None:
     assert error["type"] == "invalid_request_error" and error["param"] == "output_format"
 
 
-def test_key_only_project_takes_the_bare_key(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 64 * 64})
+def test_key_only_project_takes_the_bare_key(tiny: Any) -> None:
+    server = tiny
     other = create_project(server.settings, "key-only", signature=False)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=other.api_key, max_retries=0)
     result = client.images.generate(prompt="a red kite", size="1K")

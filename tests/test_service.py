@@ -45,8 +45,8 @@ def socket_events(url: str, token: str, timeout: float = 120) -> list[dict[str, 
     return frames
 
 
-def test_seed_flow_files_url_socket_detail_output(make_server: Any, receiver: Receiver) -> None:
-    server = make_server(model={"max_pixels": 64 * 64})
+def test_seed_flow_files_url_socket_detail_output(tiny: Any, receiver: Receiver) -> None:
+    server = tiny
     receiver.files["/ref.png"] = png_bytes(80, 80, (10, 200, 10))
     files = [("inputImage", (f"ref{i}.png", png_bytes(96, 64), "image/png")) for i in range(3)]
     data = {"prompt": "two cats on a sofa", "size": "1280x720", "maxImages": "2", "watermark": "false"}
@@ -92,8 +92,8 @@ def test_seed_flow_files_url_socket_detail_output(make_server: Any, receiver: Re
     assert task["outputs"][0]["seed"] != task["outputs"][1]["seed"]
 
 
-def test_json_body_and_late_socket_replay(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 64 * 64})
+def test_json_body_and_late_socket_replay(tiny: Any) -> None:
+    server = tiny
     run = server.run({"prompt": "a lighthouse", "size": "1K", "maxImages": 1, "watermark": True})
     task = server.wait(run["taskid"])
     assert task["pexit"] == "0"
@@ -165,10 +165,10 @@ def test_restart_loses_no_task(make_server: Any) -> None:
     assert "was lost" in tasks[0]["debugerror"]
 
 
-def test_projects_never_see_each_other(make_server: Any) -> None:
+def test_projects_never_see_each_other(tiny: Any) -> None:
     from dreamserve.projects import create_project
 
-    server = make_server(model={"max_pixels": 64 * 64})
+    server = tiny
     other = create_project(server.settings, "other", signature=False)
     run = server.run({"prompt": "private", "size": "1K"})
     # Key-only project: x-api-key alone is enough for it.
@@ -222,11 +222,11 @@ def test_callback_is_posted_signed_and_retried(make_server: Any, receiver: Recei
     assert log["deliveries"][0]["laststatus"] == "200"
 
 
-def test_cli_generate_downloads_outputs(make_server: Any, tmp_path: Any) -> None:
+def test_cli_generate_downloads_outputs(tiny: Any, tmp_path: Any) -> None:
     import subprocess
     import sys
 
-    server = make_server(model={"max_pixels": 64 * 64})
+    server = tiny
     ref = tmp_path / "ref.png"
     ref.write_bytes(png_bytes(70, 70))
     creds = server.creds
@@ -256,14 +256,14 @@ def test_same_size_requests_share_pipeline_calls(make_server: Any) -> None:
     assert Image.open(io.BytesIO(httpx.get(done[1]["outputs"][0]["url"]).content)).size == (1280, 720)
 
 
-def test_literal_curl_commands_from_the_readme(make_server: Any, receiver: Receiver, tmp_path: Any) -> None:
+def test_literal_curl_commands_from_the_readme(tiny: Any, receiver: Receiver, tmp_path: Any) -> None:
     """Wiro's sample, as a shell would run it: openssl for the signature, curl for the calls."""
     import shutil
     import subprocess
 
     if not (shutil.which("curl") and shutil.which("openssl")):
         raise AssertionError("curl and openssl are part of the test set-up")
-    server = make_server(model={"max_pixels": 64 * 64})
+    server = tiny
     for index in range(3):
         (tmp_path / f"in{index}.png").write_bytes(png_bytes(90, 60, (40 * index, 90, 200)))
     receiver.files["/style.png"] = png_bytes(64, 64)
