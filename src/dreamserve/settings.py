@@ -47,6 +47,10 @@ class ModelSpec(BaseModel):
     #: Decode previews with this tiny autoencoder (a diffusers ``AutoencoderTiny`` folder trained for the model's
     #: VAE latents, e.g. TAESD for SD-Turbo) instead of the fitted linear map.
     preview_decoder: str | None = None
+    #: Where the latent -> RGB maps fitted for unknown VAEs are kept, keyed by a hash of the VAE's weights (known
+    #: VAE families use published factors and fit nothing). ``None``: ``$XDG_CACHE_HOME/dreamserve/preview-maps``
+    #: (``~/.cache/...``).
+    preview_cache_dir: str | None = None
     #: Above the native cap, upscale with this ESRGAN-class model (a local .pth/.safetensors loaded by ``spandrel``)
     #: instead of Lanczos.
     upscaler: str | None = None
