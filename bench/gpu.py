@@ -1,15 +1,23 @@
 """GPU benchmark: the full-size FLUX.2 [klein] 4B architecture (5 double + 20 single blocks, Qwen3-4B text
-encoder, FLUX.2 VAE) with random weights, so the speed is real and the images are noise. bf16, 4 steps.
+encoder, FLUX.2 VAE) with random weights, so the speed is real and the images are noise. 4 steps.
 
-    .venv/bin/python bench/gpu.py                         # 1024 and 2048, raw and through the service
-    .venv/bin/python bench/gpu.py --sizes 1024 --images 5 --compile
-    .venv/bin/python bench/gpu.py --no-service            # raw only (needs torch, diffusers, transformers)
+    .venv/bin/python bench/gpu.py                                   # every config, 1024 and 2048, batch 1 and 4
+    .venv/bin/python bench/gpu.py --configs bf16 fp8+compile --sizes 1024
+    .venv/bin/python bench/gpu.py --no-service                      # raw only
+    .venv/bin/python bench/gpu.py --model tiny --device cpu --sizes 128 --steps 2 --images 1 --configs bf16 fp8
 
-For each size: latency per image of the raw pipeline (the engine's call arguments, one image per call, timed
-after a warm-up), then the same model behind ``dreamserve serve`` on 127.0.0.1 (submit over HTTP, follow the
-socket, download the PNG) for latency and for throughput with ``--clients`` concurrent clients (the service
-batches same-size requests into one pipeline call). Needs only the wheels of ``dreamserve[server,worker]``:
-no network, no weights. Each size starts a fresh server (the model is created on the GPU in seconds).
+Configs (each a fresh load of the model, the way the service loads it: ``engine.loader.load_pipeline``):
+``bf16``; ``compile`` (bf16 + regional ``torch.compile``, ``ModelSpec.compile``); ``fp8`` (torchao float8
+weights and dynamic activations, ``ModelSpec.quantize = "fp8"``); ``fp8+compile``. For each size and batch: one
+warm-up call (it compiles, for the compiled configs), then ``--images`` timed pipeline calls of ``batch`` images,
+as s/image and images/s, with peak GPU memory. A config the machine cannot run (fp8 without torchao or on a GPU
+without FP8) is reported as skipped, with the reason.
+
+Then, unless ``--no-service``, the service on the same GPU with ``--service-config`` (``python -m dreamserve
+serve``, measured by ``peers.py``'s client side): latency with one client against raw batch 1, throughput with
+``--clients`` concurrent clients against raw batch ``--clients``, and the overhead per image (client wall time
+minus the server's own stage timings). Needs ``dreamserve[server,worker,bench]`` (and ``[fp8]`` for fp8) and a CUDA
+torch; no network, no weights.
 """
 
 from __future__ import annotations
@@ -17,130 +25,183 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 MODEL = "random:flux2-klein-4b"
+CONFIGS: dict[str, dict[str, Any]] = {
+    "bf16": {},
+    "compile": {"compile": True},
+    "fp8": {"quantize": "fp8"},
+    "fp8+compile": {"quantize": "fp8", "compile": True},
+}
 
 
-def raw_latency(model: str, device: str, size: int, steps: int, images: int, compile_: bool) -> dict[str, float]:
-    import torch
+@dataclass
+class Row:
+    config: str
+    size: int
+    batch: int
+    seconds_per_image: float
+    warm_up: float
+    peak_gib: float
 
-    from dreamserve.engine.loader import load_pipeline
-    from dreamserve.engine.runner import call_kwargs
-    from dreamserve.models import resolve
-    from dreamserve.settings import ModelSpec
-
-    spec = ModelSpec(source=model, dtype="bfloat16", device=device, steps=steps, compile=compile_)
-    started = time.perf_counter()
-    pipeline, family = load_pipeline(spec)
-    _sync(device)
-    figures = {"load": time.perf_counter() - started}
-    if size > 2048:
-        pipeline.vae.enable_tiling()
-    extra = call_kwargs(pipeline, family, resolve(spec, family))
-    figures.update(_time(pipeline, extra, device, size, steps, images))
-    del pipeline
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return figures
+    @property
+    def images_per_second(self) -> float:
+        return 1 / self.seconds_per_image
 
 
 def _sync(device: str) -> None:
     import torch
 
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def _time(pipeline: Any, extra: dict[str, Any], device: str, size: int, steps: int, images: int) -> dict[str, float]:
+def raw(
+    model: str, device: str, config: str, sizes: list[int], batches: list[int], steps: int, images: int
+) -> tuple[float, list[Row]]:
+    """Load once with ``config``, then time every size x batch; returns (load seconds, rows)."""
     import torch
 
-    def one() -> None:
-        generator = torch.Generator(device).manual_seed(0)
-        prompt = "a red fox in the snow"
-        pipeline(prompt=prompt, height=size, width=size, num_inference_steps=steps, generator=generator, **extra)
-        _sync(device)
+    from dreamserve.engine.loader import load_pipeline
+    from dreamserve.engine.runner import SLICED_DECODE_FROM, TILED_DECODE_ABOVE, call_kwargs
+    from dreamserve.models import resolve
+    from dreamserve.settings import ModelSpec
 
+    spec = ModelSpec(source=model, dtype="bfloat16", device=device, steps=steps, **CONFIGS[config])
     started = time.perf_counter()
-    one()  # warm-up (and compilation with --compile)
-    warm = time.perf_counter() - started
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for _ in range(images):
-        one()
-    latency = (time.perf_counter() - started) / images
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    return {"warm-up": warm, "latency": latency, "peak GiB": peak}
+    pipeline, family = load_pipeline(spec)
+    _sync(device)
+    load = time.perf_counter() - started
+    extra = call_kwargs(pipeline, family, resolve(spec, family))
+    rows = []
+    for size in sizes:
+        if size > TILED_DECODE_ABOVE:
+            pipeline.vae.enable_tiling()  # as the engine does: FLUX-class VAEs run out of memory above 2048 px
+        for batch in batches:
+            # As the engine does: a batch of large images is decoded one image at a time (a quarter of the memory).
+            if batch > 1 and size * size >= SLICED_DECODE_FROM:
+                pipeline.vae.enable_slicing()
+            else:
+                pipeline.vae.disable_slicing()
+
+            def call(size: int = size, batch: int = batch) -> None:
+                generators = [torch.Generator(device).manual_seed(seed) for seed in range(batch)]
+                pipeline(
+                    prompt=["a red fox in the snow"] * batch,
+                    height=size,
+                    width=size,
+                    num_inference_steps=steps,
+                    generator=generators,
+                    **extra,
+                )
+                _sync(device)
+
+            started = time.perf_counter()
+            call()  # warm-up, and compilation for the compiled configs
+            warm = time.perf_counter() - started
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            for _ in range(images):
+                call()
+            per_image = (time.perf_counter() - started) / (images * batch)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+            row = Row(config, size, batch, per_image, warm, peak)
+            rows.append(row)
+            print(
+                f"{config} {size}x{size} batch {batch}: {per_image:.3f} s/image, {row.images_per_second:.3f} "
+                f"images/s (warm-up {warm:.1f} s, peak {peak:.1f} GiB)",
+                flush=True,
+            )
+    return load, rows  # the pipeline goes with this frame; main() collects it before the next config
+
+
+def service(model: str, device: str, config: str, size: int, steps: int, images: int, clients: int) -> Any:
+    """The service's figures for one size (``peers.Figures``), loading the model with ``config``."""
+    from peers import Config, Figures, measure_dreamserve
+
+    figures = Figures("dreamserve", 0)
+    options = CONFIGS[config]
+    measure_dreamserve(
+        Config(model, steps, size, "bfloat16", device, images, clients, ready_timeout=1800, options=options),
+        figures,
+        Path(tempfile.mkdtemp(prefix="dreamserve-gpu-")),
+    )
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--images", type=int, default=3, help="timed images per measurement")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (regional)")
+    parser.add_argument("--images", type=int, default=3, help="timed pipeline calls per measurement")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent service clients (and its max_batch)")
     parser.add_argument("--no-service", action="store_true", help="only the raw pipeline")
+    parser.add_argument("--service-config", default="bf16", choices=list(CONFIGS))
     parser.add_argument("--model", default=MODEL, help="another source, e.g. tiny with --device cpu for a dry run")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
 
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
     import diffusers
 
     sys.path.insert(0, str(Path(__file__).parent))
     print(
-        f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else args.device}; "
+        f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else args.device}; "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}; {args.model} (random weights, real "
-        f"architecture), bf16, {args.steps} steps, "
-        f"{args.images} timed image(s) after a warm-up{', compiled' if args.compile else ''}",
+        f"architecture), {args.steps} steps, {args.images} timed call(s) per figure after a warm-up; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         flush=True,
     )
-    rows: list[dict[str, Any]] = []
-    for size in args.sizes:
-        figures = raw_latency(args.model, args.device, size, args.steps, args.images, args.compile)
+    rows: list[Row] = []
+    for config in args.configs:
+        try:
+            load, config_rows = raw(args.model, args.device, config, args.sizes, args.batches, args.steps, args.images)
+        except ValueError as exc:  # a setting this machine cannot run: say why, go on with the others
+            print(f"{config}: skipped ({exc})", flush=True)
+            continue
+        print(f"{config}: load {load:.1f} s", flush=True)
+        rows.extend(config_rows)
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    print("\n| config | size | batch | s/image | images/s | warm-up s | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
         print(
-            f"{size}x{size} raw: {figures['latency']:.3f} s/image (load {figures['load']:.1f} s, "
-            f"warm-up {figures['warm-up']:.1f} s, peak {figures['peak GiB']:.1f} GiB)",
+            f"| {row.config} | {row.size}² | {row.batch} | {row.seconds_per_image:.3f} | {row.images_per_second:.3f} "
+            f"| {row.warm_up:.1f} | {row.peak_gib:.1f} |"
+        )
+    if args.no_service:
+        return
+
+    def floor(size: int, batch: int) -> Row | None:
+        return next((r for r in rows if (r.config, r.size, r.batch) == (args.service_config, size, batch)), None)
+
+    print(f"\nservice ({args.service_config}) against raw {args.service_config} on the same device")
+    print("| size | latency s | / raw batch 1 | images/s | / raw batch " + f"{args.clients} | overhead s/image |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes:
+        figures = service(args.model, args.device, args.service_config, size, args.steps, args.images, args.clients)
+        one, many = floor(size, 1), floor(size, args.clients)
+        latency_ratio = f"{figures.latency_s / one.seconds_per_image:.3f}" if one else "-"
+        throughput_ratio = f"{figures.throughput / many.images_per_second:.3f}" if many else "-"
+        print(
+            f"| {size}² | {figures.latency_s:.3f} | {latency_ratio} | {figures.throughput:.3f} | {throughput_ratio} "
+            f"| {figures.overhead_s:.3f} |",
             flush=True,
         )
-        row: dict[str, Any] = {"size": size, "raw": figures["latency"]}
-        if not args.no_service:
-            try:
-                from overhead import service
-            except ImportError as exc:
-                print(f"service part skipped: {exc} (install dreamserve[server])", flush=True)
-                args.no_service = True
-            else:
-                latency, throughput = service(
-                    args.model, args.steps, args.images, args.clients, size, "bfloat16", ready_timeout=900
-                )
-                row.update(service=latency, throughput=throughput)
-                print(
-                    f"{size}x{size} service: latency {latency:.3f} s/image (ratio {latency / figures['latency']:.3f}, "
-                    f"target <= 1.05); throughput {throughput:.3f} images/s with {args.clients} clients "
-                    f"(raw one-at-a-time {1 / figures['latency']:.3f}; ratio {throughput * figures['latency']:.3f}, "
-                    "target >= 1.0)",
-                    flush=True,
-                )
-        rows.append(row)
-    print("\n| size | raw s/image | service s/image | latency ratio | service images/s | throughput ratio |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        if "service" in row:
-            print(
-                f"| {row['size']}² | {row['raw']:.3f} | {row['service']:.3f} | {row['service'] / row['raw']:.3f} | "
-                f"{row['throughput']:.3f} | {row['throughput'] * row['raw']:.3f} |"
-            )
-        else:
-            print(f"| {row['size']}² | {row['raw']:.3f} | | | | |")
 
 
 if __name__ == "__main__":

@@ -379,3 +379,11 @@ def test_a_tiny_autoencoder_for_other_latents_is_refused(tmp_path: Path) -> None
         Engine.load(ModelSpec(source="tiny-sd-turbo", preview_decoder=folder))
     with pytest.raises(ValueError, match="is not an AutoencoderTiny folder"):
         Engine.load(ModelSpec(source="tiny-sd-turbo", preview_decoder=str(tmp_path / "missing")))
+
+
+def test_fp8_quantization_needs_a_cuda_gpu_and_says_so() -> None:
+    # Refused before any weights load, with what to do; on a GPU it is bench/gpu.py's --configs fp8 that runs it.
+    with pytest.raises(ValueError, match=r'quantize="fp8" needs a CUDA GPU.*Leave quantize at "none"'):
+        Engine.load(ModelSpec(source="tiny", device="cpu", quantize="fp8"))
+    with pytest.raises(ValueError):
+        ModelSpec(source="tiny", quantize="int3")  # type: ignore[arg-type]

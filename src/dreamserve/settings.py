@@ -41,12 +41,20 @@ class ModelSpec(BaseModel):
     lora_steps: int | None = None
     #: ``torch.compile`` the denoiser (regional compile where the model supports it).
     compile: bool = False
+    #: ``fp8``: the denoiser's linear layers in FP8, weights and activations (torchao's float8 dynamic quantization,
+    #: per-row scales). Needs ``torchao`` (``dreamserve[fp8]``) and a CUDA GPU with FP8 tensor cores (compute
+    #: capability 8.9+: Ada, Hopper, Blackwell); lossy. Best together with ``compile``.
+    quantize: Literal["none", "fp8"] = "none"
     #: Send a small preview image (latent -> RGB, no VAE decode) with every Nth progress event (0 = none). Live
     #: socket frames carry it; the event log and Task/Detail do not keep it.
     preview_every: int = Field(default=1, ge=0)
     #: Decode previews with this tiny autoencoder (a diffusers ``AutoencoderTiny`` folder trained for the model's
     #: VAE latents, e.g. TAESD for SD-Turbo) instead of the fitted linear map.
     preview_decoder: str | None = None
+    #: Where the latent -> RGB maps fitted for unknown VAEs are kept, keyed by a hash of the VAE's weights (known
+    #: VAE families use published factors and fit nothing). ``None``: ``$XDG_CACHE_HOME/dreamserve/preview-maps``
+    #: (``~/.cache/...``).
+    preview_cache_dir: str | None = None
     #: Above the native cap, upscale with this ESRGAN-class model (a local .pth/.safetensors loaded by ``spandrel``)
     #: instead of Lanczos.
     upscaler: str | None = None

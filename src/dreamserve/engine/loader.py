@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,11 @@ def family_of(pipeline: Any) -> str:
 
 def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     """Build or load the pipeline for ``spec`` (a preset name is expanded by ``models.resolve``), move it to its
-    device, fuse its LoRA and compile it if asked; returns ``(pipeline, family)``."""
+    device, fuse its LoRA, quantize and compile it if asked; returns ``(pipeline, family)``."""
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
+    # Checked before the weights load: a setting this machine cannot honour fails in a second, not minutes.
+    quantize = fp8_quantizer(device) if spec.quantize == "fp8" else None
     source = resolve(spec).source
     if source in BUILDERS:
         module, builder = BUILDERS[source]
@@ -102,6 +105,8 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
     if spec.reference_kv_cache:
         pipeline = _with_reference_kv_cache(pipeline)
+    if quantize is not None:
+        quantize(getattr(pipeline, "transformer", None) or pipeline.unet)
     if spec.compile:
         denoiser = getattr(pipeline, "transformer", None) or pipeline.unet
         # Regional compilation compiles one repeated block and reuses it: far shorter compile times.
@@ -111,6 +116,34 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
         else:
             denoiser.compile()
     return pipeline, family_of(pipeline)
+
+
+#: FP8 matmuls (``torch._scaled_mm``) need FP8 tensor cores: compute capability 8.9 (Ada) or newer.
+FP8_CAPABILITY = (8, 9)
+
+
+def fp8_quantizer(device: str) -> Callable[[Any], None]:
+    """What turns a denoiser's linear layers to FP8 weights with dynamic per-row FP8 activations, in place
+    (torchao); ValueError, saying what to do, where ``device`` or this install cannot run it."""
+    if not device.startswith("cuda"):
+        raise ValueError(
+            f'quantize="fp8" needs a CUDA GPU with FP8 support; this model runs on {device}. Leave quantize at "none".'
+        )
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    if capability < FP8_CAPABILITY:
+        raise ValueError(
+            f'quantize="fp8" needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); '
+            f"{torch.cuda.get_device_name(torch.device(device))} has {capability[0]}.{capability[1]}. "
+            'Leave quantize at "none" on this GPU.'
+        )
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as exc:
+        raise ValueError(
+            f'quantize="fp8" needs torchao ({exc}): `pip install "dreamserve[fp8]"` (or `pip install torchao`).'
+        ) from exc
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return lambda denoiser: quantize_(denoiser, config)
 
 
 def _looks_like_path(source: str) -> bool:

@@ -75,7 +75,8 @@ class Engine:
         if spec.preview_every and spec.preview_decoder:
             self.previewer = TinyDecoderPreview.load(spec.preview_decoder, pipeline, family)
         elif spec.preview_every:
-            self.previewer = LatentPreview.fit(pipeline, family)
+            cache = Path(spec.preview_cache_dir) if spec.preview_cache_dir else None
+            self.previewer = LatentPreview.for_pipeline(pipeline, family, cache)
         #: Seconds to load the model (and its upscaler and preview map); reported with the first job after it.
         self.load_seconds = load_seconds + time.perf_counter() - started
         self._load_reported = False
