@@ -139,7 +139,8 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=32, ge=1)
     webhook_per_host: int = Field(default=4, ge=1)
     #: A receiver host that failed this many attempts in a row is left alone for ``webhook_breaker_seconds``
-    #: (doubling while it keeps failing, up to ten times that): its callbacks wait, nobody else's do.
+    #: (after a pause one failure pauses it again, twice as long, up to ten times): its callbacks wait, nobody
+    #: else's do.
     webhook_breaker_failures: int = Field(default=5, ge=1)
     webhook_breaker_seconds: float = Field(default=30.0, gt=0)
 

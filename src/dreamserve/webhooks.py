@@ -34,6 +34,8 @@ from dreamserve.signing import sign_webhook
 log = logging.getLogger(__name__)
 
 TaskRenderer = Callable[[int], Awaitable[dict[str, Any] | None]]
+#: Receiver hosts whose failures are remembered at once (the oldest is forgotten first).
+MAX_BREAKERS = 10_000
 
 
 @dataclass
@@ -117,12 +119,17 @@ class WebhookSender:
             self._inflight.pop(delivery.id, None)
 
     def _judge(self, host: str, ok: bool) -> None:
-        breaker = self._breakers.setdefault(host, _Breaker())
         if ok:
             self._breakers.pop(host, None)
             return
+        breaker = self._breakers.get(host)
+        if breaker is None:
+            if len(self._breakers) >= MAX_BREAKERS:  # bounded memory, whatever hosts tenants name
+                self._breakers.pop(next(iter(self._breakers)))
+            breaker = self._breakers[host] = _Breaker()
         breaker.failures += 1
-        if breaker.failures >= self.settings.webhook_breaker_failures:
+        # Once it has tripped, one more failure (the first try after the pause) trips it again.
+        if breaker.failures >= self.settings.webhook_breaker_failures or breaker.trips:
             base = self.settings.webhook_breaker_seconds
             pause = min(10 * base, base * 2**breaker.trips)
             breaker.open_until, breaker.failures = time.time() + pause, 0
