@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     #: Callbacks in flight at once from one API process, and to one receiver host of them.
     webhook_concurrency: int = Field(default=32, ge=1)
     webhook_per_host: int = Field(default=4, ge=1)
-    #: A receiver host that failed this many attempts in a row is left alone for ``webhook_breaker_seconds``
+    #: A receiver (host and port) that failed this many attempts in a row is left alone for ``webhook_breaker_seconds``
     #: (after a pause one failure pauses it again, twice as long, up to ten times): its callbacks wait, nobody
     #: else's do.
     webhook_breaker_failures: int = Field(default=5, ge=1)

@@ -6,7 +6,8 @@
 secret over ``timestamp + "." + body`` (``signing.verify_webhook`` checks it). Any 2xx acknowledges;
 anything else is retried with exponential backoff until ``webhook_attempts`` is spent. A row is
 claimed before it is sent, so API replicas never deliver it twice; the rows are the delivery log.
-``WebhookSender`` sends concurrently under a global and a per-host bound, with a circuit breaker per host.
+``WebhookSender`` sends concurrently under a global and a per-host bound, with a circuit breaker per receiver;
+one task's deliveries go one at a time, in order.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dreamserve.signing import sign_webhook
 log = logging.getLogger(__name__)
 
 TaskRenderer = Callable[[int], Awaitable[dict[str, Any] | None]]
-#: Receiver hosts whose failures are remembered at once (the oldest is forgotten first).
+#: Receivers (host:port) whose failures are remembered at once (the oldest is forgotten first).
 MAX_BREAKERS = 10_000
 
 
@@ -54,41 +55,54 @@ class WebhookSender:
 
     ``send_due`` (the webhooks loop, every 0.5 s) never waits for a delivery: it claims what it may start and
     leaves each POST to a task of its own, so a slow receiver costs its own deliveries time and nobody else's.
-    A host that failed ``webhook_breaker_failures`` attempts in a row is skipped for ``webhook_breaker_seconds``
-    (doubling while it keeps failing): its due rows are postponed, without spending an attempt.
+    A receiver (host and port) that failed ``webhook_breaker_failures`` attempts in a row is skipped for
+    ``webhook_breaker_seconds`` (then one more failure skips it again, twice as long): its due rows are
+    postponed, without spending an attempt.
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: Settings, render: TaskRenderer) -> None:
         self.sessions = sessions
         self.settings = settings
         self.render = render
-        self._inflight: dict[int, str] = {}
+        #: Delivery id -> (receiver host, task id) of the POSTs in flight.
+        self._inflight: dict[int, tuple[str, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._breakers: dict[str, _Breaker] = {}
 
     def _per_host(self, host: str) -> int:
-        return sum(1 for other in self._inflight.values() if other == host)
+        return sum(1 for other, _ in self._inflight.values() if other == host)
 
     async def send_due(self) -> int:
         """Start every due delivery the bounds allow; returns how many were started."""
         settings = self.settings
         now = time.time()
         query = (
-            select(WebhookDelivery.id, WebhookDelivery.url, WebhookDelivery.state, WebhookDelivery.next_attempt)
+            select(
+                WebhookDelivery.id,
+                WebhookDelivery.task_id,
+                WebhookDelivery.url,
+                WebhookDelivery.state,
+                WebhookDelivery.next_attempt,
+            )
             # A row left "sending" by a replica that died is due again once its claim ran out.
             .where(or_(WebhookDelivery.state == "pending", WebhookDelivery.state == "sending"))
             .where(WebhookDelivery.next_attempt <= now)
-            .order_by(WebhookDelivery.next_attempt, WebhookDelivery.id)
+            .order_by(WebhookDelivery.id)
             .limit(4 * settings.webhook_concurrency)
         )
         async with self.sessions() as session:
             due = (await session.execute(query)).all()
         started = 0
-        for delivery_id, url, state, next_attempt in due:
-            if delivery_id in self._inflight:
+        # One delivery per task at a time, in id order, so a task's start, progress and completed arrive in order.
+        busy = {task_id for _, task_id in self._inflight.values()}
+        for delivery_id, task_id, url, state, next_attempt in due:
+            if delivery_id in self._inflight or task_id in busy:
                 continue
-            host = (urlsplit(url).hostname or "").lower()
-            breaker = self._breakers.get(host)
+            busy.add(task_id)  # started now or not, its later rows wait for this one
+            parts = urlsplit(url)
+            # Concurrency is bounded per host; the breaker judges one receiver (host and port).
+            host, receiver = (parts.hostname or "").lower(), parts.netloc.lower()
+            breaker = self._breakers.get(receiver)
             if breaker is not None and breaker.open_until > now:
                 # Left alone for now: its rows wait until the pause ends, so they do not crowd the due list.
                 await _postpone(self.sessions, delivery_id, state, next_attempt, breaker.open_until)
@@ -100,17 +114,17 @@ class WebhookSender:
             )
             if delivery is None:
                 continue
-            self._inflight[delivery_id] = host
-            task = asyncio.create_task(self._send(delivery, host), name=f"webhook {delivery_id}")
+            self._inflight[delivery_id] = (host, task_id)
+            task = asyncio.create_task(self._send(delivery, receiver), name=f"webhook {delivery_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             started += 1
         return started
 
-    async def _send(self, delivery: WebhookDelivery, host: str) -> None:
+    async def _send(self, delivery: WebhookDelivery, receiver: str) -> None:
         try:
             ok = await _attempt(self.sessions, self.settings, self.render, delivery)
-            self._judge(host, ok)
+            self._judge(receiver, ok)
         except Exception:
             log.exception(
                 "callback %s: delivery bookkeeping failed; it is retried when its claim runs out", delivery.id
@@ -118,15 +132,15 @@ class WebhookSender:
         finally:
             self._inflight.pop(delivery.id, None)
 
-    def _judge(self, host: str, ok: bool) -> None:
+    def _judge(self, receiver: str, ok: bool) -> None:
         if ok:
-            self._breakers.pop(host, None)
+            self._breakers.pop(receiver, None)
             return
-        breaker = self._breakers.get(host)
+        breaker = self._breakers.get(receiver)
         if breaker is None:
-            if len(self._breakers) >= MAX_BREAKERS:  # bounded memory, whatever hosts tenants name
+            if len(self._breakers) >= MAX_BREAKERS:  # bounded memory, whatever receivers tenants name
                 self._breakers.pop(next(iter(self._breakers)))
-            breaker = self._breakers[host] = _Breaker()
+            breaker = self._breakers[receiver] = _Breaker()
         breaker.failures += 1
         # Once it has tripped, one more failure (the first try after the pause) trips it again.
         if breaker.failures >= self.settings.webhook_breaker_failures or breaker.trips:
@@ -134,7 +148,7 @@ class WebhookSender:
             pause = min(10 * base, base * 2**breaker.trips)
             breaker.open_until, breaker.failures = time.time() + pause, 0
             breaker.trips += 1
-            log.warning("callbacks to %s keep failing; pausing them for %.0f s", host, pause)
+            log.warning("callbacks to %s keep failing; pausing them for %.0f s", receiver, pause)
 
     async def close(self) -> None:
         for task in self._tasks:
