@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -143,6 +143,8 @@ class Server(Api):
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     _client: httpx.Client | None = None
+    #: Run in the server's process before it starts (e.g. to lower a resource limit).
+    preexec: Callable[[], None] | None = None
 
     @property
     def http(self) -> httpx.Client:
@@ -162,7 +164,9 @@ class Server(Api):
             str(self.settings.port),
         ]
         with self.log_path.open("ab") as log:  # the server has its own copy of the descriptor
-            self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import io
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import sqlalchemy
 from PIL import Image
 
+from dreamserve.api.app import create_app
 from dreamserve.projects import create_project
-from tests.conftest import png_bytes
+from dreamserve.settings import ModelSpec, Settings
+from tests.conftest import MODEL, png_bytes
 
 SLOW = {"max_pixels": 384 * 384, "steps": 60}
 
@@ -129,3 +135,73 @@ def test_client_that_hangs_up_cancels_its_task(make_server: Any) -> None:
         time.sleep(0.2)
         tasks = [server.detail(tasks[0]["id"])]
     assert tasks[0]["status"] == "task_cancel" and tasks[0]["pexit"] == "130", "nobody can fetch its images"
+
+
+def test_synchronous_waits_are_capped_per_project(make_server: Any) -> None:
+    # No model worker: every task stays queued, so each request waits until its client hangs up.
+    server = make_server(model={"workers": 0}, sync_max_per_project=2, sync_wait_seconds=60)
+    other = create_project(server.settings, "other", signature=True)
+
+    def post(creds: Any, timeout: float) -> httpx.Response | None:
+        headers = {"Authorization": f"Bearer {creds.api_key}:{creds.api_secret}"}
+        try:
+            return httpx.post(
+                f"{server.url}/v1/images/generations", headers=headers, json={"prompt": "q"}, timeout=timeout
+            )
+        except httpx.ReadTimeout:
+            return None  # still waiting when the client gave up: it was let in
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        waiting = [pool.submit(post, server.creds, 6) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while len(server.post("/v1/Task/List", json={}).json()["tasklist"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        refused = post(server.creds, 10)
+        assert refused is not None and refused.status_code == 429, refused and refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
+        assert "2 synchronous image requests waiting" in refused.json()["error"]["message"]
+        assert post(other, 1.5) is None, "another project has its own places"
+        assert [future.result() for future in waiting] == [None, None]
+    # The clients hung up: their tasks are cancelled and their places free again.
+    time.sleep(1.5)
+    assert post(server.creds, 1.5) is None
+
+
+async def test_synchronous_waits_do_not_poll_the_database(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, models={MODEL: ModelSpec(workers=0)}, sync_max_per_project=8)
+    creds = await asyncio.to_thread(create_project, settings, "waits", signature=False)
+    app = create_app(settings)
+    statements = 0
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        nonlocal statements  # reads of one task row: what a polling wait does
+        statements += "WHERE tasks.id = ?" in statement
+
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as http,
+    ):
+        services = app.state.services
+        headers = {"Authorization": f"Bearer {creds.api_key}"}
+        calls = [
+            asyncio.create_task(http.post("/v1/images/generations", headers=headers, json={"prompt": f"{n}"}))
+            for n in range(8)
+        ]
+        async with asyncio.timeout(20):
+            while (await services.store.list_ids(creds.project_id, start=0, limit=20))[1] < 8:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        sqlalchemy.event.listen(services.engine.sync_engine, "before_cursor_execute", count)
+        await asyncio.sleep(2.0)
+        sqlalchemy.event.remove(services.engine.sync_engine, "before_cursor_execute", count)
+        # Polling every 0.1 s would be 160 queries; waits on the hub read the row once per 5 s at most.
+        assert statements <= 8, statements
+        # An end published on the hub answers its waiting request at once.
+        ids, _ = await services.store.list_ids(creds.project_id, start=0, limit=20)
+        started = time.monotonic()
+        for task_id in ids:
+            await services.store.cancel_queued(task_id)
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 10)
+        assert time.monotonic() - started < 5
+        assert [a.status_code for a in answers] == [400] * 8
+        assert all("was cancelled" in a.json()["error"]["message"] for a in answers)

@@ -77,7 +77,32 @@ def serve(
     logs.configure(settings.log_level)
     creds = ensure_default_credentials(settings)
     _banner(settings.base_url, creds.api_key, creds.api_secret, settings.data_dir)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    _raise_open_file_limit()
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        limit_concurrency=settings.http_limit_concurrency,
+        timeout_keep_alive=settings.http_keepalive_seconds,
+        ws_max_size=settings.ws_max_bytes,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
+
+
+def _raise_open_file_limit() -> None:
+    """Soft open-file limit up to the hard one: every connection is a descriptor, and the usual soft 1,024
+    lets a thousand idle connections deny everyone else (``http_limit_concurrency`` bounds them instead)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        click.echo(f"Could not raise the open-file limit from {soft} to {target}: {exc}", err=True)
 
 
 def _settings(given: dict[str, Any], model: dict[str, Any] | None = None) -> Settings:

@@ -8,8 +8,9 @@ that is used, so a DNS answer that changes between check and connect (DNS rebind
 the peer address of the open socket is checked once more. TLS still verifies and sends SNI for the
 host name, and the Host header is the URL's, because only the TCP connect is pinned.
 
-Redirects are followed by hand (each hop goes through the same backend), bodies are read with a byte
-cap, and every fetch has an overall deadline. ``fetch_allow_private`` turns the address check off;
+Redirects are followed by hand (each hop goes through the same backend), bodies are read raw with a
+byte cap (any ``Content-Encoding`` but identity is refused: no decompression bomb), and every fetch has
+an overall deadline. ``fetch_allow_private`` turns the address check off;
 ``fetch_allow_hosts`` lists host names and networks that are always allowed (an internal S3, say).
 Environment proxies are ignored: a proxy would make the connect go somewhere the check never saw.
 """
@@ -269,12 +270,20 @@ async def fetch(
                         continue
                     if response.status_code != 200:
                         raise InvalidRequest(f"Fetching {url[:80]!r} answered HTTP {response.status_code}.")
+                    encoding = response.headers.get("content-encoding", "").strip().lower()
+                    if encoding not in ("", "identity"):
+                        # We asked for identity. Decoding would let a few kB expand to gigabytes (gzip of gzip)
+                        # before any cap could see it, so the body is refused unread.
+                        raise InvalidRequest(
+                            f"{url[:80]!r} was sent with Content-Encoding {encoding[:40]!r}; this server asks for "
+                            "and accepts only uncompressed (identity) bodies. Serve the image file as it is."
+                        )
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > max_bytes:
                         raise InvalidRequest(f"{url[:80]!r} is {int(declared):,} bytes; the limit is {max_bytes:,}.")
                     data = bytearray()
-                    # Decoded bytes are counted, so a compressed body cannot expand past the cap either.
-                    async for chunk in response.aiter_bytes():
+                    # Raw bytes, never decoded: what is counted is what arrived.
+                    async for chunk in response.aiter_raw():
                         data += chunk
                         if len(data) > max_bytes:
                             raise InvalidRequest(f"{url[:80]!r} is larger than {max_bytes:,} bytes.")

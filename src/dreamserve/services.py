@@ -1,7 +1,8 @@
 """The running parts of one server process, built from ``Settings`` and shared by the API and workers.
 
 ``Services.start`` opens the database, starts one supervisor per configured model worker (when
-``run_workers``), the lease reaper and the callback sender; ``close`` stops them in reverse.
+``run_workers``), the lease reaper and the callback sender; ``close`` stops them in reverse. Every
+background loop is watched by ``liveness`` (``/readyz``) and survives any exception.
 """
 
 from __future__ import annotations
@@ -10,22 +11,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from dreamserve.blobs import BlobStore, make_blob_store
 from dreamserve.db import make_engine, make_sessionmaker
+from dreamserve.errors import RateLimited
 from dreamserve.events import TERMINAL, EventHub, Hub
+from dreamserve.liveness import Liveness
 from dreamserve.migrate import upgrade
 from dreamserve.settings import Settings
 from dreamserve.store import TaskStore
-from dreamserve.webhooks import deliver_due
+from dreamserve.webhooks import WebhookSender
 from dreamserve.wire import task_object
 from dreamserve.worker.supervisor import Supervisor, worker_alive
 
 log = logging.getLogger(__name__)
+
+#: While waiting for a task, the stored row is read this often too, in case an event never reached this hub.
+WAIT_RECHECK_SECONDS = 5.0
 
 
 def make_hub(settings: Settings) -> Hub:
@@ -49,8 +55,12 @@ class Services:
         self.store = TaskStore(self.sessions, self.hub)
         self.blobs: BlobStore = make_blob_store(settings)
         self.supervisors: list[Supervisor] = []
+        self.liveness = Liveness(settings.loop_stale_seconds)
+        self.webhooks = WebhookSender(self.sessions, settings, self.render)
         self._loops: list[asyncio.Task[None]] = []
         self._dispatch: Callable[[int, str, int], Awaitable[None]] | None = None
+        #: Synchronous requests waiting now, per project (``sync_slot``).
+        self._sync_waiting: dict[int, int] = {}
 
     async def start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -60,20 +70,25 @@ class Services:
         if self.workers != "none":
             for slug, spec in self.settings.models.items():
                 for index in range(spec.workers):
-                    self.supervisors.append(Supervisor(slug, spec, index, self.settings, self.store, self.blobs))
+                    self.supervisors.append(
+                        Supervisor(slug, spec, index, self.settings, self.store, self.blobs, self.liveness)
+                    )
         if self.workers == "poll":
             for supervisor in self.supervisors:
-                self._loops.append(asyncio.create_task(supervisor.run(), name=f"worker {supervisor.worker_id}"))
+                loop = asyncio.create_task(supervisor.run(), name=supervisor.loop_name)
+                self.liveness.register(supervisor.loop_name, 1.0)
+                self.liveness.watch(supervisor.loop_name, loop)
+                self._loops.append(loop)
         if self.workers == "dispatched":
             return  # a dispatched worker only runs tasks; API replicas reap, deliver and dispatch
         reap_every = max(0.5, self.settings.lease_seconds / 4)
-        self._loops.append(asyncio.create_task(self._every(reap_every, self._reap), name="reaper"))
-        self._loops.append(asyncio.create_task(self._every(0.5, self._deliver), name="webhooks"))
+        self._loops.append(self.liveness.start("reaper", reap_every, self._reap))
+        self._loops.append(self.liveness.start("webhooks", 0.5, self.webhooks.send_due))
         if self.settings.dispatch == "celery":
             from dreamserve.scale.dispatch import celery_dispatcher
 
             self._dispatch = celery_dispatcher(self.settings)
-            self._loops.append(asyncio.create_task(self._every(0.2, self._send_queued), name="dispatcher"))
+            self._loops.append(self.liveness.start("dispatcher", 0.2, self._send_queued))
 
     async def close(self) -> None:
         for supervisor in self.supervisors:
@@ -83,6 +98,7 @@ class Services:
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+        await self.webhooks.close()
         await self.hub.close()
         await self.engine.dispose()
 
@@ -99,13 +115,50 @@ class Services:
         for supervisor in self.supervisors:
             await supervisor.stop(task_id, kind)
 
-    async def wait_terminal(self, task_id: int, timeout: float) -> None:
+    async def wait_terminal(
+        self, task_id: int, timeout: float, gone: Callable[[], Awaitable[bool]] | None = None
+    ) -> str:
+        """Wait until the task ends, on the event hub (no polling): ``"done"`` (ended or unknown), ``"timeout"``,
+        or ``"gone"`` when ``gone`` (checked every second, e.g. the client hung up) says so.
+
+        The hub is subscribed to before the row is read, so an end published in between is not missed; the row
+        is read again every ``WAIT_RECHECK_SECONDS`` for an end whose event never reached this hub.
+        """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            task = await self.store.get_by_id(task_id)
-            if task is None or task.status in TERMINAL:
-                return
-            await asyncio.sleep(0.05)
+        live = self.hub.subscribe(task_id)
+        try:
+            recheck = 0.0
+            while (left := deadline - time.monotonic()) > 0:
+                if time.monotonic() >= recheck:
+                    task = await self.store.get_by_id(task_id)
+                    if task is None or task.status in TERMINAL:
+                        return "done"
+                    recheck = time.monotonic() + WAIT_RECHECK_SECONDS
+                if any(event.type in TERMINAL for event in await live.next(min(left, 1.0))):
+                    return "done"
+                if gone is not None and await gone():
+                    return "gone"
+            return "timeout"
+        finally:
+            await live.close()
+
+    @contextlib.asynccontextmanager
+    async def sync_slot(self, project_id: int) -> AsyncIterator[None]:
+        """One of the project's ``sync_max_per_project`` synchronous waits; ``RateLimited`` (429) past it."""
+        limit = self.settings.sync_max_per_project
+        if self._sync_waiting.get(project_id, 0) >= limit:
+            raise RateLimited(
+                f"This project already has {limit} synchronous image requests waiting, the limit. Wait for one "
+                "to answer, or submit with /v1/Run and follow the task on the socket or with Task/Detail.",
+                retry_after=1,
+            )
+        self._sync_waiting[project_id] = self._sync_waiting.get(project_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._sync_waiting[project_id] -= 1
+            if not self._sync_waiting[project_id]:
+                del self._sync_waiting[project_id]
 
     async def render(self, task_id: int) -> dict[str, Any] | None:
         task = await self.store.get_by_id(task_id)
@@ -117,14 +170,6 @@ class Services:
         )
 
     # -- background loops ------------------------------------------------------------------------
-
-    async def _every(self, seconds: float, action: Callable[[], Awaitable[Any]]) -> None:
-        while True:
-            try:
-                await action()
-            except Exception:
-                log.exception("background loop failed; retrying")
-            await asyncio.sleep(seconds)
 
     async def _reap(self) -> None:
         for task_id in await self.store.reap(worker_alive, self.settings.max_attempts):
@@ -142,6 +187,3 @@ class Services:
                 except Exception:
                     await self.store.unmark_dispatched(task_id)
                     raise
-
-    async def _deliver(self) -> None:
-        await deliver_due(self.sessions, self.settings, self.render)

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 30 * 1024 * 1024
     #: Largest request body: refused from its Content-Length, or as soon as that many bytes have streamed in.
     max_request_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    #: Largest JSON (or any non-form) body, counted the same way (HTTP 413): files come as multipart, so JSON
+    #: bodies are small, and they are parsed whole.
+    max_json_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_input_pixels: int = 36_000_000
     fetch_timeout_seconds: float = 20.0
     #: Let server-side fetches (input URLs, callbacks) reach loopback and private addresses.
@@ -130,10 +133,42 @@ class Settings(BaseSettings):
 
     webhook_attempts: int = 5
     webhook_backoff_seconds: float = 1.0
+    #: One callback POST, connect to answer; a receiver slower than this is a failed attempt.
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Callbacks in flight at once from one API process, and to one receiver host of them.
+    webhook_concurrency: int = Field(default=32, ge=1)
+    webhook_per_host: int = Field(default=4, ge=1)
+    #: A receiver (host and port) that failed this many attempts in a row is left alone for ``webhook_breaker_seconds``
+    #: (after a pause one failure pauses it again, twice as long, up to ten times): its callbacks wait, nobody
+    #: else's do.
+    webhook_breaker_failures: int = Field(default=5, ge=1)
+    webhook_breaker_seconds: float = Field(default=30.0, gt=0)
+
+    # Connections (``serve``; put the reverse proxy of deploy/ in front for header and body timeouts).
+    #: Connections and requests uvicorn serves at once; past it, new requests get HTTP 503.
+    http_limit_concurrency: int = Field(default=4096, ge=16)
+    #: An idle keep-alive connection is closed after this many seconds.
+    http_keepalive_seconds: int = Field(default=5, ge=1)
+    #: Largest WebSocket frame a client may send (task sockets only send small JSON frames).
+    ws_max_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: Addresses whose X-Forwarded-For is trusted as the client address (the reverse proxy's).
+    forwarded_allow_ips: str = "127.0.0.1"
+    #: Task sockets open at once from one client address; past it, a new socket is closed with 1008.
+    socket_max_per_address: int = Field(default=16, ge=1)
+    #: Tasks one socket may follow at once.
+    socket_max_tasks: int = Field(default=4, ge=1)
+    #: Frames a socket may send that register nothing (not JSON, unknown token, over its task limit) before
+    #: it is closed with 1008.
+    socket_max_bad_frames: int = Field(default=8, ge=1)
+    #: ``/readyz`` fails when a background loop (claims, heartbeats, reaper, callbacks, dispatcher) has died,
+    #: or has not completed an iteration for this long (or three of its periods, if longer).
+    loop_stale_seconds: float = Field(default=60.0, gt=0)
 
     #: How long ``/v1/images/*`` (OpenAI's synchronous shape) waits for its task before answering an error
     #: that names the task, which keeps running and can be followed with Task/Detail.
     sync_wait_seconds: float = 600.0
+    #: Synchronous ``/v1/images/*`` requests one project may have waiting at once; past it, HTTP 429.
+    sync_max_per_project: int = Field(default=8, ge=1)
     #: Cancel the task of a synchronous ``/v1/images/*`` call whose client went away: nobody can get its images.
     sync_cancel_on_disconnect: bool = True
     #: Serve the web playground at ``/``.

@@ -39,7 +39,9 @@ def served_model(services: Services, slug: str) -> str:
 async def submit(services: Services, project: Project, slug: str, fields: Mapping[str, Sequence[Any]]) -> Task:
     """Check every field, store uploaded references, then the task; nothing is stored if a check fails."""
     settings = services.settings
-    params = parse_run(
+    # Off the event loop: checking up to 14 uploaded images (headers, then a structural walk) is CPU work.
+    params = await asyncio.to_thread(
+        parse_run,
         fields,
         max_upload_bytes=settings.max_upload_bytes,
         max_input_pixels=settings.max_input_pixels,

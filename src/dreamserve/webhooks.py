@@ -6,15 +6,21 @@
 secret over ``timestamp + "." + body`` (``signing.verify_webhook`` checks it). Any 2xx acknowledges;
 anything else is retried with exponential backoff until ``webhook_attempts`` is spent. A row is
 claimed before it is sent, so API replicas never deliver it twice; the rows are the delivery log.
+``WebhookSender`` sends concurrently under a global and a per-host bound, with a circuit breaker per receiver;
+one task's deliveries go one at a time, in order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -29,28 +35,143 @@ from dreamserve.signing import sign_webhook
 log = logging.getLogger(__name__)
 
 TaskRenderer = Callable[[int], Awaitable[dict[str, Any] | None]]
+#: Receivers (host:port) whose failures are remembered at once (the oldest is forgotten first).
+MAX_BREAKERS = 10_000
 
 
-async def deliver_due(sessions: async_sessionmaker[AsyncSession], settings: Settings, render: TaskRenderer) -> int:
-    """Attempt every delivery that is due; returns how many were attempted."""
-    now = time.time()
-    query = (
-        select(WebhookDelivery.id, WebhookDelivery.state, WebhookDelivery.next_attempt)
-        # A row left "sending" by a replica that died is due again once its claim ran out.
-        .where(or_(WebhookDelivery.state == "pending", WebhookDelivery.state == "sending"))
-        .where(WebhookDelivery.next_attempt <= now)
-        .order_by(WebhookDelivery.id)
-        .limit(20)
+@dataclass
+class _Breaker:
+    """Consecutive failures of one receiver host, and until when it is left alone."""
+
+    failures: int = 0
+    open_until: float = 0.0
+    #: Opened this many times in a row (the pause doubles each time).
+    trips: int = 0
+
+
+class WebhookSender:
+    """Sends due callbacks concurrently: at most ``webhook_concurrency`` in flight from this process and
+    ``webhook_per_host`` to one receiver host, each under ``webhook_timeout_seconds``.
+
+    ``send_due`` (the webhooks loop, every 0.5 s) never waits for a delivery: it claims what it may start and
+    leaves each POST to a task of its own, so a slow receiver costs its own deliveries time and nobody else's.
+    A receiver (host and port) that failed ``webhook_breaker_failures`` attempts in a row is skipped for
+    ``webhook_breaker_seconds`` (then one more failure skips it again, twice as long): its due rows are
+    postponed, without spending an attempt.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: Settings, render: TaskRenderer) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.render = render
+        #: Delivery id -> (receiver host, task id) of the POSTs in flight.
+        self._inflight: dict[int, tuple[str, int]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._breakers: dict[str, _Breaker] = {}
+
+    def _per_host(self, host: str) -> int:
+        return sum(1 for other, _ in self._inflight.values() if other == host)
+
+    async def send_due(self) -> int:
+        """Start every due delivery the bounds allow; returns how many were started."""
+        settings = self.settings
+        now = time.time()
+        query = (
+            select(
+                WebhookDelivery.id,
+                WebhookDelivery.task_id,
+                WebhookDelivery.url,
+                WebhookDelivery.state,
+                WebhookDelivery.next_attempt,
+            )
+            # A row left "sending" by a replica that died is due again once its claim ran out.
+            .where(or_(WebhookDelivery.state == "pending", WebhookDelivery.state == "sending"))
+            .where(WebhookDelivery.next_attempt <= now)
+            .order_by(WebhookDelivery.id)
+            .limit(4 * settings.webhook_concurrency)
+        )
+        async with self.sessions() as session:
+            due = (await session.execute(query)).all()
+        started = 0
+        # One delivery per task at a time, in id order, so a task's start, progress and completed arrive in order.
+        busy = {task_id for _, task_id in self._inflight.values()}
+        for delivery_id, task_id, url, state, next_attempt in due:
+            if delivery_id in self._inflight or task_id in busy:
+                continue
+            busy.add(task_id)  # started now or not, its later rows wait for this one
+            parts = urlsplit(url)
+            # Concurrency is bounded per host; the breaker judges one receiver (host and port).
+            host, receiver = (parts.hostname or "").lower(), parts.netloc.lower()
+            breaker = self._breakers.get(receiver)
+            if breaker is not None and breaker.open_until > now:
+                # Left alone for now: its rows wait until the pause ends, so they do not crowd the due list.
+                await _postpone(self.sessions, delivery_id, state, next_attempt, breaker.open_until)
+                continue
+            if len(self._inflight) >= settings.webhook_concurrency or self._per_host(host) >= settings.webhook_per_host:
+                continue  # still due: the next round takes it
+            delivery = await _claim(
+                self.sessions, delivery_id, state, next_attempt, settings.webhook_timeout_seconds + 5
+            )
+            if delivery is None:
+                continue
+            self._inflight[delivery_id] = (host, task_id)
+            task = asyncio.create_task(self._send(delivery, receiver), name=f"webhook {delivery_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started += 1
+        return started
+
+    async def _send(self, delivery: WebhookDelivery, receiver: str) -> None:
+        try:
+            ok = await _attempt(self.sessions, self.settings, self.render, delivery)
+            self._judge(receiver, ok)
+        except Exception:
+            log.exception(
+                "callback %s: delivery bookkeeping failed; it is retried when its claim runs out", delivery.id
+            )
+        finally:
+            self._inflight.pop(delivery.id, None)
+
+    def _judge(self, receiver: str, ok: bool) -> None:
+        if ok:
+            self._breakers.pop(receiver, None)
+            return
+        breaker = self._breakers.get(receiver)
+        if breaker is None:
+            if len(self._breakers) >= MAX_BREAKERS:  # bounded memory, whatever receivers tenants name
+                self._breakers.pop(next(iter(self._breakers)))
+            breaker = self._breakers[receiver] = _Breaker()
+        breaker.failures += 1
+        # Once it has tripped, one more failure (the first try after the pause) trips it again.
+        if breaker.failures >= self.settings.webhook_breaker_failures or breaker.trips:
+            base = self.settings.webhook_breaker_seconds
+            pause = min(10 * base, base * 2**breaker.trips)
+            breaker.open_until, breaker.failures = time.time() + pause, 0
+            breaker.trips += 1
+            log.warning("callbacks to %s keep failing; pausing them for %.0f s", receiver, pause)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _postpone(
+    sessions: async_sessionmaker[AsyncSession], delivery_id: int, state: str, next_attempt: float, until: float
+) -> None:
+    stmt = (
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.state == state,
+            WebhookDelivery.next_attempt == next_attempt,
+        )
+        .values(next_attempt=until, last_error="Receiver paused: its last attempts failed (circuit breaker).")
     )
-    async with sessions() as session:
-        due = (await session.execute(query)).all()
-    attempted = 0
-    for delivery_id, state, next_attempt in due:
-        delivery = await _claim(sessions, delivery_id, state, next_attempt, settings.fetch_timeout_seconds + 5)
-        if delivery is not None:
-            await _attempt(sessions, settings, render, delivery)
-            attempted += 1
-    return attempted
+    async with sessions.begin() as session:
+        await session.execute(stmt)
 
 
 async def _claim(
@@ -86,7 +207,8 @@ async def _body(
 
 async def _attempt(
     sessions: async_sessionmaker[AsyncSession], settings: Settings, render: TaskRenderer, delivery: WebhookDelivery
-) -> None:
+) -> bool:
+    """One POST and its bookkeeping; True when the receiver acknowledged it."""
     status: int | None = None
     error = ""
     try:
@@ -102,7 +224,7 @@ async def _attempt(
             delivery.url,
             body,
             headers=headers,
-            timeout=settings.fetch_timeout_seconds,
+            timeout=settings.webhook_timeout_seconds,
             allow_private=settings.fetch_allow_private,
             allow_hosts=settings.fetch_allow_hosts,
         )
@@ -111,12 +233,13 @@ async def _attempt(
     except Exception as exc:  # a receiver that is down or slow is retried, never fatal
         error = f"{type(exc).__name__}: {exc}"
     attempts = delivery.attempts + 1
+    ok = status is not None and 200 <= status < 300
     async with sessions.begin() as session:
         row = await session.get(WebhookDelivery, delivery.id)
         if row is None:
-            return
+            return ok
         row.attempts, row.last_status, row.last_error = attempts, status, error
-        if status is not None and 200 <= status < 300:
+        if ok:
             row.state, row.delivered = "delivered", time.time()
         elif attempts >= settings.webhook_attempts:
             row.state = "failed"
@@ -124,6 +247,7 @@ async def _attempt(
         else:
             row.state = "pending"
             row.next_attempt = time.time() + settings.webhook_backoff_seconds * 2 ** (attempts - 1)
+    return ok
 
 
 async def delivery_log(sessions: async_sessionmaker[AsyncSession], task_id: int) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -46,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="dreamserve", version=__version__, lifespan=lifespan)
     app.state.monitor = monitor
+    #: Open task sockets per client address (``api/socket.py``).
+    app.state.socket_addresses = Counter()
     for module in (run, tasks, files, openai, socket, health, metrics):
         app.include_router(module.router)
     if settings.playground:

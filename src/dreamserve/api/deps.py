@@ -49,19 +49,16 @@ def _limiter(request: Request, services: Services) -> RateLimiter:
 ProjectDep = Annotated[Project, Depends(get_project)]
 
 
-def _too_large(limit: int) -> RequestTooLarge:
-    return RequestTooLarge(
-        f"The request body is larger than {limit:,} bytes, the limit. Send fewer or smaller files (or URLs to them)."
-    )
+def _too_large(limit: int, what: str, advice: str) -> RequestTooLarge:
+    return RequestTooLarge(f"The {what} is larger than {limit:,} bytes, the limit. {advice}")
 
 
-def _limited_body(request: Request) -> Request:
-    """The same request, refused (HTTP 413) before it is read when its Content-Length is over
-    ``max_request_bytes``, and as soon as that many bytes have streamed in when it does not say."""
-    limit = get_services(request).settings.max_request_bytes
+def _limited_body(request: Request, limit: int, what: str, advice: str) -> Request:
+    """The same request, refused (HTTP 413) before it is read when its Content-Length is over ``limit``, and
+    as soon as that many bytes have streamed in when it does not say."""
     declared = request.headers.get("content-length", "").strip()
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+        raise _too_large(limit, what, advice)
     receive = request.receive
     received = 0
 
@@ -71,7 +68,7 @@ def _limited_body(request: Request) -> Request:
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
-                raise _too_large(limit)
+                raise _too_large(limit, what, advice)
         return message
 
     return Request(request.scope, counting)
@@ -80,13 +77,16 @@ def _limited_body(request: Request) -> Request:
 async def read_fields(request: Request, max_file_bytes: int) -> dict[str, list[Any]]:
     """The body as ``name -> values``, from JSON or a form; files become ``Upload``s.
 
-    The whole body is bounded by ``max_request_bytes`` (see ``_limited_body``); an oversized file is
-    cut at ``max_file_bytes + 1`` bytes so the size check can refuse it without reading all of it.
+    A form body is bounded by ``max_request_bytes`` and any other body (JSON) by ``max_json_bytes`` too, both
+    counted as they stream (see ``_limited_body``); an oversized file is cut at ``max_file_bytes + 1`` bytes
+    so the size check can refuse it without reading all of it.
     """
-    request = _limited_body(request)
+    settings = get_services(request).settings
     content_type = request.headers.get("content-type", "")
     fields: dict[str, list[Any]] = {}
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        advice = "Send fewer or smaller files (or URLs to them)."
+        request = _limited_body(request, settings.max_request_bytes, "request body", advice)
         # Closed here: Starlette closes the form of the request it made, not of this wrapper (the spooled
         # temporary files would wait for the garbage collector).
         async with request.form(max_files=64, max_fields=256) as form:
@@ -97,12 +97,14 @@ async def read_fields(request: Request, max_file_bytes: int) -> dict[str, list[A
                 else:
                     fields.setdefault(name, []).append(value)
         return fields
-    body = await request.body()
+    advice = "Files go in multipart/form-data (or as URLs), not in JSON."
+    limit = min(settings.max_json_bytes, settings.max_request_bytes)
+    body = await _limited_body(request, limit, "JSON body", advice).body()
     if not body.strip():
         return fields
     try:
         parsed = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("Request parameters are invalid. Send a JSON object or multipart/form-data.") from None
     if not isinstance(parsed, dict):
         raise InvalidRequest("Request parameters are invalid. The JSON body must be an object.")

@@ -59,8 +59,8 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
     if len(uploads) != 1:
         raise InvalidRequest("Request files [file] required: send one file as multipart field 'file'.")
     data = uploads[0]
-    ext, width, height = check_image(
-        data.data, repr(data.filename), settings.max_upload_bytes, settings.max_input_pixels
+    ext, width, height = await asyncio.to_thread(
+        check_image, data.data, repr(data.filename), settings.max_upload_bytes, settings.max_input_pixels
     )
     folder_raw = str(fields.get("folderid", [""])[-1]).strip()
     folder_id = int(folder_raw) if folder_raw.isdigit() and folder_raw != "0" else None

@@ -1,9 +1,11 @@
 """OpenAI-compatible ``/v1/images/generations`` and ``/v1/images/edits`` on the same task queue.
 
 Requests become ordinary tasks through ``submit.submit`` (so they show in Task/List, can be
-followed on the socket and cancelled); the call waits for its task (``sync_wait_seconds``) and
-answers in OpenAI's shape, plus ``task_id`` and ``socketaccesstoken``. A client that hangs up
-while waiting gets its task cancelled (``sync_cancel_on_disconnect``): nobody could fetch the images.
+followed on the socket and cancelled); the call waits for its task on the event hub
+(``Services.wait_terminal``, at most ``sync_wait_seconds``; at most ``sync_max_per_project`` such waits per
+project at once, 429 past it) and answers in OpenAI's shape, plus ``task_id`` and ``socketaccesstoken``.
+A client that hangs up while waiting gets its task cancelled (``sync_cancel_on_disconnect``): nobody
+could fetch the images.
 
 Auth is ``Authorization: Bearer <api key>`` for key-only projects and ``Bearer <api key>:<api secret>``
 for signature projects: OpenAI clients cannot sign requests, and accepting the bare key would let
@@ -19,7 +21,6 @@ import asyncio
 import base64
 import hmac
 import io
-import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -52,7 +53,6 @@ from dreamserve.submit import submit
 OPENAI_NAMES = {"maxImages": "n", "inputImage": "image"}
 #: ``auto`` lets the server choose: the 1K tier, at the aspect ratio of the first reference image.
 AUTO_SIZE = "1K"
-POLL_SECONDS = 0.1
 
 
 def openai_error(exc: DreamError) -> JSONResponse:
@@ -71,6 +71,8 @@ def openai_error(exc: DreamError) -> JSONResponse:
         status, kind, code = 404, "invalid_request_error", "model_not_found"
     elif exc.http_status >= 500:
         status, kind, code = exc.http_status, "server_error", None
+    elif exc.http_status == 413:
+        status, kind, code = 413, "invalid_request_error", "request_too_large"
     elif isinstance(exc, InvalidState):
         # Not 5xx on purpose: OpenAI clients retry those, and a retry would queue a second task.
         status, kind, code = 400, "invalid_request_error", "task_not_completed"
@@ -157,9 +159,11 @@ async def _run(
     for extra in ("seed", "watermark"):  # ours, beyond OpenAI
         if one(extra) is not None:
             fields[extra] = [one(extra)]
-    task = await submit(services, project, _model(services, str(one("model", ""))), fields)
-    await _wait(request, services, task)
-    return await _answer(services, task, response_format, output_format, _quality(one("output_compression")))
+    quality = _quality(one("output_compression"))
+    async with services.sync_slot(project.id):
+        task = await submit(services, project, _model(services, str(one("model", ""))), fields)
+        await _wait(request, services, task)
+    return await _answer(services, task, response_format, output_format, quality)
 
 
 def _model(services: Services, requested: str) -> str:
@@ -183,17 +187,12 @@ def _quality(value: Any) -> int:
 
 
 async def _wait(request: Request, services: Services, task: Task) -> None:
+    """Wait for the task on the event hub; a client that hung up gets its task cancelled (nobody can fetch it)."""
     settings = services.settings
-    deadline = time.monotonic() + settings.sync_wait_seconds
-    while time.monotonic() < deadline:
-        current = await services.store.get_by_id(task.id)
-        if current is None or current.status in TERMINAL:
-            return
-        if settings.sync_cancel_on_disconnect and await request.is_disconnected():
-            if await services.store.cancel_queued(task.id) is None:
-                await services.stop_task(task.id, StopKind.CANCEL)
-            return
-        await asyncio.sleep(POLL_SECONDS)
+    gone = request.is_disconnected if settings.sync_cancel_on_disconnect else None
+    outcome = await services.wait_terminal(task.id, settings.sync_wait_seconds, gone)
+    if outcome == "gone" and await services.store.cancel_queued(task.id) is None:
+        await services.stop_task(task.id, StopKind.CANCEL)
 
 
 async def _answer(

@@ -1,18 +1,23 @@
 """The task socket at ``/v1``: register with ``{"type": "task_info", "tasktoken": ...}``, then receive
 every event of that task in order, the ones that happened before registration first.
 
-No credentials: the task token is the capability (as on Wiro). Events come from the in-process hub
-when the worker runs here, and from polling the event log otherwise (a worker on another process).
+No credentials: the task token is the capability (as on Wiro). A socket follows at most
+``socket_max_tasks`` tasks, one address opens at most ``socket_max_per_address`` sockets, and a socket
+that keeps sending frames that register nothing is closed with 1008 (policy violation). Events come
+from the in-process hub when the worker runs here, and from polling the event log otherwise (a worker
+on another process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from dreamserve.db import Task
 from dreamserve.events import TERMINAL, Event
 from dreamserve.services import Services
 from dreamserve.status import Frame, TaskStatus
@@ -21,42 +26,76 @@ from dreamserve.wire import file_item, socket_frame
 router = APIRouter()
 
 POLL_SECONDS = 0.5
+#: WebSocket close code for a client that broke the socket's rules (RFC 6455).
+POLICY_VIOLATION = 1008
 
 
 @router.websocket("/v1")
 @router.websocket("/v1/")
 async def task_socket(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
+    settings = services.settings
+    address = websocket.client.host if websocket.client else ""
+    open_sockets: Counter[str] = websocket.app.state.socket_addresses
     await websocket.accept()
+    if open_sockets[address] >= settings.socket_max_per_address:
+        reason = f"More than {settings.socket_max_per_address} task sockets from one address; close some first."
+        await websocket.close(POLICY_VIOLATION, reason)
+        return
+    open_sockets[address] += 1
     lock = asyncio.Lock()
-    followers: set[asyncio.Task[None]] = set()
+    followers: dict[str, asyncio.Task[None]] = {}
+    bad = 0
     try:
         while True:
-            try:
-                request = json.loads(await websocket.receive_text())
-            except json.JSONDecodeError:
-                await _send(websocket, lock, {"type": "error", "message": "Send JSON frames.", "result": False})
+            error = await _register(websocket, lock, services, followers)
+            if error is None:
                 continue
-            token = str(request.get("tasktoken", "")) if isinstance(request, dict) else ""
-            if not isinstance(request, dict) or request.get("type") != Frame.INFO or not token:
-                message = 'Register with {"type": "task_info", "tasktoken": "<socketaccesstoken>"}.'
-                await _send(websocket, lock, {"type": "error", "message": message, "result": False})
-                continue
-            follower = asyncio.create_task(_follow(websocket, lock, services, token))
-            followers.add(follower)
-            follower.add_done_callback(followers.discard)
+            bad += 1
+            if bad >= settings.socket_max_bad_frames:
+                await websocket.close(POLICY_VIOLATION, f"{bad} frames that registered nothing; last: {error}"[:120])
+                return
+            await _send(websocket, lock, {"type": "error", "message": error, "result": False})
     except WebSocketDisconnect:
         pass
     finally:
-        for follower in followers:
+        open_sockets[address] -= 1
+        if open_sockets[address] <= 0:
+            del open_sockets[address]
+        for follower in followers.values():
             follower.cancel()
 
 
-async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, token: str) -> None:
+async def _register(
+    websocket: WebSocket, lock: asyncio.Lock, services: Services, followers: dict[str, asyncio.Task[None]]
+) -> str | None:
+    """Read one frame and start following its task; the error to answer when it registered nothing.
+
+    The lookup is awaited here, in the receive loop, so a socket has at most one query in flight however
+    fast it sends; a token it already follows is ignored.
+    """
+    try:
+        request = json.loads(await websocket.receive_text())
+    except (json.JSONDecodeError, RecursionError):
+        return "Send JSON frames."
+    token = str(request.get("tasktoken", ""))[:128] if isinstance(request, dict) else ""
+    if not isinstance(request, dict) or request.get("type") != Frame.INFO or not token:
+        return 'Register with {"type": "task_info", "tasktoken": "<socketaccesstoken>"}.'
+    for ended in [name for name, follower in followers.items() if follower.done()]:
+        del followers[ended]
+    if token in followers:
+        return None
+    limit = services.settings.socket_max_tasks
+    if len(followers) >= limit:
+        return f"This socket already follows {limit} tasks, the limit; open another socket, or wait for one to end."
     task = await services.store.get_by_token(token)
     if task is None:
-        await _send(websocket, lock, {"type": "error", "message": "No task has that tasktoken.", "result": False})
-        return
+        return "No task has that tasktoken."
+    followers[token] = asyncio.create_task(_follow(websocket, lock, services, task, token))
+    return None
+
+
+async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, task: Task, token: str) -> None:
     # Subscribe before replaying, so nothing published in between is missed; ids drop the duplicates.
     live = services.hub.subscribe(task.id)
     last = 0

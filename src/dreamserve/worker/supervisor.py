@@ -27,6 +27,7 @@ from dreamserve.errors import InvalidRequest
 from dreamserve.events import RUNNING
 from dreamserve.fetch import fetch
 from dreamserve.jobs import GenerationJob, GenerationResult
+from dreamserve.liveness import Liveness, backoff
 from dreamserve.logs import about, replay
 from dreamserve.params import check_image
 from dreamserve.settings import ModelSpec, Settings
@@ -115,7 +116,14 @@ class ChildProcess:
 
 class Supervisor:
     def __init__(
-        self, slug: str, spec: ModelSpec, index: int, settings: Settings, store: TaskStore, blobs: BlobStore
+        self,
+        slug: str,
+        spec: ModelSpec,
+        index: int,
+        settings: Settings,
+        store: TaskStore,
+        blobs: BlobStore,
+        liveness: Liveness | None = None,
     ) -> None:
         self.slug = slug
         self.spec = spec
@@ -123,6 +131,9 @@ class Supervisor:
         self.store = store
         self.blobs = blobs
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{slug}:{index}"
+        self.liveness = liveness or Liveness(settings.loop_stale_seconds)
+        #: This worker's entry in ``liveness``: ticked by the claim loop when idle, by the heartbeat while busy.
+        self.loop_name = f"worker {self.worker_id}"
         self.state = WorkerState.NEW
         self.error = ""
         self.child: ChildProcess | None = None
@@ -176,18 +187,31 @@ class Supervisor:
     # -- main loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Embedded mode: poll the tasks table for this model, woken early when a task arrives."""
+        """Embedded mode: poll the tasks table for this model, woken early when a task arrives.
+
+        Nothing ends the loop but ``close``: a failed claim (the database busy or away) is logged and retried
+        with a growing pause, and ``/readyz`` reports the loop while it keeps failing.
+        """
+        state = self.liveness.register(self.loop_name, 1.0)
         while not self._closing:
-            if not await self.ensure_ready():
-                await asyncio.sleep(30)
+            try:
+                await self._claim_and_run()
+            except Exception as exc:
+                await backoff(state, exc)
                 continue
-            task = await self.store.claim_next(self.worker_id, [self.slug], self.settings.lease_seconds)
-            if task is None:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                continue
-            await self._guarded([task, *await self._companions(task)])
+            self.liveness.tick(self.loop_name)
+
+    async def _claim_and_run(self) -> None:
+        if not await self.ensure_ready():
+            await asyncio.sleep(30)
+            return
+        task = await self.store.claim_next(self.worker_id, [self.slug], self.settings.lease_seconds)
+        if task is None:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            return
+        await self._guarded([task, *await self._companions(task)])
 
     async def _companions(self, task: Task) -> list[Task]:
         """Other queued text-to-image tasks of the same size, claimed to share this task's pipeline calls."""
@@ -326,19 +350,29 @@ class Supervisor:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
-            for task_id, entry in list(self.running.items()):
-                if entry.settled:
-                    continue
-                requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
-                if requested is None and (entry.settled or entry.stop == "kill"):
-                    continue  # it ended while the heartbeat was on its way, or is being killed: not a lost lease
-                if requested is None:
-                    log.warning("lease lost; abandoning the task", extra=about(task_id))
-                    entry.lost = True
-                    if self.child is not None:
-                        self.child.kill()
-                elif requested and requested != entry.stop:
-                    await self.stop(task_id, requested)
+            try:
+                await self._beat()
+            except Exception:
+                # A missed beat is retried at the next one; the lease outlives several of them.
+                log.exception("heartbeat of %s failed; retrying", sorted(self.running))
+                continue
+            self.liveness.tick(self.loop_name)
+
+    async def _beat(self) -> None:
+        """Renew the lease of every unsettled task and act on a stop asked for through the database."""
+        for task_id, entry in list(self.running.items()):
+            if entry.settled:
+                continue
+            requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
+            if requested is None and (entry.settled or entry.stop == "kill"):
+                continue  # it ended while the heartbeat was on its way, or is being killed: not a lost lease
+            if requested is None:
+                log.warning("lease lost; abandoning the task", extra=about(task_id))
+                entry.lost = True
+                if self.child is not None:
+                    self.child.kill()
+            elif requested and requested != entry.stop:
+                await self.stop(task_id, requested)
 
     async def _preprocess(self, task: Task, scratch: Path) -> list[str] | None:
         """Put every reference on local disk for the child: uploads from the blob store, URLs fetched."""
@@ -364,7 +398,8 @@ class Supervisor:
                         allow_private=self.settings.fetch_allow_private,
                         allow_hosts=self.settings.fetch_allow_hosts,
                     )
-                    ext, _, _ = check_image(
+                    ext, _, _ = await asyncio.to_thread(
+                        check_image,
                         data,
                         f"{number} ({item['url'][:60]})",
                         self.settings.max_upload_bytes,
