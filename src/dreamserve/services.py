@@ -19,6 +19,7 @@ from dreamserve.blobs import BlobStore, make_blob_store
 from dreamserve.db import make_engine, make_sessionmaker
 from dreamserve.events import TERMINAL, EventHub, Hub
 from dreamserve.migrate import upgrade
+from dreamserve.preprocess import Preprocessor
 from dreamserve.settings import Settings
 from dreamserve.store import TaskStore
 from dreamserve.webhooks import deliver_due
@@ -49,6 +50,8 @@ class Services:
         self.store = TaskStore(self.sessions, self.hub)
         self.blobs: BlobStore = make_blob_store(settings)
         self.supervisors: list[Supervisor] = []
+        #: Fetches queued tasks' URL inputs before they can be claimed (not in a dispatched GPU worker).
+        self.preprocessor = Preprocessor(settings, self.store, self.blobs, self.wake_workers)
         self._loops: list[asyncio.Task[None]] = []
         self._dispatch: Callable[[int, str, int], Awaitable[None]] | None = None
 
@@ -65,7 +68,8 @@ class Services:
             for supervisor in self.supervisors:
                 self._loops.append(asyncio.create_task(supervisor.run(), name=f"worker {supervisor.worker_id}"))
         if self.workers == "dispatched":
-            return  # a dispatched worker only runs tasks; API replicas reap, deliver and dispatch
+            return  # a dispatched worker only runs tasks; API replicas preprocess, reap, deliver and dispatch
+        self._loops.append(asyncio.create_task(self.preprocessor.run(), name="preprocess"))
         reap_every = max(0.5, self.settings.lease_seconds / 4)
         self._loops.append(asyncio.create_task(self._every(reap_every, self._reap), name="reaper"))
         self._loops.append(asyncio.create_task(self._every(0.5, self._deliver), name="webhooks"))
@@ -89,6 +93,11 @@ class Services:
     # -- used by the API -------------------------------------------------------------------------
 
     def wake(self, model: str) -> None:
+        """A task was queued: its URL inputs (if any) are fetched, or a worker of its model claims it."""
+        self.preprocessor.wake()
+        self.wake_workers(model)
+
+    def wake_workers(self, model: str) -> None:
         for supervisor in self.supervisors:
             if supervisor.slug == model:
                 supervisor.wake()
