@@ -171,7 +171,10 @@ class TaskStore:
             return [Event(r.id, r.task_id, r.type, r.message) for r in rows]
 
     async def queue_position(self, task: Task) -> int:
-        """How many queued tasks of the same model are claimed before this one (0 = next), in claim order."""
+        """How many queued tasks of the same model are claimed before this one (0 = next), in today's claim order.
+
+        Exact within a priority; a claim at a higher one can move a project behind another on equal turns.
+        """
         ranked = self._ranked([task.model])
         order = func.row_number().over(order_by=self._claim_order(ranked)) - 1
         positions = select(ranked.c.id, order.label("position")).subquery()
