@@ -245,6 +245,11 @@ def test_kill_of_a_batch_member_leaves_the_others_running(shared: Server) -> Non
 def test_batch_window_collects_same_shape_tasks(shared: Server) -> None:
     """Issue 16.1: the worker claimed whatever was queued at the instant it woke (3 + 1 instead of 4)."""
     server = shared
+    # An idle worker with its model loaded (the previous test may have left it reloading): it claims the first
+    # task the moment it arrives, so only a window can gather the others.
+    deadline = time.monotonic() + 120
+    while server.workers()[0]["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.1)
     together = [server.run({"prompt": f"together {i}", "size": "64x64"}) for i in range(4)]
     tasks = [server.wait(run["taskid"]) for run in together]
     assert all(task["pexit"] == "0" for task in tasks)
