@@ -5,7 +5,6 @@ batch formation with a window."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -18,32 +17,11 @@ import httpx
 import pytest
 
 from dreamserve.projects import Credentials, create_project
-from dreamserve.settings import ModelSpec, Settings
-from tests.conftest import MODEL, Server, free_port, png_bytes
+from tests.conftest import MODEL, Server, free_port, launch, png_bytes
 
 TERMINAL = ("task_postprocess_end", "task_cancel")
 #: The model process takes a minute to load on the shared 2-core machine: a longer wait than conftest's.
 START_SECONDS = 300
-
-
-def _server(data_dir: Any, spec: dict[str, Any], **overrides: Any) -> Server:
-    """A server like ``make_server``'s, for a module-scoped fixture; fetches refuse private addresses."""
-    model = ModelSpec(**spec)
-    settings = Settings(data_dir=data_dir, host="127.0.0.1", port=free_port(), models={MODEL: model}, **overrides)
-    env = {
-        **os.environ,
-        "DREAMSERVE_DATA_DIR": str(data_dir),
-        "DREAMSERVE_MODELS": json.dumps({MODEL: model.model_dump()}),
-        "PYTHONUNBUFFERED": "1",
-        **{
-            f"DREAMSERVE_{k.upper()}": json.dumps(v) if isinstance(v, list | dict) else str(v)
-            for k, v in overrides.items()
-        },
-    }
-    server = Server(settings=settings, env=env, log_path=data_dir / "server.log")
-    server.creds = create_project(settings, "tests", signature=True)
-    server.start(timeout=START_SECONDS)
-    return server
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +29,16 @@ def shared(tmp_path_factory: pytest.TempPathFactory, attacker: str) -> Iterator[
     """One server for the tests of URL inputs, kills in a batch and batch formation (starting one costs a minute
     here): batches of up to 15 images with a 3 s window, 16 steps, and the attacker host allow-listed with an
     8 s deadline for a task's URLs."""
-    server = _server(
-        tmp_path_factory.mktemp("shared"),
-        {"max_pixels": 64 * 64, "steps": 16, "max_batch": 15, "batch_window_ms": 3000},
+    server = launch(
+        tmp_path_factory,
+        start=False,
+        allow_private=False,
+        model={"max_pixels": 64 * 64, "steps": 16, "max_batch": 15, "batch_window_ms": 3000},
         min_pixels=64 * 64,
         fetch_allow_hosts=["127.0.0.2"],
         fetch_timeout_seconds=8,
     )
+    server.start(timeout=START_SECONDS)
     yield server
     server.stop()
 
