@@ -79,6 +79,9 @@ def start_server(data_dir: Path, port: int, min_pixels: int) -> tuple[subprocess
         "DREAMSERVE_DATA_DIR": str(data_dir),
         "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
         "DREAMSERVE_MIN_PIXELS": str(min_pixels),
+        # The clients share one project: this measures the server, not the per-project rate limit and quotas.
+        "DREAMSERVE_RATE_LIMIT_PER_MINUTE": "0",
+        "DREAMSERVE_MAX_QUEUED_TASKS": "0",
     }
     log = (data_dir / "server.log").open("ab")
     command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dreamserve.db import Base
-from dreamserve.migrate import upgrade
+from dreamserve.migrate import alembic_config, upgrade
 
 URLS = ["sqlite"]
 if os.environ.get("DREAMSERVE_TEST_POSTGRES"):
@@ -33,5 +35,45 @@ async def test_upgrade_head_matches_the_models(dialect: str, tmp_path: Path) -> 
         await upgrade(engine)  # idempotent: a second replica starting finds nothing to do
         async with engine.connect() as connection:
             assert await connection.run_sync(_diff) == []
+    finally:
+        await engine.dispose()
+
+
+def _upgrade_to(connection: Connection, revision: str) -> None:
+    command.upgrade(alembic_config(connection), revision)
+
+
+async def test_queue_columns_are_filled_in_for_unfinished_tasks(tmp_path: Path) -> None:
+    """Tasks queued before the shape columns existed are claimed like new ones: shape from their job, and
+    URL inputs left for the preprocess loop."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite")
+    job = {"prompt": "p", "width": 96, "height": 64, "num_images": 3, "seed": 1, "watermark": False}
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_upgrade_to, "9bc1bd1e81df")
+            await connection.execute(
+                text(
+                    "INSERT INTO projects (id, name, api_key_hash, api_key_prefix, signature_required, webhook_secret,"
+                    " revoked, created) VALUES (1, 'p', 'h', 'k', 1, '', 0, 0)"
+                )
+            )
+            for task_id, inputs in ((1, []), (2, [{"url": "https://example.com/a.png"}]), (3, [{"blob_key": "k"}])):
+                await connection.execute(
+                    text(
+                        "INSERT INTO tasks (id, project_id, token, model, status, priority, parameters, job,"
+                        " callback_url, callback_events, pexit, debugoutput, debugerror, details, createtime,"
+                        " attempts, stop_requested) VALUES (:id, 1, :token, 'm', 'task_queue', 0, '{}', :job,"
+                        " '', '[]', '', '', '', '{}', 0, 0, '')"
+                    ),
+                    {"id": task_id, "token": f"t{task_id}", "job": json.dumps({**job, "inputs": inputs})},
+                )
+        await upgrade(engine)
+        async with engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    text("SELECT id, width, height, num_images, has_inputs, inputs_ready FROM tasks ORDER BY id")
+                )
+            ).all()
+        assert [tuple(row) for row in rows] == [(1, 96, 64, 3, 0, 1), (2, 96, 64, 3, 1, 0), (3, 96, 64, 3, 1, 1)]
     finally:
         await engine.dispose()

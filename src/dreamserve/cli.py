@@ -167,11 +167,19 @@ def keys() -> None:
 @click.option("--key-only", is_flag=True, help="Accept x-api-key alone (no signature) for this project.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="The server's data folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print {project_id, api_key, api_secret, webhook_secret}.")
-def keys_create(name: str, key_only: bool, data_dir: Path | None, as_json: bool) -> None:
+@click.option(
+    "--max-priority",
+    type=click.IntRange(0, 9),
+    default=None,
+    help="Highest priority this project's tasks get; higher asks are lowered to it. [default: the server's "
+    "max_priority setting, 0]",
+)
+def keys_create(name: str, key_only: bool, data_dir: Path | None, as_json: bool, max_priority: int | None) -> None:
     """Create a project and print its key and secret (the secret is shown only now)."""
     from dreamserve.projects import create_project
 
-    creds = create_project(_settings({"data_dir": data_dir}), name, signature=not key_only)
+    settings = _settings({"data_dir": data_dir})
+    creds = create_project(settings, name, signature=not key_only, max_priority=max_priority)
     if as_json:
         keys = {"project_id": creds.project_id, "api_key": creds.api_key, "api_secret": creds.api_secret}
         click.echo(json.dumps({**keys, "webhook_secret": creds.webhook_secret}))

@@ -8,7 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+    false,
+    true,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -32,11 +45,18 @@ class Project(Base):
     webhook_secret: Mapped[str] = mapped_column(String(64), default="")
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[float] = mapped_column(Float)
+    #: Highest priority the project's requests get (higher asks are clamped); NULL = ``Settings.max_priority``.
+    max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: When a worker last claimed one of its tasks: the claim serves the least recently served project first.
+    last_claimed: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Task(Base):
     __tablename__ = "tasks"
-    __table_args__ = (Index("ix_tasks_queue", "status", "model", "priority", "id"),)
+    __table_args__ = (
+        Index("ix_tasks_queue", "status", "model", "priority", "id"),
+        Index("ix_tasks_project_status", "project_id", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
@@ -50,6 +70,16 @@ class Task(Base):
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     #: What the worker needs: prompt, width, height, num_images, seed, watermark, inputs.
     job: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The job's shape as columns, so that a claim of same-shape tasks and the quota sums are one SQL statement.
+    width: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    height: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    num_images: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    #: Any reference images: such a task runs alone.
+    has_inputs: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: Every input is in the blob store (URL inputs fetched by ``preprocess.py``): only such a task can be claimed.
+    inputs_ready: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    #: Lease of the preprocess loop fetching the task's URL inputs (another replica leaves it alone until then).
+    inputs_lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     callback_url: Mapped[str] = mapped_column(Text, default="")
     #: Which events are POSTed to ``callback_url``: any of "start", "progress", "completed".
     callback_events: Mapped[list[Any]] = mapped_column(JSON, default=list)

@@ -16,6 +16,7 @@ Wiro answers validation and business errors with HTTP 200 and ``result: false``,
     ├── TaskFailed              task_failed        0   500  a task waited on (OpenAI's routes) failed
     │   └── TaskInputFailed     task_input_failed  0   400  ... because an input could not be read (pexit 2)
     ├── RateLimited             rate_limited      96   429  too many requests (Retry-After)
+    │   └── QuotaExceeded       quota_exceeded    96   429  the project's unfinished tasks or work are at their cap
     ├── RouteNotFound           route_not_found    0   404  no such endpoint
     │   └── MethodNotAllowed    method_not_allowed 0   405  the endpoint exists, not with this method
     ├── HTTPProtocolError       http_error         0   4xx  any other refusal of the HTTP layer
@@ -117,6 +118,15 @@ class RateLimited(DreamError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class QuotaExceeded(RateLimited):
+    """A per-project cap on unfinished tasks or queued work: retry when some of the project's tasks have ended."""
+
+    type = "quota_exceeded"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after)
 
 
 class RouteNotFound(DreamError):

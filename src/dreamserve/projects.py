@@ -58,7 +58,10 @@ def unseal_secret(api_key: str, sealed: str) -> str:
     return bytes(a ^ b for a, b in zip(data, _pad(api_key, len(data)), strict=True)).decode()
 
 
-async def add_project(sessions: async_sessionmaker[AsyncSession], name: str, signature: bool) -> Credentials:
+async def add_project(
+    sessions: async_sessionmaker[AsyncSession], name: str, signature: bool, max_priority: int | None = None
+) -> Credentials:
+    """``max_priority`` caps the priority of the project's requests (None: the server's ``max_priority``)."""
     api_key = secrets.token_hex(16)
     api_secret = secrets.token_hex(16)
     webhook_secret = secrets.token_hex(32)
@@ -70,6 +73,7 @@ async def add_project(sessions: async_sessionmaker[AsyncSession], name: str, sig
         signature_required=signature,
         webhook_secret=webhook_secret,
         created=time.time(),
+        max_priority=max_priority,
     )
     async with sessions.begin() as session:
         session.add(project)
@@ -130,19 +134,21 @@ def revoke_project(settings: Settings, which: str) -> list[tuple[int, str, str]]
     return asyncio.run(_revoke(settings, which))
 
 
-async def _create(settings: Settings, name: str, signature: bool) -> Credentials:
+async def _create(settings: Settings, name: str, signature: bool, max_priority: int | None) -> Credentials:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)
     try:
         await upgrade(engine)
-        return await add_project(make_sessionmaker(engine), name, signature)
+        return await add_project(make_sessionmaker(engine), name, signature, max_priority)
     finally:
         await engine.dispose()
 
 
-def create_project(settings: Settings, name: str, signature: bool = True) -> Credentials:
+def create_project(
+    settings: Settings, name: str, signature: bool = True, max_priority: int | None = None
+) -> Credentials:
     """Create a project from the command line (``dreamserve keys create``)."""
-    creds = asyncio.run(_create(settings, name, signature))
+    creds = asyncio.run(_create(settings, name, signature, max_priority))
     creds.server = settings.base_url
     return creds
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from dreamserve.errors import RateLimited
 from dreamserve.events import TERMINAL, EventHub, Hub
 from dreamserve.liveness import Liveness
 from dreamserve.migrate import upgrade
+from dreamserve.preprocess import Preprocessor
 from dreamserve.settings import Settings
 from dreamserve.store import TaskStore
 from dreamserve.webhooks import WebhookSender
@@ -57,6 +59,8 @@ class Services:
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
         self.webhooks = WebhookSender(self.sessions, settings, self.render)
+        #: Fetches queued tasks' URL inputs before they can be claimed (not in a dispatched GPU worker).
+        self.preprocessor = Preprocessor(settings, self.store, self.blobs, self.wake_workers)
         self._loops: list[asyncio.Task[None]] = []
         self._dispatch: Callable[[int, str, int], Awaitable[None]] | None = None
         #: Synchronous requests waiting now, per project (``sync_slot``).
@@ -80,7 +84,12 @@ class Services:
                 self.liveness.watch(supervisor.loop_name, loop)
                 self._loops.append(loop)
         if self.workers == "dispatched":
-            return  # a dispatched worker only runs tasks; API replicas reap, deliver and dispatch
+            return  # a dispatched worker only runs tasks; API replicas preprocess, reap, deliver and dispatch
+        preprocess = asyncio.create_task(self.preprocessor.run(), name="preprocess")
+        self.liveness.register("preprocess", 1.0)
+        self.liveness.watch("preprocess", preprocess)
+        self.preprocessor.on_tick = functools.partial(self.liveness.tick, "preprocess")
+        self._loops.append(preprocess)
         reap_every = max(0.5, self.settings.lease_seconds / 4)
         self._loops.append(self.liveness.start("reaper", reap_every, self._reap))
         self._loops.append(self.liveness.start("webhooks", 0.5, self.webhooks.send_due))
@@ -105,6 +114,11 @@ class Services:
     # -- used by the API -------------------------------------------------------------------------
 
     def wake(self, model: str) -> None:
+        """A task was queued: its URL inputs (if any) are fetched, or a worker of its model claims it."""
+        self.preprocessor.wake()
+        self.wake_workers(model)
+
+    def wake_workers(self, model: str) -> None:
         for supervisor in self.supervisors:
             if supervisor.slug == model:
                 supervisor.wake()

@@ -30,6 +30,9 @@ class ModelSpec(BaseModel):
     max_references: int | None = Field(default=None, ge=0, le=14)
     #: Largest number of images denoised in one pipeline call.
     max_batch: int = Field(default=4, ge=1, le=15)
+    #: How long a worker about to start a batch below ``max_batch`` waits for more same-shape tasks (milliseconds;
+    #: 0 = no wait); ``None`` takes ``Settings.batch_window_ms``.
+    batch_window_ms: int | None = Field(default=None, ge=0, le=10_000)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     #: Worker child processes serving this model on this host (one per GPU in production).
@@ -110,9 +113,27 @@ class Settings(BaseSettings):
     unique_nonces: bool = False
     #: Requests a project may make per minute (a token bucket per project in each API process); 0 = no limit.
     #: Over it, the answer is HTTP 429 with code 96 and Retry-After.
-    rate_limit_per_minute: int = Field(default=0, ge=0)
+    rate_limit_per_minute: int = Field(default=1200, ge=0)
     #: Requests a project may make at once before the per-minute rate applies; 0 = one minute's worth.
     rate_limit_burst: int = Field(default=0, ge=0)
+
+    # Per-project quotas: past either, Run answers code 96 (HTTP 429) until some of the project's tasks end.
+    #: Unfinished (queued or running) tasks a project may have; 0 = no cap.
+    max_queued_tasks: int = Field(default=100, ge=0)
+    #: Unfinished work a project may have, in megapixels (images x width x height / 10^6); 0 = no cap. The default
+    #: is about four requests of 15 images at 4096x4096, or 250 at 2048x2048.
+    max_queued_megapixels: float = Field(default=1024.0, ge=0)
+    #: Highest priority (0-9) a project's requests get unless ``keys create --max-priority`` gave it its own; higher
+    #: asks are lowered to it. Within a priority, claims take projects in turn (round-robin).
+    max_priority: int = Field(default=0, ge=0, le=9)
+    #: Default of ``ModelSpec.batch_window_ms``.
+    batch_window_ms: int = Field(default=100, ge=0, le=10_000)
+    #: Tasks whose URL inputs this process fetches at once (``preprocess.py``), and how many of them may be one
+    #: project's; each task's URLs are fetched concurrently under one deadline, ``fetch_timeout_seconds``, and
+    #: ``preprocess_fetches`` bounds the fetches in flight (memory: that many x ``max_upload_bytes`` at worst).
+    preprocess_tasks: int = Field(default=8, ge=1)
+    preprocess_tasks_per_project: int = Field(default=1, ge=1)
+    preprocess_fetches: int = Field(default=32, ge=1)
 
     #: Smallest output a request may ask for; Seedream's is 1280x720. Lower it for small CPU models.
     min_pixels: int = Field(default=1280 * 720, ge=64 * 64)
@@ -124,6 +145,7 @@ class Settings(BaseSettings):
     #: bodies are small, and they are parsed whole.
     max_json_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_input_pixels: int = 36_000_000
+    #: Deadline for all the URL inputs of one task (fetched concurrently before the task can take a model process).
     fetch_timeout_seconds: float = 20.0
     #: Let server-side fetches (input URLs, callbacks) reach loopback and private addresses.
     fetch_allow_private: bool = False

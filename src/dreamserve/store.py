@@ -12,12 +12,14 @@ import secrets
 import string
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import BigInteger, Subquery, case, cast, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.db import File, Task, TaskEvent, WebhookDelivery
+from dreamserve.db import File, Project, Task, TaskEvent, WebhookDelivery
+from dreamserve.errors import QuotaExceeded
 from dreamserve.events import LIFECYCLE, RUNNING, TERMINAL, Event, Hub
 
 _TOKEN_ALPHABET = string.ascii_letters + string.digits
@@ -29,6 +31,14 @@ PEXIT_INPUT_ERROR = "2"
 PEXIT_WORKER_LOST = "3"
 PEXIT_CANCELED = "130"
 PEXIT_KILLED = "137"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Caps on one project's unfinished tasks (0 = none): their number, and their work in megapixels."""
+
+    max_tasks: int = 0
+    max_megapixels: float = 0.0
 
 
 def new_token(length: int = 30) -> str:
@@ -59,9 +69,18 @@ class TaskStore:
         priority: int,
         inputs: Sequence[File],
         callback_events: Sequence[str] = ("completed",),
+        quota: Quota | None = None,
     ) -> Task:
+        """Queue a task; ``QuotaExceeded`` (nothing stored) when it would take the project past ``quota``.
+
+        A task with URL inputs is queued with ``inputs_ready`` false: the preprocess loop fetches them
+        (``stage_inputs``) before any worker can claim it.
+        """
         now = time.time()
+        references = list(job.get("inputs") or [])
         async with self.sessions.begin() as session:
+            if quota is not None and (quota.max_tasks or quota.max_megapixels):
+                await self._check_quota(session, project_id, quota, _work(job))
             task = Task(
                 project_id=project_id,
                 token=new_token(),
@@ -70,6 +89,11 @@ class TaskStore:
                 priority=priority,
                 parameters=parameters,
                 job=job,
+                width=int(job["width"]),
+                height=int(job["height"]),
+                num_images=int(job["num_images"]),
+                has_inputs=bool(references),
+                inputs_ready=not any("url" in item for item in references),
                 callback_url=callback_url,
                 callback_events=list(callback_events),
                 details={},
@@ -86,6 +110,29 @@ class TaskStore:
             event = Event(row.id, task.id, row.type, None)
         await self.hub.publish(event)
         return task
+
+    @staticmethod
+    async def _check_quota(session: AsyncSession, project_id: int, quota: Quota, pixels: int) -> None:
+        # A no-op write first: it locks the project's row (PostgreSQL) or the database (SQLite) until this
+        # transaction ends, so concurrent submissions of one project are counted one after another.
+        await session.execute(update(Project).where(Project.id == project_id).values(last_claimed=Project.last_claimed))
+        work = func.coalesce(func.sum(cast(Task.num_images, BigInteger) * Task.width * Task.height), 0)
+        query = select(func.count(Task.id), work).where(
+            Task.project_id == project_id, Task.status.not_in(sorted(TERMINAL))
+        )
+        count, queued = (await session.execute(query)).one()
+        if quota.max_tasks and count + 1 > quota.max_tasks:
+            raise QuotaExceeded(
+                f"Concurrency limit reached: this project has {count} unfinished tasks and may have "
+                f"{quota.max_tasks} (max_queued_tasks). Send this task again when some of them have ended."
+            )
+        if quota.max_megapixels and (int(queued) + pixels) / 1e6 > quota.max_megapixels:
+            raise QuotaExceeded(
+                f"Concurrency limit reached: this project's unfinished tasks add up to {int(queued) / 1e6:,.0f} "
+                f"megapixels (images x width x height) and this one to {pixels / 1e6:,.0f}; the limit is "
+                f"{quota.max_megapixels:,.0f} (max_queued_megapixels). Ask for fewer or smaller images, or send "
+                "it again when some of them have ended."
+            )
 
     async def get(self, *, project_id: int, taskid: int | None = None, token: str | None = None) -> Task | None:
         query = select(Task).where(Task.project_id == project_id)
@@ -124,14 +171,20 @@ class TaskStore:
             return [Event(r.id, r.task_id, r.type, r.message) for r in rows]
 
     async def queue_position(self, task: Task) -> int:
-        """How many queued tasks of the same model run before this one (0 = next)."""
-        query = select(func.count(Task.id)).where(
-            Task.status == "task_queue",
-            Task.model == task.model,
-            or_(Task.priority > task.priority, (Task.priority == task.priority) & (Task.id < task.id)),
-        )
+        """How many queued tasks of the same model are claimed before this one (0 = next), in today's claim order.
+
+        Exact within a priority; a claim at a higher one can move a project behind another on equal turns.
+        """
+        ranked = self._ranked([task.model])
+        order = func.row_number().over(order_by=self._claim_order(ranked)) - 1
+        positions = select(ranked.c.id, order.label("position")).subquery()
+        query = select(positions.c.position).where(positions.c.id == task.id)
         async with self.sessions() as session:
-            return int((await session.execute(query)).scalar_one())
+            position = (await session.execute(query)).scalar_one_or_none()
+            if position is not None:
+                return int(position)
+            # Its URL inputs are still being fetched: every claimable task is ahead of it.
+            return int((await session.execute(select(func.count()).select_from(ranked))).scalar_one())
 
     # -- transitions ----------------------------------------------------------------------------
 
@@ -210,17 +263,50 @@ class TaskStore:
         last = (await session.execute(query)).scalar_one_or_none()
         return last is None or now - last >= PROGRESS_WEBHOOK_SECONDS
 
-    async def claim_next(self, worker_id: str, models: Sequence[str], lease_seconds: float) -> Task | None:
-        """Take the highest-priority, oldest queued task of one of ``models``; None if there is none."""
-        candidate = (
-            select(Task.id)
-            .where(Task.status == "task_queue", Task.model.in_(list(models)))
-            .order_by(Task.priority.desc(), Task.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
+    def _ranked(self, models: Sequence[str], *conditions: Any) -> Subquery:
+        """Claimable tasks of ``models`` with what orders them: priority first, then projects in turn.
+
+        ``turn`` numbers each project's tasks of one priority oldest-first; between projects on the same
+        turn, the one a worker served least recently goes first. So a project with 300 queued tasks and
+        one with 1 alternate, instead of the second waiting for all 300.
+        """
+        turn = func.row_number().over(partition_by=(Task.project_id, Task.priority), order_by=Task.id)
+        return (
+            select(
+                Task.id,
+                Task.num_images,
+                Task.priority,
+                turn.label("turn"),
+                Project.last_claimed.label("served"),
+            )
+            .join(Project, Project.id == Task.project_id)
+            .where(
+                Task.status == "task_queue",
+                Task.model.in_(list(models)),
+                Task.inputs_ready.is_(True),
+                *conditions,
+            )
+            .subquery()
         )
-        return await self._claim(candidate, worker_id, lease_seconds)
+
+    @staticmethod
+    def _claim_order(ranked: Subquery) -> tuple[Any, ...]:
+        return (ranked.c.priority.desc(), ranked.c.turn, ranked.c.served, ranked.c.id)
+
+    async def claim_next(self, worker_id: str, models: Sequence[str], lease_seconds: float) -> Task | None:
+        """Take the next claimable task of one of ``models`` (see ``_ranked``); None if there is none."""
+        for _ in range(5):
+            ranked = self._ranked(models)
+            candidate = select(ranked.c.id).order_by(*self._claim_order(ranked)).limit(1)
+            async with self.sessions() as session:
+                task_id = (await session.execute(candidate)).scalar_one_or_none()
+            if task_id is None:
+                return None
+            task = await self._claim(task_id, worker_id, lease_seconds)
+            if task is not None:
+                return task
+            # Another worker took it between the read and the conditional claim: read the queue again.
+        return None
 
     async def claim(self, task_id: int, worker_id: str, lease_seconds: float) -> Task | None:
         """Take one given task (a dispatched message names it); None if it is no longer queued."""
@@ -229,37 +315,41 @@ class TaskStore:
     async def claim_similar(
         self, worker_id: str, model: str, width: int, height: int, room: int, lease_seconds: float
     ) -> list[Task]:
-        """Claim queued text-to-image tasks of ``model`` at ``width`` x ``height`` until ``room`` images are taken.
+        """Claim queued text-to-image tasks of ``model`` at ``width`` x ``height``, up to ``room`` images in all.
 
-        They run in the same pipeline calls as a task this worker already holds (batching across requests).
-        Candidates are read oldest-first by priority, then each is claimed conditionally like any claim.
+        They run in the same pipeline calls as a task this worker already holds (batching across requests,
+        and across projects, which take turns as in ``claim_next``). One conditional UPDATE: the candidates
+        in claim order whose running sum of images fits in ``room``.
         """
-        query = (
-            select(Task.id, Task.job)
-            .where(Task.status == "task_queue", Task.model == model)
-            .order_by(Task.priority.desc(), Task.id)
-            .limit(50)
-        )
-        async with self.sessions() as session:
-            candidates = (await session.execute(query)).all()
-        claimed: list[Task] = []
-        for task_id, job in candidates:
-            fits = (job["width"], job["height"]) == (width, height) and not job.get("inputs")
-            if not fits or job["num_images"] > room:
-                continue
-            task = await self.claim(task_id, worker_id, lease_seconds)
-            if task is not None:
-                claimed.append(task)
-                room -= job["num_images"]
-            if room <= 0:
-                break
-        return claimed
+        if room <= 0:
+            return []
+        ranked = self._ranked([model], Task.width == width, Task.height == height, Task.has_inputs.is_(False))
+        taken = func.sum(ranked.c.num_images).over(order_by=self._claim_order(ranked))
+        running = select(ranked.c.id, taken.label("taken")).subquery()
+        fitting = select(running.c.id).where(running.c.taken <= room)
+        return await self._claim_where(Task.id.in_(fitting), worker_id, lease_seconds)
 
-    async def _claim(self, which: Any, worker_id: str, lease_seconds: float) -> Task | None:
+    async def waiting_for(self, model: str, width: int, height: int) -> tuple[int, bool]:
+        """Claimable work of ``model``: the images of text-to-image tasks at ``width`` x ``height``, and whether
+        any other task (another shape, or with references) is waiting. Read while a batch is being formed."""
+        same = (Task.width == width) & (Task.height == height) & Task.has_inputs.is_(False)
+        query = select(
+            func.coalesce(func.sum(case((same, Task.num_images), else_=0)), 0),
+            func.count(Task.id).filter(~same),
+        ).where(Task.status == "task_queue", Task.model == model, Task.inputs_ready.is_(True))
+        async with self.sessions() as session:
+            images, others = (await session.execute(query)).one()
+        return int(images), int(others) > 0
+
+    async def _claim(self, task_id: int, worker_id: str, lease_seconds: float) -> Task | None:
+        claimed = await self._claim_where(Task.id == task_id, worker_id, lease_seconds)
+        return claimed[0] if claimed else None
+
+    async def _claim_where(self, which: Any, worker_id: str, lease_seconds: float) -> list[Task]:
         now = time.time()
         claim = (
             update(Task)
-            .where(Task.id == which, Task.status == "task_queue")
+            .where(which, Task.status == "task_queue", Task.inputs_ready.is_(True))
             .values(
                 status="task_accept",
                 accepttime=now,
@@ -267,19 +357,102 @@ class TaskStore:
                 lease_until=now + lease_seconds,
                 attempts=Task.attempts + 1,
             )
+            .returning(Task.id, Task.project_id)
+        )
+        events: list[Event] = []
+        async with self.sessions.begin() as session:
+            rows = sorted((await session.execute(claim)).all())
+            if not rows:
+                return []
+            projects = sorted({project_id for _, project_id in rows})
+            await session.execute(update(Project).where(Project.id.in_(projects)).values(last_claimed=now))
+            accepted = [
+                TaskEvent(task_id=task_id, type="task_accept", message=None, created=now) for task_id, _ in rows
+            ]
+            session.add_all(accepted)
+            await session.flush()
+            events = [Event(row.id, row.task_id, row.type, None) for row in accepted]
+            query = select(Task).where(Task.id.in_([task_id for task_id, _ in rows])).order_by(Task.id)
+            tasks = list((await session.execute(query)).scalars())
+        for event in events:
+            await self.hub.publish(event)
+        return tasks
+
+    # -- URL inputs, fetched before a task can be claimed (preprocess.py) -----------------------------
+
+    async def claim_inputs(
+        self, limit: int, busy: dict[int, int], per_project: int, lease_seconds: float
+    ) -> list[Task]:
+        """Take the right to fetch the URL inputs of up to ``limit`` queued tasks, oldest first by priority.
+
+        ``busy`` counts the tasks each project already has being fetched here; a project gets at most
+        ``per_project``, so one tenant's slow URLs leave room for the others'. The right is a lease
+        (``inputs_lease_until``): a replica that dies while fetching leaves the task to another.
+        """
+        now = time.time()
+        query = (
+            select(Task.id, Task.project_id)
+            .where(
+                Task.status == "task_queue",
+                Task.inputs_ready.is_(False),
+                or_(Task.inputs_lease_until.is_(None), Task.inputs_lease_until < now),
+            )
+            .order_by(Task.priority.desc(), Task.id)
+            .limit(limit + per_project * 8)
+        )
+        async with self.sessions() as session:
+            candidates = (await session.execute(query)).all()
+        taken = dict(busy)
+        chosen: list[int] = []
+        for task_id, project_id in candidates:
+            if len(chosen) >= limit:
+                break
+            if taken.get(project_id, 0) < per_project:
+                taken[project_id] = taken.get(project_id, 0) + 1
+                chosen.append(task_id)
+        claimed: list[Task] = []
+        for task_id in chosen:
+            stmt = (
+                update(Task)
+                .where(
+                    Task.id == task_id,
+                    Task.status == "task_queue",
+                    Task.inputs_ready.is_(False),
+                    or_(Task.inputs_lease_until.is_(None), Task.inputs_lease_until < now),
+                )
+                .values(inputs_lease_until=now + lease_seconds)
+                .returning(Task.id)
+            )
+            async with self.sessions.begin() as session:
+                if (await session.execute(stmt)).scalar_one_or_none() is not None:
+                    task = await session.get(Task, task_id)
+                    if task is not None:
+                        claimed.append(task)
+        return claimed
+
+    async def stage_inputs(self, task_id: int, job: dict[str, Any], files: Sequence[File]) -> bool:
+        """Point the task at its fetched inputs (now blobs) and make it claimable; False if it left the queue."""
+        stmt = (
+            update(Task)
+            .where(Task.id == task_id, Task.status == "task_queue", Task.inputs_ready.is_(False))
+            .values(job=job, inputs_ready=True, inputs_lease_until=None)
             .returning(Task.id)
         )
         async with self.sessions.begin() as session:
-            task_id = (await session.execute(claim)).scalar_one_or_none()
-            if task_id is None:
-                return None
-            row = TaskEvent(task_id=task_id, type="task_accept", message=None, created=now)
-            session.add(row)
-            await session.flush()
-            event = Event(row.id, task_id, row.type, None)
-            task = await session.get(Task, task_id)
-        await self.hub.publish(event)
-        return task
+            if (await session.execute(stmt)).scalar_one_or_none() is None:
+                return False
+            for file in files:
+                file.task_id = task_id
+                session.add(file)
+        return True
+
+    async def fail_inputs(self, task_id: int, message: str) -> bool:
+        """End a queued task whose URL inputs could not be had: ``task_preprocess_start`` takes it out of the
+        queue (so neither a cancel nor a claim can interleave), then Wiro's closing sequence with pexit 2."""
+        started = await self.record(task_id, "task_preprocess_start", expect=["task_queue"], inputs_lease_until=None)
+        if started is None:
+            return False
+        return await self.fail(task_id, PEXIT_INPUT_ERROR, message, expect=["task_preprocess_start"])
 
     async def heartbeat(self, task_id: int, worker_id: str, lease_seconds: float) -> str | None:
         """Extend the lease. Returns the pending stop request ("", "cancel", "kill"), or None if the lease is lost."""
@@ -375,7 +548,7 @@ class TaskStore:
         """Queued tasks no dispatcher has sent yet (new, or re-queued by the reaper): (id, model, priority)."""
         query = (
             select(Task.id, Task.model, Task.priority)
-            .where(Task.status == "task_queue", Task.dispatched_at.is_(None))
+            .where(Task.status == "task_queue", Task.dispatched_at.is_(None), Task.inputs_ready.is_(True))
             .order_by(Task.priority.desc(), Task.id)
             .limit(limit)
         )
@@ -407,6 +580,11 @@ class TaskStore:
                 select(Task.id).where(Task.project_id == project_id).order_by(Task.id.desc()).offset(start).limit(limit)
             )
             return list((await session.execute(query)).scalars()), int(total)
+
+
+def _work(job: dict[str, Any]) -> int:
+    """A job's work for the quota: images x pixels."""
+    return int(job["num_images"]) * int(job["width"]) * int(job["height"])
 
 
 PROGRESS_WEBHOOK_SECONDS = 1.0

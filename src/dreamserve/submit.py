@@ -12,7 +12,7 @@ from dreamserve.db import File, Project, Task
 from dreamserve.errors import NotFound
 from dreamserve.params import RunParams, parse_run
 from dreamserve.settings import Settings
-from dreamserve.store import TaskStore, new_accesskey
+from dreamserve.store import Quota, TaskStore, new_accesskey
 from dreamserve.wire import file_url
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
@@ -37,7 +37,11 @@ def served_model(services: Services, slug: str) -> str:
 
 
 async def submit(services: Services, project: Project, slug: str, fields: Mapping[str, Sequence[Any]]) -> Task:
-    """Check every field, store uploaded references, then the task; nothing is stored if a check fails."""
+    """Check every field, store uploaded references, then the task; nothing is stored if a check fails.
+
+    The priority asked for is lowered to the project's maximum; past the project's quotas the task is
+    refused with ``QuotaExceeded`` (code 96).
+    """
     settings = services.settings
     # Off the event loop: checking up to 14 uploaded images (headers, then a structural walk) is CPU work.
     params = await asyncio.to_thread(
@@ -86,8 +90,9 @@ async def submit(services: Services, project: Project, slug: str, fields: Mappin
             job=_job(params, job_inputs),
             callback_url=params.callback_url,
             callback_events=params.callback_events,
-            priority=params.priority,
+            priority=min(params.priority, _max_priority(services, project)),
             inputs=inputs,
+            quota=Quota(settings.max_queued_tasks, settings.max_queued_megapixels),
         )
     except BaseException:
         for file in inputs:
@@ -95,6 +100,13 @@ async def submit(services: Services, project: Project, slug: str, fields: Mappin
         raise
     services.wake(slug)
     return task
+
+
+def _max_priority(services: Services, project: Project) -> int:
+    """The operator's cap on the project's priority (``keys create --max-priority``), else the server's."""
+    if project.max_priority is not None:
+        return project.max_priority
+    return services.settings.max_priority
 
 
 def _echo(params: RunParams, inputs: list[str]) -> dict[str, Any]:

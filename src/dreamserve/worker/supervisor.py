@@ -1,8 +1,11 @@
 """The supervisor: claims tasks for one model, prepares inputs, drives the model child, records events.
 
 It never imports torch. States: NEW -> STARTING (child loading the model) -> READY <-> BUSY, and
-DEFUNCT when the model cannot load. Kill is SIGKILL to the child followed by a fresh child (which
-reloads the model); cancel of a running task is the child's stop event, read at the next step.
+DEFUNCT when the model cannot load. Cancel of a running task is the child's stop event, read at the
+next step. Kill of a task that runs alone is SIGKILL to the child followed by a fresh child (which
+reloads the model); kill of one member of a batch is that member's per-job stop, so the others go on.
+
+URL inputs were fetched before the task could be claimed (``preprocess.py``): here they are blobs.
 """
 
 from __future__ import annotations
@@ -23,13 +26,10 @@ from typing import Any
 
 from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Task
-from dreamserve.errors import InvalidRequest
 from dreamserve.events import RUNNING
-from dreamserve.fetch import fetch
 from dreamserve.jobs import GenerationJob, GenerationResult
 from dreamserve.liveness import Liveness, backoff
 from dreamserve.logs import about, replay
-from dreamserve.params import check_image
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import WorkerState
 from dreamserve.store import (
@@ -139,6 +139,11 @@ class Supervisor:
         self.child: ChildProcess | None = None
         self.load_seconds = 0.0
         self.running: dict[int, _Running] = {}
+        #: The running group has been handed to the model process (per-job stops reach it from then on).
+        self._sent = False
+        #: How long the running group waited for companions (``details.timings.batch_wait``).
+        self._batch_wait = 0.0
+        self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -148,27 +153,67 @@ class Supervisor:
         self._wake.set()
 
     async def stop(self, task_id: int, kind: str) -> bool:
-        """Stop a running task: ``cancel`` at the next denoising step, ``kill`` at once (the model process)."""
+        """Stop a running task: ``cancel`` at the next denoising step, ``kill`` at once.
+
+        A kill takes the model process down only when the task runs alone; a member of a batch gets the
+        per-job stop and ends now, and the other members (perhaps other projects' tasks) go on.
+        """
         entry = self.running.get(task_id)
         if entry is None or self.child is None:
             return False
+        if entry.settled:
+            return True
+        if not self._sent:
+            # Still being prepared: ``_process`` ends it before anything reaches the model process.
+            entry.stop = "kill" if kind == "kill" or entry.stop else "cancel"
+            return True
         if kind == "kill" or entry.stop == "cancel":
-            log.info("kill requested: killing model process %s", self.child.pid, extra=about(task_id))
-            entry.stop = "kill"
-            self.child.kill()
+            if self._shared(entry):
+                log.info("kill requested: stopping this member of its batch", extra=about(task_id))
+                await self._stop_member(entry, "kill")
+            else:
+                log.info("kill requested: killing model process %s", self.child.pid, extra=about(task_id))
+                entry.stop = "kill"
+                self.child.kill()
         elif not entry.stop:
             log.info("cancel requested: stopping at the next step", extra=about(task_id))
             entry.stop = "cancel"
-            if len(self.running) == 1:
-                self.child.stop_event.set()
-            else:
+            if self._shared(entry):
                 self.child.send({"op": "stop", "job": entry.index})
+            else:
+                self.child.stop_event.set()
             asyncio.get_running_loop().call_later(self.settings.cancel_grace_seconds, self._escalate, task_id)
         return True
 
+    def _shared(self, entry: _Running) -> bool:
+        """Whether other unfinished tasks share the model process's work with this one."""
+        return any(other is not entry and not other.settled for other in self.running.values())
+
+    async def _stop_member(self, entry: _Running, kind: str) -> None:
+        """End one member of a batch now; the child drops its images at its next step (``op: stop``)."""
+        entry.stop = kind
+        entry.settled = True
+        assert self.child is not None
+        with contextlib.suppress(OSError):
+            self.child.send({"op": "stop", "job": entry.index})
+        await self._record_stopped(entry)
+
+    async def _record_stopped(self, entry: _Running) -> None:
+        if entry.stop == "kill":
+            await self._record(entry.task, "task_cancel", "killed", pexit=PEXIT_KILLED, debugerror="Killed.")
+        else:
+            await self._record(entry.task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
+
     def _escalate(self, task_id: int) -> None:
         entry = self.running.get(task_id)
-        if entry is not None and entry.stop == "cancel" and not entry.settled and self.child is not None:
+        if entry is None or entry.stop != "cancel" or entry.settled or self.child is None:
+            return
+        if self._shared(entry):
+            log.warning("did not stop within the grace period; ending it, its batch goes on", extra=about(task_id))
+            stopping = asyncio.get_running_loop().create_task(self._stop_member(entry, "cancel"))
+            self._background.add(stopping)
+            stopping.add_done_callback(self._background.discard)
+        else:
             log.warning("did not stop within the grace period; killing the model process", extra=about(task_id))
             entry.stop = "kill"
             self.child.kill()
@@ -214,12 +259,29 @@ class Supervisor:
         await self._guarded([task, *await self._companions(task)])
 
     async def _companions(self, task: Task) -> list[Task]:
-        """Other queued text-to-image tasks of the same size, claimed to share this task's pipeline calls."""
-        room = self.spec.max_batch - int(task.job["num_images"])
-        if room <= 0 or task.job.get("inputs"):
+        """Other queued text-to-image tasks of the same shape, claimed in one statement to share this task's
+        pipeline calls (of any project: ``claim_similar`` takes projects in turn).
+
+        While the batch is below ``max_batch`` this waits up to the batch window for more of them to arrive,
+        and stops waiting as soon as there is a task of another shape (or with references) it would hold up.
+        """
+        room = self.spec.max_batch - task.num_images
+        if room <= 0 or task.has_inputs:
             return []
+        window = self.spec.batch_window_ms if self.spec.batch_window_ms is not None else self.settings.batch_window_ms
+        started = time.monotonic()
+        deadline = started + window / 1000
+        while not self._closing:
+            self._wake.clear()  # before the count: a task queued after it wakes the wait below
+            same, others = await self.store.waiting_for(self.slug, task.width, task.height)
+            remaining = deadline - time.monotonic()
+            if same >= room or others or remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+        self._batch_wait = time.monotonic() - started
         return await self.store.claim_similar(
-            self.worker_id, self.slug, task.job["width"], task.job["height"], room, self.settings.lease_seconds
+            self.worker_id, self.slug, task.width, task.height, room, self.settings.lease_seconds
         )
 
     async def run_one(self, task_id: int) -> bool:
@@ -252,6 +314,8 @@ class Supervisor:
                 )
         finally:
             self.running = {}
+            self._sent = False
+            self._batch_wait = 0.0
             self.state = WorkerState.READY if self.child else WorkerState.STARTING
 
     async def close(self) -> None:
@@ -293,32 +357,48 @@ class Supervisor:
             for entry, scratch in zip(list(self.running.values()), scratches, strict=True):
                 if not await self._prepare(entry, scratch):
                     entry.settled = True  # failed its inputs, or was cancelled, before the model ran
+            for entry in self.running.values():
+                if entry.stop and not entry.settled:
+                    entry.settled = True  # stopped after its inputs were ready, before the model got it
+                    await self._record_stopped(entry)
             live = [entry for entry in self.running.values() if not entry.settled]
             if not live:
                 return
-            for index, entry in enumerate(live):
-                entry.index = index
-            assert self.child is not None
-            try:
-                if len(live) == 1:
-                    self.child.send({"op": "run", "job": live[0].job_dict()})
-                else:
-                    self.child.send({"op": "run_group", "jobs": [entry.job_dict() for entry in live]})
-            except OSError:
-                # The model process died before it was given the work: nothing ran, so the tasks run again.
-                for entry in live:
-                    note = f"Re-queued: the model process had exited before task {entry.task.id} was sent to it.\n"
-                    await self._record(
-                        entry.task, "task_queue", None, debugerror=note, dispatched_at=None, stop_requested=""
-                    )
-                await self._respawn()
-                return
-            await self._follow(live)
+            if await self._send(live):
+                await self._follow(live)
         finally:
             heartbeat.cancel()
             for scratch in scratches:
                 await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
             self.running = {}
+            self._sent = False
+
+    async def _send(self, live: list[_Running]) -> bool:
+        """Hand the prepared tasks to the model process; False (and the tasks re-queued) if it had died."""
+        for index, entry in enumerate(live):
+            entry.index = index
+        assert self.child is not None
+        try:
+            if len(live) == 1:
+                self.child.send({"op": "run", "job": live[0].job_dict()})
+            else:
+                self.child.send({"op": "run_group", "jobs": [entry.job_dict() for entry in live]})
+        except OSError:
+            # The model process died before it was given the work: nothing ran, so the tasks run again.
+            for entry in live:
+                note = f"Re-queued: the model process had exited before task {entry.task.id} was sent to it.\n"
+                await self._record(
+                    entry.task, "task_queue", None, debugerror=note, dispatched_at=None, stop_requested=""
+                )
+            await self._respawn()
+            return False
+        self._sent = True
+        # A stop that came while the last of them were being recorded: deliver it now.
+        for entry in live:
+            if entry.stop and not entry.settled:
+                stop, entry.stop = entry.stop, ""
+                await self.stop(entry.task.id, stop)
+        return True
 
     async def _prepare(self, entry: _Running, scratch: Path) -> bool:
         """Inputs on local disk, the job built, ``task_assign`` recorded; False if the task ended instead."""
@@ -327,7 +407,7 @@ class Supervisor:
         if references is None:
             return False
         if entry.stop:
-            await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
+            await self._record_stopped(entry)
             return False
         entry.accesskey = new_accesskey()
         entry.job = GenerationJob(
@@ -375,42 +455,24 @@ class Supervisor:
                 await self.stop(task_id, requested)
 
     async def _preprocess(self, task: Task, scratch: Path) -> list[str] | None:
-        """Put every reference on local disk for the child: uploads from the blob store, URLs fetched."""
+        """Put every reference on local disk for the child, from the blob store (URL inputs are blobs by now)."""
         inputs: list[dict[str, Any]] = task.job.get("inputs", [])
         if not inputs:
             return []
         await self._record(task, "task_preprocess_start")
         paths = []
-        try:
-            for number, item in enumerate(inputs, start=1):
-                key = item.get("blob_key")
-                if key is not None:
-                    local = self.blobs.local_path(key)
-                    if local is None:
-                        local = scratch / f"reference-{number}{Path(key).suffix}"
-                        await asyncio.to_thread(self.blobs.download, key, local)
-                    paths.append(str(local))
-                else:
-                    data = await fetch(
-                        item["url"],
-                        max_bytes=self.settings.max_upload_bytes,
-                        timeout=self.settings.fetch_timeout_seconds,
-                        allow_private=self.settings.fetch_allow_private,
-                        allow_hosts=self.settings.fetch_allow_hosts,
-                    )
-                    ext, _, _ = await asyncio.to_thread(
-                        check_image,
-                        data,
-                        f"{number} ({item['url'][:60]})",
-                        self.settings.max_upload_bytes,
-                        self.settings.max_input_pixels,
-                    )
-                    local = scratch / f"reference-{number}.{ext}"
-                    await asyncio.to_thread(_write, local, data)
-                    paths.append(str(local))
-        except InvalidRequest as exc:
-            await self.store.fail(task.id, PEXIT_INPUT_ERROR, exc.message, worker_id=self.worker_id)
-            return None
+        for number, item in enumerate(inputs, start=1):
+            key = item.get("blob_key")
+            if key is None:
+                # Only a task whose URL inputs were stored can be claimed; this is a row written some other way.
+                message = f"Input {number} was not fetched before the task was claimed; send the task again."
+                await self.store.fail(task.id, PEXIT_INPUT_ERROR, message, worker_id=self.worker_id)
+                return None
+            local = self.blobs.local_path(key)
+            if local is None:
+                local = scratch / f"reference-{number}{Path(key).suffix}"
+                await asyncio.to_thread(self.blobs.download, key, local)
+            paths.append(str(local))
         await self._record(task, "task_preprocess_end")
         return paths
 
@@ -467,7 +529,7 @@ class Supervisor:
     async def _child_exited(self, live: list[_Running]) -> None:
         assert self.child is not None
         code = self.child.process.exitcode
-        killed = any(entry.stop == "kill" for entry in live)
+        killed = any(entry.stop == "kill" and not entry.settled for entry in live)
         for entry in live:
             task = entry.task
             if entry.lost or entry.settled:
@@ -513,6 +575,9 @@ class Supervisor:
         ]
         fresh = await self.store.get_by_id(task.id)
         timings = {"queue": (task.accepttime or now) - task.createtime, **result.timings}
+        timings["batch_wait"] = self._batch_wait
+        if "fetch_seconds" in task.job:
+            timings["fetch"] = float(task.job["fetch_seconds"])
         if fresh is not None and fresh.preprocessstarttime and fresh.preprocessendtime:
             timings["preprocess"] = fresh.preprocessendtime - fresh.preprocessstarttime
         details = {
@@ -520,7 +585,12 @@ class Supervisor:
             "seeds": [image.seed for image in result.images],
             "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
             "worker": self.worker_id,
-            "batched_with": [other for other in self.running if other != task.id],
+            # Only the project's own tasks: another tenant's task ids are none of its business.
+            "batched_with": [
+                other
+                for other, peer in self.running.items()
+                if other != task.id and peer.task.project_id == task.project_id
+            ],
         }
         # The event keeps no URLs: the API renders them from the file rows with its own public URL (a worker
         # host's base_url is not the one clients reach), as Task/Detail does.
@@ -554,11 +624,6 @@ class _Running:
     def job_dict(self) -> dict[str, Any]:
         assert self.job is not None
         return self.job.to_dict()
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
 
 
 def _progress(step: int, total: int, elapsed: float) -> dict[str, str]:
