@@ -20,6 +20,7 @@ from dreamserve.db import make_engine, make_sessionmaker
 from dreamserve.events import TERMINAL, EventHub, Hub
 from dreamserve.migrate import upgrade
 from dreamserve.settings import Settings
+from dreamserve.status import WorkerState
 from dreamserve.store import TaskStore
 from dreamserve.webhooks import deliver_due
 from dreamserve.wire import task_object
@@ -74,6 +75,11 @@ class Services:
 
             self._dispatch = celery_dispatcher(self.settings)
             self._loops.append(asyncio.create_task(self._every(0.2, self._send_queued), name="dispatcher"))
+
+    async def wait_loaded(self, poll: float = 0.1) -> None:
+        """Return once every supervisor of this process has loaded its model, or failed to."""
+        while any(s.state in (WorkerState.NEW, WorkerState.STARTING) for s in self.supervisors):
+            await asyncio.sleep(poll)
 
     async def close(self) -> None:
         for supervisor in self.supervisors:
