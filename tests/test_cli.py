@@ -226,3 +226,36 @@ def test_generate_reads_the_user_config_file_after_flags_and_env(tmp_path: Path,
     (tmp_path / "config" / "credentials.json").unlink()
     monkeypatch.delenv("DREAMSERVE_API_KEY")
     assert _credentials(None, None, None, None)[1] == "local-key"  # ./dreamserve-data, as before
+
+
+def test_scripts_install_skips_pip_when_nothing_changed(tmp_path: Path) -> None:
+    """scripts/install on a copy of the repository whose .venv has stand-ins for python and pip that log calls."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "src" / "dreamserve").mkdir(parents=True)
+    for name in ("scripts/install", "pyproject.toml", "src/dreamserve/__init__.py"):
+        (tmp_path / name).write_bytes((repo / name).read_bytes())
+    (tmp_path / "scripts" / "install").chmod(0o755)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    log, installed = tmp_path / "pip.log", tmp_path / ".venv" / "installed"
+    # python: torch imports; the installed version is what the last pip install recorded.
+    (bin_dir / "python").write_text(f'#!/bin/sh\ncase "$*" in *importlib*) cat {installed} ;; esac\n')
+    version = re.search(r'"(.+)"', (repo / "src/dreamserve/__init__.py").read_text())
+    assert version is not None
+    (bin_dir / "pip").write_text(f'#!/bin/sh\necho "$*" >> {log}\necho {version.group(1)} > {installed}\n')
+    for tool in ("python", "pip"):
+        (bin_dir / tool).chmod(0o755)
+
+    def install() -> list[str]:
+        subprocess.run(["scripts/install", "all"], cwd=tmp_path, check=True, timeout=60)
+        return log.read_text().splitlines() if log.exists() else []
+
+    assert install() == ["install --quiet -e .[all]"]
+    assert len(install()) == 1, "nothing changed: no pip"
+    with (tmp_path / "pyproject.toml").open("a") as handle:
+        handle.write("\n# a new dependency\n")
+    assert len(install()) == 2, "pyproject.toml changed: pip again"
+    assert len(install()) == 2
+    installed.write_text("0.0.1\n")  # another version installed over it (pip install dreamserve==...)
+    assert len(install()) == 3

@@ -36,8 +36,17 @@ def served_model(services: Services, slug: str) -> str:
     return slug
 
 
-async def submit(services: Services, project: Project, slug: str, fields: Mapping[str, Sequence[Any]]) -> Task:
-    """Check every field, store uploaded references, then the task; nothing is stored if a check fails."""
+async def submit(
+    services: Services,
+    project: Project,
+    slug: str,
+    fields: Mapping[str, Sequence[Any]],
+    output_size: tuple[int, int] | None = None,
+) -> Task:
+    """Check every field, store uploaded references, then the task; nothing is stored if a check fails.
+
+    ``output_size``: downscale the images to it after generating at the checked ``size`` (OpenAI's small sizes).
+    """
     settings = services.settings
     params = parse_run(
         fields,
@@ -80,8 +89,8 @@ async def submit(services: Services, project: Project, slug: str, fields: Mappin
         task = await services.store.create(
             project_id=project.id,
             model=slug,
-            parameters=_echo(params, echo),
-            job=_job(params, job_inputs),
+            parameters=_echo(params, echo, output_size),
+            job=_job(params, job_inputs, output_size),
             callback_url=params.callback_url,
             callback_events=params.callback_events,
             priority=params.priority,
@@ -95,10 +104,10 @@ async def submit(services: Services, project: Project, slug: str, fields: Mappin
     return task
 
 
-def _echo(params: RunParams, inputs: list[str]) -> dict[str, Any]:
+def _echo(params: RunParams, inputs: list[str], output_size: tuple[int, int] | None) -> dict[str, Any]:
     echo: dict[str, Any] = {
         "prompt": params.prompt,
-        "size": params.size,
+        "size": f"{output_size[0]}x{output_size[1]}" if output_size else params.size,
         "maxImages": str(params.max_images),
         "watermark": "true" if params.watermark else "false",
         "seed": str(params.seed),
@@ -110,8 +119,8 @@ def _echo(params: RunParams, inputs: list[str]) -> dict[str, Any]:
     return echo
 
 
-def _job(params: RunParams, inputs: list[dict[str, str]]) -> dict[str, Any]:
-    return {
+def _job(params: RunParams, inputs: list[dict[str, str]], output_size: tuple[int, int] | None) -> dict[str, Any]:
+    job: dict[str, Any] = {
         "prompt": params.prompt,
         "width": params.width,
         "height": params.height,
@@ -120,3 +129,6 @@ def _job(params: RunParams, inputs: list[dict[str, str]]) -> dict[str, Any]:
         "watermark": params.watermark,
         "inputs": inputs,
     }
+    if output_size:
+        job["output_size"] = list(output_size)
+    return job

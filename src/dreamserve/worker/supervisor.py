@@ -173,7 +173,7 @@ class Supervisor:
             # While a killed child is replaced, the state says so; the killed task has ended and is not listed.
             "state": f"restarting after {self.restart_reason}" if restarting else self.state.value,
             "pid": self.child.pid if self.child else None,
-            "tasks": sorted(self.running),
+            "tasks": [] if restarting else sorted(self.running),
             "load_seconds": round(self.load_seconds, 3),
             "error": self.error,
         }
@@ -326,6 +326,7 @@ class Supervisor:
             references=references,
             watermark=task.job["watermark"],
             output_dir=str(self.blobs.local_path(f"outputs/{entry.accesskey}") or scratch / "outputs"),
+            output_size=task.job.get("output_size"),
         )
         return await self._record(task, "task_assign") is not None
 
@@ -443,6 +444,8 @@ class Supervisor:
         assert self.child is not None
         code = self.child.process.exitcode
         killed = any(entry.stop == "kill" for entry in live)
+        # Said before the tasks are settled, so that whoever sees the kill answered also sees the restart.
+        self.state, self.restart_reason = WorkerState.RESTARTING, "a kill" if killed else "a crash"
         for entry in live:
             task = entry.task
             if entry.lost or entry.settled:
@@ -459,7 +462,7 @@ class Supervisor:
                 reason = f"The model process exited with code {code} (out of memory?)."
                 output = "\n".join(entry.log)
                 await self.store.fail(task.id, PEXIT_MODEL_ERROR, reason, output=output, worker_id=self.worker_id)
-        await self._respawn("a kill" if killed else "a crash")
+        await self._respawn(self.restart_reason)
 
     async def _succeed(self, entry: _Running, result: GenerationResult) -> None:
         task, accesskey, output = entry.task, entry.accesskey, "\n".join(entry.log)
