@@ -259,3 +259,21 @@ def test_scripts_install_skips_pip_when_nothing_changed(tmp_path: Path) -> None:
     assert len(install()) == 2
     installed.write_text("0.0.1\n")  # another version installed over it (pip install dreamserve==...)
     assert len(install()) == 3
+
+
+def test_keys_show_prints_the_saved_credentials(tmp_path: Path, monkeypatch: Any) -> None:
+    from click.testing import CliRunner
+
+    from dreamserve.cli import main
+
+    monkeypatch.setenv("DREAMSERVE_CONFIG_DIR", str(tmp_path / "config"))
+    runner = CliRunner()
+    missing = runner.invoke(main, ["keys", "show"])
+    assert missing.exit_code == 2 and "start `dreamserve serve` once" in missing.output
+    (tmp_path / "config").mkdir()
+    saved = {"api_key": "k" * 32, "api_secret": "s" * 32, "server": "http://h:1", "webhook_secret": "w"}
+    (tmp_path / "config" / "credentials.json").write_text(json.dumps(saved))
+    assert runner.invoke(main, ["keys", "show", "--key"]).output == "k" * 32 + "\n"
+    assert runner.invoke(main, ["keys", "show", "--secret"]).output == "s" * 32 + "\n"
+    shown = runner.invoke(main, ["keys", "show"]).output
+    assert "http://h:1" in shown and "s" * 32 in shown and str(tmp_path / "config" / "credentials.json") in shown

@@ -15,12 +15,12 @@ PACKAGE = Path(dreamserve.__file__).parent
 
 #: module (or package prefix) -> tier, as in the table of docs/architecture.md.
 TIERS: dict[str, str] = {
-    **dict.fromkeys(["errors", "settings", "jobs", "signing", "sizes", "status", "logs"], "leaf"),
+    **dict.fromkeys(["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "userconfig"], "leaf"),
     **dict.fromkeys(["db", "migrate", "store", "events", "redis_events"], "queue"),
     **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit"], "request"),
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks"], "io"),
-    **dict.fromkeys(["models", "submit"], "submit"),
+    **dict.fromkeys(["models", "submit", "weights"], "submit"),
     "engine": "engine",
     "worker": "worker",
     "services": "services",

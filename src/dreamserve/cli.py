@@ -258,9 +258,10 @@ def keys_revoke(which: str, data_dir: Path | None) -> None:
 
 
 @keys.command("show")
+@click.option("--key", "key_only", is_flag=True, help="Print the API key alone (for scripts).")
 @click.option("--secret", "secret_only", is_flag=True, help="Print the API secret alone (for scripts).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="A server's data folder instead.")
-def keys_show(secret_only: bool, data_dir: Path | None) -> None:
+def keys_show(key_only: bool, secret_only: bool, data_dir: Path | None) -> None:
     """Show the credentials ``serve`` saved: those of the last server started, or of --data-dir's."""
     from dreamserve import userconfig
 
@@ -268,6 +269,9 @@ def keys_show(secret_only: bool, data_dir: Path | None) -> None:
     stored = _read_credentials(path)
     if not stored.get("api_key"):
         raise click.UsageError(f"No credentials in {path}: start `dreamserve serve` once (it writes them).")
+    if key_only:
+        click.echo(stored["api_key"])
+        return
     if secret_only:
         if not stored.get("api_secret"):
             raise click.UsageError(f"The project in {path} is key-only: it has no API secret.")
