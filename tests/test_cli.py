@@ -115,7 +115,7 @@ class Serve:
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 120) -> str:
+    def wait_ready(self, timeout: float = 300) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text()
@@ -155,6 +155,7 @@ def run_shell(command: str, env: dict[str, str], cwd: Path, timeout: float = 180
     return done.stdout
 
 
+@pytest.mark.timeout(600)  # two server starts, a generation and a download: minutes on a loaded 2-core machine
 def test_the_banners_commands_run_as_printed_from_another_folder(hub: Hub, tmp_path: Path) -> None:
     home, data, elsewhere = tmp_path / "home", tmp_path / "srv" / "data", tmp_path / "elsewhere"
     elsewhere.mkdir(parents=True)
