@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ MODEL = "bytedance/seedream-v4"
 #: Fixtures that start a process of their own (a server, a browser): tests using them are not in the fast tier.
 PROCESS_FIXTURES = frozenset({"make_server", "tiny_server", "fuzz_server", "browser_page", "klein"})
 #: Modules that run models in this process or kill processes on purpose.
-PROCESS_MODULES = frozenset({"test_engine.py", "test_faults.py", "test_scaleout.py"})
+PROCESS_MODULES = frozenset({"test_engine.py", "test_faults.py", "test_scaleout.py", "test_cli.py"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -59,6 +60,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if item not in slow]
+
+
+# `serve` saves its credentials for the CLI in the user's config folder: tests' servers never write the real one.
+os.environ["DREAMSERVE_CONFIG_DIR"] = tempfile.mkdtemp(prefix="dreamserve-test-config-")
 
 
 def free_port() -> int:

@@ -15,12 +15,14 @@ PACKAGE = Path(dreamserve.__file__).parent
 
 #: module (or package prefix) -> tier, as in the table of docs/architecture.md.
 TIERS: dict[str, str] = {
-    **dict.fromkeys(["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness"], "leaf"),
+    **dict.fromkeys(
+        ["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness", "userconfig"], "leaf"
+    ),
     **dict.fromkeys(["db", "migrate", "store", "events", "redis_events"], "queue"),
     **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit"], "request"),
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks"], "io"),
-    **dict.fromkeys(["models", "submit", "preprocess"], "submit"),
+    **dict.fromkeys(["models", "submit", "preprocess", "weights"], "submit"),
     "engine": "engine",
     "worker": "worker",
     "services": "services",

@@ -7,6 +7,7 @@ import base64
 import concurrent.futures
 import io
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ import httpx
 import openai
 import pytest
 import sqlalchemy
+from openai.types.image_generate_params import ImageGenerateParamsBase
 from PIL import Image
 
 from dreamserve.api.app import create_app
+from dreamserve.api.openai import OPENAI_SIZES, generation_size
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
+from dreamserve.sizes import parse_size
 from tests.conftest import MODEL, png_bytes
 
 SLOW = {"max_pixels": 384 * 384, "steps": 60}
@@ -56,6 +60,38 @@ def test_generate_url_and_b64(tiny: Any) -> None:
     jpeg = client.images.generate(prompt="as jpeg", size="2K", response_format="b64_json", output_format="jpeg")
     picture = _image(jpeg.data[0].b64_json)  # type: ignore[index]
     assert picture.format == "JPEG" and picture.size == (2048, 2048) and jpeg.output_format == "jpeg"
+
+    # OpenAI's small sizes, under Seedream's floor: generated at 960x960 and downscaled. And its widest.
+    for size in ("256x256", "512x512", "1792x1024"):
+        result = client.images.generate(prompt=f"at {size}", size=size, response_format="b64_json")  # type: ignore[arg-type]
+        width, height = (int(side) for side in size.split("x"))
+        assert _image(result.data[0].b64_json).size == (width, height) and result.size == size  # type: ignore[index]
+        task = server.detail((result.model_extra or {})["task_id"])
+        assert task["parameters"]["size"] == size
+        assert ("downscaled to" in task["details"]["method"]) == (width * height < 1280 * 720), task["details"]
+
+
+def test_every_size_the_openai_package_lists_is_accepted() -> None:
+    """Below Seedream's 1280x720 floor (256x256, 512x512), images are generated at the smallest size of the same
+    aspect with at least ``min_pixels``, then downscaled; the others are generated as asked."""
+    size_type = typing.get_type_hints(ImageGenerateParamsBase)["size"]
+    listed = {arg for part in typing.get_args(size_type) for arg in typing.get_args(part)}
+    assert {"256x256", "512x512", "1792x1024", "auto"} <= listed and listed == set(OPENAI_SIZES)
+    floor = 1280 * 720
+    for size in listed:
+        generated, output = generation_size(size, floor)
+        if size == "auto":
+            assert (generated, output) == ("1K", None)
+            continue
+        width, height = parse_size(generated, min_pixels=floor)
+        requested = tuple(int(side) for side in size.split("x"))
+        if requested[0] * requested[1] >= floor:
+            assert ((width, height), output) == (requested, None)
+        else:
+            assert output == requested and width * height >= floor and width * requested[1] == height * requested[0]
+    assert generation_size("256x256", floor) == ("960x960", (256, 256))
+    assert generation_size("256x256", 64 * 64) == ("256x256", None)  # a server that generates that small
+    assert generation_size("10x10", floor) == ("10x10", None)  # refused by Seedream's check, in its words
 
 
 def test_edit_with_several_images_url_and_b64(tiny: Any) -> None:

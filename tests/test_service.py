@@ -125,6 +125,9 @@ def test_cancel_queued_kill_running_then_next_succeeds(make_server: Any) -> None
     assert killed["result"] is True and killed["tasklist"][0]["status"] == "task_cancel"
     assert killed["tasklist"][0]["pexit"] == "137"
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+    # While the new model process loads, /healthz says why the worker is away, not the killed task.
+    restarting = server.workers()[0]
+    assert restarting["state"] == "restarting after a kill" and restarting["tasks"] == [], restarting
 
     third = server.run({"prompt": "after the kill", "size": "1K"})
     task = server.wait(third["taskid"])

@@ -7,10 +7,13 @@ install (no fastapi, sqlalchemy, torch) can still run ``generate``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shlex
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,7 @@ from dreamserve.errors import DreamError, InvalidState
 from dreamserve.status import LABELS, TaskStatus
 
 if TYPE_CHECKING:  # the server's settings need pydantic-settings, a server extra: never import it here
+    from dreamserve.services import Services
     from dreamserve.settings import Settings
 
 #: Progress and errors go to stderr; stdout carries only results (paths, JSON), for scripts.
@@ -33,6 +37,8 @@ DEFAULT_DATA_DIR = "dreamserve-data"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 #: How often ``generate`` asks for the queue position while its task waits (the socket is silent then).
 QUEUE_POLL_SECONDS = 1.0
+#: How often ``serve`` says it is still loading the model.
+LOADING_NOTE_SECONDS = 10.0
 STATUS_TEXT: dict[str, str] = {status.value: label for status, label in LABELS.items()}
 
 
@@ -46,14 +52,27 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--host", default=None, help="Interface to bind (default 127.0.0.1).")
+@click.option("--host", default=None, help="Interface to bind (default 127.0.0.1; 0.0.0.0 for the LAN).")
 @click.option("--port", type=int, default=None, help="Port (default 8000).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Database, files, credentials.")
-@click.option("--model", "source", default=None, help="Source of bytedance/seedream-v4: tiny, a diffusers folder...")
+@click.option("--model", "source", default=None, help="Source of bytedance/seedream-v4: tiny, a preset, a folder...")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the model family's).")
 @click.option("--max-pixels", type=int, default=None, help="Native generation cap; larger sizes are upscaled.")
 @click.option("--workers", type=int, default=None, help="Model processes for the default model.")
 @click.option("--no-workers", is_flag=True, help="Run the API only (workers run elsewhere).")
+@click.option(
+    "--fetch-allow-private",
+    is_flag=True,
+    default=None,
+    help="Let input URLs and callbacks reach loopback and private addresses (a LAN or development setup).",
+)
+@click.option(
+    "--fetch-allow-host",
+    "fetch_allow_hosts",
+    multiple=True,
+    metavar="HOST",
+    help="A host (minio.lan, *.corp.example) or network (10.1.0.0/16) fetches may reach, private or not. Repeatable.",
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -63,6 +82,8 @@ def serve(
     max_pixels: int | None,
     workers: int | None,
     no_workers: bool,
+    fetch_allow_private: bool | None,
+    fetch_allow_hosts: tuple[str, ...],
 ) -> None:
     """Run the API and (by default) the model workers on this machine."""
     import uvicorn
@@ -71,15 +92,25 @@ def serve(
     from dreamserve.api.app import create_app
     from dreamserve.projects import ensure_default_credentials
 
+    started = time.monotonic()
     model = {"source": source, "steps": steps, "max_pixels": max_pixels, "workers": workers}
-    given = {"host": host, "port": port, "data_dir": data_dir, "run_workers": False if no_workers else None}
+    given = {
+        "host": host,
+        "port": port,
+        "data_dir": data_dir,
+        "run_workers": False if no_workers else None,
+        "fetch_allow_private": fetch_allow_private,
+        "fetch_allow_hosts": list(fetch_allow_hosts) or None,
+    }
     settings = _settings(given, model)
     logs.configure(settings.log_level)
-    creds = ensure_default_credentials(settings)
-    _banner(settings.base_url, creds.api_key, creds.api_secret, settings.data_dir)
+    creds, created = ensure_default_credentials(settings)
+    _banner(settings, creds.api_key, creds.api_secret if created else None, creds.api_secret is None)
     _raise_open_file_limit()
-    uvicorn.run(
-        create_app(settings),
+    # The hook runs from the app's startup, inside server.run(): ``server`` is bound by then.
+    app = create_app(settings, on_start=lambda services: _announce(services, server, started))
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level="info",
@@ -88,6 +119,8 @@ def serve(
         ws_max_size=settings.ws_max_bytes,
         forwarded_allow_ips=settings.forwarded_allow_ips,
     )
+    server = uvicorn.Server(config)
+    server.run()
 
 
 def _raise_open_file_limit() -> None:
@@ -124,23 +157,67 @@ def _settings(given: dict[str, Any], model: dict[str, Any] | None = None) -> Set
         raise click.UsageError(f"Invalid settings: {exc}") from None
 
 
-def _banner(url: str, key: str, secret: str | None, data_dir: Path) -> None:
-    out = click.echo
-    out(f"dreamserve {__version__} on {url}  (data: {data_dir})")
-    out(f"  API key:    {key}")
-    out(f"  API secret: {secret if secret is not None else '(none: key-only project)'}")
+def command_path() -> str:
+    """How to run this very ``dreamserve`` from any folder: the real path of the running executable."""
+    script = Path(sys.argv[0])
+    if script.name == "dreamserve" and script.is_file():
+        return shlex.quote(str(script.resolve()))
+    # ``python -m dreamserve``: the interpreter's own path (not resolved: a venv's python is a symlink).
+    return f"{shlex.quote(os.path.abspath(sys.executable))} -m dreamserve"
+
+
+def _banner(settings: Settings, key: str, new_secret: str | None, key_only: bool) -> None:
+    """What ``serve`` prints before it loads the model. ``new_secret`` only when the project was just created."""
+    from dreamserve.models import resolve
+    from dreamserve.userconfig import credentials_path
+
+    out, url, cli = click.echo, settings.base_url, command_path()
+    out(f"dreamserve {__version__} on {url}  (data: {settings.data_dir.resolve()})")
+    if settings.playground:
+        out(f"  Playground:  {url}/  (open it in a browser, paste the key and secret)")
+    out(f"  API key:     {key}")
+    if key_only:
+        out("  API secret:  none (key-only project: send x-api-key alone)")
+    elif new_secret is not None:
+        out(f"  API secret:  {new_secret}  (shown at this first start only; later: {cli} keys show)")
+    else:
+        out(f"  API secret:  kept in the credentials file; show it with: {cli} keys show")
+    out(f"  Credentials: {credentials_path()}  (the CLI reads them from any folder)")
     out("\nTry it with curl (Wiro's signature: HMAC-SHA256 keyed with the API key over secret + nonce):\n")
-    if secret is None:
+    if key_only:
         out(f'  curl -X POST "{url}/v1/Run/{DEFAULT_MODEL}" -H "x-api-key: {key}" \\')
     else:
-        out(f'  KEY="{key}"; SECRET="{secret}"; NONCE=$(date +%s)')
+        out(f'  KEY="{key}"; SECRET="$({cli} keys show --secret)"; NONCE=$(date +%s)')
         out('  SIGNATURE=$(echo -n "${SECRET}${NONCE}" | openssl dgst -sha256 -hmac "${KEY}" | sed \'s/^.* //\')')
         out(f'  curl -X POST "{url}/v1/Run/{DEFAULT_MODEL}" -H "x-api-key: $KEY" \\')
         out('       -H "x-nonce: $NONCE" -H "x-signature: $SIGNATURE" \\')
     out('       -F "prompt=a red fox in the snow" -F "size=2048x2048" -F "maxImages=1"')
-    # generate finds these credentials in ./dreamserve-data unless told where the data folder is.
-    where = "" if data_dir.resolve() == Path(DEFAULT_DATA_DIR).resolve() else f" --data-dir {data_dir}"
-    out(f'\nOr with the CLI:\n\n  dreamserve generate "a red fox" -o out/{where}\n')
+    out(f'\nOr with the CLI, from any folder:\n\n  {cli} generate "a red fox" -o out/\n')
+    specs = [spec for spec in settings.models.values() if spec.workers and settings.run_workers]
+    if any(resolve(spec).source == "tiny" for spec in specs):
+        out("The model is `tiny`: random weights built in code, so its images are noise by design.")
+        out(f"Real weights (FLUX.2 [klein] 4B, Apache-2.0; best on a GPU):\n\n  {cli} pull flux2-klein-4b")
+        out(f"  {cli} serve --model flux2-klein-4b\n")
+
+
+async def _announce(services: Services, server: Any, started: float) -> None:
+    """A progress line while the models load, then "ready" with their load times (only once they are loaded)."""
+    from dreamserve.status import WorkerState
+
+    names = ", ".join(sorted({f"{s.slug} ({s.spec.source})" for s in services.supervisors}))
+    if names:
+        click.echo(f"Loading {names} ...")
+    loaded = asyncio.create_task(services.wait_loaded())
+    while not (await asyncio.wait({loaded}, timeout=LOADING_NOTE_SECONDS))[0]:
+        click.echo(f"  still loading ({time.monotonic() - started:.0f} s)")
+    while not server.started:  # "ready" means the port answers too
+        await asyncio.sleep(0.05)
+    failed = [s for s in services.supervisors if s.state is WorkerState.DEFUNCT]
+    for supervisor in failed:
+        click.echo(f"Model {supervisor.slug} could not be loaded: {supervisor.error}", err=True)
+    times = ", ".join(f"{s.slug} loaded in {s.load_seconds:.1f} s" for s in services.supervisors if s not in failed)
+    state = "ready" if not failed else "NOT ready (see above)"
+    click.echo(f"{state} in {time.monotonic() - started:.1f} s" + (f" ({times})" if times else ""))
 
 
 @main.command()
@@ -214,6 +291,80 @@ def keys_revoke(which: str, data_dir: Path | None) -> None:
         click.echo(f"Project {project_id} ({name}, key {prefix}...) revoked.")
 
 
+@keys.command("show")
+@click.option("--key", "key_only", is_flag=True, help="Print the API key alone (for scripts).")
+@click.option("--secret", "secret_only", is_flag=True, help="Print the API secret alone (for scripts).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="A server's data folder instead.")
+def keys_show(key_only: bool, secret_only: bool, data_dir: Path | None) -> None:
+    """Show the credentials ``serve`` saved: those of the last server started, or of --data-dir's."""
+    from dreamserve import userconfig
+
+    path = data_dir / userconfig.FILENAME if data_dir else userconfig.credentials_path()
+    stored = _read_credentials(path)
+    if not stored.get("api_key"):
+        raise click.UsageError(f"No credentials in {path}: start `dreamserve serve` once (it writes them).")
+    if key_only:
+        click.echo(stored["api_key"])
+        return
+    if secret_only:
+        if not stored.get("api_secret"):
+            raise click.UsageError(f"The project in {path} is key-only: it has no API secret.")
+        click.echo(stored["api_secret"])
+        return
+    click.echo(f"Server:         {stored.get('server') or DEFAULT_SERVER}")
+    click.echo(f"API key:        {stored['api_key']}")
+    click.echo(f"API secret:     {stored.get('api_secret') or 'none (key-only project)'}")
+    click.echo(f"Webhook secret: {stored.get('webhook_secret', '')}")
+    click.echo(f"(from {path})")
+
+
+# -- model weights ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--local-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Download into this folder (then serve --model FOLDER) instead of the Hugging Face cache.",
+)
+def pull(name: str, local_dir: Path | None) -> None:
+    """Download a model's weights: NAME is a preset (dreamserve models) or a hub id (owner/name).
+
+    Into the Hugging Face cache by default, where `serve --model NAME` finds them offline.
+    """
+    from dreamserve.weights import PullError
+    from dreamserve.weights import pull as download
+
+    try:
+        folder = download(name, local_dir)
+    except PullError as exc:
+        _error(f"[red]Cannot pull {escape(name)}:[/] {escape(str(exc))}")
+        sys.exit(1)
+    click.echo(str(folder))
+    model = shlex.quote(str(local_dir)) if local_dir else name
+    _error(f"Done. Serve it with: {escape(command_path())} serve --model {escape(model)}")
+
+
+@main.command("models")
+def models_command() -> None:
+    """List the model presets: licence, weights, size on disk, and whether they are on this machine."""
+    from dreamserve.weights import human_size, local_models
+
+    rows = [("preset", "weights", "licence", "on disk", "here")]
+    for model in local_models():
+        if model.built_in:
+            rows.append((model.preset, "built in code", model.licence, "-", "yes (built in)"))
+        else:
+            here = f"yes: {model.path}" if model.path else f"no: dreamserve pull {model.preset}"
+            size = human_size(model.size_bytes) if model.path else "-"
+            rows.append((model.preset, model.source, model.licence, size, here))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
+
+
 # -- client side ------------------------------------------------------------------------------------
 
 
@@ -226,10 +377,15 @@ def keys_revoke(which: str, data_dir: Path | None) -> None:
 @click.option("--seed", type=int, default=None, help="Seed, for reproducible images (a dreamserve extension).")
 @click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=Path("."), show_default=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="owner/name of the model.")
-@click.option("--server", default=None, help="Server URL [env DREAMSERVE_SERVER, else credentials.json].")
-@click.option("--key", default=None, help="API key [env DREAMSERVE_API_KEY, else credentials.json].")
-@click.option("--secret", default=None, help="API secret [env DREAMSERVE_API_SECRET, else credentials.json].")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Where credentials.json is.")
+@click.option("--server", default=None, help="Server URL [env DREAMSERVE_SERVER, else the credentials file].")
+@click.option("--key", default=None, help="API key [env DREAMSERVE_API_KEY, else the credentials file].")
+@click.option("--secret", default=None, help="API secret [env DREAMSERVE_API_SECRET, else the credentials file].")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Read credentials.json from this server data folder instead of the user's config folder.",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print {"task": <Task/Detail object>, "files": [...]}.')
 def generate(
     prompt: str,
@@ -376,13 +532,21 @@ def _free_name(folder: Path, name: str, taskid: str) -> str | None:
 def _credentials(
     server: str | None, key: str | None, secret: str | None, data_dir: Path | None
 ) -> tuple[str, str, str | None]:
-    """Flags, else env, else ``<data_dir>/credentials.json`` (written by ``serve``).
+    """Flags, else env, else the credentials file ``serve`` wrote: in ``--data-dir`` (or ``DREAMSERVE_DATA_DIR``)
+    when given, else in the user's config folder, else in ``./dreamserve-data``.
 
     A secret is taken only from a source that names no key or the same key, so a key given as a flag
     is never signed with the secret of another project found in the environment or the file.
     """
+    from dreamserve import userconfig
+
     env = os.environ
-    folder = data_dir or Path(env.get("DREAMSERVE_DATA_DIR") or DEFAULT_DATA_DIR)
+    folder = data_dir or (Path(env["DREAMSERVE_DATA_DIR"]) if env.get("DREAMSERVE_DATA_DIR") else None)
+    files = (
+        [folder / userconfig.FILENAME]
+        if folder
+        else [userconfig.credentials_path(), Path(DEFAULT_DATA_DIR) / userconfig.FILENAME]
+    )
     sources: list[dict[str, Any]] = [
         {"server": server, "api_key": key, "api_secret": secret},
         {
@@ -390,13 +554,15 @@ def _credentials(
             "api_key": env.get("DREAMSERVE_API_KEY"),
             "api_secret": env.get("DREAMSERVE_API_SECRET"),
         },
-        _read_credentials(folder / "credentials.json"),
     ]
+    # The first file that exists: a server's URL, key and secret come from one file, never mixed from two.
+    sources.append(next((found for found in map(_read_credentials, files) if found), {}))
     api_key = next((s["api_key"] for s in sources if s.get("api_key")), None)
     if not api_key:
+        looked = " or ".join(str(path) for path in files)
         raise click.UsageError(
-            f"No API key: pass --key, set DREAMSERVE_API_KEY, or point --data-dir at a server's data folder "
-            f"(looked for {folder / 'credentials.json'})."
+            f"No API key: pass --key, set DREAMSERVE_API_KEY, or start `dreamserve serve` once, which saves its "
+            f"credentials (looked for {looked})."
         )
     api_secret = next(
         (s["api_secret"] for s in sources if s.get("api_secret") and s.get("api_key") in (None, "", api_key)), None
@@ -406,10 +572,9 @@ def _credentials(
 
 
 def _read_credentials(path: Path) -> dict[str, Any]:
+    from dreamserve import userconfig
+
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise click.UsageError(f"Cannot read {path}: {exc}") from None
-    return data if isinstance(data, dict) else {}
+        return userconfig.read(path)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None

@@ -23,6 +23,9 @@ class GenerationJob:
     watermark: bool
     #: Folder the child writes ``0.png``, ``1.png``, ... into (each written to a temp name, then renamed).
     output_dir: str
+    #: ``[width, height]`` to downscale the images to after generating at ``width`` x ``height``: OpenAI's small
+    #: sizes (256x256), below what a model is asked to generate. None: the images are ``width`` x ``height``.
+    output_size: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from dreamserve import userconfig
 from dreamserve.db import Project, make_engine, make_sessionmaker
 from dreamserve.migrate import upgrade
 from dreamserve.settings import Settings
@@ -153,18 +153,22 @@ def create_project(
     return creds
 
 
-def ensure_default_credentials(settings: Settings) -> Credentials:
-    """The local project that ``serve`` prints and ``generate`` uses, kept in ``<data_dir>/credentials.json``."""
+def ensure_default_credentials(settings: Settings) -> tuple[Credentials, bool]:
+    """The local project that ``serve`` prints and ``generate`` uses, and whether it was created just now.
+
+    Kept in ``<data_dir>/credentials.json`` and copied, with this server's URL, to the user's config folder
+    (``userconfig.credentials_path()``), where ``generate`` finds it from any folder.
+    """
     path = settings.data_dir / "credentials.json"
     if path.exists():
         creds = Credentials(**json.loads(path.read_text()))
         if asyncio.run(_exists(settings, creds.api_key)):
             creds.server = settings.base_url
-            _write_private(path, creds)
-            return creds
+            _save(path, creds)
+            return creds, False
     creds = create_project(settings, "default", signature=True)
-    _write_private(path, creds)
-    return creds
+    _save(path, creds)
+    return creds, True
 
 
 async def _exists(settings: Settings, api_key: str) -> bool:
@@ -176,8 +180,6 @@ async def _exists(settings: Settings, api_key: str) -> bool:
         await engine.dispose()
 
 
-def _write_private(path: Path, creds: Credentials) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(asdict(creds), handle, indent=2)
+def _save(path: Path, creds: Credentials) -> None:
+    for where in (path, userconfig.credentials_path()):
+        userconfig.write_private(where, asdict(creds))

@@ -25,6 +25,7 @@ from dreamserve.liveness import Liveness
 from dreamserve.migrate import upgrade
 from dreamserve.preprocess import Preprocessor
 from dreamserve.settings import Settings
+from dreamserve.status import WorkerState
 from dreamserve.store import TaskStore
 from dreamserve.webhooks import WebhookSender
 from dreamserve.wire import task_object
@@ -98,6 +99,11 @@ class Services:
 
             self._dispatch = celery_dispatcher(self.settings)
             self._loops.append(self.liveness.start("dispatcher", 0.2, self._send_queued))
+
+    async def wait_loaded(self, poll: float = 0.1) -> None:
+        """Return once every supervisor of this process has loaded its model, or failed to."""
+        while any(s.state in (WorkerState.NEW, WorkerState.STARTING) for s in self.supervisors):
+            await asyncio.sleep(poll)
 
     async def close(self) -> None:
         for supervisor in self.supervisors:

@@ -108,6 +108,8 @@ class WorkerState(StrEnum):
     STARTING = "starting"
     READY = "ready"
     BUSY = "busy"
+    #: A new model process is loading in place of one that was killed or died (``Supervisor.restart_reason``).
+    RESTARTING = "restarting"
     DEFUNCT = "defunct"
 
     @property

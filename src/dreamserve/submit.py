@@ -36,8 +36,16 @@ def served_model(services: Services, slug: str) -> str:
     return slug
 
 
-async def submit(services: Services, project: Project, slug: str, fields: Mapping[str, Sequence[Any]]) -> Task:
+async def submit(
+    services: Services,
+    project: Project,
+    slug: str,
+    fields: Mapping[str, Sequence[Any]],
+    output_size: tuple[int, int] | None = None,
+) -> Task:
     """Check every field, store uploaded references, then the task; nothing is stored if a check fails.
+
+    ``output_size``: downscale the images to it after generating at the checked ``size`` (OpenAI's small sizes).
 
     The priority asked for is lowered to the project's maximum; past the project's quotas the task is
     refused with ``QuotaExceeded`` (code 96).
@@ -86,8 +94,8 @@ async def submit(services: Services, project: Project, slug: str, fields: Mappin
         task = await services.store.create(
             project_id=project.id,
             model=slug,
-            parameters=_echo(params, echo),
-            job=_job(params, job_inputs),
+            parameters=_echo(params, echo, output_size),
+            job=_job(params, job_inputs, output_size),
             callback_url=params.callback_url,
             callback_events=params.callback_events,
             priority=min(params.priority, _max_priority(services, project)),
@@ -109,10 +117,10 @@ def _max_priority(services: Services, project: Project) -> int:
     return services.settings.max_priority
 
 
-def _echo(params: RunParams, inputs: list[str]) -> dict[str, Any]:
+def _echo(params: RunParams, inputs: list[str], output_size: tuple[int, int] | None) -> dict[str, Any]:
     echo: dict[str, Any] = {
         "prompt": params.prompt,
-        "size": params.size,
+        "size": f"{output_size[0]}x{output_size[1]}" if output_size else params.size,
         "maxImages": str(params.max_images),
         "watermark": "true" if params.watermark else "false",
         "seed": str(params.seed),
@@ -124,8 +132,8 @@ def _echo(params: RunParams, inputs: list[str]) -> dict[str, Any]:
     return echo
 
 
-def _job(params: RunParams, inputs: list[dict[str, str]]) -> dict[str, Any]:
-    return {
+def _job(params: RunParams, inputs: list[dict[str, str]], output_size: tuple[int, int] | None) -> dict[str, Any]:
+    job: dict[str, Any] = {
         "prompt": params.prompt,
         "width": params.width,
         "height": params.height,
@@ -134,3 +142,6 @@ def _job(params: RunParams, inputs: list[dict[str, str]]) -> dict[str, Any]:
         "watermark": params.watermark,
         "inputs": inputs,
     }
+    if output_size:
+        job["output_size"] = list(output_size)
+    return job

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +32,10 @@ from dreamserve.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, on_start: Callable[[Services], Coroutine[Any, Any, None]] | None = None
+) -> FastAPI:
+    """``on_start`` runs beside the server once its services are up (``serve`` announces readiness with it)."""
     settings = settings or Settings()
     monitor = Monitor()
 
@@ -40,9 +45,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await services.start()
         app.state.services = services
         await monitor.tasks.begin(services.sessions)
+        hook = asyncio.create_task(on_start(services), name="on_start") if on_start else None
         try:
             yield
         finally:
+            if hook is not None:
+                hook.cancel()
             await services.close()
 
     app = FastAPI(title="dreamserve", version=__version__, lifespan=lifespan)

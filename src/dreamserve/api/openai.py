@@ -21,6 +21,8 @@ import asyncio
 import base64
 import hmac
 import io
+import math
+import re
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -53,6 +55,13 @@ from dreamserve.submit import submit
 OPENAI_NAMES = {"maxImages": "n", "inputImage": "image"}
 #: ``auto`` lets the server choose: the 1K tier, at the aspect ratio of the first reference image.
 AUTO_SIZE = "1K"
+#: The sizes the openai package lists (``ImageGenerateParams.size``). The GPT image models also take any WxH;
+#: every WxH Seedream takes is accepted, and smaller ones (256x256, 512x512) are generated at the smallest size
+#: the server generates (``min_pixels``) with their aspect ratio, then downscaled.
+OPENAI_SIZES = ("auto", "256x256", "512x512", "1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792")
+_WXH = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+#: Smallest side of a downscaled output.
+MIN_OUTPUT_SIDE = 16
 
 
 def openai_error(exc: DreamError) -> JSONResponse:
@@ -149,11 +158,11 @@ async def _run(
         raise InvalidRequest("Request parameter [output_format] must be 'png', 'jpeg' or 'webp'.")
     if output_format != "png" and response_format == "url":
         raise InvalidRequest("Request parameter [output_format]: url outputs are PNG; use b64_json for jpeg or webp.")
-    size = str(one("size", "auto")).strip()
+    size, output_size = generation_size(str(one("size", "auto")), services.settings.min_pixels)
     fields: dict[str, list[Any]] = {
         "prompt": [one("prompt", "")],
         "maxImages": [one("n", 1)],
-        "size": [AUTO_SIZE if size.lower() == "auto" else size],
+        "size": [size],
         "inputImage": list(images),
     }
     for extra in ("seed", "watermark"):  # ours, beyond OpenAI
@@ -161,9 +170,33 @@ async def _run(
             fields[extra] = [one(extra)]
     quality = _quality(one("output_compression"))
     async with services.sync_slot(project.id):
-        task = await submit(services, project, _model(services, str(one("model", ""))), fields)
+        task = await submit(services, project, _model(services, str(one("model", ""))), fields, output_size)
         await _wait(request, services, task)
     return await _answer(services, task, response_format, output_format, quality)
+
+
+def generation_size(size: str, min_pixels: int) -> tuple[str, tuple[int, int] | None]:
+    """OpenAI's ``size`` as the Seedream size to generate at, and the size to downscale the images to (or None).
+
+    A WxH under ``min_pixels`` (OpenAI's 256x256 and 512x512 with Seedream's 1280x720 floor) is generated at the
+    smallest size of its aspect ratio with at least ``min_pixels`` (sides multiples of 16), then downscaled.
+    """
+    text = size.strip().lower().replace("×", "x")
+    if text in ("", "auto"):
+        return AUTO_SIZE, None
+    match = _WXH.match(text)
+    if match is None:
+        return size, None  # 1K/2K/4K, or an error from Seedream's size check
+    width, height = int(match.group(1)), int(match.group(2))
+    if (
+        width * height >= min_pixels
+        or min(width, height) < MIN_OUTPUT_SIDE
+        or max(width, height) > 16 * min(width, height)
+    ):
+        return text, None  # Seedream takes it as it is, or refuses it with its own message
+    scale = math.sqrt(min_pixels / (width * height))
+    gen_width, gen_height = (16 * math.ceil(side * scale / 16) for side in (width, height))
+    return f"{gen_width}x{gen_height}", (width, height)
 
 
 def _model(services: Services, requested: str) -> str:
@@ -221,7 +254,7 @@ async def _answer(
         "created": int(task.createtime),
         "data": data,
         "output_format": output_format,
-        "size": f"{task.job['width']}x{task.job['height']}",
+        "size": "x".join(str(side) for side in task.job.get("output_size") or (task.job["width"], task.job["height"])),
         # Beyond OpenAI: the task behind the images, to follow, list or cancel it like any other.
         "task_id": str(task.id),
         "socketaccesstoken": task.token,

@@ -194,6 +194,9 @@ class Engine:
     ) -> GenerationResult:
         tick = time.perf_counter()
         size = (job.width, job.height)
+        if job.output_size:
+            size = (job.output_size[0], job.output_size[1])
+            method += f", downscaled to {size[0]}x{size[1]}"
         final = [(upscale(image, size, self.upscaler), seed) for image, seed in images]
         timings["upscale"] = time.perf_counter() - tick
         tick = time.perf_counter()

@@ -1,9 +1,10 @@
 """The supervisor: claims tasks for one model, prepares inputs, drives the model child, records events.
 
 It never imports torch. States: NEW -> STARTING (child loading the model) -> READY <-> BUSY, and
-DEFUNCT when the model cannot load. Cancel of a running task is the child's stop event, read at the
-next step. Kill of a task that runs alone is SIGKILL to the child followed by a fresh child (which
-reloads the model); kill of one member of a batch is that member's per-job stop, so the others go on.
+DEFUNCT when the model cannot load; BUSY -> RESTARTING -> READY while a killed (or dead) child is
+replaced. Cancel of a running task is the child's stop event, read at the next step. Kill of a task
+that runs alone is SIGKILL to the child followed by a fresh child (which reloads the model); kill of
+one member of a batch is that member's per-job stop, so the others go on.
 
 URL inputs were fetched before the task could be claimed (``preprocess.py``): here they are blobs.
 """
@@ -138,6 +139,8 @@ class Supervisor:
         self.error = ""
         self.child: ChildProcess | None = None
         self.load_seconds = 0.0
+        #: Why the model process is being replaced, while RESTARTING: "a kill", "a crash".
+        self.restart_reason = ""
         self.running: dict[int, _Running] = {}
         #: The running group has been handed to the model process (per-job stops reach it from then on).
         self._sent = False
@@ -219,12 +222,14 @@ class Supervisor:
             self.child.kill()
 
     def status(self) -> dict[str, Any]:
+        restarting = self.state is WorkerState.RESTARTING
         return {
             "id": self.worker_id,
             "model": self.slug,
-            "state": self.state.value,
+            # While a killed child is replaced, the state says so; the killed task has ended and is not listed.
+            "state": f"restarting after {self.restart_reason}" if restarting else self.state.value,
             "pid": self.child.pid if self.child else None,
-            "tasks": sorted(self.running),
+            "tasks": [] if restarting else sorted(self.running),
             "load_seconds": round(self.load_seconds, 3),
             "error": self.error,
         }
@@ -298,8 +303,8 @@ class Supervisor:
         if self.child is not None and not self.child.process.is_alive():
             # The model process died between tasks (OOM killer, a signal): replace it before taking work.
             log.warning("model process %s exited with code %s while idle", self.child.pid, self.child.process.exitcode)
-            await self.child.close(timeout=1.0)
-            self.child = None
+            await self._respawn("a crash")
+            return self.child is not None
         return self.child is not None or await self._spawn()
 
     async def _guarded(self, group: list[Task]) -> None:
@@ -316,7 +321,8 @@ class Supervisor:
             self.running = {}
             self._sent = False
             self._batch_wait = 0.0
-            self.state = WorkerState.READY if self.child else WorkerState.STARTING
+            if self.state is WorkerState.BUSY:
+                self.state = WorkerState.READY if self.child else WorkerState.STARTING
 
     async def close(self) -> None:
         self._closing = True
@@ -325,8 +331,8 @@ class Supervisor:
             await self.child.close()
             self.child = None
 
-    async def _spawn(self) -> bool:
-        self.state = WorkerState.STARTING
+    async def _spawn(self, state: WorkerState = WorkerState.STARTING) -> bool:
+        self.state = state
         child = ChildProcess(self.spec, name=f"dreamserve-model-{self.slug}")
         await child.start()
         message = await child.messages.get()
@@ -341,11 +347,15 @@ class Supervisor:
         log.info("model %s ready in %.1f s (pid %s)", self.slug, self.load_seconds, child.pid)
         return True
 
-    async def _respawn(self) -> None:
+    async def _respawn(self, reason: str) -> None:
+        self.running = {}  # every task it ran has been settled or re-queued by now
+        self.restart_reason = reason
         if self.child is not None:
             await self.child.close(timeout=1.0)
             self.child = None
-        await self._spawn()
+        started = time.monotonic()
+        if await self._spawn(WorkerState.RESTARTING):
+            log.info("model %s restarted after %s in %.1f s", self.slug, reason, time.monotonic() - started)
 
     # -- one task, or a group of same-size tasks run together --------------------------------------
 
@@ -390,7 +400,7 @@ class Supervisor:
                 await self._record(
                     entry.task, "task_queue", None, debugerror=note, dispatched_at=None, stop_requested=""
                 )
-            await self._respawn()
+            await self._respawn("a crash")
             return False
         self._sent = True
         # A stop that came while the last of them were being recorded: deliver it now.
@@ -420,6 +430,7 @@ class Supervisor:
             references=references,
             watermark=task.job["watermark"],
             output_dir=str(self.blobs.local_path(f"outputs/{entry.accesskey}") or scratch / "outputs"),
+            output_size=task.job.get("output_size"),
         )
         return await self._record(task, "task_assign") is not None
 
@@ -530,6 +541,8 @@ class Supervisor:
         assert self.child is not None
         code = self.child.process.exitcode
         killed = any(entry.stop == "kill" and not entry.settled for entry in live)
+        # Said before the tasks are settled, so that whoever sees the kill answered also sees the restart.
+        self.state, self.restart_reason = WorkerState.RESTARTING, "a kill" if killed else "a crash"
         for entry in live:
             task = entry.task
             if entry.lost or entry.settled:
@@ -546,7 +559,7 @@ class Supervisor:
                 reason = f"The model process exited with code {code} (out of memory?)."
                 output = "\n".join(entry.log)
                 await self.store.fail(task.id, PEXIT_MODEL_ERROR, reason, output=output, worker_id=self.worker_id)
-        await self._respawn()
+        await self._respawn(self.restart_reason)
 
     async def _succeed(self, entry: _Running, result: GenerationResult) -> None:
         task, accesskey, output = entry.task, entry.accesskey, "\n".join(entry.log)
