@@ -15,7 +15,7 @@ PACKAGE = Path(dreamserve.__file__).parent
 
 #: module (or package prefix) -> tier, as in the table of docs/architecture.md.
 TIERS: dict[str, str] = {
-    **dict.fromkeys(["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness"], "leaf"),
+    **dict.fromkeys(["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness", "groups"], "leaf"),
     **dict.fromkeys(["db", "migrate", "store", "events", "redis_events"], "queue"),
     **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit"], "request"),
     "metrics": "metrics",

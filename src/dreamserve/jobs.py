@@ -23,6 +23,8 @@ class GenerationJob:
     watermark: bool
     #: Folder the child writes ``0.png``, ``1.png``, ... into (each written to a temp name, then renamed).
     output_dir: str
+    #: ``png`` (lossless, the default) or ``jpeg`` (Ark's default): the files are written in it.
+    output_format: str = "png"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +53,17 @@ class GeneratedImage:
     height: int
     seed: int
     size_bytes: int
+    #: Its place among the job's images (the ``N`` of ``N.png``).
+    index: int = 0
+
+
+@dataclass
+class FailedImage:
+    """An image of a job that could not be finished (upscaled or saved); the job's other images still are."""
+
+    index: int
+    seed: int
+    message: str
 
 
 @dataclass
@@ -61,6 +74,7 @@ class GenerationResult:
     method: str
     #: Seconds per stage: encode, denoise, decode, save.
     timings: dict[str, float] = field(default_factory=dict)
+    failed: list[FailedImage] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,4 +82,5 @@ class GenerationResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationResult:
         images = [GeneratedImage(**img) for img in data["images"]]
-        return cls(images=images, method=data["method"], timings=dict(data.get("timings", {})))
+        failed = [FailedImage(**item) for item in data.get("failed", [])]
+        return cls(images=images, method=data["method"], timings=dict(data.get("timings", {})), failed=failed)
