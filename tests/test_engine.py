@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamserve.engine import Engine, Interrupted, WeightsNotFound
+from dreamserve.engine import Engine, Interrupted, WeightsNotFound, runner
 from dreamserve.engine.loader import resolve_dtype
 from dreamserve.engine.runner import native_size
-from dreamserve.jobs import GenerationJob, StepInfo
+from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, StepInfo
 from dreamserve.settings import ModelSpec
 
 
@@ -387,3 +387,43 @@ def test_fp8_quantization_needs_a_cuda_gpu_and_says_so() -> None:
         Engine.load(ModelSpec(source="tiny", device="cpu", quantize="fp8"))
     with pytest.raises(ValueError):
         ModelSpec(source="tiny", quantize="int3")  # type: ignore[arg-type]
+
+
+def test_images_are_announced_as_saved_and_one_failure_spares_the_others(klein: Engine, tmp_path: Path) -> None:
+    announced: list[tuple[int, str, bool]] = []
+
+    def on_image(image: GeneratedImage | FailedImage) -> None:
+        saved = isinstance(image, GeneratedImage) and Path(image.path).is_file()
+        announced.append((image.index, type(image).__name__, saved))
+
+    calls = {"n": 0}
+    real_upscale = runner.upscale
+
+    def failing_once(image: Image.Image, *args: object) -> Image.Image:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("No space left on device")
+        return real_upscale(image, *args)  # type: ignore[arg-type]
+
+    with mock.patch.object(runner, "upscale", failing_once):
+        result = klein.generate(
+            job(tmp_path, num_images=3, output_format="jpeg"), lambda s: None, lambda: False, on_image
+        )
+    # Each image is on disk when it is announced, in order; the failed one keeps its place and the next still comes.
+    assert announced == [(0, "GeneratedImage", True), (1, "FailedImage", False), (2, "GeneratedImage", True)]
+    assert [image.name for image in result.images] == ["0.jpeg", "2.jpeg"] and [i.index for i in result.images] == [
+        0,
+        2,
+    ]
+    assert [(f.index, f.seed) for f in result.failed] == [(1, 8)] and "No space" in result.failed[0].message
+    with Image.open(result.images[0].path) as image:
+        assert image.format == "JPEG" and image.size == (300, 200)
+        assert '"ai_generated": "true"' in image.info["comment"].decode()
+
+
+def test_a_job_whose_every_image_fails_fails(klein: Engine, tmp_path: Path) -> None:
+    with (
+        mock.patch.object(runner, "upscale", side_effect=OSError("disk gone")),
+        pytest.raises(RuntimeError, match="disk"),
+    ):
+        klein.generate(job(tmp_path, num_images=2), lambda s: None, lambda: False)

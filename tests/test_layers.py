@@ -16,7 +16,7 @@ PACKAGE = Path(dreamserve.__file__).parent
 #: module (or package prefix) -> tier, as in the table of docs/architecture.md.
 TIERS: dict[str, str] = {
     **dict.fromkeys(
-        ["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness", "userconfig"], "leaf"
+        ["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness", "userconfig", "groups"], "leaf"
     ),
     **dict.fromkeys(["db", "migrate", "store", "events", "redis_events"], "queue"),
     **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit"], "request"),

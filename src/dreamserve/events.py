@@ -31,6 +31,9 @@ class Event:
 LIFECYCLE: tuple[str, ...] = tuple(LIFECYCLE_STATUSES)
 TERMINAL: frozenset[str] = frozenset(FINAL)
 RUNNING: frozenset[str] = frozenset(s for s in LIFECYCLE_STATUSES if s.holds_lease)
+#: Ours, not Wiro's: one image of a running task is saved (or failed), ``{"index", ...file item | "error"}``.
+#: Ark's stream sends it on; Wiro's socket does not, as Wiro has no such frame.
+IMAGE_SAVED = "task_output_image"
 
 
 class Subscription(Protocol):

@@ -26,6 +26,8 @@ class GenerationJob:
     #: ``[width, height]`` to downscale the images to after generating at ``width`` x ``height``: OpenAI's small
     #: sizes (256x256), below what a model is asked to generate. None: the images are ``width`` x ``height``.
     output_size: list[int] | None = None
+    #: ``png`` (lossless, the default) or ``jpeg`` (Ark's default): the files are written in it.
+    output_format: str = "png"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +56,17 @@ class GeneratedImage:
     height: int
     seed: int
     size_bytes: int
+    #: Its place among the job's images (the ``N`` of ``N.png``).
+    index: int = 0
+
+
+@dataclass
+class FailedImage:
+    """An image of a job that could not be finished (upscaled or saved); the job's other images still are."""
+
+    index: int
+    seed: int
+    message: str
 
 
 @dataclass
@@ -64,6 +77,7 @@ class GenerationResult:
     method: str
     #: Seconds per stage: encode, denoise, decode, save.
     timings: dict[str, float] = field(default_factory=dict)
+    failed: list[FailedImage] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,4 +85,5 @@ class GenerationResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationResult:
         images = [GeneratedImage(**img) for img in data["images"]]
-        return cls(images=images, method=data["method"], timings=dict(data.get("timings", {})))
+        failed = [FailedImage(**item) for item in data.get("failed", [])]
+        return cls(images=images, method=data["method"], timings=dict(data.get("timings", {})), failed=failed)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from dreamserve.blobs import BlobStore, make_blob_store
 from dreamserve.db import make_engine, make_sessionmaker
 from dreamserve.errors import RateLimited
-from dreamserve.events import TERMINAL, EventHub, Hub
+from dreamserve.events import TERMINAL, Event, EventHub, Hub
 from dreamserve.liveness import Liveness
 from dreamserve.migrate import upgrade
 from dreamserve.preprocess import Preprocessor
@@ -179,6 +179,33 @@ class Services:
             self._sync_waiting[project_id] -= 1
             if not self._sync_waiting[project_id]:
                 del self._sync_waiting[project_id]
+
+    async def follow(self, task_id: int, timeout: float, poll_seconds: float = 0.5) -> AsyncIterator[Event]:
+        """Every event of a task in order, the stored ones first, until its terminal event or ``timeout`` seconds.
+
+        Subscribes before reading the log so nothing published in between is missed (ids drop the
+        duplicates), and reads the log again whenever the hub is quiet, in case a writer could not reach it."""
+        live = self.hub.subscribe(task_id)
+        last = 0
+        deadline = time.monotonic() + timeout
+        try:
+            pending = await self.store.events(task_id)
+            while time.monotonic() < deadline:
+                for event in sorted({e.id: e for e in pending if e.id > last}.values(), key=lambda e: e.id):
+                    last = event.id
+                    yield event
+                    if event.type in TERMINAL:
+                        return
+                pending = await live.next(poll_seconds)
+                if not pending:
+                    pending = await self.store.events(task_id, after=last)
+        finally:
+            await live.close()
+
+    async def abandon(self, task_id: int) -> None:
+        """Cancel the task of a client that went away, queued or running: nobody could fetch its images."""
+        if await self.store.cancel_queued(task_id) is None:
+            await self.stop_task(task_id, "cancel")
 
     async def render(self, task_id: int) -> dict[str, Any] | None:
         task = await self.store.get_by_id(task_id)

@@ -193,6 +193,14 @@ class Settings(BaseSettings):
     sync_max_per_project: int = Field(default=8, ge=1)
     #: Cancel the task of a synchronous ``/v1/images/*`` call whose client went away: nobody can get its images.
     sync_cancel_on_disconnect: bool = True
+    #: Model ids of Ark's ``/api/v3/images/generations`` and the served model each stands for (served slugs are
+    #: taken as they are). Add an endpoint id (``ep-...``) here to keep existing Ark code unchanged.
+    ark_models: dict[str, str] = Field(
+        default_factory=lambda: {
+            "seedream-4-0-250828": DEFAULT_MODEL,
+            "doubao-seedream-4-0-250828": DEFAULT_MODEL,
+        }
+    )
     #: Serve the web playground at ``/``.
     playground: bool = True
     #: Level of the ``dreamserve`` loggers (the model process's records included), set up by ``serve``/``worker``.

@@ -42,13 +42,16 @@ async def submit(
     slug: str,
     fields: Mapping[str, Sequence[Any]],
     output_size: tuple[int, int] | None = None,
+    *,
+    output_format: str = "png",
 ) -> Task:
     """Check every field, store uploaded references, then the task; nothing is stored if a check fails.
 
     ``output_size``: downscale the images to it after generating at the checked ``size`` (OpenAI's small sizes).
 
     The priority asked for is lowered to the project's maximum; past the project's quotas the task is
-    refused with ``QuotaExceeded`` (code 96).
+    refused with ``QuotaExceeded`` (code 96). ``output_format`` (``png`` or ``jpeg``) is the format the
+    worker writes the images in.
     """
     settings = services.settings
     # Off the event loop: checking up to 14 uploaded images (headers, then a structural walk) is CPU work.
@@ -95,7 +98,7 @@ async def submit(
             project_id=project.id,
             model=slug,
             parameters=_echo(params, echo, output_size),
-            job=_job(params, job_inputs, output_size),
+            job={**_job(params, job_inputs, output_size), "output_format": output_format},
             callback_url=params.callback_url,
             callback_events=params.callback_events,
             priority=min(params.priority, _max_priority(services, project)),

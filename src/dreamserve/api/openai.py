@@ -171,7 +171,7 @@ async def _run(
     quality = _quality(one("output_compression"))
     async with services.sync_slot(project.id):
         task = await submit(services, project, _model(services, str(one("model", ""))), fields, output_size)
-        await _wait(request, services, task)
+        await wait_for_task(request, services, task)
     return await _answer(services, task, response_format, output_format, quality)
 
 
@@ -219,7 +219,7 @@ def _quality(value: Any) -> int:
     return int(text)
 
 
-async def _wait(request: Request, services: Services, task: Task) -> None:
+async def wait_for_task(request: Request, services: Services, task: Task) -> None:
     """Wait for the task on the event hub; a client that hung up gets its task cancelled (nobody can fetch it)."""
     settings = services.settings
     gone = request.is_disconnected if settings.sync_cancel_on_disconnect else None

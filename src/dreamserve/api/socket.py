@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from dreamserve.db import Task
-from dreamserve.events import TERMINAL, Event
+from dreamserve.events import IMAGE_SAVED, TERMINAL, Event
 from dreamserve.services import Services
 from dreamserve.status import Frame, TaskStatus
 from dreamserve.wire import file_item, socket_frame
@@ -103,8 +103,10 @@ async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, 
         pending = await services.store.events(task.id)
         while True:
             for event in sorted({e.id: e for e in pending if e.id > last}.values(), key=lambda e: e.id):
-                await _send(websocket, lock, socket_frame(event.type, task.id, token, await _message(services, event)))
                 last = event.id
+                if event.type == IMAGE_SAVED:
+                    continue
+                await _send(websocket, lock, socket_frame(event.type, task.id, token, await _message(services, event)))
                 if event.type in TERMINAL:
                     return
             pending = await live.next(POLL_SECONDS)

@@ -7,6 +7,8 @@ distinct images (one seed each, never a grid); progress and cancel ride ``callba
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import tempfile
@@ -23,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from dreamserve.engine.loader import load_pipeline, resolve_device, resolve_dtype
 from dreamserve.engine.preview import LatentPreview, Previewer, TinyDecoderPreview, denoised_estimate
 from dreamserve.engine.upscale import ModelUpscaler, upscale
-from dreamserve.jobs import GeneratedImage, GenerationJob, GenerationResult, StepInfo
+from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult, StepInfo
 from dreamserve.models import ResolvedModel, resolve
 from dreamserve.settings import ModelSpec
 
@@ -39,8 +41,10 @@ TILED_DECODE_ABOVE = 2048
 #: Batches of images of at least this many pixels are decoded one image at a time.
 SLICED_DECODE_FROM = 1024 * 1024
 
-
+#: Ark's outputs are JPEG; this quality keeps them close to the PNG at a fraction of the bytes.
+JPEG_QUALITY = 95
 IMG2IMG_STRENGTH = 0.6
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -92,10 +96,15 @@ class Engine:
         return self.model.steps
 
     def generate(
-        self, job: GenerationJob, on_step: Callable[[StepInfo], None], should_stop: Callable[[], bool]
+        self,
+        job: GenerationJob,
+        on_step: Callable[[StepInfo], None],
+        should_stop: Callable[[], bool],
+        on_image: Callable[[GeneratedImage | FailedImage], None] | None = None,
     ) -> GenerationResult:
         """Run one job (text-to-image, or editing with its references)."""
-        (result,) = self.generate_group([job], lambda _, info: on_step(info), lambda _: should_stop())
+        saved = (lambda _, image: on_image(image)) if on_image is not None else None
+        (result,) = self.generate_group([job], lambda _, info: on_step(info), lambda _: should_stop(), saved)
         if isinstance(result, Exception):
             raise result
         return result
@@ -105,13 +114,17 @@ class Engine:
         jobs: list[GenerationJob],
         on_step: Callable[[int, StepInfo], None],
         should_stop: Callable[[int], bool],
+        on_image: Callable[[int, GeneratedImage | FailedImage], None] | None = None,
     ) -> list[GenerationResult | Exception]:
         """Run several jobs of one size in shared pipeline calls: the images of all jobs are denoised together,
         ``max_batch`` per call, one prompt and one seeded generator per image.
 
         Only a single job may carry references. ``on_step(i, info)`` reports job ``i``'s progress (with a preview
         every ``preview_every`` steps); a job whose ``should_stop(i)`` turns true gets ``Interrupted`` and no
-        files while the others go on. Returns, per job, its result or the exception that ended it.
+        more files while the others go on. Each image is finished (upscaled, marked, saved) as soon as its batch
+        is denoised and reported to ``on_image(i, image)``, so a client can have it before the group ends; an
+        image that cannot be finished is reported as a ``FailedImage`` and the job's next images still come.
+        Returns, per job, its result or the exception that ended it (every image failed).
         """
         # 1. Check inputs.
         _check_group(jobs)
@@ -132,9 +145,9 @@ class Engine:
             call.method += f" ({len(first.references) - len(used)} of {len(first.references)} references not used)"
 
         # 4. Denoise, batch by batch, one seed per image.
-        timings = {"encode": time.perf_counter() - started, "denoise": 0.0, "decode": 0.0}
+        timings = {"encode": time.perf_counter() - started, "denoise": 0.0, "decode": 0.0, "upscale": 0.0, "save": 0.0}
         outcome: list[GenerationResult | Exception | None] = [None] * len(jobs)
-        done: dict[int, list[tuple[Image.Image, int]]] = {index: [] for index in range(len(jobs))}
+        done: dict[int, list[GeneratedImage | FailedImage]] = {index: [] for index in range(len(jobs))}
         steps_of = {index: call.reported_steps * sum(any(i == index for i, _ in b) for b in batches) for index in done}
         steps_done = dict.fromkeys(done, 0)
         for batch in batches:
@@ -157,52 +170,78 @@ class Engine:
                 seeds = [seed for _, seed in batch]
                 stop_all = lambda members=members: all(should_stop(i) for i in members)  # noqa: E731
                 output = self._denoise(call, prompts, gen_width, gen_height, seeds, timings, started, report, stop_all)
-                for (index, seed), image in zip(batch, output, strict=True):
-                    done[index].append((image, seed))
+                self._finish_batch(jobs, list(zip(batch, output, strict=True)), done, timings, should_stop, on_image)
             for index in members:
                 steps_done[index] += call.reported_steps
             for index in range(len(jobs)):
                 if outcome[index] is None and should_stop(index):
                     outcome[index] = Interrupted()
 
-        # 5. Post-process each job: reach the exact size, mark, and save atomically.
+        # 5. Each job's result: its saved images, and those that failed.
         return self._finish_all(jobs, outcome, done, call.method, timings)
+
+    def _finish_batch(
+        self,
+        jobs: list[GenerationJob],
+        batch: list[tuple[tuple[int, int], Image.Image]],
+        done: dict[int, list[GeneratedImage | FailedImage]],
+        timings: dict[str, float],
+        should_stop: Callable[[int], bool],
+        on_image: Callable[[int, GeneratedImage | FailedImage], None] | None,
+    ) -> None:
+        """Finish each image of a denoised batch at once (a stopped job gets no more) and announce it."""
+        for (index, seed), image in batch:
+            if should_stop(index):
+                continue
+            finished = self._finish(jobs[index], len(done[index]), image, seed, timings)
+            done[index].append(finished)
+            if on_image is not None:
+                on_image(index, finished)
 
     def _finish_all(
         self,
         jobs: list[GenerationJob],
         outcome: list[GenerationResult | Exception | None],
-        done: dict[int, list[tuple[Image.Image, int]]],
+        done: dict[int, list[GeneratedImage | FailedImage]],
         method: str,
         timings: dict[str, float],
     ) -> list[GenerationResult | Exception]:
-        for index, job in enumerate(jobs):
+        for index in range(len(outcome)):
             if outcome[index] is not None:
+                continue
+            saved = [image for image in done[index] if isinstance(image, GeneratedImage)]
+            failed = [image for image in done[index] if isinstance(image, FailedImage)]
+            if not saved:
+                outcome[index] = RuntimeError("no image could be saved: " + "; ".join(f.message for f in failed))
                 continue
             job_timings = dict(timings)
             if index == 0 and not self._load_reported:
                 job_timings = {"load": self.load_seconds, **job_timings}
                 self._load_reported = True
-            try:
-                outcome[index] = self._finish(job, done[index], method, job_timings)
-            except Exception as exc:  # one job's disk error must not lose the others
-                outcome[index] = exc
+            job = jobs[index]
+            job_method = method + (
+                f", downscaled to {job.output_size[0]}x{job.output_size[1]}" if job.output_size else ""
+            )
+            outcome[index] = GenerationResult(images=saved, method=job_method, timings=job_timings, failed=failed)
         return [result for result in outcome if result is not None]
 
     def _finish(
-        self, job: GenerationJob, images: list[tuple[Image.Image, int]], method: str, timings: dict[str, float]
-    ) -> GenerationResult:
-        tick = time.perf_counter()
-        size = (job.width, job.height)
-        if job.output_size:
-            size = (job.output_size[0], job.output_size[1])
-            method += f", downscaled to {size[0]}x{size[1]}"
-        final = [(upscale(image, size, self.upscaler), seed) for image, seed in images]
-        timings["upscale"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        saved = [self._save(job, position, image, seed) for position, (image, seed) in enumerate(final)]
-        timings["save"] = time.perf_counter() - tick
-        return GenerationResult(images=saved, method=method, timings=timings)
+        self, job: GenerationJob, index: int, image: Image.Image, seed: int, timings: dict[str, float]
+    ) -> GeneratedImage | FailedImage:
+        """Reach the exact size, mark, and save atomically; an error fails this image only (a disk error, an
+        upscaler out of memory), as Ark's group generation goes on past a failed image."""
+        try:
+            tick = time.perf_counter()
+            size = (job.output_size[0], job.output_size[1]) if job.output_size else (job.width, job.height)
+            final = upscale(image, size, self.upscaler)
+            timings["upscale"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            saved = self._save(job, index, final, seed)
+            timings["save"] += time.perf_counter() - tick
+        except Exception as exc:
+            log.warning("task %s: image %d could not be finished: %s", job.task_id, index, exc)
+            return FailedImage(index=index, seed=seed, message=f"{type(exc).__name__}: {exc}")
+        return saved
 
     def _plan_call(self, references: list[Image.Image], width: int, height: int, method: str) -> _Call:
         """The callable to run, its step counts, and what it does with the references."""
@@ -326,21 +365,26 @@ class Engine:
     def _save(self, job: GenerationJob, position: int, image: Image.Image, seed: int) -> GeneratedImage:
         if job.watermark:
             image = add_visible_mark(image)
-        info = PngInfo()
-        info.add_text("Software", "dreamserve")
-        info.add_text("ai_generated", "true")
-        info.add_text("prompt", job.prompt)
-        info.add_text("seed", str(seed))
-        info.add_text("model", self.spec.source)
+        facts = {"Software": "dreamserve", "ai_generated": "true", "prompt": job.prompt, "seed": str(seed)}
+        facts["model"] = self.spec.source
         if job.watermark:
-            info.add_text("watermark", "visible")
+            facts["watermark"] = "visible"
+        if job.output_format == "jpeg":
+            # JPEG has no text chunks: the same facts go in its comment segment.
+            options: dict[str, Any] = {"format": "JPEG", "quality": JPEG_QUALITY, "comment": json.dumps(facts)}
+        else:
+            info = PngInfo()
+            for key, value in facts.items():
+                info.add_text(key, value)
+            options = {"format": "PNG", "pnginfo": info}
+        suffix = ".jpeg" if job.output_format == "jpeg" else ".png"
         folder = Path(job.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{position}.png"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+        name = f"{position}{suffix}"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
         try:
             with os.fdopen(fd, "wb") as handle:
-                image.save(handle, format="PNG", pnginfo=info)
+                image.save(handle, **options)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, folder / name)
@@ -348,7 +392,7 @@ class Engine:
             Path(tmp).unlink(missing_ok=True)
             raise
         size = (folder / name).stat().st_size
-        return GeneratedImage(name, str(folder / name), image.width, image.height, seed, size)
+        return GeneratedImage(name, str(folder / name), image.width, image.height, seed, size, position)
 
 
 def call_kwargs(pipeline: Any, family: str, model: ResolvedModel) -> dict[str, Any]:

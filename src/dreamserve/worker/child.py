@@ -6,7 +6,9 @@ then runs one job at a time sent by its supervisor over a pipe and answers with 
     child -> parent   {"type": "ready", "load_seconds": s}       {"type": "fatal", "message": m}
                       {"type": "start"}
                       {"type": "step", "job": i, "step": k, "total": n, "elapsed": s, "preview": uri (some steps)}
-                      {"type": "job_canceled", "job": i} (a group member stopped; its images will be dropped)
+                      {"type": "image", "job": i, "image": GeneratedImage} (each image as soon as it is saved)
+                      {"type": "image", "job": i, "failed": FailedImage} (an image that could not be finished)
+                      {"type": "job_canceled", "job": i} (a group member stopped; it gets no more images)
                       {"type": "done", "result": GenerationResult}
                       {"type": "canceled"}  {"type": "error", "message": m, "traceback": tb}
                       {"type": "group_done", "results": [{"result": ...} | {"canceled": true} | {"message": m}]}
@@ -21,11 +23,12 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
-from dreamserve.jobs import GenerationJob, StepInfo
+from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, StepInfo
 from dreamserve.logs import forward_from_child
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,10 @@ class _Runner:
             message["preview"] = info.preview
         self.send(message)
 
+    def on_image(self, job: int, image: GeneratedImage | FailedImage) -> None:
+        key = "image" if isinstance(image, GeneratedImage) else "failed"
+        self.send({"type": "image", "job": job, key: asdict(image)})
+
     def group_should_stop(self, index: int) -> bool:
         # Per-job cancels arrive as messages while the group runs; the stop event still stops them all.
         while self.conn.poll():
@@ -90,7 +97,9 @@ class _Runner:
     def run_group(self, jobs: list[dict[str, Any]]) -> None:
         parsed = [GenerationJob.from_dict(job) for job in jobs]
         try:
-            outcomes = self.engine.generate_group(parsed, lambda i, info: self.on_step(info, i), self.group_should_stop)
+            outcomes = self.engine.generate_group(
+                parsed, lambda i, info: self.on_step(info, i), self.group_should_stop, self.on_image
+            )
         except Exception as exc:
             self._error(exc)
             return
@@ -100,7 +109,9 @@ class _Runner:
         from dreamserve.engine import Interrupted
 
         try:
-            result = self.engine.generate(GenerationJob.from_dict(job), self.on_step, self.stop.is_set)
+            result = self.engine.generate(
+                GenerationJob.from_dict(job), self.on_step, self.stop.is_set, lambda image: self.on_image(0, image)
+            )
         except Interrupted:
             self.send({"type": "canceled"})
         except Exception as exc:

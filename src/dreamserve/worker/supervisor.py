@@ -27,8 +27,8 @@ from typing import Any
 
 from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Task
-from dreamserve.events import RUNNING
-from dreamserve.jobs import GenerationJob, GenerationResult
+from dreamserve.events import IMAGE_SAVED, RUNNING
+from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult
 from dreamserve.liveness import Liveness, backoff
 from dreamserve.logs import about, replay
 from dreamserve.settings import ModelSpec, Settings
@@ -431,6 +431,7 @@ class Supervisor:
             watermark=task.job["watermark"],
             output_dir=str(self.blobs.local_path(f"outputs/{entry.accesskey}") or scratch / "outputs"),
             output_size=task.job.get("output_size"),
+            output_format=task.job.get("output_format", "png"),
         )
         return await self._record(task, "task_assign") is not None
 
@@ -501,15 +502,15 @@ class Supervisor:
                 entry.log.append(f"step {message['step']}/{message['total']}")
                 preview = {"preview": message["preview"]} if message.get("preview") else None
                 await self._record(entry.task, "task_output", progress, progress=progress, live_extra=preview)
+            elif kind == "image":
+                await self._saved(live[message.get("job", 0)], message)
             elif kind == "job_canceled":
                 # A cancelled member of a group: the shared pipeline call goes on for the others, but this task's
                 # images will be dropped, so it ends now rather than when the call ends.
                 await self._settle(live[message["job"]], {"canceled": True})
-            elif kind == "done":
-                await self._settle(live[0], {"result": message["result"]})
-                return
-            elif kind == "group_done":
-                for entry, outcome in zip(live, message["results"], strict=True):
+            elif kind in ("done", "group_done"):
+                results = [{"result": message["result"]}] if kind == "done" else message["results"]
+                for entry, outcome in zip(live, results, strict=True):
                     await self._settle(entry, outcome)
                 return
             elif kind in ("canceled", "error"):
@@ -561,31 +562,52 @@ class Supervisor:
                 await self.store.fail(task.id, PEXIT_MODEL_ERROR, reason, output=output, worker_id=self.worker_id)
         await self._respawn(self.restart_reason)
 
+    async def _saved(self, entry: _Running, message: dict[str, Any]) -> None:
+        """One image of a running task is saved (or failed): its URL works from now on, and the
+        ``IMAGE_SAVED`` event tells followers (Ark's stream) at once. The file is a ``partial`` row
+        until the task succeeds, so Task/Detail lists only the outputs of a finished attempt."""
+        if entry.settled:
+            return
+        if "failed" in message:
+            failed = FailedImage(**message["failed"])
+            error = {"code": "InternalServiceError", "message": f"Image {failed.index} failed: {failed.message}"}
+            await self._record(entry.task, IMAGE_SAVED, {"index": failed.index, "error": error})
+            return
+        file = await self._store_output(entry, GeneratedImage(**message["image"]), "partial")
+        entry.partial[file.name] = file
+        # No URL, as in every event: the API renders it from the file row with its own public URL.
+        item = {"index": file.position, "accesskey": file.accesskey, "name": file.name}
+        await self._record(entry.task, IMAGE_SAVED, item, outputs=[file])
+
+    async def _store_output(self, entry: _Running, image: GeneratedImage, role: str) -> File:
+        key = f"outputs/{entry.accesskey}/{image.name}"
+        # Local store: the child wrote in place (put_file is a no-op). S3: upload before any row points at it.
+        await asyncio.to_thread(self.blobs.put_file, key, Path(image.path))
+        return File(
+            project_id=entry.task.project_id,
+            task_id=entry.task.id,
+            role=role,
+            position=image.index,
+            name=image.name,
+            contenttype="image/jpeg" if image.name.endswith(".jpeg") else "image/png",
+            size=image.size_bytes,
+            accesskey=entry.accesskey,
+            blob_key=key,
+            meta={"seed": image.seed, "width": image.width, "height": image.height},
+            created=time.time(),
+        )
+
     async def _succeed(self, entry: _Running, result: GenerationResult) -> None:
-        task, accesskey, output = entry.task, entry.accesskey, "\n".join(entry.log)
+        task, output = entry.task, "\n".join(entry.log)
         await self._record(task, "task_output_full", {"raw": output})
         await self._record(task, "task_end")
         await self._record(task, "task_postprocess_start")
+        files = []
         for image in result.images:
-            # Local store: the child wrote in place (put_file is a no-op). S3: upload before any row points at it.
-            await asyncio.to_thread(self.blobs.put_file, f"outputs/{accesskey}/{image.name}", Path(image.path))
+            file = entry.partial.pop(image.name, None) or await self._store_output(entry, image, "output")
+            file.role = "output"  # a partial row becomes an output in the same transaction as the task's end
+            files.append(file)
         now = time.time()
-        files = [
-            File(
-                project_id=task.project_id,
-                task_id=task.id,
-                role="output",
-                position=position,
-                name=image.name,
-                contenttype="image/png",
-                size=image.size_bytes,
-                accesskey=accesskey,
-                blob_key=f"outputs/{accesskey}/{image.name}",
-                meta={"seed": image.seed, "width": image.width, "height": image.height},
-                created=now,
-            )
-            for position, image in enumerate(result.images)
-        ]
         fresh = await self.store.get_by_id(task.id)
         timings = {"queue": (task.accepttime or now) - task.createtime, **result.timings}
         timings["batch_wait"] = self._batch_wait
@@ -605,6 +627,8 @@ class Supervisor:
                 if other != task.id and peer.task.project_id == task.project_id
             ],
         }
+        if result.failed:
+            details["failed_images"] = [{"index": f.index, "seed": f.seed, "message": f.message} for f in result.failed]
         # The event keeps no URLs: the API renders them from the file rows with its own public URL (a worker
         # host's base_url is not the one clients reach), as Task/Detail does.
         await self._record(
@@ -633,6 +657,8 @@ class _Running:
     settled: bool = False
     #: Position in the group sent to the model process.
     index: int = 0
+    #: Output rows recorded as each image was saved (``partial`` until the task succeeds), by file name.
+    partial: dict[str, File] = field(default_factory=dict)
 
     def job_dict(self) -> dict[str, Any]:
         assert self.job is not None

@@ -1,0 +1,354 @@
+"""ByteDance's Ark images API, ``POST /api/v3/images/generations`` (api-spec.md §2.1), on the same task queue.
+
+Code written for BytePlus ModelArk or Volcengine Ark (their SDKs, or the OpenAI SDK pointed at Ark) runs
+with only ``base_url`` changed to ``<server>/api/v3``. A request becomes an ordinary task through
+``submit.submit`` (named in the ``x-dreamserve-task-id`` header and the ``task_id`` field, so it can be
+followed or cancelled like any other); auth, the synchronous wait and the hang-up cancel are the OpenAI
+route's. Group generation (``sequential_image_generation: "auto"``) takes its size from the prompt
+(``groups.image_count``). With ``stream: true`` each image is sent as soon as the worker has saved it
+(its ``IMAGE_SAVED`` event), then ``image_generation.completed`` and ``data: [DONE]``; checks
+still answer HTTP 400 JSON before the stream starts.
+
+Errors use Ark's ``{"error": {"code", "message", "param", "type"}}``; ``ArkRoute`` is the one place
+they are translated, so the rest of the code raises the usual ``errors`` tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from sqlalchemy import select
+
+from dreamserve.api.deps import ServicesDep, read_fields
+from dreamserve.api.openai import BearerProject, wait_for_task
+from dreamserve.db import File, Task
+from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited
+from dreamserve.events import IMAGE_SAVED, TERMINAL
+from dreamserve.groups import image_count
+from dreamserve.params import MAX_TOTAL_IMAGES, Upload
+from dreamserve.services import Services
+from dreamserve.submit import submit
+
+#: Our parameter names as Ark's clients know them, for error messages and ``param``.
+ARK_NAMES = {"inputImage": "image", "maxImages": "sequential_image_generation_options.max_images"}
+DEFAULT_SIZE = "2048x2048"
+MAX_SEED = 2**31 - 1
+OUTPUT_FORMATS = {"jpeg": "jpeg", "jpg": "jpeg", "png": "png"}
+#: Ark counts 256 pixels as one output token.
+PIXELS_PER_TOKEN = 256
+TASK_HEADER = "x-dreamserve-task-id"
+_PARAM = re.compile(r"Request (?:parameter|files) \[([\w.]+)\]")
+_DATA_URI = re.compile(r"^data:image/([a-z0-9.+-]+);base64,", re.IGNORECASE)
+
+
+def ark_error(exc: DreamError) -> JSONResponse:
+    """The translation of our error tree into Ark's status codes and error body."""
+    message = exc.message
+    for ours, theirs in ARK_NAMES.items():
+        message = message.replace(f"[{ours}]", f"[{theirs}]")
+    match = _PARAM.search(message)
+    param = match.group(1) if match else ""
+    headers = None
+    if isinstance(exc, AuthError):
+        status, code, kind = 401, "AuthenticationError", "Unauthorized"
+    elif isinstance(exc, RateLimited):
+        status, code, kind = 429, "RateLimitExceeded", "TooManyRequests"
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, NotFound):
+        status, code, kind = 404, "InvalidEndpointOrModel.NotFound", "NotFound"
+    elif exc.http_status >= 500:
+        status, code, kind = exc.http_status, "InternalServiceError", "InternalServerError"
+    elif isinstance(exc, InvalidState):
+        # Not 5xx on purpose: SDKs retry those, and a retry would queue a second task.
+        status, code, kind = 400, "TaskNotCompleted", "BadRequest"
+    else:
+        status, code, kind = max(400, exc.http_status), "InvalidParameter", "BadRequest"
+    body = {"error": {"code": code, "message": message, "param": param, "type": kind}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ArkRoute(APIRoute):
+    """Renders our errors in Ark's shape for the routes of this module (dependencies included)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def translated(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except DreamError as exc:
+                return ark_error(exc)
+
+        return translated
+
+
+router = APIRouter(route_class=ArkRoute)
+
+
+@dataclass
+class ArkRequest:
+    """An Ark request, checked, as the task fields ``submit`` takes plus how to answer."""
+
+    model: str
+    slug: str
+    fields: dict[str, list[Any]]
+    response_format: str
+    output_format: str
+    stream: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@router.post("/api/v3/images/generations")
+async def generations(request: Request, project: BearerProject, services: ServicesDep) -> Response:
+    ask = parse_request(services, await read_fields(request, 0))
+    if ask.stream:
+        task = await submit(services, project, ask.slug, ask.fields, output_format=ask.output_format)
+        headers = {TASK_HEADER: str(task.id)}
+        return StreamingResponse(_stream(services, task, ask), media_type="text/event-stream", headers=headers)
+    async with services.sync_slot(project.id):  # as the OpenAI route: bounded synchronous waits per project
+        task = await submit(services, project, ask.slug, ask.fields, output_format=ask.output_format)
+        await wait_for_task(request, services, task)
+    return JSONResponse(await _answer(services, task, ask), headers={TASK_HEADER: str(task.id)})
+
+
+def parse_request(services: Services, body: dict[str, list[Any]]) -> ArkRequest:
+    """Check Ark's fields; unknown ones (and the ``null``s Ark's SDKs send) are ignored, as on Ark."""
+
+    def one(name: str) -> Any:
+        values = body.get(name)
+        return values[-1] if values else None
+
+    model = str(one("model") or "").strip()
+    if not model:
+        raise InvalidRequest("Request parameter [model] required: send seedream-4-0-250828 or a served model.")
+    slug = _served(services, model)
+
+    response_format = str(one("response_format") or "url")
+    if response_format not in ("url", "b64_json"):
+        raise InvalidRequest("Request parameter [response_format] must be 'url' or 'b64_json'.")
+    output_format = OUTPUT_FORMATS.get(str(one("output_format") or "jpeg").lower())
+    if output_format is None:
+        raise InvalidRequest("Request parameter [output_format] must be 'jpeg' or 'png'.")
+    stream = one("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("Request parameter [stream] must be true or false.")
+
+    images = _images(one("image"), services.settings.max_upload_bytes)
+    prompt = one("prompt")
+    fields: dict[str, list[Any]] = {
+        "prompt": [prompt if isinstance(prompt, str) else ""],
+        "size": [str(one("size") or DEFAULT_SIZE)],
+        "inputImage": images,
+        "maxImages": [_group_size(one, str(prompt or ""), len(images))],
+        "watermark": [_flag(one("watermark"), "watermark", default=True)],
+    }
+    seed = one("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= MAX_SEED:
+            raise InvalidRequest(f"Request parameter [seed] must be an integer from -1 (random) to {MAX_SEED}.")
+        if seed >= 0:
+            fields["seed"] = [seed]
+    ask = ArkRequest(model, slug, fields, response_format, output_format, bool(stream))
+    if one("optimize_prompt_options") is not None or one("optimize_prompt") is not None:
+        ask.warnings.append("optimize_prompt_options is accepted but not applied: the prompt is used as written.")
+    return ask
+
+
+def _served(services: Services, model: str) -> str:
+    """A served slug as given, else an Ark model id through ``ark_models``; anything else is Ark's 404."""
+    settings = services.settings
+    slug = model.lower()
+    if slug not in settings.models:
+        slug = {name.lower(): target.lower() for name, target in settings.ark_models.items()}.get(slug, "")
+    if slug not in settings.models:
+        known = sorted({*settings.ark_models, *settings.models})
+        raise NotFound(
+            f"The model or endpoint {model[:100]} does not exist or you do not have access to it. "
+            f"Use one of: {', '.join(known)}."
+        )
+    return slug
+
+
+def _flag(value: Any, name: str, *, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    raise InvalidRequest(f"Request parameter [{name}] must be true or false.")
+
+
+def _group_size(one: Callable[[str], Any], prompt: str, references: int) -> int:
+    """1 unless ``auto``; then the count the prompt asks for, within ``max_images`` and references + outputs <= 15."""
+    mode = one("sequential_image_generation") or "disabled"
+    if mode not in ("auto", "disabled"):
+        raise InvalidRequest("Request parameter [sequential_image_generation] must be 'auto' or 'disabled'.")
+    options = one("sequential_image_generation_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("Request parameter [sequential_image_generation_options] must be an object.")
+    cap = options.get("max_images")
+    cap = MAX_TOTAL_IMAGES if cap is None else cap
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_TOTAL_IMAGES:
+        raise InvalidRequest(
+            f"Request parameter [sequential_image_generation_options.max_images] must be an integer from 1 to "
+            f"{MAX_TOTAL_IMAGES}."
+        )
+    if mode == "disabled":
+        return 1
+    return image_count(prompt, max(1, min(cap, MAX_TOTAL_IMAGES - references)))
+
+
+def _images(value: Any, max_bytes: int) -> list[Any]:
+    """``image``: one or a list of URLs and ``data:image/<fmt>;base64,...`` URIs, the URIs decoded to uploads."""
+    if value is None:
+        return []
+    entries = value if isinstance(value, list) else [value]
+    images: list[Any] = []
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, str):
+            raise InvalidRequest(f"Request parameter [image] entry {number} must be a string (a URL or data URI).")
+        match = _DATA_URI.match(entry)
+        if match is None:
+            if not entry.lower().startswith(("http://", "https://")):
+                raise InvalidRequest(
+                    f"Request parameter [image] entry {number} must be an http(s) URL or a "
+                    f"data:image/<format>;base64,<data> URI, got {entry[:40]!r}."
+                )
+            images.append(entry)
+            continue
+        encoded = entry[match.end() :]
+        if len(encoded) // 4 * 3 > max_bytes + 3:  # refused before decoding it
+            raise InvalidRequest(f"Request parameter [image] entry {number} is larger than {max_bytes:,} bytes.")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"Request parameter [image] entry {number} is not valid base64.") from None
+        images.append(Upload(filename=f"image-{number}.{match.group(1).lower()}", data=data))
+    return images
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+
+async def _answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, Any]:
+    fresh = await services.store.get_by_id(task.id)
+    status = fresh.status if fresh else "gone"
+    follow = f"Task {task.id} (socketaccesstoken {task.token})"
+    if fresh is None or status not in TERMINAL:
+        raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
+    if status == "task_cancel":
+        raise InvalidState(f"{follow} was cancelled.")
+    if fresh.pexit != "0":
+        error = DreamError(f"{follow} failed (pexit {fresh.pexit}): {fresh.debugerror[:500]}")
+        if fresh.pexit == "2":  # an input could not be read
+            error = InvalidRequest(f"Request parameter [image]: {follow} could not read an input: {fresh.debugerror}")
+        else:
+            error.http_status = 500
+        raise error
+    files = (await services.store.files([task.id], "output"))[task.id]
+    items: dict[int, dict[str, Any]] = {}
+    for file in files:
+        items[file.position] = await _item(services, file, ask.response_format)
+    for failed in fresh.details.get("failed_images", []):
+        message = f"Image {failed['index']} failed: {failed['message']}"
+        items[int(failed["index"])] = {"error": {"code": "InternalServiceError", "message": message}}
+    answer: dict[str, Any] = {
+        "model": ask.model,
+        "created": int(time.time()),
+        "data": [items[index] for index in sorted(items)],
+        "usage": _usage(files),
+        # Beyond Ark: the task behind the images, to follow, list or cancel it like any other.
+        "task_id": str(task.id),
+    }
+    if ask.warnings:
+        answer["warnings"] = ask.warnings
+    return answer
+
+
+async def _item(services: Services, file: File, response_format: str) -> dict[str, Any]:
+    size = f"{file.meta['width']}x{file.meta['height']}"
+    if response_format == "url":
+        item: dict[str, Any] = {"url": f"{services.settings.base_url}/v1/File/{file.accesskey}/{file.name}"}
+    else:
+        raw = await asyncio.to_thread(services.blobs.read, file.blob_key)
+        item = {"b64_json": base64.b64encode(raw).decode()}
+    return {**item, "size": size, "seed": file.meta["seed"]}  # seed: ours, what reproduces it
+
+
+def _usage(files: list[File]) -> dict[str, int]:
+    tokens = sum(int(f.meta["width"]) * int(f.meta["height"]) for f in files) // PIXELS_PER_TOKEN
+    return {"generated_images": len(files), "output_tokens": tokens, "total_tokens": tokens}
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"event: {payload['type']}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncIterator[str]:
+    """One event per image as the worker saves it, then ``completed`` with the usage, then ``[DONE]``.
+
+    A client that hangs up cancels the task (``sync_cancel_on_disconnect``), as on the synchronous route."""
+    settings = services.settings
+    sent: set[int] = set()
+    saved: list[File] = []
+    finished = False
+
+    def event(kind: str, **fields: Any) -> str:
+        return _sse({"type": f"image_generation.{kind}", "model": ask.model, "created": int(time.time()), **fields})
+
+    try:
+        async for update in services.follow(task.id, settings.sync_wait_seconds):
+            if update.type == IMAGE_SAVED and isinstance(update.message, dict):
+                index = int(update.message["index"])
+                if index in sent:
+                    continue  # a re-run after a lost worker saves its images again
+                sent.add(index)
+                if "error" in update.message:
+                    yield event("partial_failed", image_index=index, error=update.message["error"])
+                    continue
+                file = await _file(services, update.message["accesskey"], update.message["name"])
+                if file is None:
+                    continue
+                saved.append(file)
+                item = await _item(services, file, ask.response_format)
+                yield event("partial_succeeded", image_index=index, **item)
+            elif update.type in TERMINAL:
+                finished = True
+        if not finished or await _ended_badly(services, task):
+            finished = True
+            fresh = await services.store.get_by_id(task.id)
+            reason = (fresh.debugerror.strip() if fresh else "") or "the task did not finish in the wait limit"
+            error = {"code": "InternalServiceError", "message": f"Task {task.id}: {reason[:500]}"}
+            yield event("partial_failed", image_index=max(sent, default=-1) + 1, error=error)
+        completed = {"usage": _usage(saved), "task_id": str(task.id)}
+        if ask.warnings:
+            completed["warnings"] = ask.warnings
+        yield event("completed", **completed)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished and settings.sync_cancel_on_disconnect:
+            with anyio.CancelScope(shield=True):
+                await services.abandon(task.id)
+
+
+async def _ended_badly(services: Services, task: Task) -> bool:
+    fresh = await services.store.get_by_id(task.id)
+    return fresh is None or fresh.status != "task_postprocess_end" or fresh.pexit != "0"
+
+
+async def _file(services: Services, accesskey: str, name: str) -> File | None:
+    async with services.sessions() as session:
+        query = select(File).where(File.accesskey == accesskey, File.name == name)
+        file: File | None = (await session.execute(query)).scalar_one_or_none()
+        return file
