@@ -16,7 +16,7 @@ PACKAGE = Path(dreamserve.__file__).parent
 #: module (or package prefix) -> tier, as in the table of docs/architecture.md.
 TIERS: dict[str, str] = {
     **dict.fromkeys(["errors", "settings", "jobs", "signing", "sizes", "status", "logs"], "leaf"),
-    **dict.fromkeys(["db", "migrate", "store", "events", "redis_events"], "queue"),
+    **dict.fromkeys(["db", "migrate", "keyring", "store", "events", "redis_events"], "queue"),
     **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit"], "request"),
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks"], "io"),

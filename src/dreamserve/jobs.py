@@ -23,6 +23,10 @@ class GenerationJob:
     watermark: bool
     #: Folder the child writes ``0.png``, ``1.png``, ... into (each written to a temp name, then renamed).
     output_dir: str
+    #: The model's public name (``bytedance/seedream-v4``), written into the PNGs; never its weights' path.
+    model: str = ""
+    #: Write the prompt into the PNGs too (``png_embed_prompt``).
+    embed_prompt: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

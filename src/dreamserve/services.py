@@ -18,7 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from dreamserve.blobs import BlobStore, make_blob_store
 from dreamserve.db import make_engine, make_sessionmaker
 from dreamserve.events import TERMINAL, EventHub, Hub
+from dreamserve.keyring import ServerKey, private_dir
 from dreamserve.migrate import upgrade
+from dreamserve.projects import seal_webhook_secrets
 from dreamserve.settings import Settings
 from dreamserve.store import TaskStore
 from dreamserve.webhooks import deliver_due
@@ -46,15 +48,19 @@ class Services:
         self.engine: AsyncEngine = make_engine(settings.db_url)
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.hub = make_hub(settings)
-        self.store = TaskStore(self.sessions, self.hub)
+        self.keys = ServerKey.load(settings)
+        self.store = TaskStore(self.sessions, self.hub, self.keys)
+        #: The clock nonces are judged by (tests inject one).
+        self.clock: Callable[[], float] = time.time
         self.blobs: BlobStore = make_blob_store(settings)
         self.supervisors: list[Supervisor] = []
         self._loops: list[asyncio.Task[None]] = []
         self._dispatch: Callable[[int, str, int], Awaitable[None]] | None = None
 
     async def start(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.data_dir)
         await upgrade(self.engine)
+        await seal_webhook_secrets(self.sessions, self.keys)
         # Tasks left running by a previous process of this host are recovered before anything new runs.
         await self.store.reap(worker_alive, self.settings.max_attempts)
         if self.workers != "none":
@@ -112,8 +118,15 @@ class Services:
         if task is None:
             return None
         outputs = (await self.store.files([task.id], "output"))[task.id]
+        inputs = (await self.store.files([task.id], "input"))[task.id]
         return task_object(
-            task, outputs, base_url=self.settings.base_url, cps=self.settings.cost_per_second, now=time.time()
+            task,
+            outputs,
+            inputs=inputs,
+            keys=self.keys,
+            base_url=self.settings.base_url,
+            cps=self.settings.cost_per_second,
+            now=time.time(),
         )
 
     # -- background loops ------------------------------------------------------------------------
@@ -144,4 +157,4 @@ class Services:
                     raise
 
     async def _deliver(self) -> None:
-        await deliver_due(self.sessions, self.settings, self.render)
+        await deliver_due(self.sessions, self.settings, self.keys, self.render)

@@ -12,8 +12,8 @@ from dreamserve.db import File, Project, Task
 from dreamserve.errors import NotFound
 from dreamserve.params import RunParams, parse_run
 from dreamserve.settings import Settings
-from dreamserve.store import TaskStore, new_accesskey
-from dreamserve.wire import file_url
+from dreamserve.store import TaskStore, new_blob_folder
+from dreamserve.wire import input_marker
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
@@ -39,13 +39,15 @@ def served_model(services: Services, slug: str) -> str:
 async def submit(services: Services, project: Project, slug: str, fields: Mapping[str, Sequence[Any]]) -> Task:
     """Check every field, store uploaded references, then the task; nothing is stored if a check fails."""
     settings = services.settings
-    params = parse_run(
+    # Off the event loop: checking uploads decodes them (bounded by max_input_pixels).
+    params = await asyncio.to_thread(
+        parse_run,
         fields,
         max_upload_bytes=settings.max_upload_bytes,
         max_input_pixels=settings.max_input_pixels,
         min_pixels=settings.min_pixels,
     )
-    accesskey = new_accesskey()
+    folder = new_blob_folder()
     now = time.time()
     inputs: list[File] = []
     job_inputs: list[dict[str, str]] = []
@@ -63,14 +65,14 @@ async def submit(services: Services, project: Project, slug: str, fields: Mappin
             name=name,
             contenttype=CONTENT_TYPES.get(reference.ext, f"image/{reference.ext}"),
             size=len(reference.upload.data),
-            accesskey=accesskey,
-            blob_key=f"inputs/{accesskey}/{name}",
+            blob_key=f"inputs/{folder}/{name}",
             meta={"width": reference.width, "height": reference.height},
             created=now,
         )
         inputs.append(file)
         job_inputs.append({"blob_key": file.blob_key})
-        echo.append(file_url(settings.base_url, file))
+        # Not the URL: it holds the access key, which is never stored. Task/Detail renders it (wire.input_marker).
+        echo.append(input_marker(position))
 
     # Bytes first, then the rows that point at them: a crash in between leaves only unreferenced blobs.
     uploads = [r.upload.data for r in params.references if r.upload is not None]

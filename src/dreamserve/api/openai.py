@@ -147,6 +147,7 @@ async def _run(
         raise InvalidRequest("Request parameter [output_format] must be 'png', 'jpeg' or 'webp'.")
     if output_format != "png" and response_format == "url":
         raise InvalidRequest("Request parameter [output_format]: url outputs are PNG; use b64_json for jpeg or webp.")
+    quality = _quality(one("output_compression"))  # checked before the task exists, like every other field
     size = str(one("size", "auto")).strip()
     fields: dict[str, list[Any]] = {
         "prompt": [one("prompt", "")],
@@ -159,7 +160,7 @@ async def _run(
             fields[extra] = [one(extra)]
     task = await submit(services, project, _model(services, str(one("model", ""))), fields)
     await _wait(request, services, task)
-    return await _answer(services, task, response_format, output_format, _quality(one("output_compression")))
+    return await _answer(services, task, response_format, output_format, quality)
 
 
 def _model(services: Services, requested: str) -> str:
@@ -177,7 +178,7 @@ def _model(services: Services, requested: str) -> str:
 
 def _quality(value: Any) -> int:
     text = str(value if value is not None else 90).strip()
-    if not text.isdigit() or not 0 <= int(text) <= 100:
+    if not (text.isascii() and text.isdigit()) or len(text) > 3 or not 0 <= int(text) <= 100:
         raise InvalidRequest("Request parameter [output_compression] must be an integer from 0 to 100.")
     return int(text)
 
@@ -201,7 +202,7 @@ async def _answer(
 ) -> dict[str, Any]:
     rendered = await services.render(task.id) or {}
     status, pexit = rendered.get("status"), rendered.get("pexit")
-    follow = f"Task {task.id} (socketaccesstoken {task.token})"
+    follow = f"Task {task.id} (socketaccesstoken {services.keys.token(task)})"
     if status not in TERMINAL:
         raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
     if status == TaskStatus.CANCEL or pexit in (Pexit.CANCELLED, Pexit.KILLED):
@@ -225,7 +226,7 @@ async def _answer(
         "size": f"{task.job['width']}x{task.job['height']}",
         # Beyond OpenAI: the task behind the images, to follow, list or cancel it like any other.
         "task_id": str(task.id),
-        "socketaccesstoken": task.token,
+        "socketaccesstoken": services.keys.token(task),
     }
 
 

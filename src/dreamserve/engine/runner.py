@@ -323,12 +323,16 @@ class Engine:
     def _save(self, job: GenerationJob, position: int, image: Image.Image, seed: int) -> GeneratedImage:
         if job.watermark:
             image = add_visible_mark(image)
+        # Output URLs are made to be shared: the file says it is AI-generated and how to reproduce it, but carries
+        # the prompt only when the operator asks, and the model's public name, never where its weights live.
         info = PngInfo()
         info.add_text("Software", "dreamserve")
         info.add_text("ai_generated", "true")
-        info.add_text("prompt", job.prompt)
+        info.add_text("DigitalSourceType", "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia")
         info.add_text("seed", str(seed))
-        info.add_text("model", self.spec.source)
+        info.add_text("model", job.model)
+        if job.embed_prompt:
+            info.add_text("prompt", job.prompt)
         if job.watermark:
             info.add_text("watermark", "visible")
         folder = Path(job.output_dir)

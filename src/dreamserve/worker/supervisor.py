@@ -23,7 +23,7 @@ from typing import Any
 
 from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Task
-from dreamserve.errors import InvalidRequest
+from dreamserve.errors import InvalidRequest, new_error_id
 from dreamserve.events import RUNNING
 from dreamserve.fetch import fetch
 from dreamserve.jobs import GenerationJob, GenerationResult
@@ -38,7 +38,7 @@ from dreamserve.store import (
     PEXIT_MODEL_ERROR,
     PEXIT_OK,
     TaskStore,
-    new_accesskey,
+    new_blob_folder,
 )
 from dreamserve.worker.child import child_main
 
@@ -221,11 +221,13 @@ class Supervisor:
         try:
             await self._process(group)
         except Exception:
-            log.exception("tasks %s: supervisor error", [t.id for t in group], extra=about(group[0].id))
+            error_id = new_error_id()
+            log.exception(
+                "tasks %s: supervisor error [error id %s]", [t.id for t in group], error_id, extra=about(group[0].id)
+            )
+            message = f"Internal worker error (error id {error_id}); the server log has the details."
             for task in group:
-                await self.store.fail(
-                    task.id, PEXIT_MODEL_ERROR, "Internal worker error.", expect=RUNNING, worker_id=self.worker_id
-                )
+                await self.store.fail(task.id, PEXIT_MODEL_ERROR, message, expect=RUNNING, worker_id=self.worker_id)
         finally:
             self.running = {}
             self.state = WorkerState.READY if self.child else WorkerState.STARTING
@@ -305,7 +307,7 @@ class Supervisor:
         if entry.stop:
             await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
             return False
-        entry.accesskey = new_accesskey()
+        entry.folder = new_blob_folder()
         entry.job = GenerationJob(
             task_id=task.id,
             prompt=task.job["prompt"],
@@ -315,7 +317,9 @@ class Supervisor:
             seed=task.job["seed"],
             references=references,
             watermark=task.job["watermark"],
-            output_dir=str(self.blobs.local_path(f"outputs/{entry.accesskey}") or scratch / "outputs"),
+            output_dir=str(self.blobs.local_path(f"outputs/{entry.folder}") or scratch / "outputs"),
+            model=self.slug,
+            embed_prompt=self.settings.png_embed_prompt,
         )
         return await self._record(task, "task_assign") is not None
 
@@ -376,6 +380,14 @@ class Supervisor:
         except InvalidRequest as exc:
             await self.store.fail(task.id, PEXIT_INPUT_ERROR, exc.message, worker_id=self.worker_id)
             return None
+        except Exception:
+            # fetch and check_image say what is wrong with an input; anything else is still the input's fault
+            # as far as the client can act on it, and the details stay in the log.
+            error_id = new_error_id()
+            log.exception("task %s: reading an input failed [error id %s]", task.id, error_id)
+            message = f"An input image could not be read (error id {error_id}). Check the URLs, or upload the files."
+            await self.store.fail(task.id, PEXIT_INPUT_ERROR, message, worker_id=self.worker_id)
+            return None
         await self._record(task, "task_preprocess_end")
         return paths
 
@@ -423,10 +435,20 @@ class Supervisor:
         elif outcome.get("type") == "canceled" or outcome.get("canceled"):
             await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
         else:
-            output = "\n".join(entry.log)
-            raw = outcome.get("traceback", "")
+            # The traceback and the exception's text (paths, tensors, model internals) stay in this log; the
+            # client gets the kind of error and an id that finds the log line.
+            error_id = new_error_id()
+            log.error(
+                "task %s: model error [error id %s]: %s\n%s",
+                task.id,
+                error_id,
+                outcome.get("message", ""),
+                outcome.get("traceback", ""),
+            )
+            kind = str(outcome.get("kind") or "error")
+            message = f"The model failed on this task ({kind}; error id {error_id}). Retry, or report the error id."
             await self.store.fail(
-                task.id, PEXIT_MODEL_ERROR, outcome["message"], raw=raw, output=output, worker_id=self.worker_id
+                task.id, PEXIT_MODEL_ERROR, message, output="\n".join(entry.log), worker_id=self.worker_id
             )
 
     async def _child_exited(self, live: list[_Running]) -> None:
@@ -452,13 +474,13 @@ class Supervisor:
         await self._respawn()
 
     async def _succeed(self, entry: _Running, result: GenerationResult) -> None:
-        task, accesskey, output = entry.task, entry.accesskey, "\n".join(entry.log)
+        task, folder, output = entry.task, entry.folder, "\n".join(entry.log)
         await self._record(task, "task_output_full", {"raw": output})
         await self._record(task, "task_end")
         await self._record(task, "task_postprocess_start")
         for image in result.images:
             # Local store: the child wrote in place (put_file is a no-op). S3: upload before any row points at it.
-            await asyncio.to_thread(self.blobs.put_file, f"outputs/{accesskey}/{image.name}", Path(image.path))
+            await asyncio.to_thread(self.blobs.put_file, f"outputs/{folder}/{image.name}", Path(image.path))
         now = time.time()
         files = [
             File(
@@ -469,8 +491,7 @@ class Supervisor:
                 name=image.name,
                 contenttype="image/png",
                 size=image.size_bytes,
-                accesskey=accesskey,
-                blob_key=f"outputs/{accesskey}/{image.name}",
+                blob_key=f"outputs/{folder}/{image.name}",
                 meta={"seed": image.seed, "width": image.width, "height": image.height},
                 created=now,
             )
@@ -484,11 +505,11 @@ class Supervisor:
             "method": result.method,
             "seeds": [image.seed for image in result.images],
             "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
-            "worker": self.worker_id,
             "batched_with": [other for other in self.running if other != task.id],
         }
-        # The event keeps no URLs: the API renders them from the file rows with its own public URL (a worker
-        # host's base_url is not the one clients reach), as Task/Detail does.
+        # The event keeps no URLs nor access keys: the API renders them from the file rows with its own public
+        # URL and the derived keys (a worker host's base_url is not the one clients reach), as Task/Detail does.
+        log.info("task %s succeeded on worker %s", task.id, self.worker_id, extra=about(task.id))
         await self._record(
             task,
             "task_postprocess_end",
@@ -505,7 +526,8 @@ class _Running:
     """A claimed task while this supervisor runs it."""
 
     task: Task
-    accesskey: str = ""
+    #: Blob-store folder of its outputs.
+    folder: str = ""
     job: GenerationJob | None = None
     log: list[str] = field(default_factory=list)
     #: "" / "cancel" / "kill": what was asked of this task.
