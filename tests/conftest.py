@@ -157,7 +157,7 @@ class Server(Api):
             self._client = httpx.Client(base_url=self.url, timeout=60)
         return self._client
 
-    def start(self, timeout: float = 90) -> None:
+    def start(self, timeout: float = float(os.environ.get("DREAMSERVE_TEST_START_TIMEOUT", 90))) -> None:
         command = [
             sys.executable,
             "-m",

@@ -3,6 +3,9 @@
 * schemathesis generates requests for every operation of the OpenAPI schema the server publishes;
 * the Wiro endpoints read raw bodies (the schema cannot describe them), so a hand-written hypothesis
   strategy posts random JSON and multipart field values to ``/v1/Run`` and ``/v1/Task/*``;
+* the classes of input that once were 500s get their own strategies: non-ASCII digits and integers of 2^63 or
+  more in every id and number field, lone surrogates in every text field (after which the project's Task/List and
+  Task/Detail must still answer), and JSON nested up to 50,000 deep;
 * hypothesis checks the size parser and the signature check on their own.
 
 The server is real (uvicorn subprocess, SQLite) but runs no model worker, so generated tasks stay queued.
@@ -197,6 +200,99 @@ def test_random_credentials_are_refused_cleanly(fuzz_server: Server, nonce: str,
     except httpx.LocalProtocolError:
         return  # h11 refuses to send such a header (newlines, ...)
     assert response.status_code in (200, 400, 401), response.text[:300]  # 400: h11 refused the header
+
+
+# -- the classes that were 500s (issue 14) ----------------------------------------------------------------------
+
+#: Digits that str.isdigit() and float() accept and int() or SQLite do not: "²", "١٢", "߅" ...
+unicode_digits = st.text(
+    alphabet=st.characters(categories=["Nd", "No"], exclude_characters="0123456789"), min_size=1, max_size=6
+)
+#: At or past SQLite's and PostgreSQL's 64-bit integers, as JSON numbers and as strings.
+huge_integers = st.integers(min_value=2**63 - 1, max_value=2**200)
+huge = st.one_of(huge_integers, huge_integers.map(str), huge_integers.map(lambda n: str(-n)))
+#: Lone surrogates: valid JSON escapes (\ud800), not valid Unicode text.
+surrogates = st.builds(
+    lambda lone, before, after: before + lone + after,
+    st.text(alphabet=st.characters(categories=["Cs"]), min_size=1, max_size=3),
+    st.text(max_size=5),
+    st.text(max_size=5),
+)
+HOSTILE_FIELDS = [
+    "taskid",
+    "start",
+    "limit",
+    "maxImages",
+    "seed",
+    "priority",
+    "folderid",
+    "parentid",
+    "prompt",
+    "size",
+    "tasktoken",
+    "socketaccesstoken",
+    "callbackUrl",
+    "callbackEvents",
+    "inputImage",
+    "name",
+    "watermark",
+]
+hostile_endpoints = st.sampled_from(
+    [
+        f"/v1/Run/{MODEL}",
+        "/v1/Task/Detail",
+        "/v1/Task/Cancel",
+        "/v1/Task/List",
+        "/v1/Task/Webhooks",
+        "/v1/File/FolderCreate",
+        "/v1/images/generations",
+    ]
+)
+
+
+def _post_json(server: Server, endpoint: str, content: str) -> httpx.Response:
+    headers = {**server.headers(), "content-type": "application/json"}
+    if endpoint.startswith("/v1/images/"):
+        headers["authorization"] = f"Bearer {creds_of(server)}:{server.creds.api_secret if server.creds else ''}"
+    return httpx.post(f"{server.url}{endpoint}", headers=headers, content=content, timeout=30)
+
+
+def _project_still_answers(server: Server) -> None:
+    """The failure mode of stored surrogates: every later Task/List and Task/Detail of the project was a 500."""
+    listing = httpx.post(f"{server.url}/v1/Task/List", headers=server.headers(), json={"limit": "5"}, timeout=30)
+    assert listing.status_code == 200 and listing.json()["result"] is True, listing.text[:300]
+    for task in listing.json()["tasklist"][:1]:
+        detail = httpx.post(
+            f"{server.url}/v1/Task/Detail", headers=server.headers(), json={"taskid": task["id"]}, timeout=30
+        )
+        assert detail.status_code == 200 and detail.json()["result"] is True, detail.text[:300]
+
+
+@FUZZ
+@given(
+    endpoint=hostile_endpoints,
+    name=st.sampled_from(HOSTILE_FIELDS),
+    value=st.one_of(unicode_digits, huge, surrogates),
+    as_list=st.booleans(),
+)
+def test_hostile_value_classes(fuzz_server: Server, endpoint: str, name: str, value: Any, as_list: bool) -> None:
+    body = {"prompt": "a fox", "size": "64x64", "name": "f", name: [value] if as_list else value}
+    _envelope_or_openai(_post_json(fuzz_server, endpoint, json.dumps(body)))  # ensure_ascii: \udXXX escapes
+    _project_still_answers(fuzz_server)
+
+
+@FUZZ
+@given(endpoint=hostile_endpoints, depth=st.integers(1, 50_000), opener=st.sampled_from(["[", '{"a":']))
+def test_deep_nesting(fuzz_server: Server, endpoint: str, depth: int, opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    nested = opener * depth + ("1" if opener != "[" else "") + closer * depth
+    _envelope_or_openai(_post_json(fuzz_server, endpoint, '{"prompt": ' + nested + ', "size": "64x64"}'))
+
+
+def _envelope_or_openai(response: httpx.Response) -> None:
+    assert response.status_code < 500, (response.request.url, response.text[:500])
+    body = response.json()
+    assert isinstance(body, dict) and (isinstance(body.get("result"), bool) or "error" in body), body
 
 
 # -- units: the size parser and the signature check ------------------------------------------------------------

@@ -18,7 +18,7 @@ TIERS: dict[str, str] = {
     **dict.fromkeys(
         ["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness", "userconfig", "groups"], "leaf"
     ),
-    **dict.fromkeys(["db", "migrate", "store", "events", "redis_events"], "queue"),
+    **dict.fromkeys(["db", "migrate", "keyring", "store", "events", "redis_events"], "queue"),
     **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit"], "request"),
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks"], "io"),

@@ -329,12 +329,18 @@ def test_server_refuses_internal_urls_and_callbacks(make_server: Any, receiver: 
         "http://[::ffff:169.254.169.254]/latest/meta-data/": "link-local",
         "http://10.0.0.1/internal.png": "private",
     }
-    runs = {url: server.run({"prompt": "x", "size": "64x64", "inputImage": url}) for url in urls}
+    # URLs that httpx itself refuses (octal IPv4, a port past 65535) ended as "Internal worker error" (pexit 1).
+    unusable = ["http://0177.0.0.3/", "http://1.2.3.4:99999/x.png"]
+    runs = {url: server.run({"prompt": "x", "size": "64x64", "inputImage": url}) for url in [*urls, *unusable]}
     for url, why in urls.items():
         task = server.wait(runs[url]["taskid"])
         assert task["status"] == "task_postprocess_end" and task["pexit"] == "2", (url, task["debugerror"])
         assert why in task["debugerror"] and "does not fetch from private or local" in task["debugerror"], url
         assert task["outputs"] == []
+    for url in unusable:
+        task = server.wait(runs[url]["taskid"])
+        assert task["pexit"] == "2" and f"Fetching {url!r} failed" in task["debugerror"], (url, task["debugerror"])
+        assert "upload the file" in task["debugerror"]
 
     run = server.run({"prompt": "x", "size": "64x64", "callbackUrl": receiver.url("/hook")})
     task = server.wait(run["taskid"])

@@ -1,15 +1,19 @@
 """Request authentication, Wiro style: ``x-api-key`` plus, for signature projects, ``x-nonce`` and ``x-signature``.
 
 The signature does not cover the method, path or body (that is Wiro's design), so the nonce is
-what limits replay: timestamp-like nonces (unix seconds or milliseconds) must be near the server
-clock, and with ``unique_nonces`` each nonce is accepted once per project. Revoked projects are
-unknown to ``find_project``, so their keys fail like keys that never existed.
+what limits replay, and HTTPS is what keeps the headers from being captured. A timestamp nonce (unix
+seconds or milliseconds) may be reused until it is ``nonce_max_age_seconds`` old (Wiro's clients sign
+once and poll with it) and must not be ahead of the server clock by more than
+``nonce_max_future_seconds``; any other nonce ("random integer") is accepted once per project and
+remembered for ``nonce_remember_seconds``, after which the row is pruned. ``unique_nonces`` makes
+timestamp nonces single-use too. Revoked projects are unknown to ``find_project``, so their keys fail
+like keys that never existed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
@@ -24,8 +28,6 @@ from dreamserve.signing import verify
 NOT_FOUND = "Project authorization is not founded."
 NEEDS_SIGNATURE = "Project requires signature authentication. x-signature and x-nonce headers are required."
 NOT_VALID = "Project authorization is not valid."
-#: ``seen`` of a nonce that is never purged (1 January 2100).
-REMEMBER_FOREVER = 4_102_444_800.0
 
 
 def nonce_time(nonce: str) -> float | None:
@@ -42,7 +44,10 @@ def nonce_time(nonce: str) -> float | None:
 
 
 async def authenticate(
-    sessions: async_sessionmaker[AsyncSession], settings: Settings, headers: Mapping[str, str]
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    headers: Mapping[str, str],
+    clock: Callable[[], float] = time.time,
 ) -> Project:
     api_key = headers.get("x-api-key", "").strip()
     if not api_key:
@@ -59,28 +64,33 @@ async def authenticate(
     secret = unseal_secret(api_key, project.secret_sealed or "")
     if len(nonce) > 64 or not verify(api_key, secret, nonce, signature):
         raise AuthError(NOT_VALID)
-    await _check_nonce(sessions, settings, project.id, nonce)
+    await _check_nonce(sessions, settings, project.id, nonce, clock())
     return project
 
 
 async def _check_nonce(
-    sessions: async_sessionmaker[AsyncSession], settings: Settings, project_id: int, nonce: str
+    sessions: async_sessionmaker[AsyncSession], settings: Settings, project_id: int, nonce: str, now: float
 ) -> None:
-    now = time.time()
     stamp = nonce_time(nonce)
-    if stamp is not None and abs(now - stamp) > settings.nonce_skew_seconds:
-        raise AuthError(
-            f"{NOT_VALID} x-nonce {nonce} is {abs(now - stamp):.0f} s away from the server clock (allowed: "
-            f"{settings.nonce_skew_seconds} s). Send the current unix time as the nonce and check the client's clock."
-        )
-    if not settings.unique_nonces:
-        return
-    # A timestamp nonce can be forgotten once the clock check refuses it anyway (2 x skew after use); any other
-    # nonce ("random integer") is remembered for good, or it could be replayed once forgotten.
-    seen = now if stamp is not None else REMEMBER_FOREVER
+    if stamp is not None:
+        age = now - stamp
+        if age > settings.nonce_max_age_seconds:
+            raise AuthError(
+                f"{NOT_VALID} x-nonce {nonce} is {age:.0f} s old (allowed: {settings.nonce_max_age_seconds} s). "
+                "Sign with the current unix time as the nonce, and check the client's clock."
+            )
+        if -age > settings.nonce_max_future_seconds:
+            raise AuthError(
+                f"{NOT_VALID} x-nonce {nonce} is {-age:.0f} s ahead of the server clock (allowed: "
+                f"{settings.nonce_max_future_seconds} s). Check the client's clock."
+            )
+        if not settings.unique_nonces:
+            return
     try:
         async with sessions.begin() as session:
-            await session.execute(delete(Nonce).where(Nonce.seen < now - 2 * settings.nonce_skew_seconds))
-            session.add(Nonce(project_id=project_id, nonce=nonce, seen=seen))
+            # Pruned as it grows: a timestamp row is useless once its window has passed, a random one is kept
+            # for nonce_remember_seconds (a timestamp row is kept that long too: the same bound, one rule).
+            await session.execute(delete(Nonce).where(Nonce.seen < now - settings.nonce_remember_seconds))
+            session.add(Nonce(project_id=project_id, nonce=nonce, seen=now))
     except IntegrityError:
         raise AuthError(f"{NOT_VALID} x-nonce {nonce} was already used; send a new nonce with every request.") from None

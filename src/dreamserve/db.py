@@ -41,7 +41,10 @@ class Project(Base):
     #: The secret, sealed with a pad derived from the API key (see ``projects.py``).
     secret_sealed: Mapped[str | None] = mapped_column(String(256), nullable=True)
     signature_required: Mapped[bool] = mapped_column(Boolean, default=True)
-    #: Key that signs callback deliveries. Held in clear: the server must sign with it, unlike the API secret.
+    #: Key that signs callback deliveries, sealed with the server secret (``keyring.ServerKey``): the server must
+    #: sign with it, so it cannot be sealed with the API key as the API secret is.
+    webhook_secret_sealed: Mapped[str] = mapped_column(String(160), default="")
+    #: Legacy: the clear webhook secret of rows made before sealing; sealed and emptied at start-up.
     webhook_secret: Mapped[str] = mapped_column(String(64), default="")
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[float] = mapped_column(Float)
@@ -60,8 +63,12 @@ class Task(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
-    #: Wiro's ``socketaccesstoken``: also the ``tasktoken`` of Task/Detail and of the socket.
-    token: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Wiro's ``socketaccesstoken`` (also the ``tasktoken`` of Task/Detail and of the socket) is derived from the
+    #: server secret, the id and this salt (``keyring.ServerKey.token``); only its sha256 is stored, for lookups.
+    token_salt: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    token_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True, index=True)
+    #: Legacy: the clear token of rows made before tokens were derived; NULL for newer rows.
+    token: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     #: ``owner/model`` as served, lower case.
     model: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(40))
@@ -150,9 +157,13 @@ class File(Base):
     name: Mapped[str] = mapped_column(String(255))
     contenttype: Mapped[str] = mapped_column(String(100))
     size: Mapped[int] = mapped_column(Integer)
-    #: Unguessable capability in the file's URL; holding it is enough to read the file.
-    accesskey: Mapped[str] = mapped_column(String(80), index=True)
-    #: Key in the blob store.
+    #: The unguessable capability in the file's URL (holding it is enough to read the file) is derived from the
+    #: server secret, the id and this salt (``keyring.ServerKey.accesskey``); only its sha256 is stored.
+    key_salt: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    key_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    #: Legacy: the clear access key of rows made before keys were derived; NULL for newer rows.
+    accesskey: Mapped[str | None] = mapped_column(String(80), index=True, nullable=True)
+    #: Key in the blob store (a random folder, unrelated to the access key).
     blob_key: Mapped[str] = mapped_column(String(400))
     #: Extra facts (width, height, seed) for outputs.
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

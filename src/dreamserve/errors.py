@@ -28,9 +28,15 @@ Messages say what to do, not only what went wrong.
 from __future__ import annotations
 
 import re
+import secrets
 
 #: How request errors name their field today ("Request parameter [size] ..."): ``param`` defaults to it.
 _PARAM = re.compile(r"Request (?:parameter|files) \[(\w+)\]")
+
+
+def new_error_id() -> str:
+    """A short id that ties what a client is told to the server log line that has the details."""
+    return secrets.token_hex(6)
 
 
 class DreamError(Exception):

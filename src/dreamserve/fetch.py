@@ -256,6 +256,20 @@ def guarded_client(policy: FetchPolicy, timeout: float) -> httpx.AsyncClient:
     )
 
 
+def fetch_failed(doing: str, url: str, exc: BaseException) -> InvalidRequest:
+    """Any other failure of a fetch (a URL httpx refuses, such as ``http://0177.0.0.3/`` or port 99999, a refused
+    connection, a TLS error), said as the input's problem: the task fails with pexit 2, never as a worker error."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, httpx.InvalidURL | ValueError | UnicodeError | OverflowError):
+        why = f"the URL is not one this server can fetch ({str(exc)[:80]})"
+    elif isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | OSError):
+        why = "the connection could not be made"
+    else:
+        why = exc.__class__.__name__
+    return InvalidRequest(f"{doing} {url[:80]!r} failed: {why}. Use a public http(s) URL, or upload the file.")
+
+
 def check_scheme(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -287,7 +301,7 @@ async def fetch(
                             "and accepts only uncompressed (identity) bodies. Serve the image file as it is."
                         )
                     declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > max_bytes:
+                    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
                         raise InvalidRequest(f"{url[:80]!r} is {int(declared):,} bytes; the limit is {max_bytes:,}.")
                     data = bytearray()
                     # Raw bytes, never decoded: what is counted is what arrived.
@@ -296,10 +310,12 @@ async def fetch(
                         if len(data) > max_bytes:
                             raise InvalidRequest(f"{url[:80]!r} is larger than {max_bytes:,} bytes.")
                     return bytes(data)
+    except InvalidRequest:
+        raise
     except TimeoutError:
         raise InvalidRequest(f"Fetching {first[:80]!r} took longer than {timeout:.0f} s.") from None
-    except httpx.HTTPError as exc:
-        raise InvalidRequest(f"Fetching {url[:80]!r} failed: {exc.__class__.__name__}.") from None
+    except Exception as exc:
+        raise fetch_failed("Fetching", url, exc) from None
     raise InvalidRequest(f"{first[:80]!r} redirected more than {MAX_REDIRECTS} times.")
 
 
@@ -328,5 +344,9 @@ async def post_json(
                     if read > MAX_CALLBACK_ANSWER:
                         break
                 return response.status_code
+    except InvalidRequest:
+        raise
     except TimeoutError:
         raise InvalidRequest(f"Posting to {url[:80]!r} took longer than {timeout:.0f} s.") from None
+    except Exception as exc:
+        raise fetch_failed("Posting to", url, exc) from None

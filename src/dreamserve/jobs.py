@@ -28,6 +28,10 @@ class GenerationJob:
     output_size: list[int] | None = None
     #: ``png`` (lossless, the default) or ``jpeg`` (Ark's default): the files are written in it.
     output_format: str = "png"
+    #: The model's public name (``bytedance/seedream-v4``), written into the PNGs; never its weights' path.
+    model: str = ""
+    #: Write the prompt into the PNGs too (``png_embed_prompt``).
+    embed_prompt: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,11 +1,13 @@
 """Schema migrations: one Alembic tree for SQLite and PostgreSQL, applied at start-up.
 
+The SQLite file is created 0600 before the first connection (its WAL and SHM files follow its mode).
 ``render_as_batch`` lets the same revisions alter tables on SQLite (which lacks most ALTERs). On
 PostgreSQL an advisory lock makes concurrent replicas apply them one at a time.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from alembic import command
@@ -30,6 +32,21 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(alembic_config(connection), "head")
 
 
+def _private_sqlite(engine: AsyncEngine) -> None:
+    """The SQLite file, and its WAL and SHM (SQLite gives them the database's mode), readable by this user only."""
+    name = engine.url.database
+    if engine.dialect.name != "sqlite" or not name or name == ":memory:" or name.startswith("file:"):
+        return
+    path = Path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+    for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if companion.exists():
+            os.chmod(companion, 0o600)
+
+
 async def upgrade(engine: AsyncEngine) -> None:
+    _private_sqlite(engine)
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade)

@@ -24,6 +24,10 @@ from dreamserve.sizes import MIN_PIXELS, parse_size
 MAX_REFERENCES = 14
 MAX_TOTAL_IMAGES = 15
 MAX_PROMPT_CHARS = 10_000
+#: Largest id a row can have: SQLite and PostgreSQL integers are 64-bit.
+MAX_ID = 2**63 - 1
+#: Deepest nesting of a JSON body: Wiro's bodies are flat, with arrays of strings at most.
+MAX_JSON_DEPTH = 16
 CALLBACK_EVENTS = {"start", "progress", "completed"}
 #: EXIF tag 274: values 5 to 8 mean the stored image is displayed turned by 90 degrees.
 _EXIF_ORIENTATION = 0x0112
@@ -63,6 +67,56 @@ class RunParams:
     callback_events: list[str] = field(default_factory=lambda: ["completed"])
 
 
+def ascii_int(raw: str, name: str, *, low: int, high: int) -> int:
+    """An integer written in ASCII digits (``str.isdigit`` is also true of "²" and "١"), within bounds."""
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(high)) or not low <= int(text) <= high:
+        raise InvalidRequest(f"Request parameter [{name}] must be an integer from {low} to {high}, got {text[:20]!r}.")
+    return int(text)
+
+
+def ascii_id(fields: Mapping[str, Sequence[Any]], *names: str) -> int | None:
+    """An optional row id given under any of ``names``; "" and "0" mean none."""
+    values = [value for name in names for value in fields.get(name, ())]
+    raw = str(values[-1]).strip() if values else ""
+    if raw in ("", "0"):
+        return None
+    return ascii_int(raw, names[0], low=1, high=MAX_ID)
+
+
+def check_text(value: Any, depth: int = 0) -> None:
+    """Refuse nesting deeper than ``MAX_JSON_DEPTH`` and text that is not valid Unicode (a lone surrogate such as
+    ``"\\ud800"`` parses from JSON but cannot be stored or sent back as UTF-8)."""
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"Request parameters are invalid: nested deeper than {MAX_JSON_DEPTH} levels.")
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                "Request parameters are invalid: text with a lone surrogate (e.g. \\ud800) is not valid Unicode. "
+                "Send UTF-8 text."
+            ) from None
+    elif isinstance(value, list):
+        for item in value:
+            check_text(item, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, depth + 1)
+            check_text(item, depth + 1)
+
+
+def check_url_text(url: str, name: str) -> None:
+    """Refuse control characters, spaces and other unprintable characters (U+2028 ...) in a URL: a client never
+    means them, and they would reach logs and request lines raw."""
+    bad = next((i for i, char in enumerate(url) if char.isspace() or not char.isprintable()), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"Request parameter [{name}] contains the control or space character {url[bad]!r} at position "
+            f"{bad}; send the URL percent-encoded."
+        )
+
+
 def parse_run(
     fields: Mapping[str, Sequence[Any]], *, max_upload_bytes: int, max_input_pixels: int, min_pixels: int = MIN_PIXELS
 ) -> RunParams:
@@ -87,6 +141,7 @@ def parse_run(
     width, height = parse_size(size, (first.width, first.height) if first else None, min_pixels)
 
     callback_url = _text(fields, "callbackUrl").strip()
+    check_url_text(callback_url, "callbackUrl")
     if callback_url and not callback_url.lower().startswith(("http://", "https://")):
         raise InvalidRequest("Request parameter [callbackUrl] must be an http:// or https:// URL.")
 
@@ -134,6 +189,8 @@ def _integer(fields: Mapping[str, Sequence[Any]], name: str, *, default: int, lo
     raw = _text(fields, name).strip()
     if not raw:
         return default
+    if not raw.isascii():  # float() also reads "١٥" and other non-ASCII digits
+        raise InvalidRequest(f"Request parameter [{name}] must be integer or float, got {raw[:20]!r}.")
     try:
         number = float(raw)
     except ValueError:
@@ -163,6 +220,7 @@ def _references(fields: Mapping[str, Sequence[Any]], max_bytes: int, max_pixels:
             url = url.strip()
             if not url:
                 continue
+            check_url_text(url, "inputImage")
             if not url.lower().startswith(("http://", "https://")):
                 raise InvalidRequest(
                     f"Request parameter [inputImage] entry {len(references) + 1} must be an uploaded file or an "
@@ -181,8 +239,9 @@ def check_image(data: bytes, label: str, max_bytes: int, max_pixels: int) -> tup
     """Identify an image by its content (never its name); returns (extension, upright width, upright height).
 
     Only the header is read before the pixel count is checked, so a decompression bomb (a huge image that
-    compresses small) is refused without decoding it; ``verify`` then walks the file without decoding
-    pixels either. Width and height are as displayed: an EXIF orientation that rotates by 90 degrees swaps them.
+    compresses small) is refused without decoding it; ``verify`` then walks the file, and a full decode
+    within the pixel limit refuses truncated files. Width and height are as displayed: an EXIF
+    orientation that rotates by 90 degrees swaps them.
     """
     if len(data) > max_bytes:
         raise InvalidRequest(f"Request files [inputImage] {label} is {len(data):,} bytes; the limit is {max_bytes:,}.")
@@ -202,6 +261,12 @@ def check_image(data: bytes, label: str, max_bytes: int, max_pixels: int) -> tup
             if _orientation(image) in (5, 6, 7, 8):
                 width, height = height, width
             image.verify()
+        # verify() reads chunks, not pixels: a truncated file passes it and fails later in the model. Decoding it
+        # (now that its pixel count is known to be within the limit; JPEG at 1/8 scale) refuses it here.
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
     except Image.DecompressionBombError as exc:  # Pillow refuses to open it at all (over twice its own limit)
         counted = re.search(r"\((\d+) pixels\)", str(exc))
         raise too_many(f"{int(counted.group(1)):,}" if counted else "far too many") from None

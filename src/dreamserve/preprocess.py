@@ -27,7 +27,7 @@ from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import fetch
 from dreamserve.params import check_image
 from dreamserve.settings import Settings
-from dreamserve.store import TaskStore, new_accesskey
+from dreamserve.store import TaskStore, new_blob_folder
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,12 @@ class Preprocessor:
         """Every URL input fetched, checked and stored as a blob, all at once under one deadline."""
         job = dict(task.job)
         inputs: list[dict[str, Any]] = [dict(item) for item in job.get("inputs", [])]
-        accesskey = new_accesskey()
+        folder = new_blob_folder()
         deadline = time.monotonic() + self.settings.fetch_timeout_seconds
         wanted = [(position, item) for position, item in enumerate(inputs) if "url" in item and "blob_key" not in item]
         pending = {position: item["url"] for position, item in wanted}
         fetches = [
-            asyncio.create_task(self._fetch_one(task, position, item["url"], accesskey, deadline, pending))
+            asyncio.create_task(self._fetch_one(task, position, item["url"], folder, deadline, pending))
             for position, item in wanted
         ]
         try:
@@ -138,7 +138,7 @@ class Preprocessor:
         return job, list(files)
 
     async def _fetch_one(
-        self, task: Task, position: int, url: str, accesskey: str, deadline: float, pending: dict[int, str]
+        self, task: Task, position: int, url: str, folder: str, deadline: float, pending: dict[int, str]
     ) -> File:
         settings = self.settings
         async with self._fetches:
@@ -162,8 +162,7 @@ class Preprocessor:
             name=name,
             contenttype=CONTENT_TYPES.get(ext, f"image/{ext}"),
             size=len(data),
-            accesskey=accesskey,
-            blob_key=f"inputs/{accesskey}/{name}",
+            blob_key=f"inputs/{folder}/{name}",
             meta={"width": width, "height": height, "url": url},
             created=time.time(),
         )

@@ -3,6 +3,8 @@
 The API key is stored only as a sha256 hash. Wiro's signature is HMAC(key=API_KEY,
 msg=API_SECRET+NONCE), so the server must recover the secret; it is stored sealed with a pad
 derived from the API key, which the database never holds: a stolen database yields neither.
+The webhook secret is sealed the same way with the server secret (``keyring.py``), since the
+server signs deliveries when no client is there to present a key.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve import userconfig
 from dreamserve.db import Project, make_engine, make_sessionmaker
+from dreamserve.keyring import ServerKey, private_dir
 from dreamserve.migrate import upgrade
 from dreamserve.settings import Settings
 
@@ -59,7 +62,11 @@ def unseal_secret(api_key: str, sealed: str) -> str:
 
 
 async def add_project(
-    sessions: async_sessionmaker[AsyncSession], name: str, signature: bool, max_priority: int | None = None
+    sessions: async_sessionmaker[AsyncSession],
+    keys: ServerKey,
+    name: str,
+    signature: bool,
+    max_priority: int | None = None,
 ) -> Credentials:
     """``max_priority`` caps the priority of the project's requests (None: the server's ``max_priority``)."""
     api_key = secrets.token_hex(16)
@@ -71,7 +78,6 @@ async def add_project(
         api_key_prefix=api_key[:8],
         secret_sealed=seal_secret(api_key, api_secret),
         signature_required=signature,
-        webhook_secret=webhook_secret,
         created=time.time(),
         max_priority=max_priority,
     )
@@ -79,12 +85,28 @@ async def add_project(
         session.add(project)
         await session.flush()
         project_id = project.id
+        project.webhook_secret_sealed = keys.seal(f"webhook-secret:{project_id}", webhook_secret)
     return Credentials(
         api_key=api_key,
         api_secret=api_secret if signature else None,
         project_id=project_id,
         webhook_secret=webhook_secret,
     )
+
+
+async def seal_webhook_secrets(sessions: async_sessionmaker[AsyncSession], keys: ServerKey) -> int:
+    """Seal the clear webhook secrets of projects made before sealing (once, at start-up); returns how many."""
+    async with sessions.begin() as session:
+        rows = (
+            await session.execute(select(Project.id, Project.webhook_secret).where(Project.webhook_secret != ""))
+        ).all()
+        for project_id, secret in rows:
+            sealed = keys.seal(f"webhook-secret:{project_id}", secret)
+            stmt = (
+                update(Project).where(Project.id == project_id).values(webhook_secret_sealed=sealed, webhook_secret="")
+            )
+            await session.execute(stmt)
+    return len(rows)
 
 
 async def find_project(sessions: async_sessionmaker[AsyncSession], api_key: str) -> Project | None:
@@ -135,11 +157,11 @@ def revoke_project(settings: Settings, which: str) -> list[tuple[int, str, str]]
 
 
 async def _create(settings: Settings, name: str, signature: bool, max_priority: int | None) -> Credentials:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     engine = make_engine(settings.db_url)
     try:
         await upgrade(engine)
-        return await add_project(make_sessionmaker(engine), name, signature, max_priority)
+        return await add_project(make_sessionmaker(engine), ServerKey.load(settings), name, signature, max_priority)
     finally:
         await engine.dispose()
 

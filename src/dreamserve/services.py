@@ -21,9 +21,11 @@ from dreamserve.blobs import BlobStore, make_blob_store
 from dreamserve.db import make_engine, make_sessionmaker
 from dreamserve.errors import RateLimited
 from dreamserve.events import TERMINAL, Event, EventHub, Hub
+from dreamserve.keyring import ServerKey, private_dir
 from dreamserve.liveness import Liveness
 from dreamserve.migrate import upgrade
 from dreamserve.preprocess import Preprocessor
+from dreamserve.projects import seal_webhook_secrets
 from dreamserve.settings import Settings
 from dreamserve.status import WorkerState
 from dreamserve.store import TaskStore
@@ -55,11 +57,14 @@ class Services:
         self.engine: AsyncEngine = make_engine(settings.db_url)
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.hub = make_hub(settings)
-        self.store = TaskStore(self.sessions, self.hub)
+        self.keys = ServerKey.load(settings)
+        self.store = TaskStore(self.sessions, self.hub, self.keys)
+        #: The clock nonces are judged by (tests inject one).
+        self.clock: Callable[[], float] = time.time
         self.blobs: BlobStore = make_blob_store(settings)
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
-        self.webhooks = WebhookSender(self.sessions, settings, self.render)
+        self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render)
         #: Fetches queued tasks' URL inputs before they can be claimed (not in a dispatched GPU worker).
         self.preprocessor = Preprocessor(settings, self.store, self.blobs, self.wake_workers)
         self._loops: list[asyncio.Task[None]] = []
@@ -68,8 +73,9 @@ class Services:
         self._sync_waiting: dict[int, int] = {}
 
     async def start(self) -> None:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.data_dir)
         await upgrade(self.engine)
+        await seal_webhook_secrets(self.sessions, self.keys)
         # Tasks left running by a previous process of this host are recovered before anything new runs.
         await self.store.reap(worker_alive, self.settings.max_attempts)
         if self.workers != "none":
@@ -212,8 +218,15 @@ class Services:
         if task is None:
             return None
         outputs = (await self.store.files([task.id], "output"))[task.id]
+        inputs = (await self.store.files([task.id], "input"))[task.id]
         return task_object(
-            task, outputs, base_url=self.settings.base_url, cps=self.settings.cost_per_second, now=time.time()
+            task,
+            outputs,
+            inputs=inputs,
+            keys=self.keys,
+            base_url=self.settings.base_url,
+            cps=self.settings.cost_per_second,
+            now=time.time(),
         )
 
     # -- background loops ------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "bytedance/seedream-v4"
@@ -107,9 +107,16 @@ class Settings(BaseSettings):
     #: How long a cooperative cancel of a running task may take before the child is killed.
     cancel_grace_seconds: float = 10.0
 
-    #: Timestamp-like nonces must be within this many seconds of the server clock.
-    nonce_skew_seconds: int = 300
-    #: Reject a nonce already seen for the project (inside the skew window).
+    #: A timestamp nonce (unix seconds or milliseconds) is accepted, and may be reused (Wiro's clients sign once and
+    #: poll with the same headers, the n8n node for up to 600 s), until it is this old.
+    nonce_max_age_seconds: int = Field(default=900, ge=1)
+    #: ... and refused when it is this far ahead of the server clock.
+    nonce_max_future_seconds: int = Field(default=60, ge=0)
+    #: A nonce that is no timestamp ("random integer") is single-use: remembered this long, then pruned. A random
+    #: nonce carries no time, so one replayed after that cannot be told from a new one: clients that care should
+    #: send timestamps (docs/reliability.md).
+    nonce_remember_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Make timestamp nonces single-use as well (breaks Wiro's own clients, which reuse them).
     unique_nonces: bool = False
     #: Requests a project may make per minute (a token bucket per project in each API process); 0 = no limit.
     #: Over it, the answer is HTTP 429 with code 96 and Retry-After.
@@ -150,8 +157,26 @@ class Settings(BaseSettings):
     #: Let server-side fetches (input URLs, callbacks) reach loopback and private addresses.
     fetch_allow_private: bool = False
     #: Hosts (``minio.internal``, ``*.corp.example``) and networks (``10.1.0.0/16``, ``fd00::5``) that
-    #: server-side fetches may always reach, private or not.
+    #: input image fetches may always reach, private or not.
     fetch_allow_hosts: list[str] = Field(default_factory=list)
+    #: The same for callback deliveries (``callbackUrl``): a separate list, so that allowing an internal image
+    #: store does not let any client POST to it.
+    callback_allow_hosts: list[str] = Field(default_factory=list)
+
+    #: The secret that task tokens, file access keys and sealed webhook secrets derive from. Unset: read from
+    #: ``server_key_file``, created on first start. Every replica and worker of a deployment needs the same one.
+    server_secret: SecretStr | None = None
+    #: Where the server secret is kept (0600); defaults to ``<data_dir>/server.key``.
+    server_key_file: Path | None = None
+    #: Host header values this server answers (``api.example.com``, ``*.example.com``); empty = any. Set it
+    #: against DNS rebinding when the server is reachable from browsers.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    #: When set, ``/metrics``, ``/healthz``, ``/readyz`` (details), ``/docs`` and ``/openapi.json`` need
+    #: ``Authorization: Bearer <ops_token>``.
+    ops_token: SecretStr | None = None
+    #: Write the prompt into output PNGs (``prompt`` text chunk). Off: they carry the AI-generated mark, the seed
+    #: and the model's public name only, as output URLs are made to be shared.
+    png_embed_prompt: bool = False
 
     webhook_attempts: int = 5
     webhook_backoff_seconds: float = 1.0
@@ -222,6 +247,10 @@ class Settings(BaseSettings):
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def key_path(self) -> Path:
+        return self.server_key_file or self.data_dir / "server.key"
 
     @property
     def blob_dir(self) -> Path:

@@ -9,7 +9,6 @@ nothing and learns so from the ``None`` it gets back.
 from __future__ import annotations
 
 import secrets
-import string
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,8 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dreamserve.db import File, Project, Task, TaskEvent, WebhookDelivery
 from dreamserve.errors import QuotaExceeded
 from dreamserve.events import LIFECYCLE, RUNNING, TERMINAL, Event, Hub
-
-_TOKEN_ALPHABET = string.ascii_letters + string.digits
+from dreamserve.keyring import ServerKey, digest, new_salt
 
 # Process exit codes reported as ``pexit`` (Wiro: "0" is success, anything else failure).
 PEXIT_OK = "0"
@@ -41,20 +39,29 @@ class Quota:
     max_megapixels: float = 0.0
 
 
-def new_token(length: int = 30) -> str:
-    return "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(length))
+def new_blob_folder() -> str:
+    """The blob-store folder of a task's inputs or outputs: random, and unrelated to any access key."""
+    return secrets.token_hex(16)
 
 
-def new_accesskey() -> str:
-    """Eight groups of eight hex digits, like Wiro's CDN folders: 256 unguessable bits."""
-    raw = secrets.token_hex(32)
-    return "-".join(raw[i : i + 8] for i in range(0, 64, 8))
+async def add_files(session: AsyncSession, keys: ServerKey, files: Iterable[File]) -> None:
+    """Insert file rows with a salt, then store the digest of the access key their id and salt derive."""
+    rows = list(files)
+    for file in rows:
+        # A row stored before (a partial output becoming an output) keeps its salt, so its URL stays valid.
+        if file.key_salt is None:
+            file.key_salt = new_salt()
+        session.add(file)
+    await session.flush()
+    for file in rows:
+        file.key_digest = digest(keys.accesskey(file))
 
 
 class TaskStore:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: Hub) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: Hub, keys: ServerKey) -> None:
         self.sessions = sessions
         self.hub = hub
+        self.keys = keys
 
     # -- creating and reading -------------------------------------------------------------------
 
@@ -83,7 +90,7 @@ class TaskStore:
                 await self._check_quota(session, project_id, quota, _work(job))
             task = Task(
                 project_id=project_id,
-                token=new_token(),
+                token_salt=new_salt(),
                 model=model,
                 status="task_queue",
                 priority=priority,
@@ -101,9 +108,10 @@ class TaskStore:
             )
             session.add(task)
             await session.flush()
+            task.token_digest = digest(self.keys.token(task))
             for file in inputs:
                 file.task_id = task.id
-                session.add(file)
+            await add_files(session, self.keys, inputs)
             row = TaskEvent(task_id=task.id, type="task_queue", message=None, created=now)
             session.add(row)
             await session.flush()
@@ -139,7 +147,7 @@ class TaskStore:
         if taskid is not None:
             query = query.where(Task.id == taskid)
         elif token is not None:
-            query = query.where(Task.token == token)
+            query = query.where(Task.token_digest == digest(token))
         else:
             return None
         async with self.sessions() as session:
@@ -147,7 +155,8 @@ class TaskStore:
 
     async def get_by_token(self, token: str) -> Task | None:
         async with self.sessions() as session:
-            return (await session.execute(select(Task).where(Task.token == token))).scalar_one_or_none()
+            query = select(Task).where(Task.token_digest == digest(token))
+            return (await session.execute(query)).scalar_one_or_none()
 
     async def get_by_id(self, taskid: int) -> Task | None:
         async with self.sessions() as session:
@@ -231,10 +240,8 @@ class TaskStore:
             task = await session.get(Task, task_id)
             if task is None:
                 return None
-            for file in outputs:
-                session.add(file)
             if outputs:
-                await session.flush()
+                await add_files(session, self.keys, outputs)
             if callable(message):
                 message = message()
             hook = _WEBHOOK_EVENTS.get(event_type)
@@ -443,7 +450,7 @@ class TaskStore:
                 return False
             for file in files:
                 file.task_id = task_id
-                session.add(file)
+            await add_files(session, self.keys, files)
         return True
 
     async def fail_inputs(self, task_id: int, message: str) -> bool:

@@ -12,8 +12,8 @@ from dreamserve.db import File, Project, Task
 from dreamserve.errors import NotFound
 from dreamserve.params import RunParams, parse_run
 from dreamserve.settings import Settings
-from dreamserve.store import Quota, TaskStore, new_accesskey
-from dreamserve.wire import file_url
+from dreamserve.store import Quota, TaskStore, new_blob_folder
+from dreamserve.wire import input_marker
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
@@ -54,7 +54,7 @@ async def submit(
     worker writes the images in.
     """
     settings = services.settings
-    # Off the event loop: checking up to 14 uploaded images (headers, then a structural walk) is CPU work.
+    # Off the event loop: checking uploads decodes them (bounded by max_input_pixels).
     params = await asyncio.to_thread(
         parse_run,
         fields,
@@ -62,7 +62,7 @@ async def submit(
         max_input_pixels=settings.max_input_pixels,
         min_pixels=settings.min_pixels,
     )
-    accesskey = new_accesskey()
+    folder = new_blob_folder()
     now = time.time()
     inputs: list[File] = []
     job_inputs: list[dict[str, str]] = []
@@ -80,14 +80,14 @@ async def submit(
             name=name,
             contenttype=CONTENT_TYPES.get(reference.ext, f"image/{reference.ext}"),
             size=len(reference.upload.data),
-            accesskey=accesskey,
-            blob_key=f"inputs/{accesskey}/{name}",
+            blob_key=f"inputs/{folder}/{name}",
             meta={"width": reference.width, "height": reference.height},
             created=now,
         )
         inputs.append(file)
         job_inputs.append({"blob_key": file.blob_key})
-        echo.append(file_url(settings.base_url, file))
+        # Not the URL: it holds the access key, which is never stored. Task/Detail renders it (wire.input_marker).
+        echo.append(input_marker(position))
 
     # Bytes first, then the rows that point at them: a crash in between leaves only unreferenced blobs.
     uploads = [r.upload.data for r in params.references if r.upload is not None]

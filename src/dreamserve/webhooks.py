@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dreamserve.db import Project, Task, WebhookDelivery
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import post_json
+from dreamserve.keyring import ServerKey
 from dreamserve.logs import about
 from dreamserve.settings import Settings
 from dreamserve.signing import sign_webhook
@@ -60,9 +61,12 @@ class WebhookSender:
     postponed, without spending an attempt.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: Settings, render: TaskRenderer) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], settings: Settings, keys: ServerKey, render: TaskRenderer
+    ) -> None:
         self.sessions = sessions
         self.settings = settings
+        self.keys = keys
         self.render = render
         #: Delivery id -> (receiver host, task id) of the POSTs in flight.
         self._inflight: dict[int, tuple[str, int]] = {}
@@ -123,7 +127,7 @@ class WebhookSender:
 
     async def _send(self, delivery: WebhookDelivery, receiver: str) -> None:
         try:
-            ok = await _attempt(self.sessions, self.settings, self.render, delivery)
+            ok = await _attempt(self.sessions, self.settings, self.keys, self.render, delivery)
             self._judge(receiver, ok)
         except Exception:
             log.exception(
@@ -194,25 +198,32 @@ async def _claim(
 
 
 async def _body(
-    sessions: async_sessionmaker[AsyncSession], render: TaskRenderer, delivery: WebhookDelivery
+    sessions: async_sessionmaker[AsyncSession], keys: ServerKey, render: TaskRenderer, delivery: WebhookDelivery
 ) -> tuple[bytes, str]:
     async with sessions() as session:
         query = (
-            select(Project.webhook_secret).join(Task, Task.project_id == Project.id).where(Task.id == delivery.task_id)
+            select(Project.id, Project.webhook_secret_sealed)
+            .join(Task, Task.project_id == Project.id)
+            .where(Task.id == delivery.task_id)
         )
-        secret = (await session.execute(query)).scalar_one_or_none() or ""
+        row = (await session.execute(query)).one_or_none()
+    secret = keys.webhook_secret(row.id, row.webhook_secret_sealed) if row is not None else ""
     payload = await render(delivery.task_id) if delivery.event == "completed" else delivery.payload
     return json.dumps(payload).encode(), secret
 
 
 async def _attempt(
-    sessions: async_sessionmaker[AsyncSession], settings: Settings, render: TaskRenderer, delivery: WebhookDelivery
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    keys: ServerKey,
+    render: TaskRenderer,
+    delivery: WebhookDelivery,
 ) -> bool:
     """One POST and its bookkeeping; True when the receiver acknowledged it."""
     status: int | None = None
     error = ""
     try:
-        body, secret = await _body(sessions, render, delivery)
+        body, secret = await _body(sessions, keys, render, delivery)
         stamp = str(int(time.time()))
         headers = {
             "x-dreamserve-event": delivery.event,
@@ -226,12 +237,13 @@ async def _attempt(
             headers=headers,
             timeout=settings.webhook_timeout_seconds,
             allow_private=settings.fetch_allow_private,
-            allow_hosts=settings.fetch_allow_hosts,
+            allow_hosts=settings.callback_allow_hosts,
         )
     except InvalidRequest as exc:
         error = exc.message
     except Exception as exc:  # a receiver that is down or slow is retried, never fatal
-        error = f"{type(exc).__name__}: {exc}"
+        log.warning("callback delivery %s for task %s failed", delivery.id, delivery.task_id, exc_info=exc)
+        error = f"Delivery failed ({type(exc).__name__}); the server log has the details."
     attempts = delivery.attempts + 1
     ok = status is not None and 200 <= status < 300
     async with sessions.begin() as session:
@@ -243,7 +255,8 @@ async def _attempt(
             row.state, row.delivered = "delivered", time.time()
         elif attempts >= settings.webhook_attempts:
             row.state = "failed"
-            log.warning("callback to %s failed after %d attempts", row.url, attempts, extra=about(row.task_id))
+            # %r: the URL is the client's text; quoted, it cannot forge log lines.
+            log.warning("callback to %r failed after %d attempts", row.url, attempts, extra=about(row.task_id))
         else:
             row.state = "pending"
             row.next_attempt = time.time() + settings.webhook_backoff_seconds * 2 ** (attempts - 1)

@@ -105,6 +105,9 @@ class Cluster:
         raise AssertionError(f"task {taskid} made no progress: {task['status']}")
 
 
+SERVER_SECRET = "scaleout-test-server-secret-0123456789"
+
+
 def _wait_http(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,6 +134,8 @@ def _env(tmp: Path, models: dict[str, ModelSpec], name: str) -> dict[str, str]:
         "DREAMSERVE_LEASE_SECONDS": "4",
         "DREAMSERVE_HEARTBEAT_SECONDS": "0.5",
         "DREAMSERVE_FETCH_ALLOW_PRIVATE": "true",
+        # Tokens, file keys and sealed webhook secrets derive from it: one secret for the whole deployment.
+        "DREAMSERVE_SERVER_SECRET": SERVER_SECRET,
     }
 
 
@@ -165,6 +170,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         dispatch="celery",
         s3=S3Settings(bucket="dreamserve", endpoint=S3),
         models=models,
+        server_secret=SERVER_SECRET,
     )
     creds = create_project(settings, "scaleout", signature=True)
     procs: list[Proc] = []

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
-from dreamserve.api import ark, files, health, metrics, openai, run, socket, tasks, web
+from dreamserve.api import ark, files, health, metrics, openai, run, security, socket, tasks, web
 from dreamserve.errors import (
     DreamError,
     HTTPProtocolError,
@@ -24,6 +24,7 @@ from dreamserve.errors import (
     RateLimited,
     RouteNotFound,
     ServerError,
+    new_error_id,
 )
 from dreamserve.metrics import Monitor
 from dreamserve.services import Services
@@ -59,9 +60,9 @@ def create_app(
     app.state.socket_addresses = Counter()
     for module in (run, tasks, files, openai, ark, socket, health, metrics):
         app.include_router(module.router)
-    if settings.playground:
-        web.install(app)
+    web.install(app, playground=settings.playground)
     app.add_middleware(metrics.RequestCounter, stats=monitor.requests)
+    security.install(app, settings)
     _install_error_handlers(app)
     return app
 
@@ -88,7 +89,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(InvalidRequest("Request parameters are invalid.").to_wire())
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        error = ServerError()
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the log only; the client gets the id that finds it there.
+        error_id = new_error_id()
+        log.error("unhandled error [error id %s] on %s %r", error_id, request.method, request.url.path, exc_info=exc)
+        error = ServerError(f"Internal server error (error id {error_id}). It was logged; retry with backoff.")
         return JSONResponse(error.to_wire(), status_code=error.http_status)

@@ -40,6 +40,7 @@ from dreamserve.groups import image_count
 from dreamserve.params import MAX_TOTAL_IMAGES, Upload
 from dreamserve.services import Services
 from dreamserve.submit import submit
+from dreamserve.wire import file_url
 
 #: Our parameter names as Ark's clients know them, for error messages and ``param``.
 ARK_NAMES = {"inputImage": "image", "maxImages": "sequential_image_generation_options.max_images"}
@@ -279,7 +280,7 @@ async def _answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, 
 async def _item(services: Services, file: File, response_format: str) -> dict[str, Any]:
     size = f"{file.meta['width']}x{file.meta['height']}"
     if response_format == "url":
-        item: dict[str, Any] = {"url": f"{services.settings.base_url}/v1/File/{file.accesskey}/{file.name}"}
+        item: dict[str, Any] = {"url": file_url(services.settings.base_url, file, services.keys)}
     else:
         raw = await asyncio.to_thread(services.blobs.read, file.blob_key)
         item = {"b64_json": base64.b64encode(raw).decode()}
@@ -317,7 +318,7 @@ async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncItera
                 if "error" in update.message:
                     yield event("partial_failed", image_index=index, error=update.message["error"])
                     continue
-                file = await _file(services, update.message["accesskey"], update.message["name"])
+                file = await _file(services, task.id, int(update.message["file"]))
                 if file is None:
                     continue
                 saved.append(file)
@@ -347,8 +348,8 @@ async def _ended_badly(services: Services, task: Task) -> bool:
     return fresh is None or fresh.status != "task_postprocess_end" or fresh.pexit != "0"
 
 
-async def _file(services: Services, accesskey: str, name: str) -> File | None:
+async def _file(services: Services, task_id: int, file_id: int) -> File | None:
     async with services.sessions() as session:
-        query = select(File).where(File.accesskey == accesskey, File.name == name)
+        query = select(File).where(File.id == file_id, File.task_id == task_id)
         file: File | None = (await session.execute(query)).scalar_one_or_none()
         return file

@@ -12,7 +12,7 @@ from starlette.types import Message
 from dreamserve.auth import authenticate
 from dreamserve.db import Project
 from dreamserve.errors import InvalidRequest, RequestTooLarge
-from dreamserve.params import Upload
+from dreamserve.params import Upload, check_text
 from dreamserve.ratelimit import RateLimiter
 from dreamserve.services import Services
 
@@ -26,7 +26,7 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def get_project(request: Request, services: ServicesDep) -> Project:
-    project = await authenticate(services.sessions, services.settings, request.headers)
+    project = await authenticate(services.sessions, services.settings, request.headers, services.clock)
     check_rate(request, services, project)
     return project
 
@@ -95,6 +95,7 @@ async def read_fields(request: Request, max_file_bytes: int) -> dict[str, list[A
                     data = await value.read(max_file_bytes + 1)
                     fields.setdefault(name, []).append(Upload(filename=value.filename or "", data=data))
                 else:
+                    check_text(value)
                     fields.setdefault(name, []).append(value)
         return fields
     advice = "Files go in multipart/form-data (or as URLs), not in JSON."
@@ -104,10 +105,13 @@ async def read_fields(request: Request, max_file_bytes: int) -> dict[str, list[A
         return fields
     try:
         parsed = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest("Request parameters are invalid. Send a JSON object or multipart/form-data.") from None
+    except RecursionError:
+        raise InvalidRequest("Request parameters are invalid: the JSON body is nested far too deep.") from None
     if not isinstance(parsed, dict):
         raise InvalidRequest("Request parameters are invalid. The JSON body must be an object.")
+    check_text(parsed)
     for name, value in parsed.items():
         fields[name] = [value]
     return fields

@@ -14,14 +14,22 @@ from sqlalchemy import select
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.db import File, Folder
 from dreamserve.errors import FileNotFound, InvalidRequest, NotFound
-from dreamserve.params import Upload, check_image
-from dreamserve.store import new_accesskey
+from dreamserve.keyring import digest
+from dreamserve.params import Upload, ascii_id, check_image
+from dreamserve.store import add_files, new_blob_folder
 from dreamserve.wire import envelope, file_item, unix
 
 router = APIRouter()
 
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+#: Files are whatever clients uploaded: never sniffed into HTML, never run as a page if opened, and embeddable
+#: anywhere (output URLs are made to be shared, like Wiro's CDN links).
+USER_FILE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox",
+    "Cross-Origin-Resource-Policy": "cross-origin",
+}
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
@@ -32,8 +40,7 @@ async def folder_create(request: Request, project: ProjectDep, services: Service
     name = str(fields.get("name", [""])[-1]).strip()
     if not _FOLDER_NAME.match(name):
         raise InvalidRequest("Request parameter [name] must be 1-100 letters, digits, '-' or '_'.")
-    parent = str((fields.get("parentid") or fields.get("parentId") or [""])[-1]).strip()
-    parent_id = int(parent) if parent.isdigit() and parent != "0" else None
+    parent_id = ascii_id(fields, "parentid", "parentId")
     async with services.sessions.begin() as session:
         if parent_id is not None and await _folder(session, project.id, parent_id) is None:
             raise NotFound(f"Folder {parent_id} does not exist in this project.")
@@ -62,10 +69,9 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
     ext, width, height = await asyncio.to_thread(
         check_image, data.data, repr(data.filename), settings.max_upload_bytes, settings.max_input_pixels
     )
-    folder_raw = str(fields.get("folderid", [""])[-1]).strip()
-    folder_id = int(folder_raw) if folder_raw.isdigit() and folder_raw != "0" else None
+    folder_id = ascii_id(fields, "folderid")
     stem = _SAFE_NAME.sub("_", data.filename.rsplit(".", 1)[0])[:80] or "upload"
-    accesskey = new_accesskey()
+    folder = new_blob_folder()
     file = File(
         project_id=project.id,
         folder_id=folder_id,
@@ -73,8 +79,7 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
         name=f"{stem}.{ext}",
         contenttype=CONTENT_TYPES.get(ext, f"image/{ext}"),
         size=len(data.data),
-        accesskey=accesskey,
-        blob_key=f"uploads/{accesskey}/{stem}.{ext}",
+        blob_key=f"uploads/{folder}/{stem}.{ext}",
         meta={"width": width, "height": height},
         created=time.time(),
     )
@@ -82,16 +87,16 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
         if folder_id is not None and await _folder(session, project.id, folder_id) is None:
             raise NotFound(f"Folder {folder_id} does not exist in this project.")
         await asyncio.to_thread(services.blobs.put, file.blob_key, data.data)
-        session.add(file)
-    return envelope(list=[file_item(settings.base_url, file)])
+        await add_files(session, services.keys, [file])
+    return envelope(list=[file_item(settings.base_url, file, services.keys)])
 
 
 @router.get("/v1/File/{accesskey}/{name}")
 async def read_file(accesskey: str, name: str, services: ServicesDep) -> Response:
     """No credentials: the access key in the URL is the capability (Wiro: "anyone with the URL")."""
     async with services.sessions() as session:
-        query = select(File).where(File.accesskey == accesskey, File.name == name)
-        file = (await session.execute(query)).scalar_one_or_none()
+        query = select(File).where(File.key_digest == digest(accesskey), File.name == name)
+        file = (await session.execute(query)).scalars().first()
     missing = FileNotFound("File not found. Check the URL; output URLs are listed in Task/Detail outputs[].url.")
     if file is None:
         raise missing
@@ -102,7 +107,7 @@ async def read_file(accesskey: str, name: str, services: ServicesDep) -> Respons
         return RedirectResponse(url or "", status_code=307)
     if not local.is_file():
         raise missing
-    return FileResponse(local, media_type=file.contenttype)
+    return FileResponse(local, media_type=file.contenttype, headers=USER_FILE_HEADERS)
 
 
 async def _folder(session: Any, project_id: int, folder_id: int) -> Folder | None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from dreamserve.api.deps import ServicesDep
+from dreamserve.api.security import ops_authorized
 
 router = APIRouter()
 
@@ -23,8 +24,15 @@ async def healthz(services: ServicesDep) -> dict[str, Any]:
 
 
 @router.get("/readyz")
-async def readyz(services: ServicesDep) -> JSONResponse:
+async def readyz(request: Request, services: ServicesDep) -> JSONResponse:
+    """Open to probes; which workers are waiting (hosts, pids) only with the ops token, when one is set."""
     waiting = [s.status() for s in services.supervisors if not s.state.is_loaded]
     loops = services.liveness.problems()
     ready = not waiting and not loops
-    return JSONResponse({"ready": ready, "waiting": waiting, "loops": loops}, status_code=200 if ready else 503)
+    body: dict[str, Any] = {"ready": ready}
+    if ops_authorized(services.settings, request.headers):
+        body["waiting"] = waiting
+        body["loops"] = loops
+    elif loops:
+        body["loops"] = [{"loop": loop["loop"], "problem": loop["problem"]} for loop in loops]
+    return JSONResponse(body, status_code=200 if ready else 503)

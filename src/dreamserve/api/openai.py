@@ -158,6 +158,7 @@ async def _run(
         raise InvalidRequest("Request parameter [output_format] must be 'png', 'jpeg' or 'webp'.")
     if output_format != "png" and response_format == "url":
         raise InvalidRequest("Request parameter [output_format]: url outputs are PNG; use b64_json for jpeg or webp.")
+    quality = _quality(one("output_compression"))  # checked before the task exists, like every other field
     size, output_size = generation_size(str(one("size", "auto")), services.settings.min_pixels)
     fields: dict[str, list[Any]] = {
         "prompt": [one("prompt", "")],
@@ -168,7 +169,6 @@ async def _run(
     for extra in ("seed", "watermark"):  # ours, beyond OpenAI
         if one(extra) is not None:
             fields[extra] = [one(extra)]
-    quality = _quality(one("output_compression"))
     async with services.sync_slot(project.id):
         task = await submit(services, project, _model(services, str(one("model", ""))), fields, output_size)
         await wait_for_task(request, services, task)
@@ -214,7 +214,7 @@ def _model(services: Services, requested: str) -> str:
 
 def _quality(value: Any) -> int:
     text = str(value if value is not None else 90).strip()
-    if not text.isdigit() or not 0 <= int(text) <= 100:
+    if not (text.isascii() and text.isdigit()) or len(text) > 3 or not 0 <= int(text) <= 100:
         raise InvalidRequest("Request parameter [output_compression] must be an integer from 0 to 100.")
     return int(text)
 
@@ -233,7 +233,7 @@ async def _answer(
 ) -> dict[str, Any]:
     rendered = await services.render(task.id) or {}
     status, pexit = rendered.get("status"), rendered.get("pexit")
-    follow = f"Task {task.id} (socketaccesstoken {task.token})"
+    follow = f"Task {task.id} (socketaccesstoken {services.keys.token(task)})"
     if status not in TERMINAL:
         raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
     if status == TaskStatus.CANCEL or pexit in (Pexit.CANCELLED, Pexit.KILLED):
@@ -257,7 +257,7 @@ async def _answer(
         "size": "x".join(str(side) for side in task.job.get("output_size") or (task.job["width"], task.job["height"])),
         # Beyond OpenAI: the task behind the images, to follow, list or cancel it like any other.
         "task_id": str(task.id),
-        "socketaccesstoken": task.token,
+        "socketaccesstoken": services.keys.token(task),
     }
 
 

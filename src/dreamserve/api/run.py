@@ -18,4 +18,4 @@ async def run(owner: str, model: str, request: Request, project: ProjectDep, ser
     slug = served_model(services, f"{owner}/{model}")
     fields = await read_fields(request, services.settings.max_upload_bytes)
     task = await submit(services, project, slug, fields)
-    return envelope(taskid=str(task.id), socketaccesstoken=task.token)
+    return envelope(taskid=str(task.id), socketaccesstoken=services.keys.token(task))

@@ -121,11 +121,12 @@ async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, 
 
 async def _message(services: Services, event: Event) -> Any:
     """The frame's message. The final one lists the outputs, rendered here from the stored file rows with this
-    server's public URL, so they equal Task/Detail's whichever host ran the task."""
+    server's public URL and their derived access keys (never stored), so they equal Task/Detail's whichever
+    host ran the task."""
     if event.type != TaskStatus.POSTPROCESS_END:
         return event.message
     files = (await services.store.files([event.task_id], "output"))[event.task_id]
-    return [file_item(services.settings.base_url, file) for file in files]
+    return [file_item(services.settings.base_url, file, services.keys) for file in files]
 
 
 async def _send(websocket: WebSocket, lock: asyncio.Lock, frame: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.db import Project, Task
 from dreamserve.errors import InvalidRequest, InvalidState, NotFound
 from dreamserve.events import RUNNING, TERMINAL
+from dreamserve.params import MAX_ID, ascii_int
 from dreamserve.status import StopKind, TaskStatus
 from dreamserve.webhooks import delivery_log
 from dreamserve.wire import envelope
@@ -24,9 +25,8 @@ async def _find(request: Request, services: ServicesDep, project: Project) -> Ta
     taskid = value.get("taskid", "")
     token = value.get("tasktoken") or value.get("socketaccesstoken")
     if taskid:
-        if not taskid.isdigit():
-            raise InvalidRequest(f"Request parameter [taskid] must be integer, got {taskid[:20]!r}.")
-        task = await services.store.get(project_id=project.id, taskid=int(taskid))
+        number = ascii_int(taskid, "taskid", low=0, high=MAX_ID)
+        task = await services.store.get(project_id=project.id, taskid=number)
     elif token:
         task = await services.store.get(project_id=project.id, token=token)
     else:
@@ -103,10 +103,7 @@ async def task_list(request: Request, project: ProjectDep, services: ServicesDep
 
 
 def _int(fields: dict[str, list[Any]], name: str, default: int) -> int:
-    raw = str(fields.get(name, [default])[-1]).strip()
-    if not raw.isdigit():
-        raise InvalidRequest(f"Request parameter [{name}] must be integer, got {raw[:20]!r}.")
-    return int(raw)
+    return ascii_int(str(fields.get(name, [default])[-1]), name, low=0, high=10**9)
 
 
 def _status(task: Task | None) -> str:

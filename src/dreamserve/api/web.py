@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from dreamserve.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
@@ -54,6 +54,15 @@ async def playground() -> HTMLResponse:
     return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
 
 
-def install(app: FastAPI) -> None:
-    app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    # Browsers ask for it on every page of the origin (file URLs included); a PNG under this name is fine for all.
+    return FileResponse(STATIC / "favicon.png", media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
+
+def install(app: FastAPI, playground: bool) -> None:
+    if playground:
+        app.include_router(router)
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    else:
+        app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)

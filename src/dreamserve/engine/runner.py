@@ -365,8 +365,17 @@ class Engine:
     def _save(self, job: GenerationJob, position: int, image: Image.Image, seed: int) -> GeneratedImage:
         if job.watermark:
             image = add_visible_mark(image)
-        facts = {"Software": "dreamserve", "ai_generated": "true", "prompt": job.prompt, "seed": str(seed)}
-        facts["model"] = self.spec.source
+        # Output URLs are made to be shared: the file says it is AI-generated and how to reproduce it, but carries
+        # the prompt only when the operator asks, and the model's public name, never where its weights live.
+        facts = {
+            "Software": "dreamserve",
+            "ai_generated": "true",
+            "DigitalSourceType": "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia",
+            "seed": str(seed),
+            "model": job.model,
+        }
+        if job.embed_prompt:
+            facts["prompt"] = job.prompt
         if job.watermark:
             facts["watermark"] = "visible"
         if job.output_format == "jpeg":

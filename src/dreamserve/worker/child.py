@@ -10,9 +10,11 @@ then runs one job at a time sent by its supervisor over a pipe and answers with 
                       {"type": "image", "job": i, "failed": FailedImage} (an image that could not be finished)
                       {"type": "job_canceled", "job": i} (a group member stopped; it gets no more images)
                       {"type": "done", "result": GenerationResult}
-                      {"type": "canceled"}  {"type": "error", "message": m, "traceback": tb}
-                      {"type": "group_done", "results": [{"result": ...} | {"canceled": true} | {"message": m}]}
+                      {"type": "canceled"}  {"type": "error", "kind": k, "message": m, "traceback": tb}
+                      {"type": "group_done", "results": [{"result": ...} | {"canceled": true} | {"kind": k, ...}]}
                       {"type": "log", "record": {...}} (any time: its logging, replayed by the parent, ``logs.py``)
+
+Errors carry the full text and traceback for the supervisor's log; only their kind reaches clients.
 
 Cancel is the shared ``stop`` event, read by the diffusers step callback; kill is SIGKILL from
 the supervisor, which frees every byte this process holds, GPU memory included.
@@ -120,8 +122,13 @@ class _Runner:
             self.send({"type": "done", "result": result.to_dict()})
 
     def _error(self, exc: Exception) -> None:
-        log.error("generation failed: %s: %s", type(exc).__name__, exc)
-        self.send({"type": "error", "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        self.send(_error(exc))
+
+
+def _error(exc: Exception) -> dict[str, Any]:
+    """What the supervisor logs (all of it) and tells the client (the kind only, with an error id)."""
+    message = f"{type(exc).__name__}: {exc}"
+    return {"type": "error", "kind": type(exc).__name__, "message": message, "traceback": traceback.format_exc()}
 
 
 def _outcome(outcome: Any) -> dict[str, Any]:
@@ -130,5 +137,10 @@ def _outcome(outcome: Any) -> dict[str, Any]:
     if isinstance(outcome, Interrupted):
         return {"canceled": True}
     if isinstance(outcome, Exception):
-        return {"message": f"{type(outcome).__name__}: {outcome}"}
+        message = f"{type(outcome).__name__}: {outcome}"
+        return {
+            "kind": type(outcome).__name__,
+            "message": message,
+            "traceback": "".join(traceback.format_exception(outcome)),
+        }
     return {"result": outcome.to_dict()}

@@ -27,6 +27,7 @@ from typing import Any
 
 from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Task
+from dreamserve.errors import new_error_id
 from dreamserve.events import IMAGE_SAVED, RUNNING
 from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult
 from dreamserve.liveness import Liveness, backoff
@@ -40,7 +41,7 @@ from dreamserve.store import (
     PEXIT_MODEL_ERROR,
     PEXIT_OK,
     TaskStore,
-    new_accesskey,
+    new_blob_folder,
 )
 from dreamserve.worker.child import child_main
 
@@ -312,11 +313,13 @@ class Supervisor:
         try:
             await self._process(group)
         except Exception:
-            log.exception("tasks %s: supervisor error", [t.id for t in group], extra=about(group[0].id))
+            error_id = new_error_id()
+            log.exception(
+                "tasks %s: supervisor error [error id %s]", [t.id for t in group], error_id, extra=about(group[0].id)
+            )
+            message = f"Internal worker error (error id {error_id}); the server log has the details."
             for task in group:
-                await self.store.fail(
-                    task.id, PEXIT_MODEL_ERROR, "Internal worker error.", expect=RUNNING, worker_id=self.worker_id
-                )
+                await self.store.fail(task.id, PEXIT_MODEL_ERROR, message, expect=RUNNING, worker_id=self.worker_id)
         finally:
             self.running = {}
             self._sent = False
@@ -419,7 +422,7 @@ class Supervisor:
         if entry.stop:
             await self._record_stopped(entry)
             return False
-        entry.accesskey = new_accesskey()
+        entry.folder = new_blob_folder()
         entry.job = GenerationJob(
             task_id=task.id,
             prompt=task.job["prompt"],
@@ -429,9 +432,11 @@ class Supervisor:
             seed=task.job["seed"],
             references=references,
             watermark=task.job["watermark"],
-            output_dir=str(self.blobs.local_path(f"outputs/{entry.accesskey}") or scratch / "outputs"),
+            output_dir=str(self.blobs.local_path(f"outputs/{entry.folder}") or scratch / "outputs"),
             output_size=task.job.get("output_size"),
             output_format=task.job.get("output_format", "png"),
+            model=self.slug,
+            embed_prompt=self.settings.png_embed_prompt,
         )
         return await self._record(task, "task_assign") is not None
 
@@ -532,10 +537,20 @@ class Supervisor:
         elif outcome.get("type") == "canceled" or outcome.get("canceled"):
             await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
         else:
-            output = "\n".join(entry.log)
-            raw = outcome.get("traceback", "")
+            # The traceback and the exception's text (paths, tensors, model internals) stay in this log; the
+            # client gets the kind of error and an id that finds the log line.
+            error_id = new_error_id()
+            log.error(
+                "task %s: model error [error id %s]: %s\n%s",
+                task.id,
+                error_id,
+                outcome.get("message", ""),
+                outcome.get("traceback", ""),
+            )
+            kind = str(outcome.get("kind") or "error")
+            message = f"The model failed on this task ({kind}; error id {error_id}). Retry, or report the error id."
             await self.store.fail(
-                task.id, PEXIT_MODEL_ERROR, outcome["message"], raw=raw, output=output, worker_id=self.worker_id
+                task.id, PEXIT_MODEL_ERROR, message, output="\n".join(entry.log), worker_id=self.worker_id
             )
 
     async def _child_exited(self, live: list[_Running]) -> None:
@@ -575,12 +590,12 @@ class Supervisor:
             return
         file = await self._store_output(entry, GeneratedImage(**message["image"]), "partial")
         entry.partial[file.name] = file
-        # No URL, as in every event: the API renders it from the file row with its own public URL.
-        item = {"index": file.position, "accesskey": file.accesskey, "name": file.name}
-        await self._record(entry.task, IMAGE_SAVED, item, outputs=[file])
+        await self._record(entry.task, IMAGE_SAVED, None, outputs=[file])
+        # No URL nor key, as in every event: the API renders them from the file row (its id is known once stored).
+        await self._record(entry.task, IMAGE_SAVED, {"index": file.position, "file": file.id, "name": file.name})
 
     async def _store_output(self, entry: _Running, image: GeneratedImage, role: str) -> File:
-        key = f"outputs/{entry.accesskey}/{image.name}"
+        key = f"outputs/{entry.folder}/{image.name}"
         # Local store: the child wrote in place (put_file is a no-op). S3: upload before any row points at it.
         await asyncio.to_thread(self.blobs.put_file, key, Path(image.path))
         return File(
@@ -591,7 +606,6 @@ class Supervisor:
             name=image.name,
             contenttype="image/jpeg" if image.name.endswith(".jpeg") else "image/png",
             size=image.size_bytes,
-            accesskey=entry.accesskey,
             blob_key=key,
             meta={"seed": image.seed, "width": image.width, "height": image.height},
             created=time.time(),
@@ -619,7 +633,6 @@ class Supervisor:
             "method": result.method,
             "seeds": [image.seed for image in result.images],
             "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
-            "worker": self.worker_id,
             # Only the project's own tasks: another tenant's task ids are none of its business.
             "batched_with": [
                 other
@@ -629,8 +642,9 @@ class Supervisor:
         }
         if result.failed:
             details["failed_images"] = [{"index": f.index, "seed": f.seed, "message": f.message} for f in result.failed]
-        # The event keeps no URLs: the API renders them from the file rows with its own public URL (a worker
-        # host's base_url is not the one clients reach), as Task/Detail does.
+        # The event keeps no URLs nor access keys: the API renders them from the file rows with its own public
+        # URL and the derived keys (a worker host's base_url is not the one clients reach), as Task/Detail does.
+        log.info("task %s succeeded on worker %s", task.id, self.worker_id, extra=about(task.id))
         await self._record(
             task,
             "task_postprocess_end",
@@ -647,7 +661,8 @@ class _Running:
     """A claimed task while this supervisor runs it."""
 
     task: Task
-    accesskey: str = ""
+    #: Blob-store folder of its outputs.
+    folder: str = ""
     job: GenerationJob | None = None
     log: list[str] = field(default_factory=list)
     #: "" / "cancel" / "kill": what was asked of this task.
