@@ -54,8 +54,8 @@ class Services:
         self.engine: AsyncEngine = make_engine(settings.db_url)
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.hub = make_hub(settings)
-        self.store = TaskStore(self.sessions, self.hub)
         self.blobs: BlobStore = make_blob_store(settings)
+        self.store = TaskStore(self.sessions, self.hub, self.blobs)
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
         self.webhooks = WebhookSender(self.sessions, settings, self.render)
@@ -179,8 +179,14 @@ class Services:
         if task is None:
             return None
         outputs = (await self.store.files([task.id], "output"))[task.id]
+        settings = self.settings
         return task_object(
-            task, outputs, base_url=self.settings.base_url, cps=self.settings.cost_per_second, now=time.time()
+            task,
+            outputs,
+            base_url=settings.base_url,
+            cps=settings.cost_per_second,
+            now=time.time(),
+            retention_seconds=settings.retention_seconds,
         )
 
     # -- background loops ------------------------------------------------------------------------
@@ -190,6 +196,14 @@ class Services:
             task = await self.store.get_by_id(task_id)
             if task is not None:
                 self.wake(task.model)
+        await self.expire()
+
+    async def expire(self, now: float | None = None) -> int:
+        """Delete the inputs and outputs older than ``retention_seconds`` (0 keeps them); ``now`` for tests."""
+        if self.settings.retention_seconds <= 0:
+            return 0
+        before = (time.time() if now is None else now) - self.settings.retention_seconds
+        return await self.store.expire_files(before)
 
     async def _send_queued(self) -> None:
         """Send new and re-queued tasks to their model's queue; the conditional mark lets one replica send each."""

@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     #: server-side fetches may always reach, private or not.
     fetch_allow_hosts: list[str] = Field(default_factory=list)
 
+    #: How long the input and output files of an ended task are kept, in seconds (0 = until deleted with
+    #: Task/InputOutputDelete). Outputs show it as ``expiretime``; the reaper deletes expired files and rows.
+    retention_seconds: float = Field(default=0.0, ge=0)
+
     webhook_attempts: int = 5
     webhook_backoff_seconds: float = 1.0
     #: One callback POST, connect to answer; a receiver slower than this is a failed attempt.

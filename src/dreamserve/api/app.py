@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
-from dreamserve.api import files, health, metrics, openai, run, socket, tasks, web
+from dreamserve.api import files, health, metrics, openai, run, socket, tasks, tools, web
 from dreamserve.errors import (
     DreamError,
     HTTPProtocolError,
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.monitor = monitor
     #: Open task sockets per client address (``api/socket.py``).
     app.state.socket_addresses = Counter()
-    for module in (run, tasks, files, openai, socket, health, metrics):
+    for module in (run, tasks, tools, files, openai, socket, health, metrics):
         app.include_router(module.router)
     if settings.playground:
         web.install(app)

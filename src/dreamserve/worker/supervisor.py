@@ -350,7 +350,8 @@ class Supervisor:
     # -- one task, or a group of same-size tasks run together --------------------------------------
 
     async def _process(self, group: list[Task]) -> None:
-        self.running = {task.id: _Running(task) for task in group}
+        # Notes made at Run (a callbackUrl that is not a URL) open the task's output log.
+        self.running = {task.id: _Running(task, log=list(task.job.get("notes", []))) for task in group}
         heartbeat = asyncio.create_task(self._heartbeat())
         scratches = [self.settings.data_dir / "scratch" / f"{task.id}-{task.attempts}" for task in group]
         try:
