@@ -257,7 +257,10 @@ def guarded_client(policy: FetchPolicy, timeout: float) -> httpx.AsyncClient:
 
 
 def check_scheme(url: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed "[" of an IPv6 host, say
+        parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(f"{url[:80]!r} is not an http(s) URL.")
 

@@ -173,7 +173,7 @@ async def _read_own_files(services: Services, fields: Mapping[str, Sequence[Any]
             for item in value if isinstance(value, list) else [value]:
                 pieces = [p.strip() for p in item.split(",")] if isinstance(item, str) else [item]
                 entries.extend((name, piece) for piece in pieces if piece != "")
-    urls = [piece for _, piece in entries if isinstance(piece, str) and _FILE_ROUTE.match(urlsplit(piece).path)]
+    urls = [piece for _, piece in entries if isinstance(piece, str) and _FILE_ROUTE.match(_path(piece))]
     if not urls or len(entries) > MAX_REFERENCES:
         return fields  # nothing of ours, or too many entries: parse_run refuses those without reading any
     replaced: dict[str, list[Any]] = {name: [] for name in REFERENCE_FIELDS}
@@ -183,10 +183,19 @@ async def _read_own_files(services: Services, fields: Mapping[str, Sequence[Any]
     return {**fields, **{name: values for name, values in replaced.items() if values}}
 
 
+def _path(url: str) -> str:
+    try:
+        return urlsplit(url).path
+    except ValueError:  # "http://[::1" and the like: parse_run or the URL check refuses it
+        return ""
+
+
 async def _own_file(services: Services, url: str, number: int) -> Upload | None:
+    route = _FILE_ROUTE.match(_path(url))
+    if route is None:
+        return None
     parts = urlsplit(url)
-    route = _FILE_ROUTE.match(parts.path)
-    if parts.scheme.lower() not in ("http", "https") or route is None:
+    if parts.scheme.lower() not in ("http", "https"):
         return None
     accesskey, name = unquote(route.group(1)), unquote(route.group(2))
     async with services.sessions() as session:
