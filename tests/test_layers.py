@@ -17,7 +17,7 @@ PACKAGE = Path(dreamserve.__file__).parent
 TIERS: dict[str, str] = {
     **dict.fromkeys(["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness"], "leaf"),
     **dict.fromkeys(["db", "migrate", "store", "events", "redis_events"], "queue"),
-    **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit"], "request"),
+    **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit", "tools"], "request"),
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks"], "io"),
     **dict.fromkeys(["models", "submit", "preprocess"], "submit"),

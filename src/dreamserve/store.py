@@ -15,13 +15,12 @@ import string
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import BigInteger, Subquery, case, cast, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
-from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Project, Task, TaskEvent, WebhookDelivery
 from dreamserve.errors import QuotaExceeded
 from dreamserve.events import LIFECYCLE, RUNNING, TERMINAL, Event, Hub
@@ -57,6 +56,12 @@ def new_accesskey() -> str:
     return "-".join(raw[i : i + 8] for i in range(0, 64, 8))
 
 
+class Blobs(Protocol):
+    """What the store needs of ``blobs.BlobStore`` (a tier above it, passed in): deleting a task's files."""
+
+    def delete(self, key: str) -> None: ...
+
+
 #: Task/List's sort keys (Wiro sends ``sort: "id"``); ties are broken by id.
 LIST_SORTS: dict[str, InstrumentedAttribute[Any]] = {
     "id": Task.id,
@@ -68,7 +73,7 @@ LIST_SORTS: dict[str, InstrumentedAttribute[Any]] = {
 
 
 class TaskStore:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: Hub, blobs: BlobStore) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: Hub, blobs: Blobs) -> None:
         self.sessions = sessions
         self.hub = hub
         #: Where the bytes of the task files live: inputs of failed and cancelled tasks are deleted at their end.

@@ -7,14 +7,13 @@ The records are typed; ``wire.py`` renders them in Wiro's shapes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.db import Task
-from dreamserve.models import resolve
 from dreamserve.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
 from dreamserve.settings import Settings
 from dreamserve.sizes import PRESETS_2K
@@ -53,6 +52,15 @@ class Parameter:
 class ParameterGroup:
     title: str
     items: tuple[Parameter, ...]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the catalogue says of a served model's weights (from ``models.resolve``, which the caller runs)."""
+
+    source: str
+    licence: str
+    max_references: int
 
 
 @dataclass(frozen=True)
@@ -155,13 +163,12 @@ def seedream_parameters(max_references: int) -> tuple[ParameterGroup, ...]:
     )
 
 
-def catalogue(settings: Settings, stats: dict[str, TaskStats] | None = None) -> list[Tool]:
+def catalogue(settings: Settings, facts: Mapping[str, ModelFacts], stats: Mapping[str, TaskStats]) -> list[Tool]:
     """Every served model, ids in slug order (stable while the configuration is)."""
-    stats = stats or {}
     tools = []
     for number, slug in enumerate(sorted(settings.models), start=1):
         owner, _, project = slug.partition("/")
-        resolved = resolve(settings.models[slug])
+        resolved = facts[slug]
         readme = (
             f"# {slug}\n\n{DESCRIPTION}\n\nServed by dreamserve from `{resolved.source}` "
             f"(licence: {resolved.licence}). Run it with `POST /v1/Run/{slug}`; follow it with Task/Detail or "

@@ -9,13 +9,18 @@ from fastapi import APIRouter, Request
 from dreamserve import wire
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.errors import InvalidRequest, NotFound
-from dreamserve.tools import SORTS, Tool, catalogue, find_tool, select_tools, task_stats
+from dreamserve.models import resolve
+from dreamserve.tools import SORTS, ModelFacts, Tool, catalogue, find_tool, select_tools, task_stats
 
 router = APIRouter()
 
 
 async def _tools(services: ServicesDep) -> list[Tool]:
-    return catalogue(services.settings, await task_stats(services.sessions))
+    facts = {}
+    for slug, spec in services.settings.models.items():
+        resolved = resolve(spec)
+        facts[slug] = ModelFacts(resolved.source, resolved.licence, resolved.max_references)
+    return catalogue(services.settings, facts, await task_stats(services.sessions))
 
 
 def _text(fields: dict[str, list[Any]], name: str, default: str = "") -> str:
