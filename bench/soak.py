@@ -109,6 +109,7 @@ def start_server(data_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], An
         "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
         "DREAMSERVE_MIN_PIXELS": str(64 * 64),
         "DREAMSERVE_FETCH_ALLOW_HOSTS": json.dumps([ATTACKER]),
+        "DREAMSERVE_CALLBACK_ALLOW_HOSTS": json.dumps([ATTACKER]),
         "DREAMSERVE_FETCH_TIMEOUT_SECONDS": str(FETCH_TIMEOUT),
         "DREAMSERVE_WEBHOOK_TIMEOUT_SECONDS": str(WEBHOOK_TIMEOUT),
     }

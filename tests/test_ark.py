@@ -32,7 +32,6 @@ from dreamserve.db import File
 from dreamserve.events import IMAGE_SAVED
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
-from dreamserve.wire import file_item
 from tests.conftest import MODEL, Receiver, Server, launch, png_bytes
 
 MODEL_ID = "seedream-4-0-250828"
@@ -376,12 +375,11 @@ def test_a_failed_image_keeps_its_place_and_the_next_ones_still_come(tmp_path: A
                 name=f"{index}.jpeg",
                 contenttype="image/jpeg",
                 size=1,
-                accesskey=f"key-{task.id}",
-                blob_key=f"outputs/key-{task.id}/{index}.jpeg",
+                blob_key=f"outputs/folder-{task.id}/{index}.jpeg",
                 meta={"seed": 7 + index, "width": 1280, "height": 720},
                 created=time.time(),
             )
-            await services.store.record(task.id, IMAGE_SAVED, {"index": index, **file_item("", file)}, outputs=[file])
+            await services.store.record(task.id, IMAGE_SAVED, {"index": index, "name": file.name}, outputs=[file])
             files.append(file)
         for file in files:
             file.role = "output"

@@ -19,7 +19,7 @@ TIERS: dict[str, str] = {
         ["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness", "userconfig", "groups"], "leaf"
     ),
     **dict.fromkeys(["db", "migrate", "keyring", "store", "events", "redis_events"], "queue"),
-    **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit"], "request"),
+    **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit", "tools"], "request"),
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks"], "io"),
     **dict.fromkeys(["models", "submit", "preprocess", "weights"], "submit"),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -13,7 +15,9 @@ import psutil
 from PIL import Image
 from websockets.sync.client import connect
 
+from tests import wiro_samples
 from tests.conftest import Receiver, png_bytes
+from tests.wiro_samples import assert_like
 
 ORDER = [
     "task_queue",
@@ -260,7 +264,8 @@ def test_same_size_requests_share_pipeline_calls(make_server: Any) -> None:
 
 
 def test_literal_curl_commands_from_the_readme(tiny: Any, receiver: Receiver, tmp_path: Any) -> None:
-    """Wiro's sample, as a shell would run it: openssl for the signature, curl for the calls."""
+    """Wiro's sample as a shell runs it: openssl's whole output line in x-signature (``SHA2-256(stdin)= ...`` on
+    OpenSSL 3), the page's placeholder callbackUrl, curl for Run and Detail; answers compared with the page's."""
     import shutil
     import subprocess
 
@@ -270,20 +275,47 @@ def test_literal_curl_commands_from_the_readme(tiny: Any, receiver: Receiver, tm
     for index in range(3):
         (tmp_path / f"in{index}.png").write_bytes(png_bytes(90, 60, (40 * index, 90, 200)))
     receiver.files["/style.png"] = png_bytes(64, 64)
-    script = f"""
-        set -e
-        KEY={server.creds.api_key}; SECRET={server.creds.api_secret}; NONCE=$(date +%s)
-        SIGNATURE=$(echo -n "${{SECRET}}${{NONCE}}" | openssl dgst -sha256 -hmac "${{KEY}}" | sed 's/^.* //')
-        curl -s -X POST "{server.url}/v1/Run/bytedance/seedream-v4" \\
-          -H "x-api-key: ${{KEY}}" -H "x-nonce: ${{NONCE}}" -H "x-signature: ${{SIGNATURE}}" \\
-          -F "prompt=Make a poster of these" -F "inputImage=@{tmp_path}/in0.png" -F "inputImage=@{tmp_path}/in1.png" \\
-          -F "inputImage=@{tmp_path}/in2.png" -F "inputImage={receiver.url("/style.png")}" \\
-          -F "size=2048x2048" -F "maxImages=1" -F "watermark=false"
+    sign = f"""
+        YOUR_API_KEY={server.creds.api_key}; YOUR_API_SECRET={server.creds.api_secret}; NONCE=$(date +%s)
+        SIGNATURE="$(echo -n "${{YOUR_API_SECRET}}${{NONCE}}" | openssl dgst -sha256 -hmac "${{YOUR_API_KEY}}")"
+        AUTH=(-H "x-api-key: ${{YOUR_API_KEY}}" -H "x-nonce: ${{NONCE}}" -H "x-signature: ${{SIGNATURE}}")
     """
-    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    run_script = f"""
+        set -e
+        {sign}
+        echo "$SIGNATURE" >&2
+        curl -s -X POST "{server.url}/v1/Run/bytedance/seedream-v4" \
+          -H "Content-Type: multipart/form-data" "${{AUTH[@]}}" \
+          -F "prompt=Make a poster of these" -F "inputImage=@{tmp_path}/in0.png" -F "inputImage=@{tmp_path}/in1.png" \
+          -F "inputImage=@{tmp_path}/in2.png" -F "inputImage={receiver.url("/style.png")}" \
+          -F "size=2048x2048" -F "maxImages=1" -F "watermark=false" \
+          -F "callbackUrl=Optional: Webhook URL for task completion notifications"
+    """
+    done = subprocess.run(["bash", "-c", run_script], capture_output=True, text=True, timeout=60, check=True)
+    printed = done.stderr.strip()
+    assert re.fullmatch(r"([A-Za-z0-9-]*)\(stdin\)= [0-9a-f]{64}", printed), f"openssl printed {printed!r}"
     run = json.loads(done.stdout)
-    assert run["result"] is True
-    task = server.wait(run["taskid"])
+    assert_like(run, wiro_samples.RUN)
+    server.wait(run["taskid"])
+
+    detail_script = f"""
+        set -e
+        {sign}
+        curl -s -X POST "{server.url}/v1/Task/Detail" -H "Content-Type: application/json" "${{AUTH[@]}}" \
+          -d '{{"tasktoken": "{run["socketaccesstoken"]}"}}'
+    """
+    done = subprocess.run(["bash", "-c", detail_script], capture_output=True, text=True, timeout=60, check=True)
+    detail = json.loads(done.stdout)
+    assert_like(detail, wiro_samples.DETAIL)
+    task = detail["tasklist"][0]
     assert task["pexit"] == "0" and len(task["parameters"]["inputImage"]) == 4
+    assert uuid.UUID(task["uuid"]) and task["outputs"][0]["uuid"] == task["uuid"]
+    # The placeholder is no URL: the task ran, nothing was called, and both the task and its webhook log say so.
+    assert task["callbackurl"] == "" and "is not an http(s) URL" in task["debugoutput"], task["debugoutput"]
+    log = server.post("/v1/Task/Webhooks", json={"taskid": run["taskid"]}).json()["deliveries"]
+    assert [(d["state"], d["url"]) for d in log] == [
+        ("failed", "Optional: Webhook URL for task completion notifications")
+    ]
+    assert "no callback is sent" in log[0]["lasterror"] and receiver.posts == []
     png = subprocess.run(["curl", "-s", task["outputs"][0]["url"]], capture_output=True, timeout=60, check=True).stdout
     assert Image.open(io.BytesIO(png)).size == (2048, 2048)

@@ -28,6 +28,10 @@ from dreamserve.signing import verify
 NOT_FOUND = "Project authorization is not founded."
 NEEDS_SIGNATURE = "Project requires signature authentication. x-signature and x-nonce headers are required."
 NOT_VALID = "Project authorization is not valid."
+BAD_SIGNATURE = (
+    f"{NOT_VALID} x-signature must be the lowercase hex of HMAC-SHA256 keyed with the API key over the API "
+    "secret followed by x-nonce (openssl's whole output line is accepted too)."
+)
 
 
 def nonce_time(nonce: str) -> float | None:
@@ -63,7 +67,7 @@ async def authenticate(
         raise AuthError(NEEDS_SIGNATURE)
     secret = unseal_secret(api_key, project.secret_sealed or "")
     if len(nonce) > 64 or not verify(api_key, secret, nonce, signature):
-        raise AuthError(NOT_VALID)
+        raise AuthError(BAD_SIGNATURE)
     await _check_nonce(sessions, settings, project.id, nonce, clock())
     return project
 

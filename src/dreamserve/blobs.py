@@ -7,6 +7,7 @@ an S3 PUT is atomic by itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -87,7 +88,12 @@ class LocalBlobStore:
         return self.path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        # A task's files share a folder named by their access key: the last one out removes it.
+        if path.parent != self.root:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
 
     def local_path(self, key: str) -> Path | None:
         return self.path(key)

@@ -188,7 +188,7 @@ def _banner(settings: Settings, key: str, new_secret: str | None, key_only: bool
         out(f'  curl -X POST "{url}/v1/Run/{DEFAULT_MODEL}" -H "x-api-key: {key}" \\')
     else:
         out(f'  KEY="{key}"; SECRET="$({cli} keys show --secret)"; NONCE=$(date +%s)')
-        out('  SIGNATURE=$(echo -n "${SECRET}${NONCE}" | openssl dgst -sha256 -hmac "${KEY}" | sed \'s/^.* //\')')
+        out('  SIGNATURE="$(echo -n "${SECRET}${NONCE}" | openssl dgst -sha256 -hmac "${KEY}")"')
         out(f'  curl -X POST "{url}/v1/Run/{DEFAULT_MODEL}" -H "x-api-key: $KEY" \\')
         out('       -H "x-nonce: $NONCE" -H "x-signature: $SIGNATURE" \\')
     out('       -F "prompt=a red fox in the snow" -F "size=2048x2048" -F "maxImages=1"')

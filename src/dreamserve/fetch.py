@@ -271,9 +271,31 @@ def fetch_failed(doing: str, url: str, exc: BaseException) -> InvalidRequest:
 
 
 def check_scheme(url: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed "[" of an IPv6 host, say
+        parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(f"{url[:80]!r} is not an http(s) URL.")
+
+
+async def check_url(url: str, policy: FetchPolicy, timeout: float) -> None:
+    """What a fetch of ``url`` would refuse before connecting (scheme, resolution, address policy), checked
+    when a task is submitted so that its client is told at once; the fetch checks every hop again."""
+    check_scheme(url)
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InvalidRequest(f"{url[:80]!r} has an invalid port.") from None
+    try:
+        async with asyncio.timeout(timeout):
+            addresses = await resolve(host, port)
+    except TimeoutError:
+        raise InvalidRequest(f"The host {host[:80]!r} did not resolve within {timeout:.0f} s.") from None
+    for address in addresses:
+        policy.check(host, address)
 
 
 async def fetch(

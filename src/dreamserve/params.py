@@ -28,6 +28,8 @@ MAX_PROMPT_CHARS = 10_000
 MAX_ID = 2**63 - 1
 #: Deepest nesting of a JSON body: Wiro's bodies are flat, with arrays of strings at most.
 MAX_JSON_DEPTH = 16
+#: A value that names a scheme (``ftp://...``) is a URL, checked as one; anything else in callbackUrl is not.
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 CALLBACK_EVENTS = {"start", "progress", "completed"}
 #: EXIF tag 274: values 5 to 8 mean the stored image is displayed turned by 90 degrees.
 _EXIF_ORIENTATION = 0x0112
@@ -65,6 +67,9 @@ class RunParams:
     callback_url: str
     references: list[Reference] = field(default_factory=list)
     callback_events: list[str] = field(default_factory=lambda: ["completed"])
+    #: A callbackUrl that is not a URL (the page's sample sends its placeholder text): never called, and why.
+    refused_callback: str = ""
+    refused_callback_reason: str = ""
 
 
 def ascii_int(raw: str, name: str, *, low: int, high: int) -> int:
@@ -128,7 +133,9 @@ def parse_run(
         raise InvalidRequest(f"Request parameter [prompt] must be at most {MAX_PROMPT_CHARS} characters.")
 
     references = _references(fields, max_upload_bytes, max_input_pixels)
-    max_images = _integer(fields, "maxImages", default=1, low=1, high=MAX_TOTAL_IMAGES)
+    # 0 means "the default" (the n8n node's own default is 0), as an empty value does.
+    zero = _text(fields, "maxImages").strip() in ("0", "0.0")
+    max_images = 1 if zero else _integer(fields, "maxImages", default=1, low=1, high=MAX_TOTAL_IMAGES)
     if len(references) + max_images > MAX_TOTAL_IMAGES:
         room = MAX_TOTAL_IMAGES - len(references)
         raise InvalidRequest(
@@ -141,9 +148,20 @@ def parse_run(
     width, height = parse_size(size, (first.width, first.height) if first else None, min_pixels)
 
     callback_url = _text(fields, "callbackUrl").strip()
-    check_url_text(callback_url, "callbackUrl")
-    if callback_url and not callback_url.lower().startswith(("http://", "https://")):
+    refused, refused_reason = "", ""
+    if callback_url and not _URL_LIKE.match(callback_url):
+        # Words (spaces allowed) are never called, but control characters would still reach logs and rows.
+        check_url_text(callback_url.replace(" ", ""), "callbackUrl")
+        # Wiro's own curl sample carries "callbackUrl=Optional: Webhook URL ...": run the task, call nothing.
+        refused, callback_url = callback_url, ""
+        refused_reason = (
+            f"callbackUrl {refused[:80]!r} is not an http(s) URL, so no callback is sent for this task. "
+            "Send an http:// or https:// URL, or leave callbackUrl out."
+        )
+    elif callback_url and not callback_url.lower().startswith(("http://", "https://")):
         raise InvalidRequest("Request parameter [callbackUrl] must be an http:// or https:// URL.")
+    else:
+        check_url_text(callback_url, "callbackUrl")
 
     events = [e.strip() for e in _text(fields, "callbackEvents").split(",") if e.strip()] or ["completed"]
     unknown = sorted(set(events) - CALLBACK_EVENTS)
@@ -165,6 +183,8 @@ def parse_run(
         callback_url=callback_url,
         references=references,
         callback_events=events,
+        refused_callback=refused,
+        refused_callback_reason=refused_reason,
     )
 
 
@@ -182,7 +202,7 @@ def _text(fields: Mapping[str, Sequence[Any]], name: str) -> str:
     value = values[-1]
     if isinstance(value, Upload):
         raise InvalidRequest(f"Request parameter [{name}] must be text, not a file.")
-    return str(value)
+    return "" if value is None else str(value)  # JSON null: as if left out
 
 
 def _integer(fields: Mapping[str, Sequence[Any]], name: str, *, default: int, low: int, high: int) -> int:

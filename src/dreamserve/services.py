@@ -58,10 +58,10 @@ class Services:
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.hub = make_hub(settings)
         self.keys = ServerKey.load(settings)
-        self.store = TaskStore(self.sessions, self.hub, self.keys)
         #: The clock nonces are judged by (tests inject one).
         self.clock: Callable[[], float] = time.time
         self.blobs: BlobStore = make_blob_store(settings)
+        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs)
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
         self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render)
@@ -219,14 +219,16 @@ class Services:
             return None
         outputs = (await self.store.files([task.id], "output"))[task.id]
         inputs = (await self.store.files([task.id], "input"))[task.id]
+        settings = self.settings
         return task_object(
             task,
             outputs,
             inputs=inputs,
             keys=self.keys,
-            base_url=self.settings.base_url,
-            cps=self.settings.cost_per_second,
+            base_url=settings.base_url,
+            cps=settings.cost_per_second,
             now=time.time(),
+            retention_seconds=settings.retention_seconds,
         )
 
     # -- background loops ------------------------------------------------------------------------
@@ -236,6 +238,14 @@ class Services:
             task = await self.store.get_by_id(task_id)
             if task is not None:
                 self.wake(task.model)
+        await self.expire()
+
+    async def expire(self, now: float | None = None) -> int:
+        """Delete the inputs and outputs older than ``retention_seconds`` (0 keeps them); ``now`` for tests."""
+        if self.settings.retention_seconds <= 0:
+            return 0
+        before = (time.time() if now is None else now) - self.settings.retention_seconds
+        return await self.store.expire_files(before)
 
     async def _send_queued(self) -> None:
         """Send new and re-queued tasks to their model's queue; the conditional mark lets one replica send each."""

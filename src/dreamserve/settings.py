@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     #: and the model's public name only, as output URLs are made to be shared.
     png_embed_prompt: bool = False
 
+    #: How long the input and output files of an ended task are kept, in seconds (0 = until deleted with
+    #: Task/InputOutputDelete). Outputs show it as ``expiretime``; the reaper deletes expired files and rows.
+    retention_seconds: float = Field(default=0.0, ge=0)
+
     webhook_attempts: int = 5
     webhook_backoff_seconds: float = 1.0
     #: One callback POST, connect to answer; a receiver slower than this is a failed attempt.

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
+
+#: What ``openssl dgst -sha256 -hmac KEY`` prints, which Wiro's page puts whole in ``x-signature``:
+#: ``(stdin)= <hex>`` (OpenSSL 1.1), ``SHA2-256(stdin)= <hex>`` (OpenSSL 3), ``HMAC-SHA256(stdin)= <hex>``.
+_OPENSSL_LINE = re.compile(r"[A-Za-z0-9-]{0,32}\(stdin\)=\s*([0-9A-Fa-f]{64})")
 
 
 def sign(api_key: str, api_secret: str, nonce: str) -> str:
@@ -16,10 +21,17 @@ def sign(api_key: str, api_secret: str, nonce: str) -> str:
     return hmac.new(api_key.encode(), (api_secret + nonce).encode(), hashlib.sha256).hexdigest()
 
 
+def signature_hex(value: str) -> str:
+    """The hex digest in an ``x-signature`` value: the value itself, or the hex part of openssl's output line."""
+    value = value.strip()
+    line = _OPENSSL_LINE.fullmatch(value)
+    return (line.group(1) if line else value).lower()
+
+
 def verify(api_key: str, api_secret: str, nonce: str, signature: str) -> bool:
     """Constant-time check; hex case is ignored. Bytes, because ``compare_digest`` rejects non-ASCII str."""
     expected = sign(api_key, api_secret, nonce).encode()
-    return hmac.compare_digest(expected, signature.strip().lower().encode("utf-8", "replace"))
+    return hmac.compare_digest(expected, signature_hex(signature).encode("utf-8", "replace"))
 
 
 def auth_headers(api_key: str, api_secret: str | None, nonce: str | None = None) -> dict[str, str]:

@@ -8,19 +8,25 @@ nothing and learns so from the ``None`` it gets back.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import BigInteger, Subquery, case, cast, func, or_, select, update
+from sqlalchemy import BigInteger, Subquery, case, cast, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute
 
 from dreamserve.db import File, Project, Task, TaskEvent, WebhookDelivery
 from dreamserve.errors import QuotaExceeded
 from dreamserve.events import LIFECYCLE, RUNNING, TERMINAL, Event, Hub
 from dreamserve.keyring import ServerKey, digest, new_salt
+
+log = logging.getLogger(__name__)
+
 
 # Process exit codes reported as ``pexit`` (Wiro: "0" is success, anything else failure).
 PEXIT_OK = "0"
@@ -57,11 +63,29 @@ async def add_files(session: AsyncSession, keys: ServerKey, files: Iterable[File
         file.key_digest = digest(keys.accesskey(file))
 
 
+class Blobs(Protocol):
+    """What the store needs of ``blobs.BlobStore`` (a tier above it, passed in): deleting a task's files."""
+
+    def delete(self, key: str) -> None: ...
+
+
+#: Task/List's sort keys (Wiro sends ``sort: "id"``); ties are broken by id.
+LIST_SORTS: dict[str, InstrumentedAttribute[Any]] = {
+    "id": Task.id,
+    "createtime": Task.createtime,
+    "starttime": Task.starttime,
+    "endtime": Task.endtime,
+    "status": Task.status,
+}
+
+
 class TaskStore:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: Hub, keys: ServerKey) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: Hub, keys: ServerKey, blobs: Blobs) -> None:
         self.sessions = sessions
         self.hub = hub
         self.keys = keys
+        #: Where the bytes of the task files live: inputs of failed and cancelled tasks are deleted at their end.
+        self.blobs = blobs
 
     # -- creating and reading -------------------------------------------------------------------
 
@@ -77,11 +101,14 @@ class TaskStore:
         inputs: Sequence[File],
         callback_events: Sequence[str] = ("completed",),
         quota: Quota | None = None,
+        refused_callback: tuple[str, str] | None = None,
     ) -> Task:
         """Queue a task; ``QuotaExceeded`` (nothing stored) when it would take the project past ``quota``.
 
         A task with URL inputs is queued with ``inputs_ready`` false: the preprocess loop fetches them
-        (``stage_inputs``) before any worker can claim it.
+        (``stage_inputs``) before any worker can claim it. ``refused_callback`` (value, reason): a callbackUrl
+        that is never called, logged as a failed delivery and noted in ``debugoutput`` (``job["notes"]``
+        carries the note through to the worker's output).
         """
         now = time.time()
         references = list(job.get("inputs") or [])
@@ -105,6 +132,7 @@ class TaskStore:
                 callback_events=list(callback_events),
                 details={},
                 createtime=now,
+                debugoutput="\n".join(job.get("notes", [])),
             )
             session.add(task)
             await session.flush()
@@ -112,6 +140,12 @@ class TaskStore:
             for file in inputs:
                 file.task_id = task.id
             await add_files(session, self.keys, inputs)
+            if refused_callback is not None:
+                value, reason = refused_callback
+                refused = WebhookDelivery(
+                    task_id=task.id, url=value, state="failed", last_error=reason, next_attempt=now, created=now
+                )
+                session.add(refused)
             row = TaskEvent(task_id=task.id, type="task_queue", message=None, created=now)
             session.add(row)
             await session.flush()
@@ -258,6 +292,9 @@ class TaskStore:
             if live_extra and isinstance(message, dict):
                 message = {**message, **live_extra}
             event = Event(row.id, task_id, event_type, message)
+            unsuccessful = event_type == "task_cancel" or (event_type in TERMINAL and task.pexit != PEXIT_OK)
+            dropped = await self._delete_files(session, [task_id], ("input",)) if unsuccessful else []
+        await self._delete_blobs(dropped)
         await self.hub.publish(event)
         return task
 
@@ -577,16 +614,64 @@ class TaskStore:
         async with self.sessions.begin() as session:
             await session.execute(update(Task).where(Task.id == task_id).values(dispatched_at=None))
 
-    async def list_ids(self, project_id: int, *, start: int, limit: int) -> tuple[list[int], int]:
-        """Newest first."""
+    async def list_ids(
+        self,
+        project_id: int,
+        *,
+        start: int,
+        limit: int,
+        model_part: str = "",
+        sort: str = "id",
+        descending: bool = True,
+    ) -> tuple[list[int], int]:
+        """One page of a project's tasks; ``model_part`` is a case-insensitive part of the owner/model slug."""
+        conditions = [Task.project_id == project_id]
+        if model_part:
+            conditions.append(Task.model.contains(model_part.lower(), autoescape=True))
+        column = LIST_SORTS[sort]
+        order = [column.desc(), Task.id.desc()] if descending else [column.asc(), Task.id.asc()]
         async with self.sessions() as session:
-            total = (
-                await session.execute(select(func.count(Task.id)).where(Task.project_id == project_id))
-            ).scalar_one()
-            query = (
-                select(Task.id).where(Task.project_id == project_id).order_by(Task.id.desc()).offset(start).limit(limit)
-            )
+            total = (await session.execute(select(func.count(Task.id)).where(*conditions))).scalar_one()
+            query = select(Task.id).where(*conditions).order_by(*order).offset(start).limit(limit)
             return list((await session.execute(query)).scalars()), int(total)
+
+    # -- deleting files ---------------------------------------------------------------------------
+
+    async def delete_task_files(self, task_id: int) -> int:
+        """Task/InputOutputDelete: the input and output files of a task, rows and bytes; returns how many."""
+        async with self.sessions.begin() as session:
+            keys = await self._delete_files(session, [task_id], ("input", "output"))
+        await self._delete_blobs(keys)
+        return len(keys)
+
+    async def expire_files(self, before: float, limit: int = 500) -> int:
+        """Retention: inputs and outputs of ended tasks created before ``before``; returns how many went."""
+        ended = select(Task.id).where(Task.status.in_(list(TERMINAL)))
+        query = (
+            select(File.id, File.blob_key)
+            .where(File.role.in_(["input", "output"]), File.created < before, File.task_id.in_(ended))
+            .limit(limit)
+        )
+        async with self.sessions.begin() as session:
+            rows = (await session.execute(query)).all()
+            if rows:
+                await session.execute(delete(File).where(File.id.in_([row.id for row in rows])))
+        await self._delete_blobs([row.blob_key for row in rows])
+        return len(rows)
+
+    @staticmethod
+    async def _delete_files(session: AsyncSession, task_ids: Sequence[int], roles: Sequence[str]) -> list[str]:
+        """Delete the rows in the caller's transaction; returns their blob keys, deleted once it commits."""
+        stmt = delete(File).where(File.task_id.in_(list(task_ids)), File.role.in_(list(roles))).returning(File.blob_key)
+        return list((await session.execute(stmt)).scalars())
+
+    async def _delete_blobs(self, keys: Sequence[str]) -> None:
+        # Rows first, then bytes: a crash in between leaves unreferenced bytes, never a row without its file.
+        for key in keys:
+            try:
+                await asyncio.to_thread(self.blobs.delete, key)
+            except Exception:
+                log.exception("could not delete blob %s", key)
 
 
 def _work(job: dict[str, Any]) -> int:

@@ -1,21 +1,36 @@
-"""Turning checked request fields into a stored task: shared by Wiro's Run and the OpenAI-style endpoints."""
+"""Turning checked request fields into a stored task: shared by Wiro's Run and the OpenAI-style endpoints.
+
+Reference URLs are settled here, before anything is stored: a URL of this server's own file route
+(``/v1/File/<accesskey>/<name>``, what File/Upload answers) is read from storage like an uploaded file, on
+any host name, so no request leaves the server; any other URL is checked as its fetch would check it
+(scheme, a host that resolves, an address the fetch policy allows), so a task bound to fail is refused at Run.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Project, Task
-from dreamserve.errors import NotFound
-from dreamserve.params import RunParams, parse_run
+from dreamserve.errors import InvalidRequest, NotFound
+from dreamserve.fetch import FetchPolicy, check_url
+from dreamserve.keyring import digest
+from dreamserve.params import MAX_REFERENCES, RunParams, Upload, parse_run
 from dreamserve.settings import Settings
 from dreamserve.store import Quota, TaskStore, new_blob_folder
 from dreamserve.wire import input_marker
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
+REFERENCE_FIELDS = ("inputImage", "inputImageUrl")
+_FILE_ROUTE = re.compile(r"^/v1/File/([^/]+)/([^/]+)$")
 
 
 class Services(Protocol):
@@ -24,6 +39,7 @@ class Services(Protocol):
     settings: Settings
     store: TaskStore
     blobs: BlobStore
+    sessions: async_sessionmaker[AsyncSession]
 
     def wake(self, model: str) -> None: ...
 
@@ -57,11 +73,12 @@ async def submit(
     # Off the event loop: checking uploads decodes them (bounded by max_input_pixels).
     params = await asyncio.to_thread(
         parse_run,
-        fields,
+        await _read_own_files(services, fields),
         max_upload_bytes=settings.max_upload_bytes,
         max_input_pixels=settings.max_input_pixels,
         min_pixels=settings.min_pixels,
     )
+    await _check_urls(services, params)
     folder = new_blob_folder()
     now = time.time()
     inputs: list[File] = []
@@ -104,6 +121,9 @@ async def submit(
             priority=min(params.priority, _max_priority(services, project)),
             inputs=inputs,
             quota=Quota(settings.max_queued_tasks, settings.max_queued_megapixels),
+            refused_callback=(
+                (params.refused_callback[:2000], params.refused_callback_reason) if params.refused_callback else None
+            ),
         )
     except BaseException:
         for file in inputs:
@@ -130,8 +150,8 @@ def _echo(params: RunParams, inputs: list[str], output_size: tuple[int, int] | N
     }
     if inputs:
         echo["inputImage"] = inputs[0] if len(inputs) == 1 else inputs
-    if params.callback_url:
-        echo["callbackUrl"] = params.callback_url
+    if params.callback_url or params.refused_callback:
+        echo["callbackUrl"] = params.callback_url or params.refused_callback
     return echo
 
 
@@ -144,7 +164,90 @@ def _job(params: RunParams, inputs: list[dict[str, str]], output_size: tuple[int
         "seed": params.seed,
         "watermark": params.watermark,
         "inputs": inputs,
+        # Lines the worker puts first in debugoutput (the task's own log).
+        "notes": [params.refused_callback_reason] if params.refused_callback_reason else [],
     }
     if output_size:
         job["output_size"] = list(output_size)
     return job
+
+
+def _own_hosts(services: Services) -> set[str]:
+    """``host:port`` spellings that certainly reach this server: its base or public URL and its bound port."""
+    settings = services.settings
+    hosts = {urlsplit(settings.base_url).netloc.lower()}
+    hosts.update(f"{name}:{settings.port}" for name in (settings.host, "localhost", "127.0.0.1", "[::1]"))
+    return hosts
+
+
+async def _read_own_files(services: Services, fields: Mapping[str, Sequence[Any]]) -> Mapping[str, Sequence[Any]]:
+    """``fields`` with every reference URL of this server's file route replaced by the stored file."""
+    entries: list[tuple[str, Any]] = []
+    for name in REFERENCE_FIELDS:
+        for value in fields.get(name, ()):
+            for item in value if isinstance(value, list) else [value]:
+                pieces = [p.strip() for p in item.split(",")] if isinstance(item, str) else [item]
+                entries.extend((name, piece) for piece in pieces if piece != "")
+    urls = [piece for _, piece in entries if isinstance(piece, str) and _FILE_ROUTE.match(_path(piece))]
+    if not urls or len(entries) > MAX_REFERENCES:
+        return fields  # nothing of ours, or too many entries: parse_run refuses those without reading any
+    replaced: dict[str, list[Any]] = {name: [] for name in REFERENCE_FIELDS}
+    for number, (name, piece) in enumerate(entries, start=1):
+        own = await _own_file(services, piece, number) if isinstance(piece, str) else None
+        replaced[name].append(own if own is not None else piece)
+    return {**fields, **{name: values for name, values in replaced.items() if values}}
+
+
+def _path(url: str) -> str:
+    try:
+        return urlsplit(url).path
+    except ValueError:  # "http://[::1" and the like: parse_run or the URL check refuses it
+        return ""
+
+
+async def _own_file(services: Services, url: str, number: int) -> Upload | None:
+    route = _FILE_ROUTE.match(_path(url))
+    if route is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return None
+    accesskey, name = unquote(route.group(1)), unquote(route.group(2))
+    async with services.sessions() as session:
+        query = select(File).where(File.key_digest == digest(accesskey), File.name == name)
+        file = (await session.execute(query)).scalar_one_or_none()
+    limit = services.settings.max_upload_bytes
+    if file is not None and file.size > limit:
+        raise InvalidRequest(
+            f"Request files [inputImage] {number} ({url[:80]}) is {file.size:,} bytes; the limit is {limit:,}."
+        )
+    data: bytes | None = None
+    if file is not None:
+        try:
+            data = await asyncio.to_thread(services.blobs.read, file.blob_key)
+        except FileNotFoundError:
+            data = None
+    if data is not None and file is not None:
+        return Upload(filename=file.name, data=data)
+    if parts.netloc.lower() in _own_hosts(services):
+        raise InvalidRequest(
+            f"Request parameter [inputImage] entry {number} ({url[:120]}) names no file on this server: it was "
+            "deleted or has expired, or the URL is mistyped. Upload the file again with File/Upload and pass its url."
+        )
+    return None  # another server's URL that only looks like ours: fetched like any URL
+
+
+async def _check_urls(services: Services, params: RunParams) -> None:
+    settings = services.settings
+    policy = FetchPolicy.build(settings.fetch_allow_private, settings.fetch_allow_hosts)
+
+    async def check(number: int, url: str) -> None:
+        try:
+            await check_url(url, policy, settings.fetch_timeout_seconds)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"Request parameter [inputImage] entry {number}: {exc.message}") from None
+
+    checks = [check(n, r.url) for n, r in enumerate(params.references, start=1) if r.url is not None]
+    for outcome in await asyncio.gather(*checks, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome

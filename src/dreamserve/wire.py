@@ -1,22 +1,41 @@
-"""Wiro's wire shapes: numbers as strings, unix times as integer strings, a flat envelope."""
+"""Wiro's wire shapes: numbers as strings, unix times as integer strings, a flat envelope.
+
+Keys come in the order of the model page's samples (api-spec.md §1.5, WSAMPLE); our extensions follow them.
+"""
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from dreamserve.db import File, Task
 from dreamserve.events import TERMINAL
 from dreamserve.keyring import ServerKey
 from dreamserve.status import Pexit, TaskStatus
+from dreamserve.tools import CATEGORIES, DESCRIPTION, Tool
 
-CATEGORIES = json.dumps(["tool", "text-to-image", "image-to-image", "image-editing"])
+#: Namespace of the per-project ``uuid`` Wiro shows on tasks and their outputs (its owner's id).
+_PROJECT_UUIDS = uuid.UUID("6f1c3c2e-2b8e-5d55-9a8c-4f0d2c6d7e10")
+#: File roles that the retention setting applies to (uploads are kept).
+EXPIRING_ROLES = frozenset({"input", "output"})
 
 
 def envelope(**fields: Any) -> dict[str, Any]:
     """Wiro's success envelope; key order follows the model page sample (errors, ..., result)."""
     return {"errors": [], **fields, "result": True}
+
+
+def tasklist(tasks: list[dict[str, Any]], total: int | None = None) -> dict[str, Any]:
+    """Task/Detail and Task/List: ``total, errors, tasklist, result``; Cancel and Kill: no ``total``."""
+    head = {} if total is None else {"total": str(total)}
+    return {**head, "errors": [], "tasklist": tasks, "result": True}
+
+
+def project_uuid(project_id: int) -> str:
+    return str(uuid.uuid5(_PROJECT_UUIDS, str(project_id)))
 
 
 def unix(value: float | None) -> str:
@@ -27,16 +46,24 @@ def file_url(base_url: str, file: File, keys: ServerKey) -> str:
     return f"{base_url}/v1/File/{keys.accesskey(file)}/{file.name}"
 
 
-def file_item(base_url: str, file: File, keys: ServerKey | None) -> dict[str, Any]:
+def expires(file: File, retention_seconds: float) -> float | None:
+    """When the reaper deletes a task's input or output file (None: kept)."""
+    if retention_seconds <= 0 or file.role not in EXPIRING_ROLES:
+        return None
+    return file.created + retention_seconds
+
+
+def file_item(base_url: str, file: File, keys: ServerKey | None, retention_seconds: float = 0.0) -> dict[str, Any]:
     """A file as Wiro lists it. ``keys=None`` gives the stored form (event log, Redis streams): no access key and
     no URL, which ``api/socket.py`` fills in when it sends the event."""
     accesskey = keys.accesskey(file) if keys is not None else ""
+    expiry = expires(file, retention_seconds)
     item: dict[str, Any] = {
         "id": str(file.id),
         "name": file.name,
         "contenttype": file.contenttype,
         "parentid": str(file.folder_id or 0),
-        "uuid": "",
+        "uuid": project_uuid(file.project_id),
         "size": str(file.size),
         "addedtime": unix(file.created),
         "modifiedtime": unix(file.created),
@@ -44,7 +71,7 @@ def file_item(base_url: str, file: File, keys: ServerKey | None) -> dict[str, An
         "foldercount": "0",
         "filecount": "0",
         "ispublic": 0,
-        "expiretime": None,
+        "expiretime": None if expiry is None else unix(expiry),
         "url": f"{base_url}/v1/File/{accesskey}/{file.name}" if keys is not None else "",
     }
     if "seed" in file.meta:
@@ -92,6 +119,7 @@ def task_object(
     cps: float,
     now: float,
     inputs: Sequence[File] = (),
+    retention_seconds: float = 0.0,
 ) -> dict[str, Any]:
     elapsed = elapsed_seconds(task, now)
     succeeded = task.status == TaskStatus.POSTPROCESS_END and task.pexit == Pexit.OK
@@ -99,7 +127,7 @@ def task_object(
     owner, _, project = task.model.partition("/")
     return {
         "id": str(task.id),
-        "uuid": "",
+        "uuid": project_uuid(task.project_id),
         "name": "",
         "socketaccesstoken": keys.token(task),
         "parameters": render_parameters(
@@ -116,26 +144,27 @@ def task_object(
         "guestid": None,
         "projectid": str(task.project_id),
         "modelid": "0",
-        "basemodelid": "0",
         "description": "",
+        "basemodelid": "0",
         "runtype": "model",
         "modelfolderid": "",
         "modelfileid": "",
         "callbackurl": task.callback_url,
         "marketplaceid": None,
         "createtime": unix(task.createtime),
+        "canceltime": unix(task.canceltime),
+        "assigntime": unix(task.assigntime),
         "accepttime": unix(task.accepttime),
         "preprocessstarttime": unix(task.preprocessstarttime),
         "preprocessendtime": unix(task.preprocessendtime),
-        "assigntime": unix(task.assigntime),
         "postprocessstarttime": unix(task.postprocessstarttime),
         "postprocessendtime": unix(task.postprocessendtime),
-        "canceltime": unix(task.canceltime),
         "pexit": task.pexit if task.status in TERMINAL else "",
-        "categories": CATEGORIES,
-        "outputs": [file_item(base_url, f, keys) for f in outputs],
+        # A JSON-encoded string on Wiro's task object (an array in Tool/*).
+        "categories": json.dumps(list(CATEGORIES)),
+        "outputs": [file_item(base_url, f, keys, retention_seconds) for f in outputs],
         "size": str(sum(f.size for f in outputs)),
-        "modeldescription": "Seedream 4.0 compatible text-to-image and multi-reference editing on open weights.",
+        "modeldescription": DESCRIPTION,
         "modelslugowner": owner,
         "modelslugproject": project,
         # Ours, beyond Wiro: per-stage timings, generation method, attempts.
@@ -150,3 +179,55 @@ def task_object(
 
 def socket_frame(event_type: str, task_id: int, token: str, message: Any) -> dict[str, Any]:
     return {"type": event_type, "id": str(task_id), "tasktoken": token, "message": message, "result": True}
+
+
+def tool_item(tool: Tool, *, detail: bool = False) -> dict[str, Any]:
+    """An entry of Tool/List and Tool/Explore; Tool/Detail adds ``parameters`` (Wiro's field order)."""
+    stats = tool.stats
+    item: dict[str, Any] = {
+        "id": str(tool.id),
+        "title": tool.title,
+        "slugowner": tool.slugowner,
+        "slugproject": tool.slugproject,
+        "cleanslugowner": tool.slugowner,
+        "cleanslugproject": tool.slugproject,
+        "description": tool.description,
+        "seodescription": tool.description,
+        "categories": list(tool.categories),
+        "image": "",
+        "computingtime": f"{stats.mean_seconds:.4f}",
+        "tags": list(tool.tags),
+        "readme": tool.readme,
+        "samples": [],
+        # A JSON string, as Wiro sends it (api-spec.md §1.11): a price per second on a worker.
+        "dynamicprice": json.dumps([{"inputs": {}, "price": tool.cps, "priceMethod": "cps"}]),
+        "cps": f"{tool.cps:.12f}",
+        "approximatelycost": f"{tool.cps * stats.mean_seconds:.12f}",
+        "taskstat": {
+            "runcount": str(stats.runcount),
+            "successcount": str(stats.successcount),
+            "errorcount": str(stats.errorcount),
+            "lastruntime": unix(stats.lastruntime),
+        },
+    }
+    if detail:
+        item["parameters"] = [
+            {"title": group.title, "items": [asdict(parameter) for parameter in group.items]}
+            for group in tool.parameters
+        ]
+    return item
+
+
+def tool_list(page: Sequence[Tool], total: int) -> dict[str, Any]:
+    """Tool/List: ``result, errors, total, tool`` (api-spec.md §1.3)."""
+    return {"result": True, "errors": [], "total": str(total), "tool": [tool_item(tool) for tool in page]}
+
+
+def tool_detail(tool: Tool) -> dict[str, Any]:
+    return {"result": True, "errors": [], "tool": [tool_item(tool, detail=True)]}
+
+
+def tool_explore(tools: Sequence[Tool]) -> dict[str, Any]:
+    """Tool/Explore: sections of tools; here one, of every model served."""
+    section = {"id": "1", "title": "Served here", "tools": [tool_item(tool) for tool in tools]}
+    return {"result": True, "errors": [], "explore": [section]}

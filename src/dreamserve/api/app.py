@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
-from dreamserve.api import ark, files, health, metrics, openai, run, security, socket, tasks, web
+from dreamserve.api import ark, files, health, metrics, openai, run, security, socket, tasks, tools, web
 from dreamserve.errors import (
     DreamError,
     HTTPProtocolError,
@@ -58,7 +58,7 @@ def create_app(
     app.state.monitor = monitor
     #: Open task sockets per client address (``api/socket.py``).
     app.state.socket_addresses = Counter()
-    for module in (run, tasks, files, openai, ark, socket, health, metrics):
+    for module in (run, tasks, tools, files, openai, ark, socket, health, metrics):
         app.include_router(module.router)
     web.install(app, playground=settings.playground)
     app.add_middleware(metrics.RequestCounter, stats=monitor.requests)

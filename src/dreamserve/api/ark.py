@@ -318,7 +318,7 @@ async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncItera
                 if "error" in update.message:
                     yield event("partial_failed", image_index=index, error=update.message["error"])
                     continue
-                file = await _file(services, task.id, int(update.message["file"]))
+                file = await _file(services, task.id, str(update.message["name"]))
                 if file is None:
                     continue
                 saved.append(file)
@@ -348,8 +348,9 @@ async def _ended_badly(services: Services, task: Task) -> bool:
     return fresh is None or fresh.status != "task_postprocess_end" or fresh.pexit != "0"
 
 
-async def _file(services: Services, task_id: int, file_id: int) -> File | None:
+async def _file(services: Services, task_id: int, name: str) -> File | None:
+    """The task's file of that name: the latest row, as a re-run after a lost worker saves its images again."""
     async with services.sessions() as session:
-        query = select(File).where(File.id == file_id, File.task_id == task_id)
-        file: File | None = (await session.execute(query)).scalar_one_or_none()
+        query = select(File).where(File.task_id == task_id, File.name == name).order_by(File.id.desc()).limit(1)
+        file: File | None = (await session.execute(query)).scalars().first()
         return file

@@ -126,7 +126,8 @@ async def _message(services: Services, event: Event) -> Any:
     if event.type != TaskStatus.POSTPROCESS_END:
         return event.message
     files = (await services.store.files([event.task_id], "output"))[event.task_id]
-    return [file_item(services.settings.base_url, file, services.keys) for file in files]
+    settings = services.settings
+    return [file_item(settings.base_url, file, services.keys, settings.retention_seconds) for file in files]
 
 
 async def _send(websocket: WebSocket, lock: asyncio.Lock, frame: dict[str, Any]) -> None:

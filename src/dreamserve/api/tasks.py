@@ -1,4 +1,5 @@
-"""``/v1/Task/*``: Detail, List, Cancel (queued, or running at the next step) and Kill (running, at once)."""
+"""``/v1/Task/*``: Detail, List, Cancel (queued, or running at the next step), Kill (running, at once) and
+InputOutputDelete (a finished task's files)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from dreamserve.errors import InvalidRequest, InvalidState, NotFound
 from dreamserve.events import RUNNING, TERMINAL
 from dreamserve.params import MAX_ID, ascii_int
 from dreamserve.status import StopKind, TaskStatus
+from dreamserve.store import LIST_SORTS
 from dreamserve.webhooks import delivery_log
-from dreamserve.wire import envelope
+from dreamserve.wire import envelope, tasklist
+
+NO_TASK = "There is no task yet. No task of this project has that taskid or tasktoken."
 
 router = APIRouter()
 
 
-async def _find(request: Request, services: ServicesDep, project: Project) -> Task:
+async def _find(request: Request, services: ServicesDep, project: Project, missing: str = NO_TASK) -> Task:
     """Accept ``taskid``, ``tasktoken`` or ``socketaccesstoken``: Wiro's docs and clients use all three."""
     fields = await read_fields(request, max_file_bytes=0)
     value = {name: str(values[-1]).strip() for name, values in fields.items() if values}
@@ -30,9 +34,12 @@ async def _find(request: Request, services: ServicesDep, project: Project) -> Ta
     elif token:
         task = await services.store.get(project_id=project.id, token=token)
     else:
-        raise InvalidRequest("taskid or socketaccesstoken is required")
+        raise InvalidRequest(
+            'taskid or tasktoken is required: send {"tasktoken": "<socketaccesstoken from Run>"} '
+            'or {"taskid": "<taskid from Run>"}.'
+        )
     if task is None:
-        raise NotFound("There is no task yet. No task of this project has that taskid or tasktoken.")
+        raise NotFound(missing)
     return task
 
 
@@ -45,15 +52,16 @@ async def _render(services: ServicesDep, task_id: int) -> dict[str, Any] | None:
     return rendered
 
 
-async def _tasklist(services: ServicesDep, task_id: int) -> dict[str, Any]:
+async def _tasklist(services: ServicesDep, task_id: int, *, with_total: bool) -> dict[str, Any]:
     rendered = await _render(services, task_id)
-    return envelope(total="1", tasklist=[rendered] if rendered else [])
+    tasks = [rendered] if rendered else []
+    return tasklist(tasks, len(tasks) if with_total else None)
 
 
 @router.post("/v1/Task/Detail")
 async def detail(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     task = await _find(request, services, project)
-    return await _tasklist(services, task.id)
+    return await _tasklist(services, task.id, with_total=True)
 
 
 @router.post("/v1/Task/Cancel")
@@ -61,7 +69,7 @@ async def cancel(request: Request, project: ProjectDep, services: ServicesDep) -
     """Queued: cancelled at once. Running: stopped at the next denoising step; the model stays loaded."""
     task = await _find(request, services, project)
     await _stop(services, task, StopKind.CANCEL, "Task is not in a cancellable state. Task {id} is {status}.")
-    return await _tasklist(services, task.id)
+    return await _tasklist(services, task.id, with_total=False)
 
 
 @router.post("/v1/Task/Kill")
@@ -69,7 +77,20 @@ async def kill(request: Request, project: ProjectDep, services: ServicesDep) -> 
     """Queued: cancelled at once. Running: its model process is terminated (and restarted for the next task)."""
     task = await _find(request, services, project)
     await _stop(services, task, StopKind.KILL, "Task could not be killed: task {id} is {status}.")
-    return await _tasklist(services, task.id)
+    return await _tasklist(services, task.id, with_total=False)
+
+
+@router.post("/v1/Task/InputOutputDelete")
+async def input_output_delete(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    """Delete a finished task's input and output files (bytes and rows); again is a no-op."""
+    task = await _find(request, services, project, missing="task-not-exist")
+    if task.status not in TERMINAL:
+        raise InvalidState(
+            f"Task must be completed or cancelled before deleting files. Task {task.id} is {task.status}: "
+            "wait for it to end, or cancel it first."
+        )
+    await services.store.delete_task_files(task.id)
+    return envelope()
 
 
 async def _stop(services: ServicesDep, task: Task, kind: str, refusal: str) -> None:
@@ -94,12 +115,34 @@ async def webhooks(request: Request, project: ProjectDep, services: ServicesDep)
 
 @router.post("/v1/Task/List")
 async def task_list(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    """Wiro's MCP body: ``{type: "model", sort: "id", order: "DESC", start, limit, modelName}``."""
     fields = await read_fields(request, max_file_bytes=0)
     start = _int(fields, "start", 0)
     limit = min(_int(fields, "limit", 20), 100)
-    ids, total = await services.store.list_ids(project.id, start=start, limit=limit)
+    sort = _text(fields, "sort").lower() or "id"
+    if sort not in LIST_SORTS:
+        raise InvalidRequest(f"Request parameter [sort] takes {', '.join(LIST_SORTS)}; got {sort[:20]!r}.")
+    order = _text(fields, "order").upper() or "DESC"
+    if order not in ("ASC", "DESC"):
+        raise InvalidRequest(f'Request parameter [order] takes "ASC" or "DESC"; got {order[:20]!r}.')
+    kind = _text(fields, "type").lower()
+    if kind not in ("", "model"):
+        return tasklist([], 0)  # every task here is a model task
+    ids, total = await services.store.list_ids(
+        project.id,
+        start=start,
+        limit=limit,
+        model_part=_text(fields, "modelName")[:200],
+        sort=sort,
+        descending=order == "DESC",
+    )
     tasks = [await _render(services, task_id) for task_id in ids]
-    return envelope(total=str(total), tasklist=[t for t in tasks if t])
+    return tasklist([t for t in tasks if t], total)
+
+
+def _text(fields: dict[str, list[Any]], name: str) -> str:
+    values = fields.get(name) or [""]
+    return "" if values[-1] is None else str(values[-1]).strip()
 
 
 def _int(fields: dict[str, list[Any]], name: str, default: int) -> int:

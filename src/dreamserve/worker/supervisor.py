@@ -363,7 +363,8 @@ class Supervisor:
     # -- one task, or a group of same-size tasks run together --------------------------------------
 
     async def _process(self, group: list[Task]) -> None:
-        self.running = {task.id: _Running(task) for task in group}
+        # Notes made at Run (a callbackUrl that is not a URL) open the task's output log.
+        self.running = {task.id: _Running(task, log=list(task.job.get("notes", []))) for task in group}
         heartbeat = asyncio.create_task(self._heartbeat())
         scratches = [self.settings.data_dir / "scratch" / f"{task.id}-{task.attempts}" for task in group]
         try:
@@ -590,9 +591,8 @@ class Supervisor:
             return
         file = await self._store_output(entry, GeneratedImage(**message["image"]), "partial")
         entry.partial[file.name] = file
-        await self._record(entry.task, IMAGE_SAVED, None, outputs=[file])
-        # No URL nor key, as in every event: the API renders them from the file row (its id is known once stored).
-        await self._record(entry.task, IMAGE_SAVED, {"index": file.position, "file": file.id, "name": file.name})
+        # No URL nor key, as in every event: the API renders them from the file row (the task's latest of that name).
+        await self._record(entry.task, IMAGE_SAVED, {"index": file.position, "name": file.name}, outputs=[file])
 
     async def _store_output(self, entry: _Running, image: GeneratedImage, role: str) -> File:
         key = f"outputs/{entry.folder}/{image.name}"
