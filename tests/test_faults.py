@@ -42,7 +42,8 @@ LIFECYCLE = [
     "task_cancel",
 ]
 TERMINAL = {"task_postprocess_end", "task_cancel"}
-LOGS = {"task_output", "task_output_full", "task_error", "task_error_full"}
+# Events that are not status changes (task_output_image: one image saved, for Ark streams).
+LOGS = {"task_output", "task_output_full", "task_error", "task_error_full", "task_output_image"}
 SUCCESS_PATH = [
     "task_accept",
     "task_assign",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 from websockets.sync.client import connect
@@ -134,6 +135,8 @@ def _env(tmp: Path, models: dict[str, ModelSpec], name: str) -> dict[str, str]:
         "DREAMSERVE_LEASE_SECONDS": "4",
         "DREAMSERVE_HEARTBEAT_SECONDS": "0.5",
         "DREAMSERVE_FETCH_ALLOW_PRIVATE": "true",
+        # Projects' priorities are capped at max_priority (0 by default); this cluster's tests order by them.
+        "DREAMSERVE_MAX_PRIORITY": "9",
         # Tokens, file keys and sealed webhook secrets derive from it: one secret for the whole deployment.
         "DREAMSERVE_SERVER_SECRET": SERVER_SECRET,
     }
@@ -277,7 +280,9 @@ def test_a_worker_killed_mid_task_is_replaced_by_the_other(cluster: Cluster) -> 
     done = cluster.wait(0, run["taskid"], timeout=120)
     assert done["pexit"] == "0", done["debugerror"]
     assert done["attempts"] == "2" and "was lost" in done["debugerror"]
-    assert f":{victim_pid}:" not in done["details"]["worker"], "finished by the other worker"
+    # Clients are not shown which host ran a task (details.worker is private); the victim died by SIGKILL
+    # before the second attempt, so the other worker finished it.
+    assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE
     # Bring the worker back for any test that follows.
     cluster.workers[victim.name] = _worker(cluster.tmp, victim.name, MODEL, ModelSpec(max_pixels=320 * 320, steps=40))
     _wait_worker(cluster.workers[victim.name])
