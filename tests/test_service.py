@@ -113,7 +113,8 @@ def test_json_body_and_late_socket_replay(tiny: Any) -> None:
 def test_cancel_queued_kill_running_then_next_succeeds(make_server: Any) -> None:
     server = make_server(model=SLOW)
     first = server.run({"prompt": "slow one", "size": "1K"})
-    second = server.run({"prompt": "waiting", "size": "1K"})
+    # Another shape: a same-shape task sent at once would join the first one's batch (batch_window_ms).
+    second = server.run({"prompt": "waiting", "size": "1280x720"})
     server.wait_progress(first["taskid"])
     assert server.detail(second["taskid"])["status"] == "task_queue"
 
@@ -245,7 +246,8 @@ def test_cli_generate_downloads_outputs(tiny: Any, tmp_path: Any) -> None:
     assert done.returncode == 0, done.stderr
     paths = done.stdout.split()
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["0.png", "1.png"]
-    assert Image.open(paths[0]).size == (1024, 1024)
+    with Image.open(paths[0]) as image:
+        assert image.size == (1024, 1024)
 
 
 def test_same_size_requests_share_pipeline_calls(make_server: Any) -> None:

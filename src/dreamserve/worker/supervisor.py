@@ -586,7 +586,13 @@ class Supervisor:
             return
         if "failed" in message:
             failed = FailedImage(**message["failed"])
-            error = {"code": "InternalServiceError", "message": f"Image {failed.index} failed: {failed.message}"}
+            # The raw text may name server paths: it stays in the log, the client gets an id to quote.
+            error_id = new_error_id()
+            log.warning(
+                "image %d failed [error id %s]: %s", failed.index, error_id, failed.message, extra=about(entry.task.id)
+            )
+            text = f"Image {failed.index} could not be finished (error id {error_id})."
+            error = {"code": "InternalServiceError", "message": text}
             await self._record(entry.task, IMAGE_SAVED, {"index": failed.index, "error": error})
             return
         file = await self._store_output(entry, GeneratedImage(**message["image"]), "partial")
@@ -641,7 +647,10 @@ class Supervisor:
             ],
         }
         if result.failed:
-            details["failed_images"] = [{"index": f.index, "seed": f.seed, "message": f.message} for f in result.failed]
+            details["failed_images"] = [
+                {"index": f.index, "seed": f.seed, "message": "could not be finished (the server log has why)"}
+                for f in result.failed
+            ]
         # The event keeps no URLs nor access keys: the API renders them from the file rows with its own public
         # URL and the derived keys (a worker host's base_url is not the one clients reach), as Task/Detail does.
         log.info("task %s succeeded on worker %s", task.id, self.worker_id, extra=about(task.id))
