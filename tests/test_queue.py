@@ -241,6 +241,9 @@ def test_batch_window_collects_same_shape_tasks(shared: Server) -> None:
     # Alone on an idle server: it waits for company, never longer than the window.
     lone = server.wait(server.run({"prompt": "alone", "size": "64x64"})["taskid"])
     assert 2.5 < lone["details"]["timings"]["batch_wait"] < 4.0, lone["details"]["timings"]
+    # One client at a time (each task sent when the last is done): no window after a task that ran alone.
+    following = server.wait(server.run({"prompt": "alone again", "size": "64x64"})["taskid"])
+    assert following["details"]["timings"]["batch_wait"] < 1.0, following["details"]["timings"]
 
     # A task it cannot take (references run alone) ends the wait at once; that one does not wait at all.
     first = server.run({"prompt": "text only", "size": "64x64"})

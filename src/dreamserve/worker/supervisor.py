@@ -47,6 +47,10 @@ from dreamserve.worker.child import child_main
 
 log = logging.getLogger(__name__)
 
+#: A task claimed within this many seconds of the end of a task that ran alone skips the batch window
+#: unless companions are already queued (one client submitting after each result; see ``_companions``).
+LONE_SECONDS = 5.0
+
 
 def worker_alive(worker_id: str) -> bool | None:
     """Whether the process behind a worker id lives: known only for workers of this host."""
@@ -147,6 +151,8 @@ class Supervisor:
         self._sent = False
         #: How long the running group waited for companions (``details.timings.batch_wait``).
         self._batch_wait = 0.0
+        #: When the last group ended, if it ran alone (``time.monotonic()``); None after a group with companions.
+        self._lone_until: float | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closing = False
@@ -277,11 +283,15 @@ class Supervisor:
         window = self.spec.batch_window_ms if self.spec.batch_window_ms is not None else self.settings.batch_window_ms
         started = time.monotonic()
         deadline = started + window / 1000
+        # A worker whose last task ran alone and ended moments ago serves clients one after another (each
+        # submits when its last image is done): a window would only add itself to every image. Bursts (tasks
+        # already waiting), a worker that just ran a batch and the first task after an idle spell still wait.
+        serial = self._lone_until is not None and started - self._lone_until < LONE_SECONDS
         while not self._closing:
             self._wake.clear()  # before the count: a task queued after it wakes the wait below
             same, others = await self.store.waiting_for(self.slug, task.width, task.height)
             remaining = deadline - time.monotonic()
-            if same >= room or others or remaining <= 0:
+            if same >= room or others or remaining <= 0 or (serial and same == 0):
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=remaining)
@@ -312,6 +322,7 @@ class Supervisor:
         self.state = WorkerState.BUSY
         try:
             await self._process(group)
+            self._lone_until = time.monotonic() if len(group) == 1 else None
         except Exception:
             error_id = new_error_id()
             log.exception(
