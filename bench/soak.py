@@ -7,8 +7,8 @@ timeout. For ``--seconds``, all at once:
 
 * ``--clients`` normal clients (one project): submit, poll ``Task/Detail`` every ``--poll`` s until the
   task ends, submit the next; at the deadline each follows its last task to its end (at most 120 s more);
-* a socket flood (4 sockets sending junk registrations as fast as the server reads them, reconnecting
-  when closed), no credentials;
+* a socket flood (4 sockets sending junk registrations as fast as the server reads them: each frame waits
+  for the server's answer to the previous one; reconnecting when closed), no credentials;
 * a hostile tenant (its own project) submitting, every 2 s each, a task whose reference is the bomb, one
   whose reference is the slow URL, and one whose callback goes to the slow receiver.
 
@@ -188,7 +188,11 @@ async def socket_flood(url: str, deadline: float, counts: dict[str, int]) -> Non
                             number += 1
                             await ws.send(json.dumps({"type": "task_info", "tasktoken": f"junk-{number}"}))
                             counts["frames"] += 1
-                            await asyncio.sleep(0)
+                            # The server answers every frame that registers nothing (until it closes the
+                            # socket): waiting for that answer floods exactly as fast as it reads. Sending
+                            # without reading would only fill the kernel's buffers with frames it never
+                            # reads, and spend this machine's CPU (shared with the server) on them.
+                            await ws.recv()
         except ConnectionClosed:
             counts["closed"] += 1
         except OSError:
