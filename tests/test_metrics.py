@@ -1,4 +1,4 @@
-"""``/metrics`` against a real server, read with Prometheus' own parser (so the exposition format is checked too)."""
+"""``/metrics`` against a real server, read with Prometheus' own parsers (so the exposition formats are checked too)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from dreamserve.metrics import Exposition, GpuMemory, Histogram, worker_gauges
+from dreamserve.metrics import GpuMemory, Histogram, worker_families
 from tests.conftest import MODEL, Receiver
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -33,6 +37,20 @@ def scrape(server: Any) -> tuple[Samples, dict[str, str]]:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class Families:
+    """Metric families as a collector, rendered as ``/metrics`` renders its own."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def exposition(families: Iterable[Metric]) -> str:
+    return generate_latest(Families(families)).decode()
 
 
 def test_finished_tasks_stage_histograms_workers_and_requests(make_server: Any, receiver: Receiver) -> None:
@@ -67,6 +85,14 @@ def test_finished_tasks_stage_histograms_workers_and_requests(make_server: Any, 
 
     again, _ = scrape(server)
     assert value(again, "dreamserve_tasks_finished_total", model=MODEL, pexit="0") == 1, "each task counts once"
+
+    # A scraper that asks for OpenMetrics gets it (the parser insists on its rules: "# EOF", counter suffixes).
+    accept = {"accept": "application/openmetrics-text; version=1.0.0"}
+    response = httpx.get(f"{server.url}/metrics", headers=accept, timeout=30)
+    assert response.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    families = {family.name: family for family in openmetrics_families(response.text)}
+    finished = [s for s in families["dreamserve_tasks_finished"].samples if s.name.endswith("_total")]
+    assert {(s.labels["pexit"], s.value) for s in finished} == {("0", 1.0), ("2", 1.0)}
 
 
 def test_queue_depth_positions_and_cancelled_tasks(make_server: Any) -> None:
@@ -112,12 +138,10 @@ def test_queue_depth_positions_and_cancelled_tasks(make_server: Any) -> None:
 
 
 def test_exposition_escapes_labels_and_accumulates_buckets() -> None:
-    histogram = Histogram([1.0, 5.0])
+    histogram = Histogram(["stage"], [1.0, 5.0])
     for seconds in (0.5, 3.0, 3.5, 9.0):
-        histogram.observe({"stage": 'de"noise\\'}, seconds)
-    out = Exposition()
-    histogram.write(out, "x_seconds", "help")
-    families = list(text_string_to_metric_families(out.text()))
+        histogram.observe(('de"noise\\',), seconds)
+    families = list(text_string_to_metric_families(exposition([histogram.family("x_seconds", "help")])))
     buckets = {s.labels["le"]: s.value for s in families[0].samples if s.name == "x_seconds_bucket"}
     assert buckets == {"1.0": 1, "5.0": 3, "+Inf": 4}
     assert families[0].samples[0].labels["stage"] == 'de"noise\\'
@@ -137,13 +161,12 @@ async def test_worker_memory_from_proc_and_nvidia_smi(tmp_path: Path) -> None:
     gpu = GpuMemory()
     gpu.binary = str(script)
     await gpu.refresh()
-    out = Exposition()
     worker = {"id": "w0", "model": MODEL, "state": "ready", "pid": os.getpid(), "load_seconds": 1.5}
-    worker_gauges([worker, {**worker, "id": "w1", "state": "loading", "pid": None}], gpu, out)
-    gpu.write(out)
+    workers = [worker, {**worker, "id": "w1", "state": "loading", "pid": None}]
+    text = exposition([*worker_families(workers, gpu), *gpu.families()])
     samples = {
         (s.name, s.labels.get("worker") or s.labels.get("gpu")): s.value
-        for family in text_string_to_metric_families(out.text())
+        for family in text_string_to_metric_families(text)
         for s in family.samples
     }
     assert samples[("dreamserve_worker_gpu_memory_bytes", "w0")] == 512 * 2**20

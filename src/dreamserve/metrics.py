@@ -1,9 +1,13 @@
-"""What ``/metrics`` reports, in Prometheus' text exposition format (written here: it is small).
+"""What ``/metrics`` reports: a ``prometheus_client`` collector over the service's state, read at scrape time.
 
 Task figures come from the database, so every API replica reports the whole service whichever
 worker ran the tasks: gauges (queue depth, tasks in flight) are counted at scrape time, and
 finished tasks are read once each from the event log (``TaskStats``) into counters and stage
 histograms. HTTP counts and model-process memory are this process's own.
+
+A scrape reads first (``Monitor.scrape``, async: the database, ``nvidia-smi``), then ``prometheus_client``
+renders the ``Scrape`` it returns (its ``collect`` yields metric families from what was read), in the text
+format or OpenMetrics as the scraper asks.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import contextlib
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -24,69 +30,54 @@ from dreamserve.db import Task, TaskEvent
 from dreamserve.events import TERMINAL
 from dreamserve.status import Pexit, TaskStatus
 
-Labels = tuple[tuple[str, str], ...]
+#: Label values of one series, in the order of its family's label names.
+Labels = tuple[str, ...]
 
 #: Seconds: from a fast cached request to a long 4K generation behind a queue.
 TASK_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if value == float("inf"):
-        return "+Inf"
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _key(labels: Mapping[str, str]) -> Labels:
-    return tuple(labels.items())
-
-
-class Exposition:
-    """One scrape's text: families (``# HELP``, ``# TYPE``) followed by their samples."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-
-    def sample(self, name: str, labels: Labels | Mapping[str, str], value: float) -> None:
-        pairs = labels.items() if isinstance(labels, Mapping) else labels
-        inner = ",".join(f'{key}="{_escape(str(val))}"' for key, val in pairs)
-        self.lines.append(f"{name}{{{inner}}} {_number(value)}" if inner else f"{name} {_number(value)}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
 class Histogram:
-    """Cumulative-bucket histograms, one per label set."""
+    """Cumulative-bucket histograms, one per label set, kept between scrapes."""
 
-    def __init__(self, buckets: Iterable[float]) -> None:
+    def __init__(self, label_names: Sequence[str], buckets: Iterable[float]) -> None:
+        self.label_names = tuple(label_names)
         self.bounds = tuple(sorted(buckets))
         self.series: dict[Labels, tuple[list[int], list[float]]] = {}
 
-    def observe(self, labels: Mapping[str, str], value: float) -> None:
-        counts, total = self.series.setdefault(_key(labels), ([0] * (len(self.bounds) + 1), [0.0]))
+    def observe(self, labels: Labels, value: float) -> None:
+        counts, total = self.series.setdefault(labels, ([0] * (len(self.bounds) + 1), [0.0]))
         index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
         counts[index] += 1
         total[0] += value
 
-    def write(self, out: Exposition, name: str, help_text: str) -> None:
-        out.family(name, "histogram", help_text)
+    def family(self, name: str, help_text: str) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, help_text, labels=self.label_names)
         for labels, (counts, total) in sorted(self.series.items()):
-            running = 0
+            running, buckets = 0, list[tuple[str, float]]()
             for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
                 running += count
                 le = "+Inf" if bound == float("inf") else repr(float(bound))  # "1.0", as Prometheus' clients write it
-                out.sample(f"{name}_bucket", (*labels, ("le", le)), running)
-            out.sample(f"{name}_sum", labels, round(total[0], 6))
-            out.sample(f"{name}_count", labels, running)
+                buckets.append((le, float(running)))
+            family.add_metric(labels, buckets, round(total[0], 6))
+        return family
+
+
+def counter_family(name: str, help_text: str, label_names: Sequence[str], counts: Counter[Labels]) -> Metric:
+    family = CounterMetricFamily(name, help_text, labels=label_names)
+    for labels, count in sorted(counts.items()):
+        family.add_metric(labels, count)
+    return family
+
+
+def gauge_family(
+    name: str, help_text: str, label_names: Sequence[str], values: Iterable[tuple[Labels, float]]
+) -> Metric:
+    family = GaugeMetricFamily(name, help_text, labels=label_names)
+    for labels, value in values:
+        family.add_metric(labels, value)
+    return family
 
 
 class RequestStats:
@@ -94,17 +85,20 @@ class RequestStats:
 
     def __init__(self) -> None:
         self.counts: Counter[Labels] = Counter()
-        self.seconds = Histogram(HTTP_BUCKETS)
+        self.seconds = Histogram(["route"], HTTP_BUCKETS)
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.counts[(("method", method), ("route", route), ("status", str(status)))] += 1
-        self.seconds.observe({"route": route}, seconds)
+        self.counts[(method, route, str(status))] += 1
+        self.seconds.observe((route,), seconds)
 
-    def write(self, out: Exposition) -> None:
-        out.family("dreamserve_http_requests_total", "counter", "HTTP requests answered by this process.")
-        for labels, count in sorted(self.counts.items()):
-            out.sample("dreamserve_http_requests_total", labels, count)
-        self.seconds.write(out, "dreamserve_http_request_seconds", "Time to answer HTTP requests, by route.")
+    def families(self) -> Iterator[Metric]:
+        yield counter_family(
+            "dreamserve_http_requests",
+            "HTTP requests answered by this process.",
+            ["method", "route", "status"],
+            self.counts,
+        )
+        yield self.seconds.family("dreamserve_http_request_seconds", "Time to answer HTTP requests, by route.")
 
 
 class TaskStats:
@@ -123,7 +117,7 @@ class TaskStats:
         self.cursor: int | None = None
         self.counted: dict[int, float] = {}  # event id -> its time, for ids above the cursor
         self.finished: Counter[Labels] = Counter()
-        self.stages = Histogram(TASK_BUCKETS)
+        self.stages = Histogram(["model", "stage"], TASK_BUCKETS)
         self._lock = asyncio.Lock()
 
     async def begin(self, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -169,50 +163,74 @@ class TaskStats:
             return list((await session.execute(query)).all())
 
     def _count(self, row: Any) -> None:
-        self.finished[(("model", row.model), ("pexit", row.pexit or "unknown"))] += 1
+        self.finished[(row.model, row.pexit or "unknown")] += 1
         if row.pexit != Pexit.OK:
             return
-        labels = {"model": row.model}
         for stage, seconds in sorted(((row.details or {}).get("timings") or {}).items()):
-            self.stages.observe({**labels, "stage": stage}, float(seconds))
+            self.stages.observe((row.model, stage), float(seconds))
         if row.postprocessendtime:
-            self.stages.observe({**labels, "stage": "total"}, row.postprocessendtime - row.createtime)
+            self.stages.observe((row.model, "total"), row.postprocessendtime - row.createtime)
 
-    def write(self, out: Exposition) -> None:
-        out.family("dreamserve_tasks_finished_total", "counter", "Tasks finished since this process started, by pexit.")
-        for labels, count in sorted(self.finished.items()):
-            out.sample("dreamserve_tasks_finished_total", labels, count)
-        self.stages.write(
-            out,
+    def families(self) -> Iterator[Metric]:
+        yield counter_family(
+            "dreamserve_tasks_finished",
+            "Tasks finished since this process started, by pexit.",
+            ["model", "pexit"],
+            self.finished,
+        )
+        yield self.stages.family(
             "dreamserve_task_stage_seconds",
             "Seconds per stage of successful tasks (details.timings; total = created to done).",
         )
 
 
-async def task_gauges(sessions: async_sessionmaker[AsyncSession], models: Iterable[str], out: Exposition) -> None:
-    """Tasks not finished yet, by model and status (``task_queue`` is the queue), and the oldest queued one's age."""
+@dataclass(frozen=True)
+class Unfinished:
+    """Unfinished tasks of one model and status, and when the oldest of them was created."""
+
+    model: str
+    status: str
+    count: int
+    oldest_created: float
+
+
+async def read_unfinished(sessions: async_sessionmaker[AsyncSession]) -> list[Unfinished]:
     async with sessions() as session:
-        by_status = (
+        rows = (
             await session.execute(
                 select(Task.model, Task.status, func.count(), func.min(Task.createtime))
                 .where(Task.status.not_in(sorted(TERMINAL)))
                 .group_by(Task.model, Task.status)
             )
         ).all()
-    now = time.time()
+    return [Unfinished(*row) for row in sorted(rows)]
+
+
+def queue_families(unfinished: Sequence[Unfinished], models: Iterable[str], now: float) -> Iterator[Metric]:
+    """Tasks not finished yet, by model and status (``task_queue`` is the queue), and the oldest queued one's age."""
     depth = dict.fromkeys(models, 0)
     oldest = dict.fromkeys(models, 0.0)
-    out.family("dreamserve_tasks", "gauge", "Unfinished tasks by model and status.")
-    for model, status, count, created in sorted(by_status):
-        out.sample("dreamserve_tasks", {"model": model, "status": status}, count)
-        if status == TaskStatus.QUEUE:
-            depth[model], oldest[model] = count, now - created
-    out.family("dreamserve_queue_depth", "gauge", "Queued tasks waiting for a worker, by model.")
-    for model, count in sorted(depth.items()):
-        out.sample("dreamserve_queue_depth", {"model": model}, count)
-    out.family("dreamserve_queue_oldest_seconds", "gauge", "Age of the oldest queued task, by model (0 = none).")
-    for model, age in sorted(oldest.items()):
-        out.sample("dreamserve_queue_oldest_seconds", {"model": model}, round(age, 3))
+    for row in unfinished:
+        if row.status == TaskStatus.QUEUE:
+            depth[row.model], oldest[row.model] = row.count, now - row.oldest_created
+    yield gauge_family(
+        "dreamserve_tasks",
+        "Unfinished tasks by model and status.",
+        ["model", "status"],
+        (((row.model, row.status), row.count) for row in unfinished),
+    )
+    yield gauge_family(
+        "dreamserve_queue_depth",
+        "Queued tasks waiting for a worker, by model.",
+        ["model"],
+        (((model,), count) for model, count in sorted(depth.items())),
+    )
+    yield gauge_family(
+        "dreamserve_queue_oldest_seconds",
+        "Age of the oldest queued task, by model (0 = none).",
+        ["model"],
+        (((model,), round(age, 3)) for model, age in sorted(oldest.items())),
+    )
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -274,29 +292,36 @@ class GpuMemory:
             return []
         return [[cell.strip() for cell in line.split(",")] for line in stdout.decode().splitlines() if line.strip()]
 
-    def write(self, out: Exposition) -> None:
+    def families(self) -> Iterator[Metric]:
         if not self.by_gpu:
             return
-        out.family("dreamserve_gpu_memory_used_bytes", "gauge", "GPU memory in use on each device (nvidia-smi).")
-        for index, (used, _) in sorted(self.by_gpu.items()):
-            out.sample("dreamserve_gpu_memory_used_bytes", {"gpu": index}, used)
-        out.family("dreamserve_gpu_memory_total_bytes", "gauge", "GPU memory of each device (nvidia-smi).")
-        for index, (_, total) in sorted(self.by_gpu.items()):
-            out.sample("dreamserve_gpu_memory_total_bytes", {"gpu": index}, total)
+        devices = sorted(self.by_gpu.items())
+        yield gauge_family(
+            "dreamserve_gpu_memory_used_bytes",
+            "GPU memory in use on each device (nvidia-smi).",
+            ["gpu"],
+            (((index,), used) for index, (used, _) in devices),
+        )
+        yield gauge_family(
+            "dreamserve_gpu_memory_total_bytes",
+            "GPU memory of each device (nvidia-smi).",
+            ["gpu"],
+            (((index,), total) for index, (_, total) in devices),
+        )
 
 
-def worker_gauges(workers: Iterable[Mapping[str, Any]], gpu: GpuMemory, out: Exposition) -> None:
-    """One line per model worker of this process: loaded or not, load time, RSS and GPU memory of its child."""
-    rows = list(workers)
+def worker_families(workers: Iterable[Mapping[str, Any]], gpu: GpuMemory) -> Iterator[Metric]:
+    """One series per model worker of this process: loaded or not, load time, RSS and GPU memory of its child;
+    a family with no series (no child process, no GPU figure) is left out."""
     families = {
-        "dreamserve_worker_up": ("gauge", "1 when the model worker has its model loaded (ready or busy)."),
-        "dreamserve_worker_load_seconds": ("gauge", "Seconds the model process took to load its model."),
-        "dreamserve_worker_rss_bytes": ("gauge", "Resident memory of the model process (weights included)."),
-        "dreamserve_worker_gpu_memory_bytes": ("gauge", "GPU memory the driver reports for the model process."),
+        "dreamserve_worker_up": "1 when the model worker has its model loaded (ready or busy).",
+        "dreamserve_worker_load_seconds": "Seconds the model process took to load its model.",
+        "dreamserve_worker_rss_bytes": "Resident memory of the model process (weights included).",
+        "dreamserve_worker_gpu_memory_bytes": "GPU memory the driver reports for the model process.",
     }
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {name: [] for name in families}
-    for worker in rows:
-        labels = {"worker": str(worker["id"]), "model": str(worker["model"])}
+    samples: dict[str, list[tuple[Labels, float]]] = {name: [] for name in families}
+    for worker in workers:
+        labels = (str(worker["id"]), str(worker["model"]))
         samples["dreamserve_worker_up"].append((labels, int(worker["state"] in ("ready", "busy"))))
         samples["dreamserve_worker_load_seconds"].append((labels, float(worker.get("load_seconds") or 0)))
         pid = worker.get("pid")
@@ -305,11 +330,27 @@ def worker_gauges(workers: Iterable[Mapping[str, Any]], gpu: GpuMemory, out: Exp
             samples["dreamserve_worker_rss_bytes"].append((labels, rss))
         if isinstance(pid, int) and pid in gpu.by_pid:
             samples["dreamserve_worker_gpu_memory_bytes"].append((labels, gpu.by_pid[pid]))
-    for name, (kind, help_text) in families.items():
+    for name, help_text in families.items():
         if samples[name]:
-            out.family(name, kind, help_text)
-            for labels, value in samples[name]:
-                out.sample(name, labels, value)
+            yield gauge_family(name, help_text, ["worker", "model"], samples[name])
+
+
+@dataclass
+class Scrape:
+    """What one scrape read, as a ``prometheus_client`` collector: ``collect`` yields its metric families."""
+
+    monitor: Monitor
+    unfinished: list[Unfinished]
+    models: list[str]
+    workers: list[Mapping[str, Any]]
+    now: float
+
+    def collect(self) -> Iterator[Metric]:
+        yield from queue_families(self.unfinished, self.models, self.now)
+        yield from self.monitor.tasks.families()
+        yield from worker_families(self.workers, self.monitor.gpu)
+        yield from self.monitor.gpu.families()
+        yield from self.monitor.requests.families()
 
 
 class Monitor:
@@ -320,15 +361,11 @@ class Monitor:
         self.tasks = TaskStats()
         self.gpu = GpuMemory()
 
-    async def render(
+    async def scrape(
         self, sessions: async_sessionmaker[AsyncSession], models: Iterable[str], workers: Iterable[Mapping[str, Any]]
-    ) -> str:
-        out = Exposition()
-        await task_gauges(sessions, models, out)
+    ) -> Scrape:
+        """Read what is read at scrape time (unfinished tasks, newly finished ones, GPU memory)."""
+        unfinished = await read_unfinished(sessions)
         await self.tasks.catch_up(sessions)
-        self.tasks.write(out)
         await self.gpu.refresh()
-        worker_gauges(workers, self.gpu, out)
-        self.gpu.write(out)
-        self.requests.write(out)
-        return out.text()
+        return Scrape(self, unfinished, list(models), list(workers), time.time())

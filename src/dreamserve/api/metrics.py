@@ -1,18 +1,18 @@
-"""``GET /metrics`` (Prometheus text format) and the middleware that counts HTTP requests for it."""
+"""``GET /metrics`` (Prometheus' text format, or OpenMetrics when the scraper asks for it) and the middleware that
+counts HTTP requests for it."""
 
 from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, Request, Response
+from prometheus_client.exposition import choose_encoder
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dreamserve.api.deps import ServicesDep
 from dreamserve.metrics import Monitor, RequestStats
 
 router = APIRouter()
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class RequestCounter:
@@ -46,9 +46,10 @@ class RequestCounter:
             self.stats.record(scope["method"], route, status, time.perf_counter() - started)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request, services: ServicesDep) -> PlainTextResponse:
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request, services: ServicesDep) -> Response:
     monitor: Monitor = request.app.state.monitor
     workers = [supervisor.status() for supervisor in services.supervisors]
-    text = await monitor.render(services.sessions, services.settings.models, workers)
-    return PlainTextResponse(text, media_type=CONTENT_TYPE)
+    scrape = await monitor.scrape(services.sessions, services.settings.models, workers)
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encode(scrape), media_type=content_type)
