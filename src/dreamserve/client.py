@@ -801,7 +801,7 @@ def _typed_error(item: Mapping[str, Any], message: str, response: httpx.Response
     if cls is None:
         return None
     if issubclass(cls, RateLimited):
-        return RateLimited(message, _retry_after(response.headers.get("retry-after")))
+        return cls(message, _retry_after(response.headers.get("retry-after")))
     if issubclass(cls, InvalidRequest):
         param = item.get("param")
         return cls(message, param=str(param) if param else None)

@@ -31,7 +31,7 @@ import re
 import secrets
 
 #: How request errors name their field today ("Request parameter [size] ..."): ``param`` defaults to it.
-_PARAM = re.compile(r"Request (?:parameter|files) \[(\w+)\]")
+_PARAM = re.compile(r"Request (?:parameter|files) \[([\w.]+)\]")
 
 
 def new_error_id() -> str:
@@ -43,10 +43,12 @@ class DreamError(Exception):
     code: int = 0
     http_status: int = 200
     type: str = "error"
+    #: What the error says when raised without a message (the HTTP layer's own refusals, a bug).
+    default_message: str = "Internal server error."
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str | None = None) -> None:
+        self.message = self.default_message if message is None else message
+        super().__init__(self.message)
 
     @property
     def param(self) -> str | None:
@@ -120,37 +122,31 @@ class RateLimited(DreamError):
     code = 96
     http_status = 429
     type = "rate_limited"
+    #: Seconds to wait before retrying (``Retry-After``) when the raiser does not say.
+    default_retry_after = 1
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after
 
 
 class QuotaExceeded(RateLimited):
     """A per-project cap on unfinished tasks or queued work: retry when some of the project's tasks have ended."""
 
     type = "quota_exceeded"
-
-    def __init__(self, message: str, retry_after: int = 5) -> None:
-        super().__init__(message, retry_after)
+    default_retry_after = 5
 
 
 class RouteNotFound(DreamError):
     http_status = 404
     type = "route_not_found"
-
-    def __init__(self, message: str = "Error parsing url.") -> None:
-        super().__init__(message)
+    default_message = "Error parsing url."
 
 
 class MethodNotAllowed(RouteNotFound):
     http_status = 405
     type = "method_not_allowed"
-
-    def __init__(
-        self, message: str = "Error parsing url. Every endpoint takes POST, except file downloads (GET)."
-    ) -> None:
-        super().__init__(message)
+    default_message = "Error parsing url. Every endpoint takes POST, except file downloads (GET)."
 
 
 class HTTPProtocolError(DreamError):
@@ -166,9 +162,7 @@ class HTTPProtocolError(DreamError):
 class ServerError(DreamError):
     http_status = 500
     type = "server_error"
-
-    def __init__(self, message: str = "Internal server error. The incident was logged; retry with backoff.") -> None:
-        super().__init__(message)
+    default_message = "Internal server error. The incident was logged; retry with backoff."
 
 
 def error_class(type_: str) -> type[DreamError] | None:
