@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -12,7 +14,7 @@ from starlette.types import Message
 from dreamserve.auth import authenticate
 from dreamserve.db import Project
 from dreamserve.errors import InvalidRequest, RequestTooLarge
-from dreamserve.params import Upload, check_text
+from dreamserve.params import Upload, ascii_int, check_text
 from dreamserve.ratelimit import RateLimiter
 from dreamserve.services import Services
 
@@ -115,3 +117,38 @@ async def read_fields(request: Request, max_file_bytes: int) -> dict[str, list[A
     for name, value in parsed.items():
         fields[name] = [value]
     return fields
+
+
+def text_field(fields: Mapping[str, Sequence[Any]], name: str) -> str:
+    """A field's last value as stripped text; "" when it is absent or ``null``."""
+    values = fields.get(name) or [None]
+    return "" if values[-1] is None else str(values[-1]).strip()
+
+
+#: The longest page Task/List and Tool/List answer.
+MAX_PAGE = 100
+
+
+@dataclass(frozen=True)
+class Page:
+    """Which slice of a listing to answer, and in what order."""
+
+    start: int
+    limit: int
+    sort: str
+    descending: bool
+
+
+def read_page(fields: Mapping[str, Sequence[Any]], sorts: Sequence[str], order: str) -> Page:
+    """Wiro's listing fields ``start``, ``limit`` (at most ``MAX_PAGE``), ``sort`` (one of ``sorts``, the first
+    by default) and ``order`` (``ASC``/``DESC``, ``order`` by default); an absent or empty one takes its default."""
+    start = ascii_int(text_field(fields, "start") or "0", "start", low=0, high=10**9)
+    limit = min(ascii_int(text_field(fields, "limit") or "20", "limit", low=0, high=10**9), MAX_PAGE)
+    sort = text_field(fields, "sort").lower() or sorts[0]
+    if sort not in sorts:
+        allowed = " or ".join(f'"{name}"' for name in sorts)
+        raise InvalidRequest(f"Request parameter [sort] takes {allowed}; got {sort[:20]!r}.")
+    order = text_field(fields, "order").upper() or order
+    if order not in ("ASC", "DESC"):
+        raise InvalidRequest(f'Request parameter [order] takes "ASC" or "DESC"; got {order[:20]!r}.')
+    return Page(start, limit, sort, order == "DESC")

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
+from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields, read_page, text_field
 from dreamserve.db import Project, Task
 from dreamserve.errors import InvalidRequest, InvalidState, NotFound
 from dreamserve.events import RUNNING, TERMINAL
@@ -117,36 +117,20 @@ async def webhooks(request: Request, project: ProjectDep, services: ServicesDep)
 async def task_list(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     """Wiro's MCP body: ``{type: "model", sort: "id", order: "DESC", start, limit, modelName}``."""
     fields = await read_fields(request, max_file_bytes=0)
-    start = _int(fields, "start", 0)
-    limit = min(_int(fields, "limit", 20), 100)
-    sort = _text(fields, "sort").lower() or "id"
-    if sort not in LIST_SORTS:
-        raise InvalidRequest(f"Request parameter [sort] takes {', '.join(LIST_SORTS)}; got {sort[:20]!r}.")
-    order = _text(fields, "order").upper() or "DESC"
-    if order not in ("ASC", "DESC"):
-        raise InvalidRequest(f'Request parameter [order] takes "ASC" or "DESC"; got {order[:20]!r}.')
-    kind = _text(fields, "type").lower()
+    page = read_page(fields, list(LIST_SORTS), order="DESC")
+    kind = text_field(fields, "type").lower()
     if kind not in ("", "model"):
         return tasklist([], 0)  # every task here is a model task
     ids, total = await services.store.list_ids(
         project.id,
-        start=start,
-        limit=limit,
-        model_part=_text(fields, "modelName")[:200],
-        sort=sort,
-        descending=order == "DESC",
+        start=page.start,
+        limit=page.limit,
+        model_part=text_field(fields, "modelName")[:200],
+        sort=page.sort,
+        descending=page.descending,
     )
     tasks = [await _render(services, task_id) for task_id in ids]
     return tasklist([t for t in tasks if t], total)
-
-
-def _text(fields: dict[str, list[Any]], name: str) -> str:
-    values = fields.get(name) or [""]
-    return "" if values[-1] is None else str(values[-1]).strip()
-
-
-def _int(fields: dict[str, list[Any]], name: str, default: int) -> int:
-    return ascii_int(str(fields.get(name, [default])[-1]), name, low=0, high=10**9)
 
 
 def _status(task: Task | None) -> str:

@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from dreamserve import wire
-from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
-from dreamserve.errors import InvalidRequest, NotFound
+from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields, read_page, text_field
+from dreamserve.errors import NotFound
 from dreamserve.models import resolve
 from dreamserve.tools import SORTS, ModelFacts, Tool, catalogue, find_tool, select_tools, task_stats
 
@@ -23,11 +23,6 @@ async def _tools(services: ServicesDep) -> list[Tool]:
     return catalogue(services.settings, facts, await task_stats(services.sessions))
 
 
-def _text(fields: dict[str, list[Any]], name: str, default: str = "") -> str:
-    values = fields.get(name) or [default]
-    return default if values[-1] is None else str(values[-1]).strip()
-
-
 def _list(fields: dict[str, list[Any]], name: str) -> list[str]:
     """A JSON array of strings, or repeated form fields (a single string is one entry)."""
     values: list[str] = []
@@ -36,42 +31,28 @@ def _list(fields: dict[str, list[Any]], name: str) -> list[str]:
     return values
 
 
-def _count(fields: dict[str, list[Any]], name: str, default: int) -> int:
-    raw = _text(fields, name) or str(default)
-    if not (raw.isascii() and raw.isdigit()):
-        raise InvalidRequest(f"Request parameter [{name}] must be integer, got {raw[:20]!r}.")
-    return int(raw)
-
-
 @router.post("/v1/Tool/List")
 async def tool_list(request: Request, _: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     """``{start, limit, search, sort: "id"|"relevance", order, categories, tags, slugowner, hideworkflows,
     summary}``; there are no workflows here, and items are the same with or without ``summary``."""
     fields = await read_fields(request, max_file_bytes=0)
-    start = _count(fields, "start", 0)
-    limit = min(_count(fields, "limit", 20), 100)
-    sort = _text(fields, "sort").lower() or "id"
-    if sort not in SORTS:
-        raise InvalidRequest(f'Request parameter [sort] takes "id" or "relevance"; got {sort[:20]!r}.')
-    order = _text(fields, "order").upper() or "ASC"
-    if order not in ("ASC", "DESC"):
-        raise InvalidRequest(f'Request parameter [order] takes "ASC" or "DESC"; got {order[:20]!r}.')
+    page = read_page(fields, SORTS, order="ASC")
     chosen = select_tools(
         await _tools(services),
-        search=_text(fields, "search")[:200],
-        slugowner=_text(fields, "slugowner")[:200],
+        search=text_field(fields, "search")[:200],
+        slugowner=text_field(fields, "slugowner")[:200],
         categories=_list(fields, "categories"),
         tags=_list(fields, "tags"),
-        sort=sort,
-        descending=order == "DESC",
+        sort=page.sort,
+        descending=page.descending,
     )
-    return wire.tool_list(chosen[start : start + limit], len(chosen))
+    return wire.tool_list(chosen[page.start : page.start + page.limit], len(chosen))
 
 
 @router.post("/v1/Tool/Detail")
 async def tool_detail(request: Request, _: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     fields = await read_fields(request, max_file_bytes=0)
-    owner, project = _text(fields, "slugowner"), _text(fields, "slugproject")
+    owner, project = text_field(fields, "slugowner"), text_field(fields, "slugproject")
     tool = find_tool(await _tools(services), owner, project)
     if tool is None:
         served = ", ".join(sorted(services.settings.models))
