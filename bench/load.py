@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -23,14 +24,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psutil
 
 from dreamserve.signing import auth_headers
+
+if TYPE_CHECKING:
+    from dreamserve.projects import Credentials
 
 MODEL = "bytedance/seedream-v4"
 TERMINAL = ("task_postprocess_end", "task_cancel")
@@ -66,37 +71,37 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-def start_server(data_dir: Path, port: int, min_pixels: int) -> tuple[subprocess.Popen[bytes], str, str | None]:
-    """A server subprocess with the tiny model; returns it with a signature project's key and secret."""
+def start_server(
+    data_dir: Path, port: int, projects: Sequence[str], env: Mapping[str, str], ready_seconds: float = 120
+) -> tuple[subprocess.Popen[bytes], list[Credentials]]:
+    """A server subprocess with the tiny model (64x64 outputs, batches of 4) and ``env`` on top of its settings;
+    returns it, once ``/readyz`` answers 200, with a signature project of each name in ``projects``."""
     from dreamserve.projects import create_project
     from dreamserve.settings import ModelSpec, Settings
 
     spec = ModelSpec(source="tiny", max_pixels=64 * 64, max_batch=4)
-    settings = Settings(data_dir=data_dir, port=port, models={MODEL: spec}, min_pixels=min_pixels)
-    creds = create_project(settings, "load", signature=True)
-    env = {
+    settings = Settings(data_dir=data_dir, port=port, models={MODEL: spec}, min_pixels=64 * 64)
+    creds = [create_project(settings, name, signature=True) for name in projects]
+    environment = {
         **os.environ,
         "DREAMSERVE_DATA_DIR": str(data_dir),
         "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
-        "DREAMSERVE_MIN_PIXELS": str(min_pixels),
-        # The clients share one project: this measures the server, not the per-project rate limit and quotas.
-        "DREAMSERVE_RATE_LIMIT_PER_MINUTE": "0",
-        "DREAMSERVE_MAX_QUEUED_TASKS": "0",
+        "DREAMSERVE_MIN_PIXELS": str(64 * 64),
+        **env,
     }
     log = (data_dir / "server.log").open("ab")
     command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + ready_seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited:\n{(data_dir / 'server.log').read_text()[-3000:]}")
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process, creds.api_key, creds.api_secret
-        except httpx.HTTPError:
-            pass
+                return process, creds
         time.sleep(0.3)
-    raise SystemExit("server not ready in 120 s")
+    process.kill()
+    raise SystemExit(f"server not ready in {ready_seconds:.0f} s")
 
 
 def memory(pid: int | None) -> dict[str, Any]:
@@ -113,57 +118,63 @@ def memory(pid: int | None) -> dict[str, Any]:
         return {}
 
 
+@dataclass(frozen=True)
+class Client:
+    """What one simulated client sends: its project's credentials and its tasks' prompt and size."""
+
+    url: str
+    key: str
+    secret: str | None
+    size: str = "64x64"
+    prompt: str = "load"
+
+
 async def client(
-    http: httpx.AsyncClient,
-    url: str,
-    key: str,
-    secret: str | None,
-    size: str,
-    poll: float,
-    deadline: float,
-    stats: Stats,
+    http: httpx.AsyncClient, who: Client, poll: float, deadline: float, stats: Stats, follow_seconds: float = 0.0
 ) -> None:
+    """Submit a task, poll Task/Detail every ``poll`` s until it ends, submit the next, until ``deadline``.
+
+    The task in flight at the deadline is followed ``follow_seconds`` more; one that has not ended by then
+    counts as ``unfinished``."""
     number = 0
     while time.monotonic() < deadline:
         number += 1
-        started = time.monotonic()
-        try:
-            response = await http.post(
-                f"{url}/v1/Run/{MODEL}",
-                headers=auth_headers(key, secret),
-                json={"prompt": f"load {number}", "size": size, "maxImages": 1},
+        body = {"prompt": f"{who.prompt} {number}", "size": who.size, "maxImages": 1}
+        answer = await _call(http, who, f"/v1/Run/{MODEL}", body, "submit", stats.submit, stats)
+        if answer is None:
+            await asyncio.sleep(poll)
+            continue
+        follow_until = max(deadline, time.monotonic()) + follow_seconds
+        outcome = "unfinished"
+        while time.monotonic() < follow_until:
+            await asyncio.sleep(poll)
+            detail = await _call(
+                http, who, "/v1/Task/Detail", {"taskid": answer["taskid"]}, "detail", stats.detail, stats
             )
-        except httpx.HTTPError as exc:
-            stats.error(f"submit {type(exc).__name__}")
-            await asyncio.sleep(poll)
-            continue
-        stats.submit.append(time.monotonic() - started)
-        body = response.json() if response.headers.get("content-type") == "application/json" else {}
-        if response.status_code >= 500 or not body.get("result"):
-            stats.error(f"submit HTTP {response.status_code}")
-            await asyncio.sleep(poll)
-            continue
-        taskid = body["taskid"]
-        while time.monotonic() < deadline:
-            await asyncio.sleep(poll)
-            started = time.monotonic()
-            try:
-                response = await http.post(
-                    f"{url}/v1/Task/Detail", headers=auth_headers(key, secret), json={"taskid": taskid}
-                )
-            except httpx.HTTPError as exc:
-                stats.error(f"detail {type(exc).__name__}")
-                continue
-            stats.detail.append(time.monotonic() - started)
-            detail = response.json()
-            if response.status_code >= 500 or not detail.get("result"):
-                stats.error(f"detail HTTP {response.status_code}")
-                continue
-            task = detail["tasklist"][0]
-            if task["status"] in TERMINAL:
+            task = detail["tasklist"][0] if detail else {}
+            if task.get("status") in TERMINAL:
                 outcome = f"pexit {task['pexit']}"
-                stats.finished[outcome] = stats.finished.get(outcome, 0) + 1
                 break
+        stats.finished[outcome] = stats.finished.get(outcome, 0) + 1
+
+
+async def _call(
+    http: httpx.AsyncClient, who: Client, path: str, body: dict[str, Any], kind: str, took: list[float], stats: Stats
+) -> dict[str, Any] | None:
+    """One signed POST, its latency added to ``took``; None (and an error counted) unless it answered a result."""
+    started = time.monotonic()
+    try:
+        response = await http.post(f"{who.url}{path}", headers=auth_headers(who.key, who.secret), json=body)
+    except httpx.HTTPError as exc:
+        stats.error(f"{kind} {type(exc).__name__}")
+        return None
+    took.append(time.monotonic() - started)
+    answer = response.json() if response.headers.get("content-type") == "application/json" else {}
+    if response.status_code >= 500 or not answer.get("result"):
+        stats.error(f"{kind} HTTP {response.status_code}")
+        return None
+    result: dict[str, Any] = answer
+    return result
 
 
 async def sample_memory(pid: int | None, deadline: float, stats: Stats, every: float = 15.0) -> None:
@@ -179,7 +190,8 @@ async def run(args: argparse.Namespace, url: str, key: str, secret: str | None, 
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         deadline = time.monotonic() + args.seconds
-        clients = [client(http, url, key, secret, args.size, args.poll, deadline, stats) for _ in range(args.clients)]
+        who = Client(url, key, secret, size=args.size)
+        clients = [client(http, who, args.poll, deadline, stats) for _ in range(args.clients)]
         await asyncio.gather(sample_memory(pid, deadline, stats), *clients)
     return stats
 
@@ -202,7 +214,10 @@ def main() -> None:
     else:
         data_dir = Path(tempfile.mkdtemp(prefix="dreamserve-load-"))
         port = 18000 + os.getpid() % 1000
-        process, key, secret = start_server(data_dir, port, min_pixels=64 * 64)
+        # The clients share one project: this measures the server, not the per-project rate limit and quotas.
+        unlimited = {"DREAMSERVE_RATE_LIMIT_PER_MINUTE": "0", "DREAMSERVE_MAX_QUEUED_TASKS": "0"}
+        process, (creds,) = start_server(data_dir, port, ["load"], unlimited)
+        key, secret = creds.api_key, creds.api_secret
         url, pid = f"http://127.0.0.1:{port}", process.pid
     try:
         stats = asyncio.run(run(args, url, key, secret, pid))
@@ -210,12 +225,8 @@ def main() -> None:
         if process is not None:
             process.send_signal(signal.SIGTERM)
             process.wait(30)
-    gib = round(psutil.virtual_memory().total / 2**30)
     figures = {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {gib} GiB",
-        "clients": args.clients,
-        "seconds": args.seconds,
+        **run_header(args),
         "poll_seconds": args.poll,
         "size": args.size,
         "submit": percentiles(stats.submit),
@@ -224,10 +235,26 @@ def main() -> None:
         "finished": stats.finished,
         "rss": stats.rss,
     }
+    publish(figures, args.json)
+
+
+def run_header(args: argparse.Namespace) -> dict[str, Any]:
+    """When, on what machine, and how many clients for how long: the first keys of a report."""
+    gib = round(psutil.virtual_memory().total / 2**30)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {gib} GiB",
+        "clients": args.clients,
+        "seconds": args.seconds,
+    }
+
+
+def publish(figures: dict[str, Any], path: Path | None) -> None:
+    """Print the figures as JSON, and write them to ``path`` too when given."""
     text = json.dumps(figures, indent=2)
     print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    if path:
+        path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -38,13 +37,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dreamserve.signing import auth_headers
-from load import TERMINAL, Stats, memory, percentiles, sample_memory
+from load import (
+    TERMINAL,
+    Client,
+    Stats,
+    client,
+    memory,
+    percentiles,
+    publish,
+    run_header,
+    sample_memory,
+    start_server,
+)
 
 MODEL = "bytedance/seedream-v4"
 ATTACKER = "127.0.0.2"
@@ -93,87 +102,6 @@ def attacker_host(port: int, bomb: bytes) -> ThreadingHTTPServer:
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd
-
-
-def start_server(data_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], Any, Any]:
-    from dreamserve.projects import create_project
-    from dreamserve.settings import ModelSpec, Settings
-
-    spec = ModelSpec(source="tiny", max_pixels=64 * 64, max_batch=4)
-    settings = Settings(data_dir=data_dir, port=port, models={MODEL: spec}, min_pixels=64 * 64)
-    normal = create_project(settings, "normal", signature=True)
-    hostile = create_project(settings, "hostile", signature=True)
-    env = {
-        **os.environ,
-        "DREAMSERVE_DATA_DIR": str(data_dir),
-        "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
-        "DREAMSERVE_MIN_PIXELS": str(64 * 64),
-        "DREAMSERVE_FETCH_ALLOW_HOSTS": json.dumps([ATTACKER]),
-        "DREAMSERVE_CALLBACK_ALLOW_HOSTS": json.dumps([ATTACKER]),
-        "DREAMSERVE_FETCH_TIMEOUT_SECONDS": str(FETCH_TIMEOUT),
-        "DREAMSERVE_WEBHOOK_TIMEOUT_SECONDS": str(WEBHOOK_TIMEOUT),
-    }
-    log = (data_dir / "server.log").open("ab")
-    command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited:\n{(data_dir / 'server.log').read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process, normal, hostile
-        time.sleep(0.3)
-    raise SystemExit("server not ready in 300 s")
-
-
-async def normal_client(
-    http: httpx.AsyncClient, url: str, creds: Any, poll: float, deadline: float, stats: Stats
-) -> None:
-    number = 0
-    while time.monotonic() < deadline:
-        number += 1
-        headers = auth_headers(creds.api_key, creds.api_secret)
-        started = time.monotonic()
-        try:
-            response = await http.post(
-                f"{url}/v1/Run/{MODEL}", headers=headers, json={"prompt": f"soak {number}", "size": "64x64"}
-            )
-        except httpx.HTTPError as exc:
-            stats.error(f"submit {type(exc).__name__}")
-            await asyncio.sleep(poll)
-            continue
-        stats.submit.append(time.monotonic() - started)
-        body = response.json() if response.headers.get("content-type") == "application/json" else {}
-        if response.status_code >= 500 or not body.get("result"):
-            stats.error(f"submit HTTP {response.status_code}")
-            await asyncio.sleep(poll)
-            continue
-        # Followed to its end even past the deadline (at most 120 s more): every normal task must finish.
-        follow_until = max(deadline, time.monotonic()) + 120
-        outcome = "unfinished"
-        while time.monotonic() < follow_until:
-            await asyncio.sleep(poll)
-            started = time.monotonic()
-            try:
-                response = await http.post(
-                    f"{url}/v1/Task/Detail",
-                    headers=auth_headers(creds.api_key, creds.api_secret),
-                    json={"taskid": body["taskid"]},
-                )
-            except httpx.HTTPError as exc:
-                stats.error(f"detail {type(exc).__name__}")
-                continue
-            stats.detail.append(time.monotonic() - started)
-            detail = response.json()
-            if response.status_code >= 500 or not detail.get("result"):
-                stats.error(f"detail HTTP {response.status_code}")
-                continue
-            task = detail["tasklist"][0]
-            if task["status"] in TERMINAL:
-                outcome = f"pexit {task['pexit']}"
-                break
-        stats.finished[outcome] = stats.finished.get(outcome, 0) + 1
 
 
 async def socket_flood(url: str, deadline: float, counts: dict[str, int]) -> None:
@@ -242,10 +170,12 @@ async def run(args: argparse.Namespace, url: str, port: int, normal: Any, hostil
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         deadline = time.monotonic() + args.seconds
+        # Each normal task is followed to its end, even past the deadline (at most 120 s more): all must finish.
+        who = Client(url, normal.api_key, normal.api_secret, prompt="soak")
         ws_url = url.replace("http://", "ws://") + "/v1"
         await asyncio.gather(
             sample_memory(pid, deadline, stats),
-            *(normal_client(http, url, normal, args.poll, deadline, stats) for _ in range(args.clients)),
+            *(client(http, who, args.poll, deadline, stats, follow_seconds=120) for _ in range(args.clients)),
             *(socket_flood(ws_url, deadline, flood) for _ in range(4)),
             hostile_tenant(http, url, hostile, port, deadline, hostile_ids),
         )
@@ -277,7 +207,13 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="dreamserve-soak-"))
     port = 19000 + os.getpid() % 1000
     attacker = attacker_host(port, bomb)
-    process, normal, hostile = start_server(data_dir, port)
+    env = {
+        "DREAMSERVE_FETCH_ALLOW_HOSTS": json.dumps([ATTACKER]),
+        "DREAMSERVE_CALLBACK_ALLOW_HOSTS": json.dumps([ATTACKER]),
+        "DREAMSERVE_FETCH_TIMEOUT_SECONDS": str(FETCH_TIMEOUT),
+        "DREAMSERVE_WEBHOOK_TIMEOUT_SECONDS": str(WEBHOOK_TIMEOUT),
+    }
+    process, (normal, hostile) = start_server(data_dir, port, ["normal", "hostile"], env, ready_seconds=300)
     try:
         figures = asyncio.run(run(args, f"http://127.0.0.1:{port}", port, normal, hostile, process.pid))
     finally:
@@ -287,20 +223,13 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             process.kill()
         attacker.shutdown()
-    gib = round(psutil.virtual_memory().total / 2**30)
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {gib} GiB",
+        **run_header(args),
         "load_average_end": os.getloadavg(),
-        "clients": args.clients,
-        "seconds": args.seconds,
         "bomb": f"{args.bomb_mib} MiB of zeros, gzip of gzip, {len(bomb):,} bytes on the wire",
         **figures,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    publish(report, args.json)
 
 
 if __name__ == "__main__":
