@@ -35,12 +35,15 @@ from dreamserve.settings import ModelSpec, Settings
 from tests.conftest import MODEL, Receiver, Server, launch, png_bytes
 
 MODEL_ID = "seedream-4-0-250828"
+RETENTION = 86400
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # One image per pipeline call, so a group's images are saved (and streamed) one after another.
-    server = launch(tmp_path_factory, start=False, model={"max_pixels": 64 * 64, "max_batch": 1})
+    # One image per pipeline call, so a group's images are saved (and streamed) one after another; files are
+    # kept a day, as long as Ark's links last, so URLs carry when they expire.
+    model = {"max_pixels": 64 * 64, "max_batch": 1}
+    server = launch(tmp_path_factory, start=False, model=model, retention_seconds=RETENTION)
     try:
         server.start()
         yield server
@@ -95,6 +98,9 @@ def test_url_and_b64_at_2k_and_wxh(server: Any) -> None:
     task = server.detail(extra["task_id"])
     assert task["status"] == "task_postprocess_end" and task["parameters"]["watermark"] == "false"
     assert [o["name"] for o in task["outputs"]] == ["0.jpeg"] and task["outputs"][0]["url"] == result.data[0].url
+    # The same capability URL as Wiro's file item, and the same expiry (Wiro's expiretime), in a key of ours.
+    expires = (result.data[0].model_extra or {})["expires"]
+    assert expires == int(task["outputs"][0]["expiretime"]) and 0 < expires - time.time() <= RETENTION
 
     # b64_json, free WxH, PNG, and a seed: the same seed gives the same pixels.
     first, second = (
@@ -112,6 +118,7 @@ def test_url_and_b64_at_2k_and_wxh(server: Any) -> None:
     assert [(i.format, i.size) for i in images] == [("PNG", (1600, 900))] * 2
     assert images[0].tobytes() == images[1].tobytes() and first.data[0].size == "1600x900"
     assert (first.data[0].model_extra or {})["seed"] == 42
+    assert "expires" not in (first.data[0].model_extra or {}), "b64_json items hold the image, not a link to it"
     assert first.usage.output_tokens == 1600 * 900 // 256
 
 
@@ -178,6 +185,10 @@ def test_stream_read_by_the_sdk_one_event_per_saved_image(server: Any) -> None:
     assert [event.image_index for event in events[:2]] == [0, 1]  # type: ignore[union-attr]
     for event in events[:2]:
         assert event.size == "1280x720" and _fetched(event.url).format == "JPEG"  # type: ignore[union-attr]
+    # Streamed while the task runs, an image already says when its file goes: as Task/Detail says once it ended.
+    streamed = server.detail(str((events[2].model_extra or {})["task_id"]))
+    expiry = {o["url"]: int(o["expiretime"]) for o in streamed["outputs"]}
+    assert [(e.model_extra or {})["expires"] for e in events[:2]] == [expiry[e.url] for e in events[:2]]  # type: ignore[union-attr]
     usage: Any = events[2].usage  # type: ignore[union-attr]
     usage = usage if isinstance(usage, dict) else usage.model_dump()  # the SDK leaves it a dict (no `error` field)
     assert usage["generated_images"] == 2 and usage["output_tokens"] == 2 * 1280 * 720 // 256
@@ -276,7 +287,8 @@ def test_key_only_project_and_optimize_prompt_reported(server: Any) -> None:
 
 
 def test_every_error_class_the_sdk_raises(make_server: Any) -> None:
-    server = make_server(model={"workers": 0}, rate_limit_per_minute=60, rate_limit_burst=30)
+    # No model worker: a task stays queued, so a stream stays open until its client hangs up.
+    server = make_server(model={"workers": 0}, rate_limit_per_minute=60, rate_limit_burst=30, sync_max_per_project=1)
     client = _ark(server)
     with pytest.raises(ArkAuthenticationError) as denied:
         _ark(server, "nope").images.generate(model=MODEL_ID, prompt="x")
@@ -288,6 +300,34 @@ def test_every_error_class_the_sdk_raises(make_server: Any) -> None:
     with pytest.raises(ArkNotFoundError) as unknown:
         client.images.generate(model="seedream-9-9", prompt="x")
     assert unknown.value.status_code == 404 and MODEL_ID in unknown.value.message
+
+    # A stream holds one of its project's synchronous slots (1 here) while it runs: past the cap a stream, or a
+    # waiting request, is refused with 429 before it starts and before any task is stored. (A project of its own:
+    # the slot and the rate limit are per project.)
+    streams = create_project(server.settings, "streams", signature=False)
+    bearer = {"Authorization": f"Bearer {streams.api_key}"}
+    url = f"{server.url}/api/v3/images/generations"
+    body = {"model": MODEL_ID, "prompt": "queued", "size": "1280x720", "stream": True}
+    with httpx.stream("POST", url, headers=bearer, json=body, timeout=30) as held:
+        assert held.status_code == 200
+        for stream in (True, False):
+            with pytest.raises(ArkRateLimitError) as busy:
+                _ark(server, streams.api_key).images.generate(model=MODEL_ID, prompt="x", stream=stream)
+            assert busy.value.response.headers["retry-after"].isdigit() and "1 synchronous" in busy.value.message
+        assert len(server.post("/v1/Task/List", streams, json={}).json()["tasklist"]) == 1
+    # Hung up: the stream's task is cancelled and its slot is free again.
+    deadline = time.monotonic() + 30
+    while server.detail(held.headers["x-dreamserve-task-id"], streams)["status"] != "task_cancel":
+        assert time.monotonic() < deadline, "the task of a stream whose client hung up is cancelled"
+        time.sleep(0.25)
+    statuses = []
+    for _ in range(10):  # the slot is released just after the cancel is written
+        with httpx.stream("POST", url, headers=bearer, json=body, timeout=30) as again:
+            statuses.append(again.status_code)
+        if again.status_code == 200:
+            break
+        time.sleep(0.1)
+    assert statuses[-1] == 200, statuses
 
     cases: list[tuple[dict[str, Any], str]] = [
         ({"prompt": "x", "size": "800x800"}, "size"),

@@ -46,9 +46,10 @@ def file_url(base_url: str, file: File, keys: ServerKey) -> str:
     return f"{base_url}/v1/File/{keys.accesskey(file)}/{file.name}"
 
 
-def expires(file: File, retention_seconds: float) -> float | None:
-    """When the reaper deletes a task's input or output file (None: kept)."""
-    if retention_seconds <= 0 or file.role not in EXPIRING_ROLES:
+def expires(file: File, retention_seconds: float, role: str | None = None) -> float | None:
+    """When the reaper deletes a task's input or output file (None: kept). ``role``: the file's role to be (a
+    partial output, streamed before its task ends, becomes an output with its time)."""
+    if retention_seconds <= 0 or (role or file.role) not in EXPIRING_ROLES:
         return None
     return file.created + retention_seconds
 

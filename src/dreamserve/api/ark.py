@@ -3,13 +3,19 @@
 Code written for BytePlus ModelArk or Volcengine Ark (their SDKs, or the OpenAI SDK pointed at Ark) runs
 with only ``base_url`` changed to ``<server>/api/v3``. A request becomes an ordinary task through
 ``submit.submit`` (named in the ``x-dreamserve-task-id`` header and the ``task_id`` field, so it can be
-followed or cancelled like any other); auth, the synchronous wait and the hang-up cancel are the OpenAI
-route's. Group generation (``sequential_image_generation: "auto"``) takes its size from the prompt
-(``groups.image_count``). With ``stream: true`` each image is sent as soon as the worker has saved it
-(its ``IMAGE_SAVED`` event), then ``image_generation.completed`` and ``data: [DONE]``; checks
-still answer HTTP 400 JSON before the stream starts.
+followed or cancelled like any other); bearer auth, the synchronous wait and the hang-up cancel are the
+OpenAI route's too (``api/compat.py``). Group generation (``sequential_image_generation: "auto"``) takes its
+size from the prompt (``groups.image_count``). With ``stream: true`` each image is sent as soon as the worker
+has saved it (its ``IMAGE_SAVED`` event), then ``image_generation.completed`` and ``data: [DONE]``; checks
+still answer HTTP 400 JSON before the stream starts. A stream holds one of the project's synchronous slots
+(``sync_max_per_project``) until it ends, as a waiting request does: past the cap, 429 before it starts.
 
-Errors use Ark's ``{"error": {"code", "message", "param", "type"}}``; ``ArkRoute`` is the one place
+Output URLs are the capability URLs of Wiro's file items (``/v1/File/<accesskey>/<name>``). Ark's are presigned
+links valid for 24 hours and its answer has no field for that; here, when ``retention_seconds`` is set, each
+``url`` item (and streamed image) also carries ``expires``, the unix time the file is deleted at (Wiro's
+``expiretime``), a key Ark's SDKs ignore. Without retention files are kept and there is no ``expires``.
+
+Errors use Ark's ``{"error": {"code", "message", "param", "type"}}``; ``ark_error`` is the one place
 they are translated, so the rest of the code raises the usual ``errors`` tree.
 """
 
@@ -18,29 +24,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from sqlalchemy import select
+from starlette.types import Receive, Scope, Send
 
+from dreamserve.api.compat import BearerProject, error_route, renamed, wait_for_task
 from dreamserve.api.deps import ServicesDep, read_fields
-from dreamserve.api.openai import BearerProject, wait_for_task
 from dreamserve.db import File, Task
-from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited
+from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited, TaskFailed
 from dreamserve.events import IMAGE_SAVED, TERMINAL
 from dreamserve.groups import image_count
 from dreamserve.params import MAX_TOTAL_IMAGES, Upload
 from dreamserve.services import Services
 from dreamserve.submit import submit
-from dreamserve.wire import file_url
+from dreamserve.wire import expires, file_url
 
 #: Our parameter names as Ark's clients know them, for error messages and ``param``.
 ARK_NAMES = {"inputImage": "image", "maxImages": "sequential_image_generation_options.max_images"}
@@ -50,17 +57,12 @@ OUTPUT_FORMATS = {"jpeg": "jpeg", "jpg": "jpeg", "png": "png"}
 #: Ark counts 256 pixels as one output token.
 PIXELS_PER_TOKEN = 256
 TASK_HEADER = "x-dreamserve-task-id"
-_PARAM = re.compile(r"Request (?:parameter|files) \[([\w.]+)\]")
 _DATA_URI = re.compile(r"^data:image/([a-z0-9.+-]+);base64,", re.IGNORECASE)
 
 
 def ark_error(exc: DreamError) -> JSONResponse:
     """The translation of our error tree into Ark's status codes and error body."""
-    message = exc.message
-    for ours, theirs in ARK_NAMES.items():
-        message = message.replace(f"[{ours}]", f"[{theirs}]")
-    match = _PARAM.search(message)
-    param = match.group(1) if match else ""
+    message, param = renamed(exc, ARK_NAMES)
     headers = None
     if isinstance(exc, AuthError):
         status, code, kind = 401, "AuthenticationError", "Unauthorized"
@@ -76,26 +78,11 @@ def ark_error(exc: DreamError) -> JSONResponse:
         status, code, kind = 400, "TaskNotCompleted", "BadRequest"
     else:
         status, code, kind = max(400, exc.http_status), "InvalidParameter", "BadRequest"
-    body = {"error": {"code": code, "message": message, "param": param, "type": kind}}
+    body = {"error": {"code": code, "message": message, "param": param or "", "type": kind}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class ArkRoute(APIRoute):
-    """Renders our errors in Ark's shape for the routes of this module (dependencies included)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def translated(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except DreamError as exc:
-                return ark_error(exc)
-
-        return translated
-
-
-router = APIRouter(route_class=ArkRoute)
+router = APIRouter(route_class=error_route(ark_error))
 
 
 @dataclass
@@ -114,14 +101,27 @@ class ArkRequest:
 @router.post("/api/v3/images/generations")
 async def generations(request: Request, project: BearerProject, services: ServicesDep) -> Response:
     ask = parse_request(services, await read_fields(request, 0))
-    if ask.stream:
+    async with contextlib.AsyncExitStack() as held:
+        await held.enter_async_context(services.sync_slot(project.id))  # 429 past the project's cap
         task = await submit(services, project, ask.slug, ask.fields, output_format=ask.output_format)
         headers = {TASK_HEADER: str(task.id)}
-        return StreamingResponse(_stream(services, task, ask), media_type="text/event-stream", headers=headers)
-    async with services.sync_slot(project.id):  # as the OpenAI route: bounded synchronous waits per project
-        task = await submit(services, project, ask.slug, ask.fields, output_format=ask.output_format)
+        if ask.stream:  # the slot goes with the stream, released when it has been sent or the client left
+            return HeldStream(_stream(services, task, ask), held.pop_all(), headers=headers)
         await wait_for_task(request, services, task)
-    return JSONResponse(await _answer(services, task, ask), headers={TASK_HEADER: str(task.id)})
+    return JSONResponse(await _answer(services, task, ask), headers=headers)
+
+
+class HeldStream(StreamingResponse):
+    """An event stream that keeps what ``held`` holds (the project's synchronous slot) until it has been sent, or
+    has failed to be: released in ``__call__``, which runs even when the body is never started."""
+
+    def __init__(self, events: AsyncIterator[str], held: contextlib.AsyncExitStack, headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.held = held
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self.held:
+            await super().__call__(scope, receive, send)
 
 
 def parse_request(services: Services, body: dict[str, list[Any]]) -> ArkRequest:
@@ -245,18 +245,15 @@ def _images(value: Any, max_bytes: int) -> list[Any]:
 async def _answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, Any]:
     fresh = await services.store.get_by_id(task.id)
     status = fresh.status if fresh else "gone"
-    follow = f"Task {task.id} (socketaccesstoken {task.token})"
+    follow = f"Task {task.id} (socketaccesstoken {services.keys.token(task)})"
     if fresh is None or status not in TERMINAL:
         raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
     if status == "task_cancel":
         raise InvalidState(f"{follow} was cancelled.")
+    if fresh.pexit == "2":  # an input could not be read: the caller's to fix, and Ark names the field
+        raise InvalidRequest(f"Request parameter [image]: {follow} could not read an input: {fresh.debugerror}")
     if fresh.pexit != "0":
-        error = DreamError(f"{follow} failed (pexit {fresh.pexit}): {fresh.debugerror[:500]}")
-        if fresh.pexit == "2":  # an input could not be read
-            error = InvalidRequest(f"Request parameter [image]: {follow} could not read an input: {fresh.debugerror}")
-        else:
-            error.http_status = 500
-        raise error
+        raise TaskFailed(f"{follow} failed (pexit {fresh.pexit}): {fresh.debugerror[:500]}")
     files = (await services.store.files([task.id], "output"))[task.id]
     items: dict[int, dict[str, Any]] = {}
     for file in files:
@@ -280,7 +277,11 @@ async def _answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, 
 async def _item(services: Services, file: File, response_format: str) -> dict[str, Any]:
     size = f"{file.meta['width']}x{file.meta['height']}"
     if response_format == "url":
-        item: dict[str, Any] = {"url": file_url(services.settings.base_url, file, services.keys)}
+        settings = services.settings
+        item: dict[str, Any] = {"url": file_url(settings.base_url, file, services.keys)}
+        expiry = expires(file, settings.retention_seconds, role="output")  # streamed, it is still a partial row
+        if expiry is not None:  # ours: when the URL stops answering (Ark's own links last 24 h, unsaid)
+            item["expires"] = int(expiry)
     else:
         raw = await asyncio.to_thread(services.blobs.read, file.blob_key)
         item = {"b64_json": base64.b64encode(raw).decode()}

@@ -5,13 +5,9 @@ followed on the socket and cancelled); the call waits for its task on the event 
 (``Services.wait_terminal``, at most ``sync_wait_seconds``; at most ``sync_max_per_project`` such waits per
 project at once, 429 past it) and answers in OpenAI's shape, plus ``task_id`` and ``socketaccesstoken``.
 A client that hangs up while waiting gets its task cancelled (``sync_cancel_on_disconnect``): nobody
-could fetch the images.
+could fetch the images. Bearer auth, the error route and the wait are ``api/compat.py``'s, shared with Ark's.
 
-Auth is ``Authorization: Bearer <api key>`` for key-only projects and ``Bearer <api key>:<api secret>``
-for signature projects: OpenAI clients cannot sign requests, and accepting the bare key would let
-anyone holding only the key into a project that asked for signatures.
-
-Errors use OpenAI's ``{"error": {"message", "type", "param", "code"}}``; ``OpenAIRoute`` is the one
+Errors use OpenAI's ``{"error": {"message", "type", "param", "code"}}``; ``openai_error`` is the one
 place they are translated, so the rest of the code raises the usual ``errors`` tree.
 """
 
@@ -19,19 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import math
 import re
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from PIL import Image
 
-from dreamserve.api.deps import ServicesDep, check_rate, read_fields
+from dreamserve.api.compat import BearerProject, error_route, renamed, wait_for_task
+from dreamserve.api.deps import ServicesDep, read_fields
 from dreamserve.db import Project, Task
 from dreamserve.errors import (
     AuthError,
@@ -40,15 +34,15 @@ from dreamserve.errors import (
     InvalidState,
     NotFound,
     RateLimited,
+    RequestTooLarge,
     TaskFailed,
     TaskInputFailed,
 )
 from dreamserve.events import TERMINAL
 from dreamserve.params import Upload
-from dreamserve.projects import find_project, unseal_secret
 from dreamserve.services import Services
 from dreamserve.settings import DEFAULT_MODEL
-from dreamserve.status import Pexit, StopKind, TaskStatus
+from dreamserve.status import Pexit, TaskStatus
 from dreamserve.submit import submit
 
 #: Our parameter names as OpenAI's clients know them, for error messages and ``param``.
@@ -66,10 +60,7 @@ MIN_OUTPUT_SIDE = 16
 
 def openai_error(exc: DreamError) -> JSONResponse:
     """The translation of our error tree into OpenAI's status codes and error body."""
-    message = exc.message
-    for ours, theirs in OPENAI_NAMES.items():
-        message = message.replace(f"[{ours}]", f"[{theirs}]")
-    param = OPENAI_NAMES.get(exc.param, exc.param) if exc.param else None
+    message, param = renamed(exc, OPENAI_NAMES)
     headers = None
     if isinstance(exc, AuthError):
         status, kind, code = 401, "invalid_request_error", "invalid_api_key"
@@ -80,7 +71,7 @@ def openai_error(exc: DreamError) -> JSONResponse:
         status, kind, code = 404, "invalid_request_error", "model_not_found"
     elif exc.http_status >= 500:
         status, kind, code = exc.http_status, "server_error", None
-    elif exc.http_status == 413:
+    elif isinstance(exc, RequestTooLarge):
         status, kind, code = 413, "invalid_request_error", "request_too_large"
     elif isinstance(exc, InvalidState):
         # Not 5xx on purpose: OpenAI clients retry those, and a retry would queue a second task.
@@ -91,39 +82,7 @@ def openai_error(exc: DreamError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class OpenAIRoute(APIRoute):
-    """Renders our errors in OpenAI's shape for the routes of this module (dependencies included)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def translated(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except DreamError as exc:
-                return openai_error(exc)
-
-        return translated
-
-
-router = APIRouter(route_class=OpenAIRoute)
-
-
-async def bearer_project(request: Request, services: ServicesDep) -> Project:
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    api_key, _, secret = token.partition(":")
-    project = await find_project(services.sessions, api_key) if api_key else None
-    if project is None:
-        raise AuthError("Send the API key as Authorization: Bearer <key> (or <key>:<secret> for signature projects).")
-    expected = unseal_secret(api_key, project.secret_sealed or "") if project.signature_required else ""
-    if project.signature_required and not hmac.compare_digest(secret.encode(), expected.encode()):
-        raise AuthError("This project requires its secret: send Authorization: Bearer <api key>:<api secret>.")
-    check_rate(request, services, project)
-    return project
-
-
-BearerProject = Annotated[Project, Depends(bearer_project)]
+router = APIRouter(route_class=error_route(openai_error))
 
 
 @router.post("/v1/images/generations")
@@ -217,15 +176,6 @@ def _quality(value: Any) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 3 or not 0 <= int(text) <= 100:
         raise InvalidRequest("Request parameter [output_compression] must be an integer from 0 to 100.")
     return int(text)
-
-
-async def wait_for_task(request: Request, services: Services, task: Task) -> None:
-    """Wait for the task on the event hub; a client that hung up gets its task cancelled (nobody can fetch it)."""
-    settings = services.settings
-    gone = request.is_disconnected if settings.sync_cancel_on_disconnect else None
-    outcome = await services.wait_terminal(task.id, settings.sync_wait_seconds, gone)
-    if outcome == "gone" and await services.store.cancel_queued(task.id) is None:
-        await services.stop_task(task.id, StopKind.CANCEL)
 
 
 async def _answer(

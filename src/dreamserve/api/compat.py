@@ -1,0 +1,80 @@
+"""What the routes that speak other services' APIs (OpenAI's ``api/openai.py``, Ark's ``api/ark.py``) share.
+
+Their bearer auth, the route class that renders our error tree in their error shape, and the wait for a task
+(each in one of the project's ``sync_max_per_project`` slots, ``Services.sync_slot``).
+
+Auth is ``Authorization: Bearer <api key>`` for key-only projects and ``Bearer <api key>:<api secret>`` for
+signature projects: these clients cannot sign requests, and accepting the bare key would let anyone holding only
+the key into a project that asked for signatures.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Response
+from fastapi.routing import APIRoute
+
+from dreamserve.api.deps import ServicesDep, check_rate
+from dreamserve.db import Project, Task
+from dreamserve.errors import AuthError, DreamError
+from dreamserve.projects import find_project, unseal_secret
+from dreamserve.services import Services
+from dreamserve.status import StopKind
+
+
+def error_route(render: Callable[[DreamError], Response]) -> type[APIRoute]:
+    """A route class whose handlers (dependencies included) answer our errors as ``render`` draws them: the one
+    place a dialect's errors are translated, so the rest of the code raises the usual ``errors`` tree."""
+
+    class ErrorRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def translated(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except DreamError as exc:
+                    return render(exc)
+
+            return translated
+
+    ErrorRoute.__qualname__ = ErrorRoute.__name__ = f"ErrorRoute[{render.__name__}]"
+    return ErrorRoute
+
+
+def renamed(exc: DreamError, names: Mapping[str, str]) -> tuple[str, str | None]:
+    """The error's message and ``param`` with our field names given as the client knows them (``[maxImages]`` ->
+    ``[n]``)."""
+    message = exc.message
+    for ours, theirs in names.items():
+        message = message.replace(f"[{ours}]", f"[{theirs}]")
+    return message, names.get(exc.param, exc.param) if exc.param else None
+
+
+async def bearer_project(request: Request, services: ServicesDep) -> Project:
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    api_key, _, secret = token.partition(":")
+    project = await find_project(services.sessions, api_key) if api_key else None
+    if project is None:
+        raise AuthError("Send the API key as Authorization: Bearer <key> (or <key>:<secret> for signature projects).")
+    expected = unseal_secret(api_key, project.secret_sealed or "") if project.signature_required else ""
+    if project.signature_required and not hmac.compare_digest(secret.encode(), expected.encode()):
+        raise AuthError("This project requires its secret: send Authorization: Bearer <api key>:<api secret>.")
+    check_rate(request, services, project)
+    return project
+
+
+BearerProject = Annotated[Project, Depends(bearer_project)]
+
+
+async def wait_for_task(request: Request, services: Services, task: Task) -> None:
+    """Wait for the task on the event hub; a client that hung up gets its task cancelled (nobody can fetch it)."""
+    settings = services.settings
+    gone = request.is_disconnected if settings.sync_cancel_on_disconnect else None
+    outcome = await services.wait_terminal(task.id, settings.sync_wait_seconds, gone)
+    if outcome == "gone" and await services.store.cancel_queued(task.id) is None:
+        await services.stop_task(task.id, StopKind.CANCEL)
