@@ -352,10 +352,6 @@ class TaskStore:
             # Another worker took it between the read and the conditional claim: read the queue again.
         return None
 
-    async def claim(self, task_id: int, worker_id: str, lease_seconds: float) -> Task | None:
-        """Take one given task (a dispatched message names it); None if it is no longer queued."""
-        return await self._claim(task_id, worker_id, lease_seconds)
-
     async def claim_similar(
         self, worker_id: str, model: str, width: int, height: int, room: int, lease_seconds: float
     ) -> list[Task]:

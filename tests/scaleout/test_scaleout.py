@@ -73,24 +73,25 @@ class Cluster:
     settings: Settings
     tmp: Path
 
-    def post(self, replica: int, path: str, **kwargs: Any) -> dict[str, Any]:
-        headers = auth_headers(self.creds.api_key, self.creds.api_secret, str(int(time.time())))
+    def post(self, replica: int, path: str, creds: Credentials | None = None, **kwargs: Any) -> dict[str, Any]:
+        creds = creds or self.creds
+        headers = auth_headers(creds.api_key, creds.api_secret, str(int(time.time())))
         body: dict[str, Any] = httpx.post(f"{self.apis[replica]}{path}", headers=headers, timeout=60, **kwargs).json()
         return body
 
-    def run(self, replica: int, model: str = MODEL, **fields: Any) -> dict[str, Any]:
-        body = self.post(replica, f"/v1/Run/{model}", json={"size": "1K", **fields})
+    def run(self, replica: int, model: str = MODEL, creds: Credentials | None = None, **fields: Any) -> dict[str, Any]:
+        body = self.post(replica, f"/v1/Run/{model}", creds, json={"size": "1K", **fields})
         assert body["result"] is True, body
         return body
 
-    def detail(self, replica: int, taskid: str) -> dict[str, Any]:
-        task: dict[str, Any] = self.post(replica, "/v1/Task/Detail", json={"taskid": taskid})["tasklist"][0]
+    def detail(self, replica: int, taskid: str, creds: Credentials | None = None) -> dict[str, Any]:
+        task: dict[str, Any] = self.post(replica, "/v1/Task/Detail", creds, json={"taskid": taskid})["tasklist"][0]
         return task
 
-    def wait(self, replica: int, taskid: str, timeout: float = 120) -> dict[str, Any]:
+    def wait(self, replica: int, taskid: str, timeout: float = 120, creds: Credentials | None = None) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            task = self.detail(replica, taskid)
+            task = self.detail(replica, taskid, creds)
             if task["status"] in ("task_postprocess_end", "task_cancel"):
                 return task
             time.sleep(0.2)
@@ -251,23 +252,33 @@ def test_cancel_and_kill_across_hosts(cluster: Cluster) -> None:
     assert cluster.detail(0, queued["taskid"])["starttime"] == "0"
 
 
-def test_priority_order(cluster: Cluster) -> None:
-    # No worker serves this model yet: the tasks wait in its queue, then one worker drains it.
+def test_priority_then_projects_in_turn_in_batches(cluster: Cluster) -> None:
+    """A Celery message is a turn: the worker claims as the embedded queue does (priority, then projects in turn),
+    with the same-shape tasks that batch with it, whatever order Redis hands the messages out in."""
+    other = create_project(cluster.settings, "scaleout-other", signature=True)
+    # No worker serves this model yet: the tasks wait in its queue, then one worker (batches of 2) drains it.
     lows = [cluster.run(0, model=PRIORITY_MODEL, prompt=f"low {i}") for i in range(4)]
+    others = [cluster.run(0, model=PRIORITY_MODEL, prompt=f"other {i}", creds=other) for i in range(2)]
     high = cluster.run(1, model=PRIORITY_MODEL, prompt="high", priority=9)
     time.sleep(1.0)  # let a replica dispatch them all
-    worker = _worker(cluster.tmp, "prio", PRIORITY_MODEL, ModelSpec(max_pixels=64 * 64, steps=2))
+    spec = ModelSpec(max_pixels=64 * 64, steps=2, max_batch=2)
+    worker = _worker(cluster.tmp, "prio", PRIORITY_MODEL, spec)
     try:
         _wait_worker(worker)
         for run in [high, *lows]:
             assert cluster.wait(0, run["taskid"])["pexit"] == "0"
+        for run in others:
+            assert cluster.wait(0, run["taskid"], creds=other)["pexit"] == "0"
     finally:
         worker.stop()
-    accepted = _db(f"SELECT id, accepttime FROM tasks WHERE model = '{PRIORITY_MODEL}' ORDER BY accepttime")
-    # The high-priority task runs first. Within one level Celery's Redis transport does not promise FIFO
-    # (a prefetched message can be overtaken), so the lows are only checked to come after it.
-    assert [str(row[0]) for row in accepted][0] == high["taskid"]
-    assert sorted(str(row[0]) for row in accepted[1:]) == sorted(r["taskid"] for r in lows)
+    accepted = _db(f"SELECT id FROM tasks WHERE model = '{PRIORITY_MODEL}' ORDER BY accepttime, id")
+    a, b = [r["taskid"] for r in lows], [r["taskid"] for r in others]
+    # The other project's tasks take turns with the first project's (as FIFO messages they would run last), each
+    # claim with a companion of the same shape: [high + b0], [a0 + b1], [a1 + a2], [a3].
+    assert [str(row[0]) for row in accepted] == [high["taskid"], b[0], a[0], b[1], a[1], a[2], a[3]]
+    # Shared pipeline calls show in details.batched_with, which names only the reader's own tasks.
+    assert [str(t) for t in cluster.detail(0, a[1])["details"]["batched_with"]] == [a[2]]
+    assert cluster.detail(0, a[0])["details"]["batched_with"] == []
 
 
 def test_a_worker_killed_mid_task_is_replaced_by_the_other(cluster: Cluster) -> None:

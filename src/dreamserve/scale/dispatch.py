@@ -50,7 +50,8 @@ def celery_dispatcher(settings: Settings) -> Callable[[int, str, int], Awaitable
 
 
 def run_task(task_id: int, model: str) -> bool:
-    """Celery task body, in a GPU worker: hand the id to the supervisor of ``model`` and wait."""
+    """Celery task body, in a GPU worker: a turn of ``model``'s queue for its supervisor (``Supervisor.run_one``:
+    the next task in claim order and its batch, not necessarily ``task_id``), waited for."""
     loop: asyncio.AbstractEventLoop = RUNTIME["loop"]
     supervisors = [s for s in RUNTIME["services"].supervisors if s.slug == model]
     if not supervisors:

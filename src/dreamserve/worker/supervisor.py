@@ -301,13 +301,18 @@ class Supervisor:
         )
 
     async def run_one(self, task_id: int) -> bool:
-        """Dispatched mode: run the task a queue message names, if it is still queued (else drop the message)."""
+        """Dispatched mode: a queue message is a turn of this model's queue. It runs what the embedded claim
+        would: the next task in claim order (priority, then projects in turn), with the same-shape tasks that
+        batch with it. Every queued task has one message, so each is reached; a message whose turn finds the
+        queue empty (its task cancelled, or run in an earlier batch) is dropped. ``task_id`` names the task the
+        message was sent for, for the log."""
         if not await self.ensure_ready():
             raise RuntimeError(f"model {self.slug} is not loaded: {self.error}")
-        task = await self.store.claim(task_id, self.worker_id, self.settings.lease_seconds)
+        task = await self.store.claim_next(self.worker_id, [self.slug], self.settings.lease_seconds)
         if task is None:
+            log.debug("message for task %s: nothing left to claim", task_id, extra=about(task_id))
             return False
-        await self._guarded([task])
+        await self._guarded([task, *await self._companions(task)])
         return True
 
     async def ensure_ready(self) -> bool:
