@@ -207,7 +207,7 @@ def test_the_banners_commands_run_as_printed_from_another_folder(hub: Hub, tmp_p
 
 
 def test_generate_reads_the_user_config_file_after_flags_and_env(tmp_path: Path, monkeypatch: Any) -> None:
-    from dreamserve.cli import _credentials
+    from dreamserve.cli.generate import _credentials
 
     for name in ("DREAMSERVE_API_KEY", "DREAMSERVE_API_SECRET", "DREAMSERVE_SERVER", "DREAMSERVE_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)

@@ -18,7 +18,7 @@ from websockets.asyncio.server import serve as async_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection, serve
 
-from dreamserve.cli import _credentials
+from dreamserve.cli.generate import _credentials
 from dreamserve.client import AsyncClient, Client, Event, ImageInput, RunResult, TransportError
 from dreamserve.errors import (
     AuthError,

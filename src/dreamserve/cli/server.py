@@ -1,54 +1,38 @@
-"""The ``dreamserve`` command.
+"""Server commands: ``serve``, ``worker``, ``keys``, ``pull``, ``models``.
 
-``generate`` is a thin shell over the SDK with a live progress bar. ``serve``, ``worker`` and
-``keys create`` are the server side: they import it inside the function body, so that a client-only
-install (no fastapi, sqlalchemy, torch) can still run ``generate``.
+They import the server inside the function body, so that a client-only install (no fastapi,
+sqlalchemy, torch) can still run ``generate``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from dreamserve import __version__
-from dreamserve.client import DEFAULT_MODEL, Client, Event, RunResult, Task
-from dreamserve.errors import DreamError, InvalidState
-from dreamserve.status import LABELS, TaskStatus
+from dreamserve.cli.main import (
+    DEFAULT_SERVER,
+    command_path,
+    error,
+    main,
+    read_credentials,
+)
+from dreamserve.client import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # the server's settings need pydantic-settings, a server extra: never import it here
     from dreamserve.services import Services
     from dreamserve.settings import Settings
 
-#: Progress and errors go to stderr; stdout carries only results (paths, JSON), for scripts.
-console = Console(stderr=True)
-DEFAULT_DATA_DIR = "dreamserve-data"
-DEFAULT_SERVER = "http://127.0.0.1:8000"
-#: How often ``generate`` asks for the queue position while its task waits (the socket is silent then).
-QUEUE_POLL_SECONDS = 1.0
 #: How often ``serve`` says it is still loading the model.
 LOADING_NOTE_SECONDS = 10.0
-STATUS_TEXT: dict[str, str] = {status.value: label for status, label in LABELS.items()}
-
-
-@click.group()
-@click.version_option(__version__, prog_name="dreamserve")
-def main() -> None:
-    """dreamserve: a self-hosted, Wiro-compatible Seedream 4.0 image service."""
-
-
-# -- server side ------------------------------------------------------------------------------------
 
 
 @main.command()
@@ -155,15 +139,6 @@ def _settings(given: dict[str, Any], model: dict[str, Any] | None = None) -> Set
         return Settings(**overrides)
     except ValidationError as exc:
         raise click.UsageError(f"Invalid settings: {exc}") from None
-
-
-def command_path() -> str:
-    """How to run this very ``dreamserve`` from any folder: the real path of the running executable."""
-    script = Path(sys.argv[0])
-    if script.name == "dreamserve" and script.is_file():
-        return shlex.quote(str(script.resolve()))
-    # ``python -m dreamserve``: the interpreter's own path (not resolved: a venv's python is a symlink).
-    return f"{shlex.quote(os.path.abspath(sys.executable))} -m dreamserve"
 
 
 def _banner(settings: Settings, key: str, new_secret: str | None, key_only: bool) -> None:
@@ -285,7 +260,7 @@ def keys_revoke(which: str, data_dir: Path | None) -> None:
     try:
         revoked = revoke_project(_settings({"data_dir": data_dir}), which)
     except ValueError as exc:
-        _error(f"[red]{escape(str(exc))}[/]")
+        error(f"[red]{escape(str(exc))}[/]")
         sys.exit(1)
     for project_id, name, prefix in revoked:
         click.echo(f"Project {project_id} ({name}, key {prefix}...) revoked.")
@@ -300,7 +275,7 @@ def keys_show(key_only: bool, secret_only: bool, data_dir: Path | None) -> None:
     from dreamserve import userconfig
 
     path = data_dir / userconfig.FILENAME if data_dir else userconfig.credentials_path()
-    stored = _read_credentials(path)
+    stored = read_credentials(path)
     if not stored.get("api_key"):
         raise click.UsageError(f"No credentials in {path}: start `dreamserve serve` once (it writes them).")
     if key_only:
@@ -316,9 +291,6 @@ def keys_show(key_only: bool, secret_only: bool, data_dir: Path | None) -> None:
     click.echo(f"API secret:     {stored.get('api_secret') or 'none (key-only project)'}")
     click.echo(f"Webhook secret: {stored.get('webhook_secret', '')}")
     click.echo(f"(from {path})")
-
-
-# -- model weights ----------------------------------------------------------------------------------
 
 
 @main.command()
@@ -340,11 +312,11 @@ def pull(name: str, local_dir: Path | None) -> None:
     try:
         folder = download(name, local_dir)
     except PullError as exc:
-        _error(f"[red]Cannot pull {escape(name)}:[/] {escape(str(exc))}")
+        error(f"[red]Cannot pull {escape(name)}:[/] {escape(str(exc))}")
         sys.exit(1)
     click.echo(str(folder))
     model = shlex.quote(str(local_dir)) if local_dir else name
-    _error(f"Done. Serve it with: {escape(command_path())} serve --model {escape(model)}")
+    error(f"Done. Serve it with: {escape(command_path())} serve --model {escape(model)}")
 
 
 @main.command("models")
@@ -363,218 +335,3 @@ def models_command() -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
-
-
-# -- client side ------------------------------------------------------------------------------------
-
-
-@main.command()
-@click.argument("prompt")
-@click.option("-i", "--image", "images", multiple=True, help="Reference image: a file or an http(s) URL (up to 14).")
-@click.option("--size", default=None, help="WxH (e.g. 2048x2048), or 1K, 2K, 4K. Default 2048x2048.")
-@click.option("-n", "--max-images", type=click.IntRange(1, 15), default=1, show_default=True)
-@click.option("--watermark", is_flag=True, help="Add a visible AI-generated mark.")
-@click.option("--seed", type=int, default=None, help="Seed, for reproducible images (a dreamserve extension).")
-@click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=Path("."), show_default=True)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="owner/name of the model.")
-@click.option("--server", default=None, help="Server URL [env DREAMSERVE_SERVER, else the credentials file].")
-@click.option("--key", default=None, help="API key [env DREAMSERVE_API_KEY, else the credentials file].")
-@click.option("--secret", default=None, help="API secret [env DREAMSERVE_API_SECRET, else the credentials file].")
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Read credentials.json from this server data folder instead of the user's config folder.",
-)
-@click.option("--json", "as_json", is_flag=True, help='Print {"task": <Task/Detail object>, "files": [...]}.')
-def generate(
-    prompt: str,
-    images: tuple[str, ...],
-    size: str | None,
-    max_images: int,
-    watermark: bool,
-    seed: int | None,
-    out: Path,
-    model: str,
-    server: str | None,
-    key: str | None,
-    secret: str | None,
-    data_dir: Path | None,
-    as_json: bool,
-) -> None:
-    """Generate images on a server, following progress live, and save them in --out. Ctrl-C cancels the task."""
-    url, api_key, api_secret = _credentials(server, key, secret, data_dir)
-    refs = [_reference(image) for image in images]
-    with Client(url, api_key, api_secret) as client:
-        try:
-            run = client.run(
-                prompt, model=model, images=refs, size=size, max_images=max_images, watermark=watermark, seed=seed
-            )
-            task = _follow(client, run)
-            # Never overwrite the outputs of an earlier task that had the same names (0.png, ...).
-            names = [_free_name(out, str(o.get("name") or ""), task.id) for o in task.outputs]
-            paths = [client.download(o, out, filename=n) for o, n in zip(task.outputs, names, strict=True)]
-        except (DreamError, TimeoutError) as exc:
-            _error(f"[red]{type(exc).__name__}:[/] {escape(str(getattr(exc, 'message', None) or exc))}")
-            sys.exit(1)
-        except KeyboardInterrupt:
-            sys.exit(130)
-    if as_json:
-        click.echo(json.dumps({"task": task.data, "files": [str(p) for p in paths]}, indent=2))
-    for path in [] if as_json else paths:
-        click.echo(str(path))
-    if not task.succeeded:
-        why = task.debugerror.strip() or "no error message"
-        _error(f"[red]Task {task.id} ended {task.status} (pexit {task.pexit or '?'}):[/] {escape(why)}")
-        sys.exit(1)
-
-
-def _follow(client: Client, run: RunResult) -> Task:
-    """Wait for the task with a live bar: status, queue position, step x/y, the server's ETA."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[steps]}"),
-        TextColumn("{task.fields[eta]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        bar = progress.add_task(f"task {run.taskid} queued", total=None, steps="", eta="")
-        seen: dict[str, str] = {"status": TaskStatus.QUEUE}
-
-        def on_event(event: Event) -> None:
-            if event.type in STATUS_TEXT:
-                seen["status"] = event.type
-            _show(progress, bar, run, event)
-
-        stop = threading.Event()
-        watcher = threading.Thread(target=_watch_queue, args=(client, run, seen, on_event, stop), daemon=True)
-        watcher.start()
-        try:
-            return client.wait(tasktoken=run.socketaccesstoken, on_event=on_event)
-        except KeyboardInterrupt:
-            progress.update(bar, description=f"task {run.taskid} cancelling")
-            if _stop(client, run.taskid):
-                console.print(f"Task {run.taskid} cancelled.")
-            sys.exit(130)
-        finally:
-            stop.set()
-
-
-def _watch_queue(client: Client, run: RunResult, seen: dict[str, str], on_event: Any, stop: threading.Event) -> None:
-    """While the task waits, poll Task/Detail for ``queueposition`` (ours) and report it as a task_queue event."""
-    shown = None
-    delay = 0.2  # the first look comes quickly: a queued task is what this thread is for
-    while not stop.wait(delay) and seen["status"] == TaskStatus.QUEUE:
-        delay = QUEUE_POLL_SECONDS
-        try:
-            task = client.detail(run.taskid)
-        except DreamError:
-            continue  # the socket drives the bar; a failed poll only delays the position
-        position = task.data.get("queueposition")
-        if task.status != TaskStatus.QUEUE or not position:
-            return
-        if position != shown and seen["status"] == TaskStatus.QUEUE:
-            shown = position
-            on_event(Event(TaskStatus.QUEUE, run.taskid, run.socketaccesstoken, {"position": position}))
-
-
-def _show(progress: Progress, bar: TaskID, run: RunResult, event: Event) -> None:
-    info = event.progress
-    if info is not None:
-        done, total = info.step, info.total
-        if done is not None and total:
-            progress.update(bar, completed=done, total=total, steps=f"step {done}/{total}")
-        elif info.percentage is not None:
-            progress.update(bar, completed=info.percentage, total=100, steps=f"{info.percentage:.0f}%")
-        progress.update(bar, eta=f"ETA {info.remaining}" if info.remaining else "")
-    elif event.type in STATUS_TEXT:
-        text = STATUS_TEXT[event.type]
-        if event.queue_position is not None:
-            # Our queueposition counts the tasks ahead: 0 means this one runs next.
-            text += f" ({event.queue_position} ahead)" if event.queue_position else " (next)"
-        progress.update(bar, description=f"task {run.taskid} {text}")
-
-
-def _stop(client: Client, taskid: str) -> bool:
-    """Cancel (queued) or kill (running): Wiro allows each only in its own states."""
-    try:
-        try:
-            client.cancel(taskid)
-        except InvalidState:
-            client.kill(taskid)
-    except DreamError as exc:
-        _error(f"[yellow]Could not stop task {taskid}:[/] {escape(exc.message)}")
-        return False
-    return True
-
-
-def _error(text: str) -> None:
-    # Server messages are escaped by the callers: Wiro's "Request parameter [size] ..." is not markup.
-    console.print(text, highlight=False, soft_wrap=True)
-
-
-def _reference(value: str) -> str | Path:
-    if value.startswith(("http://", "https://")):
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise click.BadParameter(f"{value}: no such file (give a file or an http(s) URL).", param_hint="--image")
-    return path
-
-
-def _free_name(folder: Path, name: str, taskid: str) -> str | None:
-    if not name or not (folder / name).exists():
-        return name or None
-    return f"{taskid}-{name}"
-
-
-def _credentials(
-    server: str | None, key: str | None, secret: str | None, data_dir: Path | None
-) -> tuple[str, str, str | None]:
-    """Flags, else env, else the credentials file ``serve`` wrote: in ``--data-dir`` (or ``DREAMSERVE_DATA_DIR``)
-    when given, else in the user's config folder, else in ``./dreamserve-data``.
-
-    A secret is taken only from a source that names no key or the same key, so a key given as a flag
-    is never signed with the secret of another project found in the environment or the file.
-    """
-    from dreamserve import userconfig
-
-    env = os.environ
-    folder = data_dir or (Path(env["DREAMSERVE_DATA_DIR"]) if env.get("DREAMSERVE_DATA_DIR") else None)
-    files = (
-        [folder / userconfig.FILENAME]
-        if folder
-        else [userconfig.credentials_path(), Path(DEFAULT_DATA_DIR) / userconfig.FILENAME]
-    )
-    sources: list[dict[str, Any]] = [
-        {"server": server, "api_key": key, "api_secret": secret},
-        {
-            "server": env.get("DREAMSERVE_SERVER"),
-            "api_key": env.get("DREAMSERVE_API_KEY"),
-            "api_secret": env.get("DREAMSERVE_API_SECRET"),
-        },
-    ]
-    # The first file that exists: a server's URL, key and secret come from one file, never mixed from two.
-    sources.append(next((found for found in map(_read_credentials, files) if found), {}))
-    api_key = next((s["api_key"] for s in sources if s.get("api_key")), None)
-    if not api_key:
-        looked = " or ".join(str(path) for path in files)
-        raise click.UsageError(
-            f"No API key: pass --key, set DREAMSERVE_API_KEY, or start `dreamserve serve` once, which saves its "
-            f"credentials (looked for {looked})."
-        )
-    api_secret = next(
-        (s["api_secret"] for s in sources if s.get("api_secret") and s.get("api_key") in (None, "", api_key)), None
-    )
-    url = str(next((s["server"] for s in sources if s.get("server")), DEFAULT_SERVER))
-    return (url if "://" in url else f"http://{url}"), str(api_key), api_secret
-
-
-def _read_credentials(path: Path) -> dict[str, Any]:
-    from dreamserve import userconfig
-
-    try:
-        return userconfig.read(path)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
