@@ -29,7 +29,6 @@ from volcenginesdkarkruntime.types.images.images import SequentialImageGeneratio
 
 from dreamserve.api.app import create_app
 from dreamserve.db import File
-from dreamserve.events import IMAGE_SAVED
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
 from tests.conftest import MODEL, Receiver, Server, launch, png_bytes
@@ -405,7 +404,7 @@ def test_a_failed_image_keeps_its_place_and_the_next_ones_still_come(tmp_path: A
         for index in (0, 1, 2):
             if index == 1:
                 error = {"code": "InternalServiceError", "message": "Image 1 failed: OSError: disk full"}
-                await services.store.record(task.id, IMAGE_SAVED, {"index": 1, "error": error})
+                await services.store.image_failed(task.id, "test-worker", 1, error)
                 continue
             file = File(
                 project_id=task.project_id,
@@ -419,14 +418,12 @@ def test_a_failed_image_keeps_its_place_and_the_next_ones_still_come(tmp_path: A
                 meta={"seed": 7 + index, "width": 1280, "height": 720},
                 created=time.time(),
             )
-            await services.store.record(task.id, IMAGE_SAVED, {"index": index, "name": file.name}, outputs=[file])
+            await services.store.image_saved(task.id, "test-worker", file)
             files.append(file)
         for file in files:
             file.role = "output"
         failed = [{"index": 1, "seed": 8, "message": "OSError: disk full"}]
-        await services.store.record(
-            task.id, "task_postprocess_end", None, outputs=files, pexit="0", details={"failed_images": failed}
-        )
+        await services.store.succeed(task.id, "test-worker", files, "", {"failed_images": failed})
 
     with TestClient(create_app(settings)) as client:
         services = client.app.state.services  # type: ignore[attr-defined]

@@ -15,17 +15,17 @@ from dreamserve import logs
 
 
 def test_child_records_are_replayed_into_the_parent_logger(caplog: pytest.LogCaptureFixture) -> None:
-    sent: list[dict[str, object]] = []
+    sent: list[logs.Log] = []
     handler = logs.PipeHandler(sent.append)
     record = logging.LogRecord(
         "dreamserve.worker.child", logging.WARNING, __file__, 1, "loaded in %.1f s", (2.5,), None
     )
     handler.emit(record)
     [message] = sent
-    assert message["type"] == "log"
-    fields = pickle.loads(pickle.dumps(message))["record"]  # what crosses the pipe
+    assert isinstance(message, logs.Log)
+    crossed = pickle.loads(pickle.dumps(message))  # what crosses the pipe
     with caplog.at_level(logging.INFO, logger="dreamserve"):
-        logs.replay(fields)
+        logs.replay(crossed)
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
         ("dreamserve.worker.child", logging.WARNING, "loaded in 2.5 s")
     ]
@@ -33,15 +33,15 @@ def test_child_records_are_replayed_into_the_parent_logger(caplog: pytest.LogCap
 
 def test_replay_keeps_the_parents_level(caplog: pytest.LogCaptureFixture) -> None:
     debug = logging.LogRecord("dreamserve.worker.child", logging.DEBUG, __file__, 1, "noise", None, None)
-    sent: list[dict[str, object]] = []
+    sent: list[logs.Log] = []
     logs.PipeHandler(sent.append).emit(debug)
     with caplog.at_level(logging.INFO, logger="dreamserve"):
-        logs.replay(sent[0]["record"])  # type: ignore[arg-type]
+        logs.replay(sent[0])
     assert caplog.records == []
 
 
 def test_a_closed_pipe_drops_the_record_quietly(capsys: pytest.CaptureFixture[str]) -> None:
-    def closed(_: dict[str, object]) -> None:
+    def closed(_: logs.Log) -> None:
         raise BrokenPipeError
 
     record = logging.LogRecord("dreamserve", logging.ERROR, __file__, 1, "parent gone", None, None)

@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from dreamserve.jobs import TaskJob
+
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
@@ -75,7 +77,7 @@ class Task(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     #: The echo of the request as Wiro shows it (uploaded inputs rewritten to file URLs).
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
-    #: What the worker needs: prompt, width, height, num_images, seed, watermark, inputs.
+    #: What the worker needs: the dump of a ``jobs.TaskJob``, read back with ``read_job``.
     job: Mapped[dict[str, Any]] = mapped_column(JSON)
     # The job's shape as columns, so that a claim of same-shape tasks and the quota sums are one SQL statement.
     width: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -117,6 +119,10 @@ class Task(Base):
     stop_requested: Mapped[str] = mapped_column(String(16), default="")
     #: When a dispatcher sent the task to a worker queue (Celery mode); NULL = still to send.
     dispatched_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    def read_job(self) -> TaskJob:
+        """The stored job, validated (rows in the older shape included): ``pydantic.ValidationError`` if it is none."""
+        return TaskJob.load(self.job)
 
 
 class TaskEvent(Base):

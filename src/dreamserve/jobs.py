@@ -1,17 +1,91 @@
-"""Plain records that cross the process boundary between a supervisor and its model child.
+"""The records of a task's work: the job as stored (``TaskJob``), and those that cross the process boundary
+between a supervisor and its model child (``GenerationJob`` and what comes back).
 
-They are dataclasses of JSON-able fields (sent as dicts over a multiprocessing pipe), so the
-supervisor side never needs torch to build or read them.
+``TaskJob`` is written once, by ``submit.py``, as its dump in the ``tasks.job`` JSON column, and read back with
+validation (``TaskJob.load``, which also reads the rows stored before it had this shape). The others are plain
+dataclasses, pickled over the pipe (``worker/protocol.py``), so the supervisor never needs torch to build or read
+them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+
+class StoredReference(BaseModel):
+    """A reference image of a task: a blob in the blob store, or (until the preprocess stage fetched it) a URL.
+
+    A fetched URL keeps its ``url`` beside the ``blob_key`` it was stored under."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    blob_key: str | None = None
+    url: str | None = None
+
+    @property
+    def fetched(self) -> bool:
+        return self.blob_key is not None
+
+
+class TaskJob(BaseModel):
+    """What a worker needs to run a task, checked at Run and stored with it (``tasks.job``).
+
+    The shape is also kept as columns (``width``, ``height``, ``num_images``, ``has_inputs``) for the claims.
+    Rows stored before this record called the references ``inputs``; ``load`` reads them under either name.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    prompt: str
+    width: int
+    height: int
+    num_images: int
+    seed: int
+    watermark: bool = False
+    #: Reference images in request order: uploads (blobs) and URLs, which ``preprocess.py`` turns into blobs.
+    references: tuple[StoredReference, ...] = Field(default=(), validation_alias=AliasChoices("references", "inputs"))
+    #: Lines the worker puts first in ``debugoutput`` (the task's own log), e.g. why a callbackUrl is not called.
+    notes: tuple[str, ...] = ()
+    #: ``(width, height)`` to downscale the images to after generating at ``width`` x ``height`` (OpenAI's small
+    #: sizes); None: the images are ``width`` x ``height``.
+    output_size: tuple[int, int] | None = None
+    #: The format the images are written in: ``png`` (Wiro's, OpenAI's) or ``jpeg`` (Ark's default).
+    output_format: Literal["png", "jpeg"] = "png"
+    #: Seconds the preprocess stage took to fetch the URL references (``details.timings.fetch``).
+    fetch_seconds: float | None = None
+
+    @classmethod
+    def load(cls, stored: dict[str, Any]) -> TaskJob:
+        """The job of a stored row, validated (``pydantic.ValidationError`` if it is not one)."""
+        return cls.model_validate(stored)
+
+    def dump(self) -> dict[str, Any]:
+        """What is stored in ``tasks.job`` (JSON; unset optional fields left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    @property
+    def work(self) -> int:
+        """Pixels to generate, for the quotas: images x width x height."""
+        return self.num_images * self.width * self.height
+
+    @property
+    def inputs_ready(self) -> bool:
+        """Every reference is a blob: no URL is left for the preprocess stage to fetch."""
+        return all(reference.fetched for reference in self.references)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The size of the images delivered (after any downscaling)."""
+        return self.output_size or (self.width, self.height)
 
 
 @dataclass
 class GenerationJob:
+    """A task's job as the model process runs it: the ``TaskJob``'s fields, with its references on local disk."""
+
     task_id: int
     prompt: str
     width: int
@@ -23,9 +97,9 @@ class GenerationJob:
     watermark: bool
     #: Folder the child writes ``0.png``, ``1.png``, ... into (each written to a temp name, then renamed).
     output_dir: str
-    #: ``[width, height]`` to downscale the images to after generating at ``width`` x ``height``: OpenAI's small
+    #: ``(width, height)`` to downscale the images to after generating at ``width`` x ``height``: OpenAI's small
     #: sizes (256x256), below what a model is asked to generate. None: the images are ``width`` x ``height``.
-    output_size: list[int] | None = None
+    output_size: tuple[int, int] | None = None
     #: ``png`` (lossless, the default) or ``jpeg`` (Ark's default): the files are written in it.
     output_format: str = "png"
     #: The model's public name (``bytedance/seedream-v4``), written into the PNGs; never its weights' path.
@@ -33,12 +107,33 @@ class GenerationJob:
     #: Write the prompt into the PNGs too (``png_embed_prompt``).
     embed_prompt: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationJob:
-        return cls(**data)
+    def of(
+        cls,
+        task_id: int,
+        job: TaskJob,
+        references: list[str],
+        output_dir: str,
+        *,
+        model: str,
+        embed_prompt: bool,
+    ) -> GenerationJob:
+        """The stored job of a task, with ``references`` the local paths of its ``job.references``, in order."""
+        return cls(
+            task_id=task_id,
+            prompt=job.prompt,
+            width=job.width,
+            height=job.height,
+            num_images=job.num_images,
+            seed=job.seed,
+            references=references,
+            watermark=job.watermark,
+            output_dir=output_dir,
+            output_size=job.output_size,
+            output_format=job.output_format,
+            model=model,
+            embed_prompt=embed_prompt,
+        )
 
 
 @dataclass
@@ -82,12 +177,3 @@ class GenerationResult:
     #: Seconds per stage: encode, denoise, decode, save.
     timings: dict[str, float] = field(default_factory=dict)
     failed: list[FailedImage] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationResult:
-        images = [GeneratedImage(**img) for img in data["images"]]
-        failed = [FailedImage(**item) for item in data.get("failed", [])]
-        return cls(images=images, method=data["method"], timings=dict(data.get("timings", {})), failed=failed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s%(task)s: %(message)s"
@@ -41,10 +42,18 @@ def configure(level: str | int = "INFO") -> None:
 # -- the model process's side ----------------------------------------------------------------------------------
 
 
-class PipeHandler(logging.Handler):
-    """In the model process: each record becomes a ``{"type": "log", "record": {...}}`` message to the parent."""
+@dataclass(frozen=True)
+class Log:
+    """A log record of the model process, as a message to its parent (``worker/protocol.py``): the fields of a
+    ``LogRecord`` that survive pickling, the message already formatted."""
 
-    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
+    record: dict[str, Any]
+
+
+class PipeHandler(logging.Handler):
+    """In the model process: each record becomes a ``Log`` message to the parent."""
+
+    def __init__(self, send: Callable[[Log], None]) -> None:
         super().__init__()
         self._send = send
 
@@ -64,19 +73,19 @@ class PipeHandler(logging.Handler):
                 "processName": record.processName,
                 "exc_text": exc_text,
             }
-            self._send({"type": "log", "record": fields})
+            self._send(Log(fields))
         except OSError:
             pass  # the parent is gone (its pipe closed): nobody is left to read the record
         except Exception:
             self.handleError(record)
 
 
-def forward_from_child(send: Callable[[dict[str, Any]], None], level: int) -> Callable[[dict[str, Any]], None]:
+def forward_from_child(send: Callable[[Any], None], level: int) -> Callable[[Any], None]:
     """Route the model process's logging to its parent; returns ``send`` made safe to call from any thread
     (a library may log from a thread of its own while the main thread sends a step)."""
     lock = threading.Lock()
 
-    def locked(message: dict[str, Any]) -> None:
+    def locked(message: Any) -> None:
         with lock:
             send(message)
 
@@ -88,9 +97,9 @@ def forward_from_child(send: Callable[[dict[str, Any]], None], level: int) -> Ca
     return locked
 
 
-def replay(fields: dict[str, Any]) -> None:
+def replay(message: Log) -> None:
     """In the parent: hand a record from the model process to the logger of the same name."""
-    record = logging.makeLogRecord({**fields, "args": None})
+    record = logging.makeLogRecord({**message.record, "args": None})
     logger = logging.getLogger(record.name)
     if logger.isEnabledFor(record.levelno):
         logger.handle(record)

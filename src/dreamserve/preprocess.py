@@ -19,12 +19,12 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Task
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import fetch
+from dreamserve.jobs import StoredReference, TaskJob
 from dreamserve.params import check_image
 from dreamserve.settings import Settings
 from dreamserve.store import TaskStore, new_blob_folder
@@ -92,7 +92,7 @@ class Preprocessor:
             log.exception("task %s: preprocessing failed", task.id)
             await self.store.fail_inputs(task.id, "The URL inputs could not be prepared (an internal error).")
             return
-        job["fetch_seconds"] = round(time.monotonic() - started, 4)
+        job = job.model_copy(update={"fetch_seconds": round(time.monotonic() - started, 4)})
         if await self.store.stage_inputs(task.id, job, files):
             self.on_ready(task.model)
             return
@@ -100,17 +100,17 @@ class Preprocessor:
         for file in files:
             await asyncio.to_thread(self.blobs.delete, file.blob_key)
 
-    async def _fetch_all(self, task: Task) -> tuple[dict[str, Any], list[File]]:
+    async def _fetch_all(self, task: Task) -> tuple[TaskJob, list[File]]:
         """Every URL input fetched, checked and stored as a blob, all at once under one deadline."""
-        job = dict(task.job)
-        inputs: list[dict[str, Any]] = [dict(item) for item in job.get("inputs", [])]
+        job = task.read_job()
+        references = list(job.references)
         folder = new_blob_folder()
         deadline = time.monotonic() + self.settings.fetch_timeout_seconds
-        wanted = [(position, item) for position, item in enumerate(inputs) if "url" in item and "blob_key" not in item]
-        pending = {position: item["url"] for position, item in wanted}
+        wanted = [(position, ref.url) for position, ref in enumerate(references) if ref.url and not ref.fetched]
+        pending = dict(wanted)
         fetches = [
-            asyncio.create_task(self._fetch_one(task, position, item["url"], folder, deadline, pending))
-            for position, item in wanted
+            asyncio.create_task(self._fetch_one(task, position, url, folder, deadline, pending))
+            for position, url in wanted
         ]
         try:
             async with asyncio.timeout(self.settings.fetch_timeout_seconds):
@@ -132,10 +132,9 @@ class Preprocessor:
                 f"one deadline for all of a task's URLs): still waiting for {late}{more}. "
                 "Upload the images instead, or serve them from a faster host."
             ) from None
-        for (position, item), file in zip(wanted, files, strict=True):
-            inputs[position] = {"blob_key": file.blob_key, "url": item["url"]}
-        job["inputs"] = inputs
-        return job, list(files)
+        for (position, url), file in zip(wanted, files, strict=True):
+            references[position] = StoredReference(blob_key=file.blob_key, url=url)
+        return job.model_copy(update={"references": tuple(references)}), list(files)
 
     async def _fetch_one(
         self, task: Task, position: int, url: str, folder: str, deadline: float, pending: dict[int, str]

@@ -27,9 +27,9 @@ from dreamserve.migrate import upgrade
 from dreamserve.preprocess import Preprocessor
 from dreamserve.projects import seal_webhook_secrets
 from dreamserve.settings import Settings
-from dreamserve.status import WorkerState
+from dreamserve.status import StopKind, WorkerState
 from dreamserve.store import TaskStore
-from dreamserve.webhooks import WebhookSender
+from dreamserve.webhooks import Outbox, WebhookSender
 from dreamserve.wire import task_object
 from dreamserve.worker.supervisor import Supervisor, worker_alive
 
@@ -61,7 +61,7 @@ class Services:
         #: The clock nonces are judged by (tests inject one).
         self.clock: Callable[[], float] = time.time
         self.blobs: BlobStore = make_blob_store(settings)
-        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs)
+        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox())
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
         self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render)
@@ -135,7 +135,7 @@ class Services:
             if supervisor.slug == model:
                 supervisor.wake()
 
-    async def stop_task(self, task_id: int, kind: str) -> None:
+    async def stop_task(self, task_id: int, kind: StopKind) -> None:
         """Ask whichever worker runs the task to stop it: the DB flag reaches any host, the call is instant here."""
         await self.store.request_stop(task_id, kind)
         for supervisor in self.supervisors:
@@ -211,7 +211,7 @@ class Services:
     async def abandon(self, task_id: int) -> None:
         """Cancel the task of a client that went away, queued or running: nobody could fetch its images."""
         if await self.store.cancel_queued(task_id) is None:
-            await self.stop_task(task_id, "cancel")
+            await self.stop_task(task_id, StopKind.CANCEL)
 
     async def render(self, task_id: int) -> dict[str, Any] | None:
         task = await self.store.get_by_id(task_id)

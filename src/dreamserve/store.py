@@ -1,40 +1,36 @@
 """Task state: the SQL tasks table is the queue, claims are leases, every change is logged.
 
-Every status change goes through ``TaskStore.record``, which updates the task row and appends the
-event to ``task_events`` in one transaction, then wakes live sockets. A conditional ``WHERE status
-IN (...)`` makes each transition safe against races (a cancel and a claim, say): the loser changes
-nothing and learns so from the ``None`` it gets back.
+Every change of a task is one named transition (``accept`` by the claims, ``begin_preprocess``, ``assign``,
+``start``, ``progress``, ``image_saved``, ``begin_postprocess``, ``succeed``, ``cancel``, ``requeue``, ``fail``, ...):
+one transaction that updates the row, appends its events to ``task_events`` and writes the callback outbox
+rows they owe (``webhooks.Outbox``), then wakes live sockets. Each is guarded (the statuses the task may be
+in, the worker that must hold its lease), so racing transitions (a cancel and a claim, say) are safe: the
+loser changes nothing and learns so from what it gets back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import BigInteger, Subquery, case, cast, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
-from dreamserve.db import File, Project, Task, TaskEvent, WebhookDelivery
+from dreamserve.db import File, Project, Task, TaskEvent
 from dreamserve.errors import QuotaExceeded
-from dreamserve.events import LIFECYCLE, RUNNING, TERMINAL, Event, Hub
+from dreamserve.events import IMAGE_SAVED, LIFECYCLE, RUNNING, TERMINAL, Event, Hub
+from dreamserve.jobs import TaskJob
 from dreamserve.keyring import ServerKey, digest, new_salt
+from dreamserve.status import Frame, Pexit, StopKind, TaskStatus
 
 log = logging.getLogger(__name__)
-
-
-# Process exit codes reported as ``pexit`` (Wiro: "0" is success, anything else failure).
-PEXIT_OK = "0"
-PEXIT_MODEL_ERROR = "1"
-PEXIT_INPUT_ERROR = "2"
-PEXIT_WORKER_LOST = "3"
-PEXIT_CANCELED = "130"
-PEXIT_KILLED = "137"
 
 
 @dataclass(frozen=True)
@@ -69,6 +65,15 @@ class Blobs(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+class Outbox(Protocol):
+    """What the store needs of ``webhooks.Outbox`` (a tier above it, passed in): the callback rows an event owes,
+    written in the event's transaction."""
+
+    async def event(self, session: AsyncSession, task: Task, event_type: str, now: float) -> None: ...
+
+    def refused(self, session: AsyncSession, task_id: int, url: str, reason: str, now: float) -> None: ...
+
+
 #: Task/List's sort keys (Wiro sends ``sort: "id"``); ties are broken by id.
 LIST_SORTS: dict[str, InstrumentedAttribute[Any]] = {
     "id": Task.id,
@@ -80,12 +85,15 @@ LIST_SORTS: dict[str, InstrumentedAttribute[Any]] = {
 
 
 class TaskStore:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], hub: Hub, keys: ServerKey, blobs: Blobs) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], hub: Hub, keys: ServerKey, blobs: Blobs, outbox: Outbox
+    ) -> None:
         self.sessions = sessions
         self.hub = hub
         self.keys = keys
         #: Where the bytes of the task files live: inputs of failed and cancelled tasks are deleted at their end.
         self.blobs = blobs
+        self.outbox = outbox
 
     # -- creating and reading -------------------------------------------------------------------
 
@@ -95,7 +103,7 @@ class TaskStore:
         project_id: int,
         model: str,
         parameters: dict[str, Any],
-        job: dict[str, Any],
+        job: TaskJob,
         callback_url: str,
         priority: int,
         inputs: Sequence[File],
@@ -107,32 +115,31 @@ class TaskStore:
 
         A task with URL inputs is queued with ``inputs_ready`` false: the preprocess loop fetches them
         (``stage_inputs``) before any worker can claim it. ``refused_callback`` (value, reason): a callbackUrl
-        that is never called, logged as a failed delivery and noted in ``debugoutput`` (``job["notes"]``
+        that is never called, logged as a failed delivery and noted in ``debugoutput`` (``job.notes``
         carries the note through to the worker's output).
         """
         now = time.time()
-        references = list(job.get("inputs") or [])
         async with self.sessions.begin() as session:
             if quota is not None and (quota.max_tasks or quota.max_megapixels):
-                await self._check_quota(session, project_id, quota, _work(job))
+                await self._check_quota(session, project_id, quota, job.work)
             task = Task(
                 project_id=project_id,
                 token_salt=new_salt(),
                 model=model,
-                status="task_queue",
+                status=TaskStatus.QUEUE,
                 priority=priority,
                 parameters=parameters,
-                job=job,
-                width=int(job["width"]),
-                height=int(job["height"]),
-                num_images=int(job["num_images"]),
-                has_inputs=bool(references),
-                inputs_ready=not any("url" in item for item in references),
+                job=job.dump(),
+                width=job.width,
+                height=job.height,
+                num_images=job.num_images,
+                has_inputs=bool(job.references),
+                inputs_ready=job.inputs_ready,
                 callback_url=callback_url,
                 callback_events=list(callback_events),
                 details={},
                 createtime=now,
-                debugoutput="\n".join(job.get("notes", [])),
+                debugoutput="\n".join(job.notes),
             )
             session.add(task)
             await session.flush()
@@ -141,12 +148,8 @@ class TaskStore:
                 file.task_id = task.id
             await add_files(session, self.keys, inputs)
             if refused_callback is not None:
-                value, reason = refused_callback
-                refused = WebhookDelivery(
-                    task_id=task.id, url=value, state="failed", last_error=reason, next_attempt=now, created=now
-                )
-                session.add(refused)
-            row = TaskEvent(task_id=task.id, type="task_queue", message=None, created=now)
+                self.outbox.refused(session, task.id, *refused_callback, now)
+            row = TaskEvent(task_id=task.id, type=TaskStatus.QUEUE, message=None, created=now)
             session.add(row)
             await session.flush()
             event = Event(row.id, task.id, row.type, None)
@@ -229,83 +232,168 @@ class TaskStore:
             # Its URL inputs are still being fetched: every claimable task is ahead of it.
             return int((await session.execute(select(func.count()).select_from(ranked))).scalar_one())
 
-    # -- transitions ----------------------------------------------------------------------------
+    # -- transitions of a claimed task (the worker's) -----------------------------------------------
 
-    async def record(  # noqa: C901 -- to become named transitions (issue 10, section 3)
-        self,
-        task_id: int,
-        event_type: str,
-        message: Any = None,
-        *,
-        expect: Iterable[str] | None = None,
-        worker_id: str | None = None,
-        outputs: Sequence[File] = (),
-        live_extra: dict[str, Any] | None = None,
-        **fields: Any,
-    ) -> Task | None:
-        """Append an event and apply ``fields`` (plus the status, for lifecycle events) atomically.
-
-        ``expect`` restricts the statuses the task may be in; ``worker_id`` requires that worker to
-        still hold the lease. ``live_extra`` is merged into the published copy of a dict message only: large,
-        short-lived data (step previews) that subscribers see live and the event log does not keep.
-        Returns the updated task, or ``None`` when the guard failed.
-        """
-        now = time.time()
-        values = dict(fields)
-        if event_type in LIFECYCLE:
-            values["status"] = event_type
-            stamp = _TIMESTAMP.get(event_type)
-            if stamp:
-                values.setdefault(stamp, now)
-        if event_type in TERMINAL or event_type == "task_queue":
-            values.update(worker_id=None, lease_until=None)
+    @contextlib.asynccontextmanager
+    async def _transition(
+        self, task_id: int, *, expect: Iterable[str] | None = None, worker_id: str | None = None
+    ) -> AsyncIterator[_Change | None]:
+        """One transaction on one task, if it passes the guard (else ``None``): ``expect`` the statuses it may be
+        in, ``worker_id`` the worker that must hold its lease. Once it commits, the blobs of the file rows it
+        deleted go (rows first: a crash leaves bytes without a row, never a row without bytes) and its events
+        are published."""
         async with self.sessions.begin() as session:
             conditions = [Task.id == task_id]
             if expect is not None:
                 conditions.append(Task.status.in_(list(expect)))
             if worker_id is not None:
                 conditions.append(Task.worker_id == worker_id)
-            if values:
-                guarded: Any = update(Task).where(*conditions).values(**values).returning(Task.id)
-            else:
-                guarded = select(Task.id).where(*conditions)
-            if (await session.execute(guarded)).scalar_one_or_none() is None:
-                return None
-            task = await session.get(Task, task_id)
-            if task is None:
-                return None
-            if outputs:
-                await add_files(session, self.keys, outputs)
-            if callable(message):
-                message = message()
-            hook = _WEBHOOK_EVENTS.get(event_type)
-            wanted = bool(task.callback_url) and hook in (task.callback_events or ["completed"])
-            if wanted and (hook != "progress" or await self._progress_due(session, task_id, now)):
-                payload = {"event": hook, "taskid": str(task_id), "status": task.status, "progress": task.progress}
-                delivery = WebhookDelivery(
-                    task_id=task_id, url=task.callback_url, event=hook, payload=payload, next_attempt=now, created=now
-                )
-                session.add(delivery)
-            row = TaskEvent(task_id=task_id, type=event_type, message=message, created=now)
-            session.add(row)
-            await session.flush()
-            if live_extra and isinstance(message, dict):
-                message = {**message, **live_extra}
-            event = Event(row.id, task_id, event_type, message)
-            unsuccessful = event_type == "task_cancel" or (event_type in TERMINAL and task.pexit != PEXIT_OK)
-            dropped = await self._delete_files(session, [task_id], ("input",)) if unsuccessful else []
-        await self._delete_blobs(dropped)
-        await self.hub.publish(event)
-        return task
+            # A write that changes nothing, to lock the row (the database, on SQLite) for the rest of the transaction.
+            lock = update(Task).where(*conditions).values(lease_until=Task.lease_until).returning(Task.id)
+            found = (await session.execute(lock)).scalar_one_or_none() is not None
+            task = await session.get(Task, task_id) if found else None
+            change = None if task is None else _Change(self, session, task, time.time())
+            yield change
+            if change is not None:
+                await session.flush()
+        if change is not None:
+            await self._delete_blobs(change.dropped)
+            for event in change.published():
+                await self.hub.publish(event)
 
-    @staticmethod
-    async def _progress_due(session: AsyncSession, task_id: int, now: float) -> bool:
-        """Progress callbacks are throttled to one a second per task (steps can be much faster)."""
-        query = select(func.max(WebhookDelivery.created)).where(
-            WebhookDelivery.task_id == task_id, WebhookDelivery.event == "progress"
-        )
-        last = (await session.execute(query)).scalar_one_or_none()
-        return last is None or now - last >= PROGRESS_WEBHOOK_SECONDS
+    async def _advance(self, task_id: int, status: TaskStatus, worker_id: str) -> bool:
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await change.advance(status)
+        return True
+
+    async def begin_preprocess(self, task_id: int, worker_id: str) -> bool:
+        """The worker puts the task's references on local disk (``task_preprocess_start``)."""
+        return await self._advance(task_id, TaskStatus.PREPROCESS_START, worker_id)
+
+    async def end_preprocess(self, task_id: int, worker_id: str) -> bool:
+        return await self._advance(task_id, TaskStatus.PREPROCESS_END, worker_id)
+
+    async def assign(self, task_id: int, worker_id: str) -> bool:
+        """The task's job is built and about to be handed to the model process (``task_assign``)."""
+        return await self._advance(task_id, TaskStatus.ASSIGN, worker_id)
+
+    async def start(self, task_id: int, worker_id: str) -> bool:
+        """The model process took the job (``task_start``; the ``start`` callback)."""
+        return await self._advance(task_id, TaskStatus.START, worker_id)
+
+    async def progress(self, task_id: int, worker_id: str, progress: dict[str, str], preview: str | None) -> bool:
+        """A denoising step (``task_output``): the progress object is kept on the row and in the log; the preview
+        (large, short-lived) only goes to live subscribers."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            change.task.progress = progress
+            await change.event(Frame.OUTPUT, progress, live={"preview": preview} if preview else None)
+        return True
+
+    async def image_saved(self, task_id: int, worker_id: str, file: File) -> bool:
+        """One image of the running attempt is stored: its ``partial`` row makes its URL work at once; the event
+        (``IMAGE_SAVED``, no URL nor key: the API renders them from the row) tells followers (Ark's stream)."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await add_files(change.session, self.keys, [file])
+            await change.event(IMAGE_SAVED, {"index": file.position, "name": file.name})
+        return True
+
+    async def image_failed(self, task_id: int, worker_id: str, index: int, error: dict[str, str]) -> bool:
+        """One image could not be finished; the task's other images go on."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await change.event(IMAGE_SAVED, {"index": index, "error": error})
+        return True
+
+    async def begin_postprocess(self, task_id: int, worker_id: str, output: str) -> bool:
+        """The model is done: its log (``task_output_full``), ``task_end``, then ``task_postprocess_start`` while
+        the worker stores the images."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await change.event(Frame.OUTPUT_FULL, {"raw": output})
+            await change.advance(TaskStatus.END)
+            await change.advance(TaskStatus.POSTPROCESS_START)
+        return True
+
+    async def succeed(
+        self, task_id: int, worker_id: str, outputs: Sequence[File], output: str, details: dict[str, Any]
+    ) -> bool:
+        """The task's end (``task_postprocess_end``, pexit 0) with its output rows (the attempt's ``partial`` rows
+        become outputs here) and its details; the ``completed`` callback."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await add_files(change.session, self.keys, outputs)
+            change.task.pexit, change.task.debugoutput, change.task.details = Pexit.OK, output, details
+            await change.advance(TaskStatus.POSTPROCESS_END)
+        return True
+
+    async def cancel(self, task_id: int, kind: StopKind, worker_id: str) -> bool:
+        """A running task stopped as asked: ``task_cancel`` with pexit 130 (cancel) or 137 (kill)."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await change.cancel(kind)
+        return True
+
+    async def cancel_queued(self, task_id: int) -> Task | None:
+        """Task/Cancel (or Kill) of a task still queued; None if it is not queued any more."""
+        async with self._transition(task_id, expect=[TaskStatus.QUEUE]) as change:
+            if change is None:
+                return None
+            await change.cancel(StopKind.CANCEL)
+        return change.task
+
+    async def requeue(self, task_id: int, note: str, worker_id: str | None) -> bool:
+        """Put a claimed task back in the queue (its worker was lost, or its model process died before or while
+        it ran): the note says why (``debugerror``). The attempt's images (``partial`` rows and their bytes) go,
+        so the next attempt's are the only ones."""
+        async with self._transition(task_id, expect=RUNNING, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            task = change.task
+            task.debugerror, task.stop_requested, task.dispatched_at = note, "", None
+            await change.drop_files("partial")
+            await change.advance(TaskStatus.QUEUE)
+        return True
+
+    async def fail(
+        self,
+        task_id: int,
+        pexit: Pexit,
+        message: str,
+        *,
+        raw: str = "",
+        output: str = "",
+        expect: Iterable[str] | None = None,
+        worker_id: str | None = None,
+    ) -> bool:
+        """End a task as failed, with Wiro's closing sequence in one transaction: the error, the logs, the statuses
+        the task has not passed yet, then ``task_postprocess_end`` with ``pexit``. False if the guard failed."""
+        async with self._transition(task_id, expect=expect, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await change.close_failed(pexit, message, raw=raw, output=output)
+        return True
+
+    async def fail_inputs(self, task_id: int, message: str) -> bool:
+        """End a queued task whose URL inputs could not be had: ``task_preprocess_start`` takes it out of the
+        queue (in the same transaction, so neither a cancel nor a claim can interleave), then Wiro's closing
+        sequence with pexit 2."""
+        async with self._transition(task_id, expect=[TaskStatus.QUEUE]) as change:
+            if change is None:
+                return False
+            change.task.inputs_lease_until = None
+            await change.advance(TaskStatus.PREPROCESS_START)
+            await change.close_failed(Pexit.BAD_INPUT, message)
+        return True
 
     def _ranked(self, models: Sequence[str], *conditions: Any) -> Subquery:
         """Claimable tasks of ``models`` with what orders them: priority first, then projects in turn.
@@ -325,7 +413,7 @@ class TaskStore:
             )
             .join(Project, Project.id == Task.project_id)
             .where(
-                Task.status == "task_queue",
+                Task.status == TaskStatus.QUEUE,
                 Task.model.in_(list(models)),
                 Task.inputs_ready.is_(True),
                 *conditions,
@@ -376,7 +464,7 @@ class TaskStore:
         query = select(
             func.coalesce(func.sum(case((same, Task.num_images), else_=0)), 0),
             func.count(Task.id).filter(~same),
-        ).where(Task.status == "task_queue", Task.model == model, Task.inputs_ready.is_(True))
+        ).where(Task.status == TaskStatus.QUEUE, Task.model == model, Task.inputs_ready.is_(True))
         async with self.sessions() as session:
             images, others = (await session.execute(query)).one()
         return int(images), int(others) > 0
@@ -389,9 +477,9 @@ class TaskStore:
         now = time.time()
         claim = (
             update(Task)
-            .where(which, Task.status == "task_queue", Task.inputs_ready.is_(True))
+            .where(which, Task.status == TaskStatus.QUEUE, Task.inputs_ready.is_(True))
             .values(
-                status="task_accept",
+                status=TaskStatus.ACCEPT,
                 accepttime=now,
                 worker_id=worker_id,
                 lease_until=now + lease_seconds,
@@ -407,7 +495,7 @@ class TaskStore:
             projects = sorted({project_id for _, project_id in rows})
             await session.execute(update(Project).where(Project.id.in_(projects)).values(last_claimed=now))
             accepted = [
-                TaskEvent(task_id=task_id, type="task_accept", message=None, created=now) for task_id, _ in rows
+                TaskEvent(task_id=task_id, type=TaskStatus.ACCEPT, message=None, created=now) for task_id, _ in rows
             ]
             session.add_all(accepted)
             await session.flush()
@@ -433,7 +521,7 @@ class TaskStore:
         query = (
             select(Task.id, Task.project_id)
             .where(
-                Task.status == "task_queue",
+                Task.status == TaskStatus.QUEUE,
                 Task.inputs_ready.is_(False),
                 or_(Task.inputs_lease_until.is_(None), Task.inputs_lease_until < now),
             )
@@ -456,7 +544,7 @@ class TaskStore:
                 update(Task)
                 .where(
                     Task.id == task_id,
-                    Task.status == "task_queue",
+                    Task.status == TaskStatus.QUEUE,
                     Task.inputs_ready.is_(False),
                     or_(Task.inputs_lease_until.is_(None), Task.inputs_lease_until < now),
                 )
@@ -470,12 +558,12 @@ class TaskStore:
                         claimed.append(task)
         return claimed
 
-    async def stage_inputs(self, task_id: int, job: dict[str, Any], files: Sequence[File]) -> bool:
+    async def stage_inputs(self, task_id: int, job: TaskJob, files: Sequence[File]) -> bool:
         """Point the task at its fetched inputs (now blobs) and make it claimable; False if it left the queue."""
         stmt = (
             update(Task)
-            .where(Task.id == task_id, Task.status == "task_queue", Task.inputs_ready.is_(False))
-            .values(job=job, inputs_ready=True, inputs_lease_until=None)
+            .where(Task.id == task_id, Task.status == TaskStatus.QUEUE, Task.inputs_ready.is_(False))
+            .values(job=job.dump(), inputs_ready=True, inputs_lease_until=None)
             .returning(Task.id)
         )
         async with self.sessions.begin() as session:
@@ -485,14 +573,6 @@ class TaskStore:
                 file.task_id = task_id
             await add_files(session, self.keys, files)
         return True
-
-    async def fail_inputs(self, task_id: int, message: str) -> bool:
-        """End a queued task whose URL inputs could not be had: ``task_preprocess_start`` takes it out of the
-        queue (so neither a cancel nor a claim can interleave), then Wiro's closing sequence with pexit 2."""
-        started = await self.record(task_id, "task_preprocess_start", expect=["task_queue"], inputs_lease_until=None)
-        if started is None:
-            return False
-        return await self.fail(task_id, PEXIT_INPUT_ERROR, message, expect=["task_preprocess_start"])
 
     async def heartbeat(self, task_id: int, worker_id: str, lease_seconds: float) -> str | None:
         """Extend the lease. Returns the pending stop request ("", "cancel", "kill"), or None if the lease is lost."""
@@ -505,7 +585,7 @@ class TaskStore:
         async with self.sessions.begin() as session:
             return (await session.execute(stmt)).scalar_one_or_none()
 
-    async def request_stop(self, task_id: int, kind: str) -> bool:
+    async def request_stop(self, task_id: int, kind: StopKind) -> bool:
         stmt = (
             update(Task)
             .where(Task.id == task_id, Task.status.in_(list(RUNNING)))
@@ -514,11 +594,6 @@ class TaskStore:
         )
         async with self.sessions.begin() as session:
             return (await session.execute(stmt)).scalar_one_or_none() is not None
-
-    async def cancel_queued(self, task_id: int) -> Task | None:
-        return await self.record(
-            task_id, "task_cancel", "cancelled", expect=["task_queue"], pexit=PEXIT_CANCELED, debugerror="Cancelled."
-        )
 
     async def reap(self, is_alive: Callable[[str], bool | None], max_attempts: int) -> list[int]:
         """Recover tasks whose worker is gone: re-queue them, or fail them after ``max_attempts`` starts.
@@ -541,54 +616,16 @@ class TaskStore:
 
     async def _recover(self, task_id: int, worker_id: str | None, attempts: int, max_attempts: int) -> bool:
         if attempts < max_attempts:
-            task = await self.record(
-                task_id,
-                "task_queue",
-                None,
-                expect=RUNNING,
-                worker_id=worker_id,
-                debugerror=f"Worker {worker_id} was lost during attempt {attempts}; the task was queued again.\n",
-                stop_requested="",
-                dispatched_at=None,
-            )
-            return task is not None
+            note = f"Worker {worker_id} was lost during attempt {attempts}; the task was queued again.\n"
+            return await self.requeue(task_id, note, worker_id)
         message = f"Worker lost during attempt {attempts} of {max_attempts}; the task was not retried again."
-        return await self.fail(task_id, PEXIT_WORKER_LOST, message, expect=RUNNING, worker_id=worker_id)
-
-    async def fail(
-        self,
-        task_id: int,
-        pexit: str,
-        message: str,
-        *,
-        raw: str = "",
-        output: str = "",
-        expect: Iterable[str] | None = None,
-        worker_id: str | None = None,
-    ) -> bool:
-        """End a task as failed, with Wiro's closing sequence: the error, the logs, then task_postprocess_end."""
-        first = await self.record(task_id, "task_error", message, expect=expect, worker_id=worker_id)
-        if first is None:
-            return False
-        # Each step keeps the lease guard: if the reaper re-queued the task in between (this worker froze past
-        # its lease), the rest is not written and the task cannot end twice.
-        closing: list[tuple[str, Any, dict[str, Any]]] = [
-            ("task_output_full", {"raw": output}, {}),
-            ("task_error_full", {"raw": raw or message}, {}),
-            ("task_end", None, {}),
-            ("task_postprocess_start", None, {}),
-            ("task_postprocess_end", [], {"pexit": pexit, "debugerror": message, "debugoutput": output}),
-        ]
-        for event_type, event_message, fields in closing:
-            if await self.record(task_id, event_type, event_message, worker_id=worker_id, **fields) is None:
-                return False
-        return True
+        return await self.fail(task_id, Pexit.GAVE_UP, message, expect=RUNNING, worker_id=worker_id)
 
     async def undispatched(self, limit: int = 100) -> list[tuple[int, str, int]]:
         """Queued tasks no dispatcher has sent yet (new, or re-queued by the reaper): (id, model, priority)."""
         query = (
             select(Task.id, Task.model, Task.priority)
-            .where(Task.status == "task_queue", Task.dispatched_at.is_(None), Task.inputs_ready.is_(True))
+            .where(Task.status == TaskStatus.QUEUE, Task.dispatched_at.is_(None), Task.inputs_ready.is_(True))
             .order_by(Task.priority.desc(), Task.id)
             .limit(limit)
         )
@@ -670,27 +707,82 @@ class TaskStore:
                 log.exception("could not delete blob %s", key)
 
 
-def _work(job: dict[str, Any]) -> int:
-    """A job's work for the quota: images x pixels."""
-    return int(job["num_images"]) * int(job["width"]) * int(job["height"])
+@dataclass
+class _Change:
+    """A transition being written (``TaskStore._transition``): the task's locked row, changed in place, and the
+    events appended, published once the transaction commits."""
 
+    store: TaskStore
+    session: AsyncSession
+    task: Task
+    now: float
+    #: Each appended event's row, and the extra keys its published copy gets (``live``).
+    rows: list[tuple[TaskEvent, dict[str, Any] | None]] = field(default_factory=list)
+    #: Blob keys of the file rows deleted, to delete once the transaction commits.
+    dropped: list[str] = field(default_factory=list)
 
-PROGRESS_WEBHOOK_SECONDS = 1.0
-_WEBHOOK_EVENTS = {
-    "task_start": "start",
-    "task_output": "progress",
-    "task_postprocess_end": "completed",
-    "task_cancel": "completed",
-}
+    async def event(self, event_type: str, message: Any = None, *, live: dict[str, Any] | None = None) -> None:
+        """Append an event, and the callback it owes (as the task stands now)."""
+        row = TaskEvent(task_id=self.task.id, type=event_type, message=message, created=self.now)
+        self.session.add(row)
+        self.rows.append((row, live))
+        await self.store.outbox.event(self.session, self.task, event_type, self.now)
+
+    async def advance(self, status: TaskStatus, message: Any = None) -> None:
+        """Move the task to ``status`` (stamping its time), and append that event. Leaving the running statuses
+        gives the lease up."""
+        task = self.task
+        task.status = status
+        stamp = _TIMESTAMP.get(status)
+        if stamp is not None:
+            setattr(task, stamp, self.now)
+        if not status.holds_lease:
+            task.worker_id, task.lease_until = None, None
+        await self.event(status, message)
+
+    async def cancel(self, kind: StopKind) -> None:
+        killed = kind is StopKind.KILL
+        task = self.task
+        task.pexit = Pexit.KILLED if killed else Pexit.CANCELLED
+        task.debugerror = "Killed." if killed else "Cancelled."
+        await self.drop_files("input")
+        await self.advance(TaskStatus.CANCEL, "killed" if killed else "cancelled")
+
+    async def close_failed(self, pexit: Pexit, message: str, *, raw: str = "", output: str = "") -> None:
+        await self.event(Frame.ERROR, message)
+        await self.event(Frame.OUTPUT_FULL, {"raw": output})
+        await self.event(Frame.ERROR_FULL, {"raw": raw or message})
+        # Statuses only move forward: a task that failed while saving its images does not end again.
+        reached = LIFECYCLE.index(self.task.status) if self.task.status in LIFECYCLE else 0
+        for status in (TaskStatus.END, TaskStatus.POSTPROCESS_START):
+            if LIFECYCLE.index(status) > reached:
+                await self.advance(status)
+        task = self.task
+        task.pexit, task.debugerror, task.debugoutput = pexit, message, output
+        await self.drop_files("input")
+        await self.advance(TaskStatus.POSTPROCESS_END, [])
+
+    async def drop_files(self, role: str) -> None:
+        """Delete the task's file rows of ``role`` in this transaction; their bytes go once it commits."""
+        self.dropped += await self.store._delete_files(self.session, [self.task.id], (role,))
+
+    def published(self) -> list[Event]:
+        """The appended events as published (after the flush gave them ids): with their live extras."""
+        events = []
+        for row, live in self.rows:
+            message = {**row.message, **live} if live and isinstance(row.message, dict) else row.message
+            events.append(Event(row.id, row.task_id, row.type, message))
+        return events
+
 
 _TIMESTAMP = {
-    "task_accept": "accepttime",
-    "task_preprocess_start": "preprocessstarttime",
-    "task_preprocess_end": "preprocessendtime",
-    "task_assign": "assigntime",
-    "task_start": "starttime",
-    "task_end": "endtime",
-    "task_postprocess_start": "postprocessstarttime",
-    "task_postprocess_end": "postprocessendtime",
-    "task_cancel": "canceltime",
+    TaskStatus.ACCEPT: "accepttime",
+    TaskStatus.PREPROCESS_START: "preprocessstarttime",
+    TaskStatus.PREPROCESS_END: "preprocessendtime",
+    TaskStatus.ASSIGN: "assigntime",
+    TaskStatus.START: "starttime",
+    TaskStatus.END: "endtime",
+    TaskStatus.POSTPROCESS_START: "postprocessstarttime",
+    TaskStatus.POSTPROCESS_END: "postprocessendtime",
+    TaskStatus.CANCEL: "canceltime",
 }

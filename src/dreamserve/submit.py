@@ -22,6 +22,7 @@ from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Project, Task
 from dreamserve.errors import InvalidRequest, NotFound
 from dreamserve.fetch import FetchPolicy, check_url
+from dreamserve.jobs import StoredReference, TaskJob
 from dreamserve.keyring import digest
 from dreamserve.params import MAX_REFERENCES, RunParams, Upload, parse_run
 from dreamserve.settings import Settings
@@ -82,11 +83,11 @@ async def submit(
     folder = new_blob_folder()
     now = time.time()
     inputs: list[File] = []
-    job_inputs: list[dict[str, str]] = []
+    references: list[StoredReference] = []
     echo: list[str] = []
     for position, reference in enumerate(params.references):
         if reference.upload is None:
-            job_inputs.append({"url": reference.url or ""})
+            references.append(StoredReference(url=reference.url or ""))
             echo.append(reference.url or "")
             continue
         name = f"inputImage-{position}.{reference.ext}"
@@ -102,9 +103,21 @@ async def submit(
             created=now,
         )
         inputs.append(file)
-        job_inputs.append({"blob_key": file.blob_key})
+        references.append(StoredReference(blob_key=file.blob_key))
         # Not the URL: it holds the access key, which is never stored. Task/Detail renders it (wire.input_marker).
         echo.append(input_marker(position))
+    job = TaskJob(
+        prompt=params.prompt,
+        width=params.width,
+        height=params.height,
+        num_images=params.max_images,
+        seed=params.seed,
+        watermark=params.watermark,
+        references=tuple(references),
+        notes=(params.refused_callback_reason,) if params.refused_callback_reason else (),
+        output_size=output_size,
+        output_format="jpeg" if output_format == "jpeg" else "png",
+    )
 
     # Bytes first, then the rows that point at them: a crash in between leaves only unreferenced blobs.
     uploads = [r.upload.data for r in params.references if r.upload is not None]
@@ -115,7 +128,7 @@ async def submit(
             project_id=project.id,
             model=slug,
             parameters=_echo(params, echo, output_size),
-            job={**_job(params, job_inputs, output_size), "output_format": output_format},
+            job=job,
             callback_url=params.callback_url,
             callback_events=params.callback_events,
             priority=min(params.priority, _max_priority(services, project)),
@@ -153,23 +166,6 @@ def _echo(params: RunParams, inputs: list[str], output_size: tuple[int, int] | N
     if params.callback_url or params.refused_callback:
         echo["callbackUrl"] = params.callback_url or params.refused_callback
     return echo
-
-
-def _job(params: RunParams, inputs: list[dict[str, str]], output_size: tuple[int, int] | None) -> dict[str, Any]:
-    job: dict[str, Any] = {
-        "prompt": params.prompt,
-        "width": params.width,
-        "height": params.height,
-        "num_images": params.max_images,
-        "seed": params.seed,
-        "watermark": params.watermark,
-        "inputs": inputs,
-        # Lines the worker puts first in debugoutput (the task's own log).
-        "notes": [params.refused_callback_reason] if params.refused_callback_reason else [],
-    }
-    if output_size:
-        job["output_size"] = list(output_size)
-    return job
 
 
 def _own_hosts(services: Services) -> set[str]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.db import Project, Task, WebhookDelivery
@@ -32,6 +32,7 @@ from dreamserve.keyring import ServerKey
 from dreamserve.logs import about
 from dreamserve.settings import Settings
 from dreamserve.signing import sign_webhook
+from dreamserve.status import Frame, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,51 @@ class WebhookSender:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+# -- the outbox: rows written in the transaction of the event they report --------------------------------------
+
+#: The events a receiver can choose with ``callbackEvents``, by the name it chooses them with.
+HOOKS: dict[str, str] = {
+    TaskStatus.START: "start",
+    Frame.OUTPUT: "progress",
+    TaskStatus.POSTPROCESS_END: "completed",
+    TaskStatus.CANCEL: "completed",
+}
+#: Progress callbacks are throttled to one a second per task (steps can be much faster).
+PROGRESS_WEBHOOK_SECONDS = 1.0
+
+
+class Outbox:
+    """Writes the deliveries of a task's events as outbox rows, inside the store's transaction of each event
+    (``TaskStore`` calls it, passed in by ``Services``): a delivery exists exactly when its event does."""
+
+    async def event(self, session: AsyncSession, task: Task, event_type: str, now: float) -> None:
+        """The delivery an event of ``task`` (as it stands after the event) owes its receiver, if any."""
+        hook = HOOKS.get(event_type)
+        if hook is None or not task.callback_url or hook not in (task.callback_events or ["completed"]):
+            return
+        if hook == "progress" and not await _progress_due(session, task.id, now):
+            return
+        payload = {"event": hook, "taskid": str(task.id), "status": task.status, "progress": task.progress}
+        delivery = WebhookDelivery(
+            task_id=task.id, url=task.callback_url, event=hook, payload=payload, next_attempt=now, created=now
+        )
+        session.add(delivery)
+
+    def refused(self, session: AsyncSession, task_id: int, url: str, reason: str, now: float) -> None:
+        """A callbackUrl that is never called (not a URL, say), logged as a failed delivery with the reason."""
+        session.add(
+            WebhookDelivery(task_id=task_id, url=url, state="failed", last_error=reason, next_attempt=now, created=now)
+        )
+
+
+async def _progress_due(session: AsyncSession, task_id: int, now: float) -> bool:
+    query = select(func.max(WebhookDelivery.created)).where(
+        WebhookDelivery.task_id == task_id, WebhookDelivery.event == "progress"
+    )
+    last = (await session.execute(query)).scalar_one_or_none()
+    return last is None or now - last >= PROGRESS_WEBHOOK_SECONDS
 
 
 async def _postpone(

@@ -204,7 +204,7 @@ async def _answer(
         "created": int(task.createtime),
         "data": data,
         "output_format": output_format,
-        "size": "x".join(str(side) for side in task.job.get("output_size") or (task.job["width"], task.job["height"])),
+        "size": "x".join(str(side) for side in task.read_job().size),
         # Beyond OpenAI: the task behind the images, to follow, list or cancel it like any other.
         "task_id": str(task.id),
         "socketaccesstoken": services.keys.token(task),

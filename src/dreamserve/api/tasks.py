@@ -93,7 +93,7 @@ async def input_output_delete(request: Request, project: ProjectDep, services: S
     return envelope()
 
 
-async def _stop(services: ServicesDep, task: Task, kind: str, refusal: str) -> None:
+async def _stop(services: ServicesDep, task: Task, kind: StopKind, refusal: str) -> None:
     if await services.store.cancel_queued(task.id) is not None:
         return
     fresh = await services.store.get_by_id(task.id)

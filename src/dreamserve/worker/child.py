@@ -1,18 +1,17 @@
-"""The model process. Spawned (never forked: CUDA and fork do not mix), it loads the model once,
-then runs one job at a time sent by its supervisor over a pipe and answers with plain dicts:
+"""The model process. Spawned (never forked: CUDA and fork do not mix), it loads the model once, then runs
+one job (or one group of jobs) at a time sent by its supervisor over a pipe. The messages are the frozen
+dataclasses of ``protocol.py``, pickled by the pipe:
 
-    parent -> child   {"op": "run", "job": GenerationJob}        {"op": "exit"}
-                      {"op": "run_group", "jobs": [GenerationJob]}  {"op": "stop", "job": i} (during a group)
-    child -> parent   {"type": "ready", "load_seconds": s}       {"type": "fatal", "message": m}
-                      {"type": "start"}
-                      {"type": "step", "job": i, "step": k, "total": n, "elapsed": s, "preview": uri (some steps)}
-                      {"type": "image", "job": i, "image": GeneratedImage} (each image as soon as it is saved)
-                      {"type": "image", "job": i, "failed": FailedImage} (an image that could not be finished)
-                      {"type": "job_canceled", "job": i} (a group member stopped; it gets no more images)
-                      {"type": "done", "result": GenerationResult}
-                      {"type": "canceled"}  {"type": "error", "kind": k, "message": m, "traceback": tb}
-                      {"type": "group_done", "results": [{"result": ...} | {"canceled": true} | {"kind": k, ...}]}
-                      {"type": "log", "record": {...}} (any time: its logging, replayed by the parent, ``logs.py``)
+    parent -> child   Run(job)  RunGroup(jobs)  Stop(job=i) (a member of the running group)  Exit()
+    child -> parent   Ready(load_seconds) | Fatal(message), once, after loading
+                      Started() when a Run or RunGroup begins, then for its job(s):
+                        Step(job=i, step, total, elapsed, preview) per denoising step (a preview on some)
+                        ImageSaved(job=i, image) as soon as each image is saved, ImageFailed(job=i, failed)
+                        JobCanceled(job=i) when a Stop took a group member out (it gets no more images)
+                      and one outcome: Done(result) | Canceled() | Error(kind, message, traceback) for a Run,
+                        GroupDone(outcomes) for a RunGroup (one Done | Canceled | Error per job), or Error
+                        for the whole group
+                      Log(record) at any time: its logging, replayed by the parent (``logs.py``)
 
 Errors carry the full text and traceback for the supervisor's log; only their kind reaches clients.
 
@@ -25,19 +24,36 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, StepInfo
 from dreamserve.logs import forward_from_child
+from dreamserve.worker.protocol import (
+    Canceled,
+    Done,
+    Error,
+    Fatal,
+    FromChild,
+    GroupDone,
+    ImageFailed,
+    ImageSaved,
+    JobCanceled,
+    Outcome,
+    Ready,
+    Run,
+    RunGroup,
+    Started,
+    Step,
+    Stop,
+)
 
 log = logging.getLogger(__name__)
 
 
 def child_main(conn: Connection, stop: EventType, spec: dict[str, Any], log_level: int = logging.INFO) -> None:
-    send = forward_from_child(conn.send, log_level)
+    send: Callable[[FromChild], None] = forward_from_child(conn.send, log_level)
     # Imported here: only the child process may import torch.
     from dreamserve.engine import Engine
     from dreamserve.settings import ModelSpec
@@ -45,102 +61,91 @@ def child_main(conn: Connection, stop: EventType, spec: dict[str, Any], log_leve
     try:
         engine = Engine.load(ModelSpec(**spec))
     except Exception as exc:
-        send({"type": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+        send(Fatal(f"{type(exc).__name__}: {exc}"))
         return
     log.info("model loaded in %.1f s", engine.load_seconds)
-    send({"type": "ready", "load_seconds": engine.load_seconds})
+    send(Ready(engine.load_seconds))
     runner = _Runner(engine, conn, send, stop)
     while True:
         try:
             message = conn.recv()
         except EOFError:
             return
-        op = message.get("op")
-        if op == "stop":
-            continue  # a cancel that arrived after its job ended
-        if op not in ("run", "run_group"):
-            return
-        stop.clear()
-        runner.stopped.clear()
-        send({"type": "start"})
-        if op == "run_group":
-            runner.run_group(message["jobs"])
-        else:
-            runner.run(message["job"])
+        match message:
+            case Stop():
+                continue  # a cancel that arrived after its job ended
+            case Run(job=job):
+                runner.begin()
+                runner.run(job)
+            case RunGroup(jobs=jobs):
+                runner.begin()
+                runner.run_group(list(jobs))
+            case _:
+                return  # Exit, or a message this process does not know
 
 
 class _Runner:
     """Runs the jobs of one message and sends what happens: steps, then one outcome message."""
 
-    def __init__(self, engine: Any, conn: Connection, send: Callable[[dict[str, Any]], None], stop: EventType) -> None:
+    def __init__(self, engine: Any, conn: Connection, send: Callable[[FromChild], None], stop: EventType) -> None:
         self.engine, self.conn, self.send, self.stop = engine, conn, send, stop
-        #: Members of the running group that a per-job ``stop`` message has cancelled.
+        #: Members of the running group that a per-job ``Stop`` message has cancelled.
         self.stopped: set[int] = set()
 
+    def begin(self) -> None:
+        self.stop.clear()
+        self.stopped.clear()
+        self.send(Started())
+
     def on_step(self, info: StepInfo, job: int = 0) -> None:
-        message = {"type": "step", "job": job, "step": info.step, "total": info.total, "elapsed": info.elapsed}
-        if info.preview is not None:
-            message["preview"] = info.preview
-        self.send(message)
+        self.send(Step(job, info.step, info.total, info.elapsed, info.preview))
 
     def on_image(self, job: int, image: GeneratedImage | FailedImage) -> None:
-        key = "image" if isinstance(image, GeneratedImage) else "failed"
-        self.send({"type": "image", "job": job, key: asdict(image)})
+        self.send(ImageSaved(job, image) if isinstance(image, GeneratedImage) else ImageFailed(job, image))
 
     def group_should_stop(self, index: int) -> bool:
         # Per-job cancels arrive as messages while the group runs; the stop event still stops them all.
         while self.conn.poll():
-            message = self.conn.recv()
-            if message.get("op") == "stop" and int(message["job"]) not in self.stopped:
-                self.stopped.add(int(message["job"]))
-                self.send({"type": "job_canceled", "job": int(message["job"])})
+            match self.conn.recv():
+                case Stop(job=job) if job not in self.stopped:
+                    self.stopped.add(job)
+                    self.send(JobCanceled(job))
         return self.stop.is_set() or index in self.stopped
 
-    def run_group(self, jobs: list[dict[str, Any]]) -> None:
-        parsed = [GenerationJob.from_dict(job) for job in jobs]
+    def run_group(self, jobs: list[GenerationJob]) -> None:
         try:
             outcomes = self.engine.generate_group(
-                parsed, lambda i, info: self.on_step(info, i), self.group_should_stop, self.on_image
+                jobs, lambda i, info: self.on_step(info, i), self.group_should_stop, self.on_image
             )
         except Exception as exc:
-            self._error(exc)
+            self.send(_error(exc))
             return
-        self.send({"type": "group_done", "results": [_outcome(o) for o in outcomes]})
+        self.send(GroupDone(tuple(_outcome(o) for o in outcomes)))
 
-    def run(self, job: dict[str, Any]) -> None:
+    def run(self, job: GenerationJob) -> None:
         from dreamserve.engine import Interrupted
 
         try:
-            result = self.engine.generate(
-                GenerationJob.from_dict(job), self.on_step, self.stop.is_set, lambda image: self.on_image(0, image)
-            )
+            result = self.engine.generate(job, self.on_step, self.stop.is_set, lambda image: self.on_image(0, image))
         except Interrupted:
-            self.send({"type": "canceled"})
+            self.send(Canceled())
         except Exception as exc:
-            self._error(exc)
+            self.send(_error(exc))
         else:
-            self.send({"type": "done", "result": result.to_dict()})
-
-    def _error(self, exc: Exception) -> None:
-        self.send(_error(exc))
+            self.send(Done(result))
 
 
-def _error(exc: Exception) -> dict[str, Any]:
+def _error(exc: BaseException) -> Error:
     """What the supervisor logs (all of it) and tells the client (the kind only, with an error id)."""
-    message = f"{type(exc).__name__}: {exc}"
-    return {"type": "error", "kind": type(exc).__name__, "message": message, "traceback": traceback.format_exc()}
+    text = "".join(traceback.format_exception(exc))
+    return Error(kind=type(exc).__name__, message=f"{type(exc).__name__}: {exc}", traceback=text)
 
 
-def _outcome(outcome: Any) -> dict[str, Any]:
+def _outcome(outcome: Any) -> Outcome:
     from dreamserve.engine import Interrupted
 
     if isinstance(outcome, Interrupted):
-        return {"canceled": True}
+        return Canceled()
     if isinstance(outcome, Exception):
-        message = f"{type(outcome).__name__}: {outcome}"
-        return {
-            "kind": type(outcome).__name__,
-            "message": message,
-            "traceback": "".join(traceback.format_exception(outcome)),
-        }
-    return {"result": outcome.to_dict()}
+        return _error(outcome)
+    return Done(outcome)

@@ -28,22 +28,35 @@ from typing import Any
 from dreamserve.blobs import BlobStore
 from dreamserve.db import File, Task
 from dreamserve.errors import new_error_id
-from dreamserve.events import IMAGE_SAVED, RUNNING
-from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult
+from dreamserve.events import RUNNING
+from dreamserve.jobs import GeneratedImage, GenerationJob, GenerationResult, TaskJob
 from dreamserve.liveness import Liveness, backoff
-from dreamserve.logs import about, replay
+from dreamserve.logs import Log, about, replay
 from dreamserve.settings import ModelSpec, Settings
-from dreamserve.status import WorkerState
-from dreamserve.store import (
-    PEXIT_CANCELED,
-    PEXIT_INPUT_ERROR,
-    PEXIT_KILLED,
-    PEXIT_MODEL_ERROR,
-    PEXIT_OK,
-    TaskStore,
-    new_blob_folder,
-)
+from dreamserve.status import Pexit, StopKind, WorkerState
+from dreamserve.store import TaskStore, new_blob_folder
 from dreamserve.worker.child import child_main
+from dreamserve.worker.protocol import (
+    Canceled,
+    Done,
+    Error,
+    Exit,
+    Fatal,
+    FromChild,
+    Gone,
+    GroupDone,
+    ImageFailed,
+    ImageSaved,
+    JobCanceled,
+    Outcome,
+    Ready,
+    Run,
+    RunGroup,
+    Started,
+    Step,
+    Stop,
+    ToChild,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +93,7 @@ class ChildProcess:
             name=name,
             daemon=True,
         )
-        self.messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.messages: asyncio.Queue[FromChild] = asyncio.Queue()
 
     @property
     def pid(self) -> int | None:
@@ -97,14 +110,14 @@ class ChildProcess:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                loop.call_soon_threadsafe(self.messages.put_nowait, {"type": "exit"})
+                loop.call_soon_threadsafe(self.messages.put_nowait, Gone())
                 return
-            if message.get("type") == "log":
-                replay(message["record"])  # the child's logging, into this process's log
+            if isinstance(message, Log):
+                replay(message)  # the child's logging, into this process's log
                 continue
             loop.call_soon_threadsafe(self.messages.put_nowait, message)
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: ToChild) -> None:
         self.conn.send(message)
 
     def kill(self) -> None:
@@ -113,7 +126,7 @@ class ChildProcess:
 
     async def close(self, timeout: float = 5.0) -> None:
         with contextlib.suppress(OSError):
-            self.conn.send({"op": "exit"})
+            self.conn.send(Exit())
         await asyncio.to_thread(self.process.join, timeout)
         self.kill()
         await asyncio.to_thread(self.process.join, timeout)
@@ -162,7 +175,7 @@ class Supervisor:
     def wake(self) -> None:
         self._wake.set()
 
-    async def stop(self, task_id: int, kind: str) -> bool:
+    async def stop(self, task_id: int, kind: StopKind) -> bool:
         """Stop a running task: ``cancel`` at the next denoising step, ``kill`` at once.
 
         A kill takes the model process down only when the task runs alone; a member of a batch gets the
@@ -175,21 +188,21 @@ class Supervisor:
             return True
         if not self._sent:
             # Still being prepared: ``_process`` ends it before anything reaches the model process.
-            entry.stop = "kill" if kind == "kill" or entry.stop else "cancel"
+            entry.stop = StopKind.KILL if kind is StopKind.KILL or entry.stop else StopKind.CANCEL
             return True
-        if kind == "kill" or entry.stop == "cancel":
+        if kind is StopKind.KILL or entry.stop is StopKind.CANCEL:
             if self._shared(entry):
                 log.info("kill requested: stopping this member of its batch", extra=about(task_id))
-                await self._stop_member(entry, "kill")
+                await self._stop_member(entry, StopKind.KILL)
             else:
                 log.info("kill requested: killing model process %s", self.child.pid, extra=about(task_id))
-                entry.stop = "kill"
+                entry.stop = StopKind.KILL
                 self.child.kill()
-        elif not entry.stop:
+        elif entry.stop is None:
             log.info("cancel requested: stopping at the next step", extra=about(task_id))
-            entry.stop = "cancel"
+            entry.stop = StopKind.CANCEL
             if self._shared(entry):
-                self.child.send({"op": "stop", "job": entry.index})
+                self.child.send(Stop(entry.index))
             else:
                 self.child.stop_event.set()
             asyncio.get_running_loop().call_later(self.settings.cancel_grace_seconds, self._escalate, task_id)
@@ -199,33 +212,30 @@ class Supervisor:
         """Whether other unfinished tasks share the model process's work with this one."""
         return any(other is not entry and not other.settled for other in self.running.values())
 
-    async def _stop_member(self, entry: _Running, kind: str) -> None:
-        """End one member of a batch now; the child drops its images at its next step (``op: stop``)."""
+    async def _stop_member(self, entry: _Running, kind: StopKind) -> None:
+        """End one member of a batch now; the child drops its images at its next step (``Stop``)."""
         entry.stop = kind
         entry.settled = True
         assert self.child is not None
         with contextlib.suppress(OSError):
-            self.child.send({"op": "stop", "job": entry.index})
+            self.child.send(Stop(entry.index))
         await self._record_stopped(entry)
 
     async def _record_stopped(self, entry: _Running) -> None:
-        if entry.stop == "kill":
-            await self._record(entry.task, "task_cancel", "killed", pexit=PEXIT_KILLED, debugerror="Killed.")
-        else:
-            await self._record(entry.task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
+        await self.store.cancel(entry.task.id, entry.stop or StopKind.CANCEL, self.worker_id)
 
     def _escalate(self, task_id: int) -> None:
         entry = self.running.get(task_id)
-        if entry is None or entry.stop != "cancel" or entry.settled or self.child is None:
+        if entry is None or entry.stop is not StopKind.CANCEL or entry.settled or self.child is None:
             return
         if self._shared(entry):
             log.warning("did not stop within the grace period; ending it, its batch goes on", extra=about(task_id))
-            stopping = asyncio.get_running_loop().create_task(self._stop_member(entry, "cancel"))
+            stopping = asyncio.get_running_loop().create_task(self._stop_member(entry, StopKind.CANCEL))
             self._background.add(stopping)
             stopping.add_done_callback(self._background.discard)
         else:
             log.warning("did not stop within the grace period; killing the model process", extra=about(task_id))
-            entry.stop = "kill"
+            entry.stop = StopKind.KILL
             self.child.kill()
 
     def status(self) -> dict[str, Any]:
@@ -335,7 +345,7 @@ class Supervisor:
             )
             message = f"Internal worker error (error id {error_id}); the server log has the details."
             for task in group:
-                await self.store.fail(task.id, PEXIT_MODEL_ERROR, message, expect=RUNNING, worker_id=self.worker_id)
+                await self.store.fail(task.id, Pexit.FAILED, message, expect=RUNNING, worker_id=self.worker_id)
         finally:
             self.running = {}
             self._sent = False
@@ -355,13 +365,14 @@ class Supervisor:
         child = ChildProcess(self.spec, name=f"dreamserve-model-{self.slug}")
         await child.start()
         message = await child.messages.get()
-        if message["type"] != "ready":
-            self.error = message.get("message") or f"the model process exited (code {child.process.exitcode})"
+        if not isinstance(message, Ready):
+            exited = f"the model process exited (code {child.process.exitcode})"
+            self.error = message.message if isinstance(message, Fatal) else exited
             log.error("model %s could not be loaded: %s", self.slug, self.error)
             self.state = WorkerState.DEFUNCT
             await child.close()
             return False
-        self.child, self.load_seconds, self.error = child, float(message["load_seconds"]), ""
+        self.child, self.load_seconds, self.error = child, message.load_seconds, ""
         self.state = WorkerState.READY
         log.info("model %s ready in %.1f s (pid %s)", self.slug, self.load_seconds, child.pid)
         return True
@@ -379,8 +390,11 @@ class Supervisor:
     # -- one task, or a group of same-size tasks run together --------------------------------------
 
     async def _process(self, group: list[Task]) -> None:
-        # Notes made at Run (a callbackUrl that is not a URL) open the task's output log.
-        self.running = {task.id: _Running(task, log=list(task.job.get("notes", []))) for task in group}
+        self.running = {}
+        for task in group:
+            job = task.read_job()
+            # Notes made at Run (a callbackUrl that is not a URL) open the task's output log.
+            self.running[task.id] = _Running(task, job, log=list(job.notes))
         heartbeat = asyncio.create_task(self._heartbeat())
         scratches = [self.settings.data_dir / "scratch" / f"{task.id}-{task.attempts}" for task in group]
         try:
@@ -409,57 +423,42 @@ class Supervisor:
             entry.index = index
         assert self.child is not None
         try:
-            if len(live) == 1:
-                self.child.send({"op": "run", "job": live[0].job_dict()})
-            else:
-                self.child.send({"op": "run_group", "jobs": [entry.job_dict() for entry in live]})
+            jobs = tuple(entry.generation() for entry in live)
+            self.child.send(Run(jobs[0]) if len(jobs) == 1 else RunGroup(jobs))
         except OSError:
             # The model process died before it was given the work: nothing ran, so the tasks run again.
             for entry in live:
                 note = f"Re-queued: the model process had exited before task {entry.task.id} was sent to it.\n"
-                await self._record(
-                    entry.task, "task_queue", None, debugerror=note, dispatched_at=None, stop_requested=""
-                )
+                await self.store.requeue(entry.task.id, note, self.worker_id)
             await self._respawn("a crash")
             return False
         self._sent = True
         # A stop that came while the last of them were being recorded: deliver it now.
         for entry in live:
             if entry.stop and not entry.settled:
-                stop, entry.stop = entry.stop, ""
+                stop, entry.stop = entry.stop, None
                 await self.stop(entry.task.id, stop)
         return True
 
     async def _prepare(self, entry: _Running, scratch: Path) -> bool:
         """Inputs on local disk, the job built, ``task_assign`` recorded; False if the task ended instead."""
         task = entry.task
-        references = await self._preprocess(task, scratch)
+        references = await self._preprocess(entry, scratch)
         if references is None:
             return False
         if entry.stop:
             await self._record_stopped(entry)
             return False
         entry.folder = new_blob_folder()
-        entry.job = GenerationJob(
-            task_id=task.id,
-            prompt=task.job["prompt"],
-            width=task.job["width"],
-            height=task.job["height"],
-            num_images=task.job["num_images"],
-            seed=task.job["seed"],
-            references=references,
-            watermark=task.job["watermark"],
-            output_dir=str(self.blobs.local_path(f"outputs/{entry.folder}") or scratch / "outputs"),
-            output_size=task.job.get("output_size"),
-            output_format=task.job.get("output_format", "png"),
+        entry.job = GenerationJob.of(
+            task.id,
+            entry.stored,
+            references,
+            str(self.blobs.local_path(f"outputs/{entry.folder}") or scratch / "outputs"),
             model=self.slug,
             embed_prompt=self.settings.png_embed_prompt,
         )
-        return await self._record(task, "task_assign") is not None
-
-    async def _record(self, task: Task, event_type: str, message: Any = None, **fields: Any) -> Task | None:
-        """Record an event only while this worker still holds the task's lease."""
-        return await self.store.record(task.id, event_type, message, worker_id=self.worker_id, **fields)
+        return await self.store.assign(task.id, self.worker_id)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -478,7 +477,7 @@ class Supervisor:
             if entry.settled:
                 continue
             requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
-            if requested is None and (entry.settled or entry.stop == "kill"):
+            if requested is None and (entry.settled or entry.stop is StopKind.KILL):
                 continue  # it ended while the heartbeat was on its way, or is being killed: not a lost lease
             if requested is None:
                 log.warning("lease lost; abandoning the task", extra=about(task_id))
@@ -486,94 +485,90 @@ class Supervisor:
                 if self.child is not None:
                     self.child.kill()
             elif requested and requested != entry.stop:
-                await self.stop(task_id, requested)
+                await self.stop(task_id, StopKind(requested))
 
-    async def _preprocess(self, task: Task, scratch: Path) -> list[str] | None:
+    async def _preprocess(self, entry: _Running, scratch: Path) -> list[str] | None:
         """Put every reference on local disk for the child, from the blob store (URL inputs are blobs by now)."""
-        inputs: list[dict[str, Any]] = task.job.get("inputs", [])
-        if not inputs:
+        task, references = entry.task, entry.stored.references
+        if not references:
             return []
-        await self._record(task, "task_preprocess_start")
+        await self.store.begin_preprocess(task.id, self.worker_id)
         paths = []
-        for number, item in enumerate(inputs, start=1):
-            key = item.get("blob_key")
+        for number, reference in enumerate(references, start=1):
+            key = reference.blob_key
             if key is None:
                 # Only a task whose URL inputs were stored can be claimed; this is a row written some other way.
                 message = f"Input {number} was not fetched before the task was claimed; send the task again."
-                await self.store.fail(task.id, PEXIT_INPUT_ERROR, message, worker_id=self.worker_id)
+                await self.store.fail(task.id, Pexit.BAD_INPUT, message, worker_id=self.worker_id)
                 return None
             local = self.blobs.local_path(key)
             if local is None:
                 local = scratch / f"reference-{number}{Path(key).suffix}"
                 await asyncio.to_thread(self.blobs.download, key, local)
             paths.append(str(local))
-        await self._record(task, "task_preprocess_end")
+        await self.store.end_preprocess(task.id, self.worker_id)
         return paths
 
     async def _follow(self, live: list[_Running]) -> None:
         assert self.child is not None
         while True:
-            message = await self.child.messages.get()
-            kind = message["type"]
-            if kind == "start":
-                for entry in live:
-                    await self._record(entry.task, "task_start")
-            elif kind == "step":
-                entry = live[message.get("job", 0)]
-                progress = _progress(message["step"], message["total"], message["elapsed"])
-                entry.log.append(f"step {message['step']}/{message['total']}")
-                preview = {"preview": message["preview"]} if message.get("preview") else None
-                await self._record(entry.task, "task_output", progress, progress=progress, live_extra=preview)
-            elif kind == "image":
-                await self._saved(live[message.get("job", 0)], message)
-            elif kind == "job_canceled":
-                # A cancelled member of a group: the shared pipeline call goes on for the others, but this task's
-                # images will be dropped, so it ends now rather than when the call ends.
-                await self._settle(live[message["job"]], {"canceled": True})
-            elif kind in ("done", "group_done"):
-                results = [{"result": message["result"]}] if kind == "done" else message["results"]
-                for entry, outcome in zip(live, results, strict=True):
-                    await self._settle(entry, outcome)
-                return
-            elif kind in ("canceled", "error"):
-                for entry in live:
-                    await self._settle(entry, message)
-                return
-            elif kind == "exit":
-                await self._child_exited(live)
-                return
+            match await self.child.messages.get():
+                case Started():
+                    for entry in live:
+                        await self.store.start(entry.task.id, self.worker_id)
+                case Step(job=job, step=step, total=total, elapsed=elapsed, preview=preview):
+                    entry = live[job]
+                    entry.log.append(f"step {step}/{total}")
+                    progress = _progress(step, total, elapsed)
+                    await self.store.progress(entry.task.id, self.worker_id, progress, preview)
+                case ImageSaved(job=job) | ImageFailed(job=job) as saved:
+                    await self._saved(live[job], saved)
+                case JobCanceled(job=job):
+                    # A cancelled member of a group: the shared pipeline call goes on for the others, but this
+                    # task's images will be dropped, so it ends now rather than when the call ends.
+                    await self._settle(live[job], Canceled())
+                case GroupDone(outcomes=outcomes):
+                    for entry, outcome in zip(live, outcomes, strict=True):
+                        await self._settle(entry, outcome)
+                    return
+                case Done() | Canceled() | Error() as outcome:
+                    for entry in live:
+                        await self._settle(entry, outcome)
+                    return
+                case Gone():
+                    await self._child_exited(live)
+                    return
+                case other:
+                    log.warning("unexpected message from the model process: %r", other)
 
-    async def _settle(self, entry: _Running, outcome: dict[str, Any]) -> None:
+    async def _settle(self, entry: _Running, outcome: Outcome) -> None:
         """End one task from what the child reported for it (once: a cancelled group member ends early)."""
         if entry.settled:
             return
         entry.settled = True
         task = entry.task
-        if "result" in outcome:
-            await self._succeed(entry, GenerationResult.from_dict(outcome["result"]))
-        elif outcome.get("type") == "canceled" or outcome.get("canceled"):
-            await self._record(task, "task_cancel", "cancelled", pexit=PEXIT_CANCELED, debugerror="Cancelled.")
-        else:
-            # The traceback and the exception's text (paths, tensors, model internals) stay in this log; the
-            # client gets the kind of error and an id that finds the log line.
-            error_id = new_error_id()
-            log.error(
-                "task %s: model error [error id %s]: %s\n%s",
-                task.id,
-                error_id,
-                outcome.get("message", ""),
-                outcome.get("traceback", ""),
-            )
-            kind = str(outcome.get("kind") or "error")
-            message = f"The model failed on this task ({kind}; error id {error_id}). Retry, or report the error id."
-            await self.store.fail(
-                task.id, PEXIT_MODEL_ERROR, message, output="\n".join(entry.log), worker_id=self.worker_id
-            )
+        match outcome:
+            case Done(result=result):
+                await self._succeed(entry, result)
+            case Canceled():
+                await self.store.cancel(task.id, StopKind.CANCEL, self.worker_id)
+            case Error(kind=kind, message=text, traceback=trace):
+                # The traceback and the exception's text (paths, tensors, model internals) stay in this log; the
+                # client gets the kind of error and an id that finds the log line.
+                error_id = new_error_id()
+                log.error("task %s: model error [error id %s]: %s\n%s", task.id, error_id, text, trace)
+                message = (
+                    f"The model failed on this task ({kind or 'error'}; error id {error_id}). "
+                    "Retry, or report the error id."
+                )
+                await self.store.fail(
+                    task.id, Pexit.FAILED, message, output="\n".join(entry.log), worker_id=self.worker_id
+                )
 
     async def _child_exited(self, live: list[_Running]) -> None:
         assert self.child is not None
         code = self.child.process.exitcode
-        killed = any(entry.stop == "kill" and not entry.settled for entry in live)
+        killed = any(entry.stop is StopKind.KILL and not entry.settled for entry in live)
         # Said before the tasks are settled, so that whoever sees the kill answered also sees the restart.
         self.state, self.restart_reason = WorkerState.RESTARTING, "a kill" if killed else "a crash"
         for entry in live:
@@ -581,27 +576,27 @@ class Supervisor:
             if entry.lost or entry.settled:
                 continue  # ended already, or the reaper has given the task to another worker: record nothing
             entry.settled = True
-            if entry.stop == "kill":
+            if entry.stop is StopKind.KILL:
                 log.info("killed as requested (model process exit code %s)", code, extra=about(task.id))
-                await self._record(task, "task_cancel", "killed", pexit=PEXIT_KILLED, debugerror="Killed.")
+                await self.store.cancel(task.id, StopKind.KILL, self.worker_id)
             elif killed:
                 # Another task of the group was killed, taking the model process with it: this one runs again.
                 note = f"Re-queued: task {task.id} shared a model process with a task that was killed.\n"
-                await self._record(task, "task_queue", None, debugerror=note, dispatched_at=None, stop_requested="")
+                await self.store.requeue(task.id, note, self.worker_id)
             else:
                 reason = f"The model process exited with code {code} (out of memory?)."
                 output = "\n".join(entry.log)
-                await self.store.fail(task.id, PEXIT_MODEL_ERROR, reason, output=output, worker_id=self.worker_id)
+                await self.store.fail(task.id, Pexit.FAILED, reason, output=output, worker_id=self.worker_id)
         await self._respawn(self.restart_reason)
 
-    async def _saved(self, entry: _Running, message: dict[str, Any]) -> None:
-        """One image of a running task is saved (or failed): its URL works from now on, and the
-        ``IMAGE_SAVED`` event tells followers (Ark's stream) at once. The file is a ``partial`` row
-        until the task succeeds, so Task/Detail lists only the outputs of a finished attempt."""
+    async def _saved(self, entry: _Running, saved: ImageSaved | ImageFailed) -> None:
+        """One image of a running task is saved (or failed): its URL works from now on, and the event tells
+        followers (Ark's stream) at once. The file is a ``partial`` row until the task succeeds, so Task/Detail
+        lists only the outputs of a finished attempt."""
         if entry.settled:
             return
-        if "failed" in message:
-            failed = FailedImage(**message["failed"])
+        if isinstance(saved, ImageFailed):
+            failed = saved.failed
             # The raw text may name server paths: it stays in the log, the client gets an id to quote.
             error_id = new_error_id()
             log.warning(
@@ -609,12 +604,14 @@ class Supervisor:
             )
             text = f"Image {failed.index} could not be finished (error id {error_id})."
             error = {"code": "InternalServiceError", "message": text}
-            await self._record(entry.task, IMAGE_SAVED, {"index": failed.index, "error": error})
+            await self.store.image_failed(entry.task.id, self.worker_id, failed.index, error)
             return
-        file = await self._store_output(entry, GeneratedImage(**message["image"]), "partial")
-        entry.partial[file.name] = file
-        # No URL nor key, as in every event: the API renders them from the file row (the task's latest of that name).
-        await self._record(entry.task, IMAGE_SAVED, {"index": file.position, "name": file.name}, outputs=[file])
+        file = await self._store_output(entry, saved.image, "partial")
+        if await self.store.image_saved(entry.task.id, self.worker_id, file):
+            entry.partial[file.name] = file
+        else:
+            # The task is not this worker's any more (its lease was lost): no row points at these bytes.
+            await asyncio.to_thread(self.blobs.delete, file.blob_key)
 
     async def _store_output(self, entry: _Running, image: GeneratedImage, role: str) -> File:
         key = f"outputs/{entry.folder}/{image.name}"
@@ -635,9 +632,8 @@ class Supervisor:
 
     async def _succeed(self, entry: _Running, result: GenerationResult) -> None:
         task, output = entry.task, "\n".join(entry.log)
-        await self._record(task, "task_output_full", {"raw": output})
-        await self._record(task, "task_end")
-        await self._record(task, "task_postprocess_start")
+        if not await self.store.begin_postprocess(task.id, self.worker_id, output):
+            return  # not this worker's task any more: nothing is stored for it
         files = []
         for image in result.images:
             file = entry.partial.pop(image.name, None) or await self._store_output(entry, image, "output")
@@ -647,8 +643,8 @@ class Supervisor:
         fresh = await self.store.get_by_id(task.id)
         timings = {"queue": (task.accepttime or now) - task.createtime, **result.timings}
         timings["batch_wait"] = self._batch_wait
-        if "fetch_seconds" in task.job:
-            timings["fetch"] = float(task.job["fetch_seconds"])
+        if entry.stored.fetch_seconds is not None:
+            timings["fetch"] = entry.stored.fetch_seconds
         if fresh is not None and fresh.preprocessstarttime and fresh.preprocessendtime:
             timings["preprocess"] = fresh.preprocessendtime - fresh.preprocessstarttime
         details = {
@@ -670,15 +666,7 @@ class Supervisor:
         # The event keeps no URLs nor access keys: the API renders them from the file rows with its own public
         # URL and the derived keys (a worker host's base_url is not the one clients reach), as Task/Detail does.
         log.info("task %s succeeded on worker %s", task.id, self.worker_id, extra=about(task.id))
-        await self._record(
-            task,
-            "task_postprocess_end",
-            None,
-            outputs=files,
-            pexit=PEXIT_OK,
-            debugoutput=output,
-            details=details,
-        )
+        await self.store.succeed(task.id, self.worker_id, files, output, details)
 
 
 @dataclass
@@ -686,12 +674,15 @@ class _Running:
     """A claimed task while this supervisor runs it."""
 
     task: Task
+    #: Its stored job, read (and validated) once at the claim.
+    stored: TaskJob
     #: Blob-store folder of its outputs.
     folder: str = ""
+    #: What the model process runs, once its references are on local disk.
     job: GenerationJob | None = None
     log: list[str] = field(default_factory=list)
-    #: "" / "cancel" / "kill": what was asked of this task.
-    stop: str = ""
+    #: What was asked of this task, if anything.
+    stop: StopKind | None = None
     lost: bool = False
     #: Its terminal state is recorded (before the model ran, or from what the model process reported).
     settled: bool = False
@@ -700,9 +691,9 @@ class _Running:
     #: Output rows recorded as each image was saved (``partial`` until the task succeeds), by file name.
     partial: dict[str, File] = field(default_factory=dict)
 
-    def job_dict(self) -> dict[str, Any]:
-        assert self.job is not None
-        return self.job.to_dict()
+    def generation(self) -> GenerationJob:
+        assert self.job is not None, "prepared before it is sent"
+        return self.job
 
 
 def _progress(step: int, total: int, elapsed: float) -> dict[str, str]:
