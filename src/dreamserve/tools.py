@@ -17,6 +17,7 @@ from dreamserve.db import Task
 from dreamserve.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
 from dreamserve.settings import Settings
 from dreamserve.sizes import PRESETS_2K
+from dreamserve.status import Pexit, TaskStatus
 
 CATEGORIES = ("tool", "text-to-image", "image-to-image", "image-editing")
 TAGS = ("seedream", "image-generation", "image-editing", "multi-reference", "open-weights")
@@ -194,8 +195,8 @@ def catalogue(settings: Settings, facts: Mapping[str, ModelFacts], stats: Mappin
 
 async def task_stats(sessions: async_sessionmaker[AsyncSession]) -> dict[str, TaskStats]:
     """Counts of this server's tasks per model (every project): run, succeeded, failed, last run."""
-    ended = Task.status == "task_postprocess_end"
-    succeeded = ended & (Task.pexit == "0")
+    ended = Task.status == TaskStatus.POSTPROCESS_END
+    succeeded = ended & (Task.pexit == Pexit.OK)
     query = select(
         Task.model,
         func.count(Task.id),
