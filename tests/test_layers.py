@@ -50,8 +50,11 @@ MAY_IMPORT: dict[str, set[str]] = {
 }
 #: Finer rules inside a tier: these modules may not import those, though their tiers allow it.
 FORBIDDEN: dict[str, set[str]] = {
-    # Only the model process imports the engine (and with it torch); the supervisor never does.
-    "worker.supervisor": {"engine"},
+    # Only the model process imports the engine (and with it torch); the supervisor and its parts never do.
+    **dict.fromkeys(
+        ["worker.supervisor", "worker.process", "worker.protocol", "worker.running", "worker.inputs", "worker.outputs"],
+        {"engine"},
+    ),
     # The client side imports no server module: it must install and run without the server extras.
     "client": {"queue", "request", "io", "services", "api"},
 }

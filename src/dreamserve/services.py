@@ -31,7 +31,8 @@ from dreamserve.status import StopKind, WorkerState
 from dreamserve.store import TaskStore
 from dreamserve.webhooks import Outbox, WebhookSender
 from dreamserve.wire import task_object
-from dreamserve.worker.supervisor import Supervisor, worker_alive
+from dreamserve.worker.process import worker_alive
+from dreamserve.worker.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

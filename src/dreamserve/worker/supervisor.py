@@ -1,12 +1,14 @@
 """The supervisor: claims tasks for one model, prepares inputs, drives the model child, records events.
 
-It never imports torch. States: NEW -> STARTING (child loading the model) -> READY <-> BUSY, and
-DEFUNCT when the model cannot load; BUSY -> RESTARTING -> READY while a killed (or dead) child is
-replaced. Cancel of a running task is the child's stop event, read at the next step. Kill of a task
-that runs alone is SIGKILL to the child followed by a fresh child (which reloads the model); kill of
-one member of a batch is that member's per-job stop, so the others go on.
+It never imports torch. Its parts: the model process (``process.py``), the messages on its pipe
+(``protocol.py``), what it knows of each running task (``running.py``), the inputs (``inputs.py``) and
+outputs (``outputs.py``) of a task. This module holds the worker's states and the control flow.
 
-URL inputs were fetched before the task could be claimed (``preprocess.py``): here they are blobs.
+States: NEW -> STARTING (child loading the model) -> READY <-> BUSY, and DEFUNCT when the model cannot
+load; READY or BUSY -> RESTARTING -> READY while a killed (or dead) child is replaced; every other move
+is refused (``_become``). Cancel of a running task is the child's stop event, read at the next step. Kill
+of a task that runs alone is SIGKILL to the child followed by a fresh child (which reloads the model);
+kill of one member of a batch is that member's per-job stop, so the others go on.
 """
 
 from __future__ import annotations
@@ -14,35 +16,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import shutil
 import socket
-import threading
 import time
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from dreamserve.blobs import BlobStore
-from dreamserve.db import File, Task
+from dreamserve.db import Task
 from dreamserve.errors import new_error_id
 from dreamserve.events import RUNNING
-from dreamserve.jobs import GeneratedImage, GenerationJob, GenerationResult, TaskJob
+from dreamserve.jobs import GenerationJob, GenerationResult
 from dreamserve.liveness import Liveness, backoff
-from dreamserve.logs import Log, about, replay
+from dreamserve.logs import about
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import Pexit, StopKind, WorkerState
 from dreamserve.store import TaskStore, new_blob_folder
-from dreamserve.worker.child import child_main
+from dreamserve.worker.inputs import local_references
+from dreamserve.worker.outputs import output_file, progress, success_details
+from dreamserve.worker.process import ChildProcess
 from dreamserve.worker.protocol import (
     Canceled,
     Done,
     Error,
-    Exit,
     Fatal,
-    FromChild,
     Gone,
     GroupDone,
     ImageFailed,
@@ -55,8 +53,8 @@ from dreamserve.worker.protocol import (
     Started,
     Step,
     Stop,
-    ToChild,
 )
+from dreamserve.worker.running import RunningTask
 
 log = logging.getLogger(__name__)
 
@@ -64,73 +62,15 @@ log = logging.getLogger(__name__)
 #: unless companions are already queued (one client submitting after each result; see ``_companions``).
 LONE_SECONDS = 5.0
 
-
-def worker_alive(worker_id: str) -> bool | None:
-    """Whether the process behind a worker id lives: known only for workers of this host."""
-    host, _, rest = worker_id.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class ChildProcess:
-    """One spawned model process, and a thread turning its pipe into an asyncio queue."""
-
-    def __init__(self, spec: ModelSpec, name: str) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.conn, self._child_conn = context.Pipe()
-        self.stop_event = context.Event()
-        self.process = context.Process(
-            target=child_main,
-            args=(self._child_conn, self.stop_event, spec.model_dump(), log.getEffectiveLevel()),
-            name=name,
-            daemon=True,
-        )
-        self.messages: asyncio.Queue[FromChild] = asyncio.Queue()
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self.process.start)
-        self._child_conn.close()
-        loop = asyncio.get_running_loop()
-        threading.Thread(target=self._read, args=(loop, self.conn), daemon=True).start()
-
-    def _read(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                loop.call_soon_threadsafe(self.messages.put_nowait, Gone())
-                return
-            if isinstance(message, Log):
-                replay(message)  # the child's logging, into this process's log
-                continue
-            loop.call_soon_threadsafe(self.messages.put_nowait, message)
-
-    def send(self, message: ToChild) -> None:
-        self.conn.send(message)
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-
-    async def close(self, timeout: float = 5.0) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send(Exit())
-        await asyncio.to_thread(self.process.join, timeout)
-        self.kill()
-        await asyncio.to_thread(self.process.join, timeout)
-        self.conn.close()
+#: The worker's state moves; any other is a bug (``Supervisor._become`` raises).
+_MOVES: dict[WorkerState, set[WorkerState]] = {
+    WorkerState.NEW: {WorkerState.STARTING},
+    WorkerState.STARTING: {WorkerState.READY, WorkerState.DEFUNCT},
+    WorkerState.READY: {WorkerState.BUSY, WorkerState.RESTARTING},
+    WorkerState.BUSY: {WorkerState.READY, WorkerState.STARTING, WorkerState.RESTARTING},
+    WorkerState.RESTARTING: {WorkerState.READY, WorkerState.DEFUNCT},
+    WorkerState.DEFUNCT: {WorkerState.STARTING},
+}
 
 
 class Supervisor:
@@ -159,9 +99,7 @@ class Supervisor:
         self.load_seconds = 0.0
         #: Why the model process is being replaced, while RESTARTING: "a kill", "a crash".
         self.restart_reason = ""
-        self.running: dict[int, _Running] = {}
-        #: The running group has been handed to the model process (per-job stops reach it from then on).
-        self._sent = False
+        self.running: dict[int, RunningTask] = {}
         #: How long the running group waited for companions (``details.timings.batch_wait``).
         self._batch_wait = 0.0
         #: When the last group ended, if it ran alone (``time.monotonic()``); None after a group with companions.
@@ -169,6 +107,11 @@ class Supervisor:
         self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._closing = False
+
+    def _become(self, state: WorkerState) -> None:
+        if state is not self.state and state not in _MOVES[self.state]:
+            raise RuntimeError(f"worker {self.worker_id} cannot move from {self.state} to {state}")
+        self.state = state
 
     # -- control, called by the API process ------------------------------------------------------
 
@@ -186,7 +129,7 @@ class Supervisor:
             return False
         if entry.settled:
             return True
-        if not self._sent:
+        if entry.preparing:
             # Still being prepared: ``_process`` ends it before anything reaches the model process.
             entry.stop = StopKind.KILL if kind is StopKind.KILL or entry.stop else StopKind.CANCEL
             return True
@@ -208,21 +151,22 @@ class Supervisor:
             asyncio.get_running_loop().call_later(self.settings.cancel_grace_seconds, self._escalate, task_id)
         return True
 
-    def _shared(self, entry: _Running) -> bool:
+    def _shared(self, entry: RunningTask) -> bool:
         """Whether other unfinished tasks share the model process's work with this one."""
         return any(other is not entry and not other.settled for other in self.running.values())
 
-    async def _stop_member(self, entry: _Running, kind: StopKind) -> None:
+    async def _stop_member(self, entry: RunningTask, kind: StopKind) -> None:
         """End one member of a batch now; the child drops its images at its next step (``Stop``)."""
         entry.stop = kind
-        entry.settled = True
+        if not entry.settle():
+            return
         assert self.child is not None
         with contextlib.suppress(OSError):
             self.child.send(Stop(entry.index))
         await self._record_stopped(entry)
 
-    async def _record_stopped(self, entry: _Running) -> None:
-        await self.store.cancel(entry.task.id, entry.stop or StopKind.CANCEL, self.worker_id)
+    async def _record_stopped(self, entry: RunningTask) -> None:
+        await self.store.cancel(entry.id, entry.stop or StopKind.CANCEL, self.worker_id)
 
     def _escalate(self, task_id: int) -> None:
         entry = self.running.get(task_id)
@@ -334,7 +278,7 @@ class Supervisor:
         return self.child is not None or await self._spawn()
 
     async def _guarded(self, group: list[Task]) -> None:
-        self.state = WorkerState.BUSY
+        self._become(WorkerState.BUSY)
         try:
             await self._process(group)
             self._lone_until = time.monotonic() if len(group) == 1 else None
@@ -348,10 +292,9 @@ class Supervisor:
                 await self.store.fail(task.id, Pexit.FAILED, message, expect=RUNNING, worker_id=self.worker_id)
         finally:
             self.running = {}
-            self._sent = False
             self._batch_wait = 0.0
             if self.state is WorkerState.BUSY:
-                self.state = WorkerState.READY if self.child else WorkerState.STARTING
+                self._become(WorkerState.READY if self.child else WorkerState.STARTING)
 
     async def close(self) -> None:
         self._closing = True
@@ -361,7 +304,7 @@ class Supervisor:
             self.child = None
 
     async def _spawn(self, state: WorkerState = WorkerState.STARTING) -> bool:
-        self.state = state
+        self._become(state)
         child = ChildProcess(self.spec, name=f"dreamserve-model-{self.slug}")
         await child.start()
         message = await child.messages.get()
@@ -369,11 +312,11 @@ class Supervisor:
             exited = f"the model process exited (code {child.process.exitcode})"
             self.error = message.message if isinstance(message, Fatal) else exited
             log.error("model %s could not be loaded: %s", self.slug, self.error)
-            self.state = WorkerState.DEFUNCT
+            self._become(WorkerState.DEFUNCT)
             await child.close()
             return False
         self.child, self.load_seconds, self.error = child, message.load_seconds, ""
-        self.state = WorkerState.READY
+        self._become(WorkerState.READY)
         log.info("model %s ready in %.1f s (pid %s)", self.slug, self.load_seconds, child.pid)
         return True
 
@@ -394,16 +337,15 @@ class Supervisor:
         for task in group:
             job = task.read_job()
             # Notes made at Run (a callbackUrl that is not a URL) open the task's output log.
-            self.running[task.id] = _Running(task, job, log=list(job.notes))
+            self.running[task.id] = RunningTask(task, job, log=list(job.notes))
         heartbeat = asyncio.create_task(self._heartbeat())
         scratches = [self.settings.data_dir / "scratch" / f"{task.id}-{task.attempts}" for task in group]
         try:
             for entry, scratch in zip(list(self.running.values()), scratches, strict=True):
                 if not await self._prepare(entry, scratch):
-                    entry.settled = True  # failed its inputs, or was cancelled, before the model ran
+                    entry.settle()  # failed its inputs, or was cancelled, before the model ran
             for entry in self.running.values():
-                if entry.stop and not entry.settled:
-                    entry.settled = True  # stopped after its inputs were ready, before the model got it
+                if entry.stop and entry.settle():  # stopped after its inputs were ready, before the model got it
                     await self._record_stopped(entry)
             live = [entry for entry in self.running.values() if not entry.settled]
             if not live:
@@ -415,35 +357,33 @@ class Supervisor:
             for scratch in scratches:
                 await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
             self.running = {}
-            self._sent = False
 
-    async def _send(self, live: list[_Running]) -> bool:
+    async def _send(self, live: list[RunningTask]) -> bool:
         """Hand the prepared tasks to the model process; False (and the tasks re-queued) if it had died."""
-        for index, entry in enumerate(live):
-            entry.index = index
         assert self.child is not None
+        jobs = tuple(entry.job for entry in live if entry.job is not None)
         try:
-            jobs = tuple(entry.generation() for entry in live)
             self.child.send(Run(jobs[0]) if len(jobs) == 1 else RunGroup(jobs))
         except OSError:
             # The model process died before it was given the work: nothing ran, so the tasks run again.
             for entry in live:
-                note = f"Re-queued: the model process had exited before task {entry.task.id} was sent to it.\n"
-                await self.store.requeue(entry.task.id, note, self.worker_id)
+                if entry.settle():
+                    note = f"Re-queued: the model process had exited before task {entry.id} was sent to it.\n"
+                    await self.store.requeue(entry.id, note, self.worker_id)
             await self._respawn("a crash")
             return False
-        self._sent = True
+        for index, entry in enumerate(live):
+            entry.sent(index)
         # A stop that came while the last of them were being recorded: deliver it now.
         for entry in live:
             if entry.stop and not entry.settled:
                 stop, entry.stop = entry.stop, None
-                await self.stop(entry.task.id, stop)
+                await self.stop(entry.id, stop)
         return True
 
-    async def _prepare(self, entry: _Running, scratch: Path) -> bool:
+    async def _prepare(self, entry: RunningTask, scratch: Path) -> bool:
         """Inputs on local disk, the job built, ``task_assign`` recorded; False if the task ended instead."""
-        task = entry.task
-        references = await self._preprocess(entry, scratch)
+        references = await local_references(self.store, self.blobs, self.worker_id, entry, scratch)
         if references is None:
             return False
         if entry.stop:
@@ -451,14 +391,14 @@ class Supervisor:
             return False
         entry.folder = new_blob_folder()
         entry.job = GenerationJob.of(
-            task.id,
+            entry.id,
             entry.stored,
             references,
             str(self.blobs.local_path(f"outputs/{entry.folder}") or scratch / "outputs"),
             model=self.slug,
             embed_prompt=self.settings.png_embed_prompt,
         )
-        return await self.store.assign(task.id, self.worker_id)
+        return await self.store.assign(entry.id, self.worker_id)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -481,46 +421,23 @@ class Supervisor:
                 continue  # it ended while the heartbeat was on its way, or is being killed: not a lost lease
             if requested is None:
                 log.warning("lease lost; abandoning the task", extra=about(task_id))
-                entry.lost = True
+                entry.lose()
                 if self.child is not None:
                     self.child.kill()
             elif requested and requested != entry.stop:
                 await self.stop(task_id, StopKind(requested))
 
-    async def _preprocess(self, entry: _Running, scratch: Path) -> list[str] | None:
-        """Put every reference on local disk for the child, from the blob store (URL inputs are blobs by now)."""
-        task, references = entry.task, entry.stored.references
-        if not references:
-            return []
-        await self.store.begin_preprocess(task.id, self.worker_id)
-        paths = []
-        for number, reference in enumerate(references, start=1):
-            key = reference.blob_key
-            if key is None:
-                # Only a task whose URL inputs were stored can be claimed; this is a row written some other way.
-                message = f"Input {number} was not fetched before the task was claimed; send the task again."
-                await self.store.fail(task.id, Pexit.BAD_INPUT, message, worker_id=self.worker_id)
-                return None
-            local = self.blobs.local_path(key)
-            if local is None:
-                local = scratch / f"reference-{number}{Path(key).suffix}"
-                await asyncio.to_thread(self.blobs.download, key, local)
-            paths.append(str(local))
-        await self.store.end_preprocess(task.id, self.worker_id)
-        return paths
-
-    async def _follow(self, live: list[_Running]) -> None:
+    async def _follow(self, live: list[RunningTask]) -> None:
         assert self.child is not None
         while True:
             match await self.child.messages.get():
                 case Started():
                     for entry in live:
-                        await self.store.start(entry.task.id, self.worker_id)
+                        await self.store.start(entry.id, self.worker_id)
                 case Step(job=job, step=step, total=total, elapsed=elapsed, preview=preview):
                     entry = live[job]
                     entry.log.append(f"step {step}/{total}")
-                    progress = _progress(step, total, elapsed)
-                    await self.store.progress(entry.task.id, self.worker_id, progress, preview)
+                    await self.store.progress(entry.id, self.worker_id, progress(step, total, elapsed), preview)
                 case ImageSaved(job=job) | ImageFailed(job=job) as saved:
                     await self._saved(live[job], saved)
                 case JobCanceled(job=job):
@@ -541,55 +458,51 @@ class Supervisor:
                 case other:
                     log.warning("unexpected message from the model process: %r", other)
 
-    async def _settle(self, entry: _Running, outcome: Outcome) -> None:
+    async def _settle(self, entry: RunningTask, outcome: Outcome) -> None:
         """End one task from what the child reported for it (once: a cancelled group member ends early)."""
-        if entry.settled:
+        if not entry.settle():
             return
-        entry.settled = True
-        task = entry.task
         match outcome:
             case Done(result=result):
                 await self._succeed(entry, result)
             case Canceled():
-                await self.store.cancel(task.id, StopKind.CANCEL, self.worker_id)
+                await self.store.cancel(entry.id, StopKind.CANCEL, self.worker_id)
             case Error(kind=kind, message=text, traceback=trace):
                 # The traceback and the exception's text (paths, tensors, model internals) stay in this log; the
                 # client gets the kind of error and an id that finds the log line.
                 error_id = new_error_id()
-                log.error("task %s: model error [error id %s]: %s\n%s", task.id, error_id, text, trace)
+                log.error("task %s: model error [error id %s]: %s\n%s", entry.id, error_id, text, trace)
                 message = (
                     f"The model failed on this task ({kind or 'error'}; error id {error_id}). "
                     "Retry, or report the error id."
                 )
-                await self.store.fail(
-                    task.id, Pexit.FAILED, message, output="\n".join(entry.log), worker_id=self.worker_id
-                )
+                output = "\n".join(entry.log)
+                await self.store.fail(entry.id, Pexit.FAILED, message, output=output, worker_id=self.worker_id)
 
-    async def _child_exited(self, live: list[_Running]) -> None:
+    async def _child_exited(self, live: list[RunningTask]) -> None:
         assert self.child is not None
         code = self.child.process.exitcode
         killed = any(entry.stop is StopKind.KILL and not entry.settled for entry in live)
         # Said before the tasks are settled, so that whoever sees the kill answered also sees the restart.
-        self.state, self.restart_reason = WorkerState.RESTARTING, "a kill" if killed else "a crash"
+        self._become(WorkerState.RESTARTING)
+        self.restart_reason = "a kill" if killed else "a crash"
         for entry in live:
-            task = entry.task
-            if entry.lost or entry.settled:
+            if not entry.settle():
                 continue  # ended already, or the reaper has given the task to another worker: record nothing
-            entry.settled = True
             if entry.stop is StopKind.KILL:
-                log.info("killed as requested (model process exit code %s)", code, extra=about(task.id))
-                await self.store.cancel(task.id, StopKind.KILL, self.worker_id)
+                log.info("killed as requested (model process exit code %s)", code, extra=about(entry.id))
+                await self.store.cancel(entry.id, StopKind.KILL, self.worker_id)
             elif killed:
                 # Another task of the group was killed, taking the model process with it: this one runs again.
-                note = f"Re-queued: task {task.id} shared a model process with a task that was killed.\n"
-                await self.store.requeue(task.id, note, self.worker_id)
+                note = f"Re-queued: task {entry.id} shared a model process with a task that was killed.\n"
+                await self.store.requeue(entry.id, note, self.worker_id)
             else:
                 reason = f"The model process exited with code {code} (out of memory?)."
                 output = "\n".join(entry.log)
-                await self.store.fail(task.id, Pexit.FAILED, reason, output=output, worker_id=self.worker_id)
+                await self.store.fail(entry.id, Pexit.FAILED, reason, output=output, worker_id=self.worker_id)
         await self._respawn(self.restart_reason)
 
-    async def _saved(self, entry: _Running, saved: ImageSaved | ImageFailed) -> None:
+    async def _saved(self, entry: RunningTask, saved: ImageSaved | ImageFailed) -> None:
         """One image of a running task is saved (or failed): its URL works from now on, and the event tells
         followers (Ark's stream) at once. The file is a ``partial`` row until the task succeeds, so Task/Detail
         lists only the outputs of a finished attempt."""
@@ -600,114 +513,37 @@ class Supervisor:
             # The raw text may name server paths: it stays in the log, the client gets an id to quote.
             error_id = new_error_id()
             log.warning(
-                "image %d failed [error id %s]: %s", failed.index, error_id, failed.message, extra=about(entry.task.id)
+                "image %d failed [error id %s]: %s", failed.index, error_id, failed.message, extra=about(entry.id)
             )
             text = f"Image {failed.index} could not be finished (error id {error_id})."
             error = {"code": "InternalServiceError", "message": text}
-            await self.store.image_failed(entry.task.id, self.worker_id, failed.index, error)
+            await self.store.image_failed(entry.id, self.worker_id, failed.index, error)
             return
-        file = await self._store_output(entry, saved.image, "partial")
-        if await self.store.image_saved(entry.task.id, self.worker_id, file):
+        file = await output_file(self.blobs, entry, saved.image, "partial")
+        if await self.store.image_saved(entry.id, self.worker_id, file):
             entry.partial[file.name] = file
         else:
             # The task is not this worker's any more (its lease was lost): no row points at these bytes.
             await asyncio.to_thread(self.blobs.delete, file.blob_key)
 
-    async def _store_output(self, entry: _Running, image: GeneratedImage, role: str) -> File:
-        key = f"outputs/{entry.folder}/{image.name}"
-        # Local store: the child wrote in place (put_file is a no-op). S3: upload before any row points at it.
-        await asyncio.to_thread(self.blobs.put_file, key, Path(image.path))
-        return File(
-            project_id=entry.task.project_id,
-            task_id=entry.task.id,
-            role=role,
-            position=image.index,
-            name=image.name,
-            contenttype="image/jpeg" if image.name.endswith(".jpeg") else "image/png",
-            size=image.size_bytes,
-            blob_key=key,
-            meta={"seed": image.seed, "width": image.width, "height": image.height},
-            created=time.time(),
-        )
-
-    async def _succeed(self, entry: _Running, result: GenerationResult) -> None:
+    async def _succeed(self, entry: RunningTask, result: GenerationResult) -> None:
         task, output = entry.task, "\n".join(entry.log)
         if not await self.store.begin_postprocess(task.id, self.worker_id, output):
             return  # not this worker's task any more: nothing is stored for it
         files = []
         for image in result.images:
-            file = entry.partial.pop(image.name, None) or await self._store_output(entry, image, "output")
+            file = entry.partial.pop(image.name, None) or await output_file(self.blobs, entry, image, "output")
             file.role = "output"  # a partial row becomes an output in the same transaction as the task's end
             files.append(file)
-        now = time.time()
+        # Only the project's own tasks: another tenant's task ids are none of its business.
+        batched_with = [
+            other
+            for other, peer in self.running.items()
+            if other != task.id and peer.task.project_id == task.project_id
+        ]
         fresh = await self.store.get_by_id(task.id)
-        timings = {"queue": (task.accepttime or now) - task.createtime, **result.timings}
-        timings["batch_wait"] = self._batch_wait
-        if entry.stored.fetch_seconds is not None:
-            timings["fetch"] = entry.stored.fetch_seconds
-        if fresh is not None and fresh.preprocessstarttime and fresh.preprocessendtime:
-            timings["preprocess"] = fresh.preprocessendtime - fresh.preprocessstarttime
-        details = {
-            "method": result.method,
-            "seeds": [image.seed for image in result.images],
-            "timings": {name: round(seconds, 4) for name, seconds in timings.items()},
-            # Only the project's own tasks: another tenant's task ids are none of its business.
-            "batched_with": [
-                other
-                for other, peer in self.running.items()
-                if other != task.id and peer.task.project_id == task.project_id
-            ],
-        }
-        if result.failed:
-            details["failed_images"] = [
-                {"index": f.index, "seed": f.seed, "message": "could not be finished (the server log has why)"}
-                for f in result.failed
-            ]
+        details = success_details(entry, result, fresh, self._batch_wait, batched_with)
         # The event keeps no URLs nor access keys: the API renders them from the file rows with its own public
         # URL and the derived keys (a worker host's base_url is not the one clients reach), as Task/Detail does.
         log.info("task %s succeeded on worker %s", task.id, self.worker_id, extra=about(task.id))
         await self.store.succeed(task.id, self.worker_id, files, output, details)
-
-
-@dataclass
-class _Running:
-    """A claimed task while this supervisor runs it."""
-
-    task: Task
-    #: Its stored job, read (and validated) once at the claim.
-    stored: TaskJob
-    #: Blob-store folder of its outputs.
-    folder: str = ""
-    #: What the model process runs, once its references are on local disk.
-    job: GenerationJob | None = None
-    log: list[str] = field(default_factory=list)
-    #: What was asked of this task, if anything.
-    stop: StopKind | None = None
-    lost: bool = False
-    #: Its terminal state is recorded (before the model ran, or from what the model process reported).
-    settled: bool = False
-    #: Position in the group sent to the model process.
-    index: int = 0
-    #: Output rows recorded as each image was saved (``partial`` until the task succeeds), by file name.
-    partial: dict[str, File] = field(default_factory=dict)
-
-    def generation(self) -> GenerationJob:
-        assert self.job is not None, "prepared before it is sent"
-        return self.job
-
-
-def _progress(step: int, total: int, elapsed: float) -> dict[str, str]:
-    """Wiro's progress object: every value a string."""
-    speed = step / elapsed if elapsed > 0 else 0.0
-    remaining = (total - step) / speed if speed > 0 else 0.0
-    return {
-        "type": "progressGenerate",
-        "task": "Generate",
-        "percentage": str(int(100 * step / max(total, 1))),
-        "stepCurrent": str(step),
-        "stepTotal": str(total),
-        "speed": f"{speed:.2f}",
-        "speedType": "it/s",
-        "elapsedTime": f"{elapsed:.0f}s",
-        "remainingTime": f"{remaining:.0f}s",
-    }

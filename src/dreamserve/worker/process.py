@@ -1,0 +1,89 @@
+"""The model process as its supervisor holds it: spawned, its pipe read by a thread into an asyncio queue,
+killed or closed. Whether a worker id's process still lives (``worker_alive``) is read here too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+from multiprocessing.connection import Connection
+
+from dreamserve.logs import Log, replay
+from dreamserve.settings import ModelSpec
+from dreamserve.worker.child import child_main
+from dreamserve.worker.protocol import Exit, FromChild, Gone, ToChild
+
+log = logging.getLogger(__name__)
+
+
+def worker_alive(worker_id: str) -> bool | None:
+    """Whether the process behind a worker id lives: known only for workers of this host."""
+    host, _, rest = worker_id.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ChildProcess:
+    """One spawned model process, and a thread turning its pipe into an asyncio queue (``messages``; a ``Gone``
+    when the pipe closes). Its ``Log`` records are replayed into this process's log as they come."""
+
+    def __init__(self, spec: ModelSpec, name: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, self._child_conn = context.Pipe()
+        self.stop_event = context.Event()
+        self.process = context.Process(
+            target=child_main,
+            args=(self._child_conn, self.stop_event, spec.model_dump(), log.getEffectiveLevel()),
+            name=name,
+            daemon=True,
+        )
+        self.messages: asyncio.Queue[FromChild] = asyncio.Queue()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.process.start)
+        self._child_conn.close()
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read, args=(loop, self.conn), daemon=True).start()
+
+    def _read(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                loop.call_soon_threadsafe(self.messages.put_nowait, Gone())
+                return
+            if isinstance(message, Log):
+                replay(message)  # the child's logging, into this process's log
+                continue
+            loop.call_soon_threadsafe(self.messages.put_nowait, message)
+
+    def send(self, message: ToChild) -> None:
+        self.conn.send(message)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(Exit())
+        await asyncio.to_thread(self.process.join, timeout)
+        self.kill()
+        await asyncio.to_thread(self.process.join, timeout)
+        self.conn.close()
