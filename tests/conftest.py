@@ -340,9 +340,8 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
-#: The tiny model generating at 64x64 (larger sizes are upscaled), one image per pipeline call (so Ark's group
-#: images are saved and streamed one after another): what most end-to-end tests need (``tiny``).
-TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64, "max_batch": 1}}
+#: The tiny model generating at 64x64 (larger sizes are upscaled): what most end-to-end tests need (``tiny``).
+TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}}
 #: 384x384 in 60 steps: tasks long enough to cancel or kill while they run (test_service, test_openai); a task
 #: that only has to finish asks for a small size (64x64 is allowed) and takes a fraction of that.
 SLOW: dict[str, Any] = {"model": {"max_pixels": 384 * 384, "steps": 60, "max_batch": 4}, "min_pixels": 64 * 64}
