@@ -3,13 +3,18 @@
 * ``make_app``: ``create_app(settings)`` in this process behind Starlette's ``TestClient`` (the lifespan runs, so
   the database, reaper and webhook loop are real), for tests that need no model process. Fast: no interpreter start.
 * ``make_server``: a uvicorn server in a subprocess, SQLite on disk, the tiny FLUX.2-klein pipeline in a spawned
-  model process, for end-to-end, fault, browser, CLI and raw-socket tests.
+  model process, for end-to-end, fault, browser, CLI and raw-socket tests that need a server of their own (they
+  kill it, sabotage its data folder or count what the whole server did).
+* ``shared_server``: the same servers, started once per session for all the tests that ask for the same options;
+  each test sees it through a project of its own, and what it leaves unfinished is cancelled when it ends.
+  ``tiny`` is the common case. A server start costs seconds of both cores (an interpreter, the model load).
 
 Both give the same helpers (``post``, ``run``, ``detail``, ``wait``; ``http`` for any other request), and a small
 HTTP server stands in for input URLs and callbacks."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import os
@@ -38,7 +43,7 @@ from dreamserve.status import TaskStatus
 
 MODEL = "bytedance/seedream-v4"
 #: Fixtures that start a process of their own (a server, a browser): tests using them are not in the fast tier.
-PROCESS_FIXTURES = frozenset({"make_server", "tiny_server", "fuzz_server", "browser_page", "klein"})
+PROCESS_FIXTURES = frozenset({"make_server", "shared_server", "fuzz_server", "browser", "klein"})
 #: Modules that run models in this process or kill processes on purpose.
 PROCESS_MODULES = frozenset({"test_engine.py", "test_faults.py", "test_scaleout.py", "test_cli.py"})
 
@@ -70,6 +75,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def new_project(settings: Settings, name: str) -> Credentials:
+    """A signature project, created in a thread of its own: the caller may be running an event loop (Playwright's
+    sync API does), and ``create_project`` runs one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(create_project, settings, name, True).result()
 
 
 def png_bytes(width: int = 96, height: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -121,7 +133,7 @@ class Api:
             task = self.detail(taskid)
             if TaskStatus(task["status"]).is_terminal:
                 return task
-            time.sleep(0.2)
+            time.sleep(0.1)
         raise AssertionError(f"task {taskid} did not finish in {timeout} s: {task['status']}")
 
     def wait_progress(self, taskid: str, timeout: float = 60) -> dict[str, Any]:
@@ -150,6 +162,14 @@ class Server(Api):
     _client: httpx.Client | None = None
     #: Run in the server's process before it starts (e.g. to lower a resource limit).
     preexec: Callable[[], None] | None = None
+    #: Where this view's part of the log begins: a shared server's log holds earlier tests' lines too.
+    log_start: int = 0
+
+    def log(self) -> str:
+        """The server's log since this view was made."""
+        with self.log_path.open("rb") as handle:
+            handle.seek(self.log_start)
+            return handle.read().decode(errors="replace")
 
     @property
     def http(self) -> httpx.Client:
@@ -181,7 +201,7 @@ class Server(Api):
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         self.stop()  # not left running behind a failed start
         raise RuntimeError(f"server not ready in {timeout} s:\n{self.log_path.read_text()[-4000:]}")
 
@@ -196,9 +216,34 @@ class Server(Api):
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        self.close_client()
+
+    def close_client(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def view(self) -> Server:
+        """This server seen through a new project: the test sees only its own tasks, files and log lines."""
+        creds = new_project(self.settings, "test")
+        return replace(self, creds=creds, _client=None, log_start=self.log_path.stat().st_size)
+
+    def settle(self, timeout: float = 120) -> None:
+        """Cancel what this view's project left unfinished, then wait until every worker is ready again (a
+        killed model process reloading, say): the next test on a shared server starts from an idle one."""
+        if self.process is None or self.process.poll() is not None:
+            raise AssertionError(f"a shared server was stopped by a test:\n{self.log()[-3000:]}")
+        tasks = self.post("/v1/Task/List", json={"limit": 100}).json()["tasklist"]
+        unfinished = [task["id"] for task in tasks if not TaskStatus(task["status"]).is_terminal]
+        for taskid in unfinished:
+            self.post("/v1/Task/Cancel", json={"taskid": taskid})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = [t for t in unfinished if not TaskStatus(self.detail(t)["status"]).is_terminal]
+            if not pending and all(worker["state"] == "ready" for worker in self.workers()):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the shared server did not settle in {timeout} s: {self.workers()}")
 
 
 @dataclass(kw_only=True)
@@ -272,7 +317,7 @@ def launch(
         },
     }
     server = Server(settings=settings, env=env, log_path=data_dir / "server.log")
-    server.creds = create_project(settings, "tests", signature=True)
+    server.creds = new_project(settings, "tests")
     if start:
         server.start()
     return server
@@ -295,21 +340,77 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server per test module with the tiny model at 64x64, for tests that only need tasks of their own."""
-    server = launch(tmp_path_factory, model={"max_pixels": 64 * 64})
-    yield server
-    server.stop()
+#: The tiny model generating at 64x64 (larger sizes are upscaled): what most end-to-end tests need (``tiny``).
+TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}}
+#: 384x384 in 60 steps: tasks long enough to cancel or kill while they run (test_service, test_openai); a task
+#: that only has to finish asks for a small size (64x64 is allowed) and takes a fraction of that.
+SLOW: dict[str, Any] = {"model": {"max_pixels": 384 * 384, "steps": 60, "max_batch": 4}, "min_pixels": 64 * 64}
+#: 256x256 in 30 steps: a task runs for seconds, long enough to watch its progress (webhooks, the playground).
+PROGRESS: dict[str, Any] = {"model": {"max_pixels": 256 * 256, "steps": 30}}
+
+
+class SharedServers:
+    """Servers started at first use and kept for the session, one per set of options; the ``keep`` used last
+    stay running (each holds a model process in memory)."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, keep: int = 6) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.keep = keep
+        self.servers: dict[str, Server] = {}
+
+    def get(self, options: dict[str, Any]) -> Server:
+        key = json.dumps(options, sort_keys=True)
+        server = self.servers.pop(key, None)
+        if server is None or server.process is None or server.process.poll() is not None:
+            if server is not None:
+                server.stop()
+            server = launch(self.tmp_path_factory, start=False, **options)
+            self.servers[key] = server  # stopped at the end even if it fails to start
+            server.start()
+        self.servers[key] = server  # the most recently used last
+        while len(self.servers) > self.keep:
+            self.servers.pop(next(iter(self.servers))).stop()
+        return server
+
+    def close(self) -> None:
+        for server in self.servers.values():  # all asked at once: each takes a second or two to shut down
+            if server.process is not None and server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServers]:
+    servers = SharedServers(tmp_path_factory)
+    yield servers
+    servers.close()
 
 
 @pytest.fixture
-def tiny(tiny_server: Server) -> Iterator[Server]:
-    """The module's ``tiny_server`` seen through a fresh project: a test sees only its own tasks and files."""
-    view = replace(tiny_server, creds=create_project(tiny_server.settings, "test", signature=True), _client=None)
-    yield view
-    if view._client is not None:
-        view._client.close()
+def shared_server(shared_servers: SharedServers) -> Iterator[Callable[..., Server]]:
+    """``shared_server(**options)``: the session's server with those ``launch`` options, seen through a project of
+    this test's own (``Server.view``). Left idle when the test ends (``Server.settle``)."""
+    views: list[Server] = []
+
+    def factory(**options: Any) -> Server:
+        view = shared_servers.get(options).view()
+        views.append(view)
+        return view
+
+    yield factory
+    try:
+        for view in views:
+            view.settle()
+    finally:
+        for view in views:
+            view.close_client()
+
+
+@pytest.fixture
+def tiny(shared_server: Callable[..., Server]) -> Server:
+    """The session's ``TINY`` server, seen through a fresh project."""
+    return shared_server(**TINY)
 
 
 @dataclass

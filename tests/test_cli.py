@@ -122,7 +122,7 @@ class Serve:
             if re.search(r"^ready in [\d.]+ s", text, re.MULTILINE):
                 return text
             assert self.process.poll() is None, f"serve exited:\n{text}"
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise AssertionError(f"serve did not print ready in {timeout} s:\n{self.log.read_text()}")
 
     def stop(self) -> None:

@@ -144,7 +144,7 @@ def _wait_all_terminal(db: Path, timeout: float) -> None:
             ).fetchall()
         if not pending:
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError(f"{len(pending)} tasks never ended: {pending[:10]}")
 
 
@@ -254,8 +254,12 @@ def test_kill_during_a_stream_of_200_tasks(make_server: Any) -> None:
     run_chaos(make_server, 200, server_kills=3, child_kills=5)
 
 
-def test_model_process_killed_while_idle_is_replaced(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 64 * 64}, min_pixels=64 * 64)
+#: One server for the two tests below (the kill test leaves it with a fresh model process, as it should be).
+BEATING = {"model": {"max_pixels": 64 * 64, "max_batch": 4}, "min_pixels": 64 * 64, "heartbeat_seconds": 0.02}
+
+
+def test_model_process_killed_while_idle_is_replaced(shared_server: Any) -> None:
+    server = shared_server(**BEATING)
     pid = server.workers()[0]["pid"]
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
@@ -265,9 +269,9 @@ def test_model_process_killed_while_idle_is_replaced(make_server: Any) -> None:
     assert server.workers()[0]["pid"] != pid
 
 
-def test_frequent_heartbeats_do_not_kill_a_batch(make_server: Any) -> None:
+def test_frequent_heartbeats_do_not_kill_a_batch(shared_server: Any) -> None:
     """Heartbeats every 20 ms make the race of 'task ended' and 'heartbeat' certain within a few batches."""
-    server = make_server(model={"max_pixels": 64 * 64, "max_batch": 4}, min_pixels=64 * 64, heartbeat_seconds=0.02)
+    server = shared_server(**BEATING)
     pid = server.workers()[0]["pid"]
     runs = [server.run({"prompt": f"batch {index}", "size": "64x64"}) for index in range(24)]
     tasks = [server.wait(run["taskid"]) for run in runs]

@@ -133,7 +133,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, attacker: Attacker) -> Iter
         socket_max_per_address=6,
         socket_max_tasks=2,
         socket_max_bad_frames=5,
-        webhook_timeout_seconds=5,
+        webhook_timeout_seconds=3,
         webhook_per_host=2,
         webhook_breaker_failures=3,
         webhook_breaker_seconds=60,
@@ -337,9 +337,9 @@ def test_slow_failing_receiver_delays_nobody_else(server: Server, attacker: Atta
         time.sleep(0.05)
     assert attacker.posts.get("/fast"), "the other tenant's callback arrived"
     delay = attacker.posts["/fast"][0] - ended
-    # One at a time, it would wait behind 8 x 5 s of the slow receiver.
-    assert delay < 10.0, f"the other tenant's callback waited {delay:.1f} s behind the slow receiver"
-    # The slow receiver got its callbacks two at a time (webhook_per_host), each cut at 5 s, and after three
+    # One at a time, it would wait behind 8 x 3 s of the slow receiver (9 s until the breaker, with one).
+    assert delay < 7.0, f"the other tenant's callback waited {delay:.1f} s behind the slow receiver"
+    # The slow receiver got its callbacks two at a time (webhook_per_host), each cut at 3 s, and after three
     # failures in a row it is left alone: the rest wait, postponed, without spending attempts.
     settle = time.monotonic() + 30
     while True:
@@ -352,5 +352,5 @@ def test_slow_failing_receiver_delays_nobody_else(server: Server, attacker: Atta
     assert 3 <= hits <= 4, hits
     assert all(row["state"] == "pending" for row in rows), [(row["state"], row["lasterror"]) for row in rows]
     assert sum(int(row["attempts"]) for row in rows) == hits, rows
-    assert all("took longer than 5 s" in row["lasterror"] or "circuit breaker" in row["lasterror"] for row in rows)
+    assert all("took longer than 3 s" in row["lasterror"] or "circuit breaker" in row["lasterror"] for row in rows)
     assert sum("circuit breaker" in row["lasterror"] for row in rows) >= len(slow) - hits, rows

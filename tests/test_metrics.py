@@ -53,8 +53,9 @@ def exposition(families: Iterable[Metric]) -> str:
     return generate_latest(Families(families)).decode()
 
 
-def test_finished_tasks_stage_histograms_workers_and_requests(make_server: Any, receiver: Receiver) -> None:
-    server = make_server(model={"max_pixels": 64 * 64})
+def test_finished_tasks_stage_histograms_workers_and_requests(tiny: Any, receiver: Receiver) -> None:
+    """On the session's shared server: what this test did is the difference between two scrapes."""
+    server = tiny
     before, kinds = scrape(server)
     assert kinds["dreamserve_task_stage_seconds"] == "histogram"
     assert value(before, "dreamserve_queue_depth", model=MODEL) == 0
@@ -71,28 +72,45 @@ def test_finished_tasks_stage_histograms_workers_and_requests(make_server: Any, 
     assert httpx.get(f"{server.url}/no/such/path").status_code == 404
 
     after, _ = scrape(server)
-    assert value(after, "dreamserve_tasks_finished_total", model=MODEL, pexit="0") == 1
-    assert value(after, "dreamserve_tasks_finished_total", model=MODEL, pexit="2") == 1
+
+    def added(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert added("dreamserve_tasks_finished_total", model=MODEL, pexit="0") == 1
+    assert added("dreamserve_tasks_finished_total", model=MODEL, pexit="2") == 1
     for stage in ("queue", "encode", "denoise", "decode", "save", "total"):
-        assert value(after, "dreamserve_task_stage_seconds_count", model=MODEL, stage=stage) == 1, stage
-        assert value(after, "dreamserve_task_stage_seconds_bucket", model=MODEL, stage=stage, le="+Inf") == 1
-    assert value(after, "dreamserve_task_stage_seconds_sum", model=MODEL, stage="denoise") > 0
+        assert added("dreamserve_task_stage_seconds_count", model=MODEL, stage=stage) == 1, stage
+        assert added("dreamserve_task_stage_seconds_bucket", model=MODEL, stage=stage, le="+Inf") == 1
+    assert added("dreamserve_task_stage_seconds_sum", model=MODEL, stage="denoise") > 0
     run_route = {"method": "POST", "route": "/v1/Run/{owner}/{model}"}
-    assert value(after, "dreamserve_http_requests_total", **run_route, status="200") == 2
-    assert value(after, "dreamserve_http_requests_total", method="POST", route="/v1/Task/Detail", status="401") == 1
-    assert value(after, "dreamserve_http_requests_total", method="GET", route="unmatched", status="404") == 1
-    assert value(after, "dreamserve_http_request_seconds_count", route="/v1/Run/{owner}/{model}") == 2
+    assert added("dreamserve_http_requests_total", **run_route, status="200") == 2
+    assert added("dreamserve_http_requests_total", method="POST", route="/v1/Task/Detail", status="401") == 1
+    assert added("dreamserve_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert added("dreamserve_http_request_seconds_count", route="/v1/Run/{owner}/{model}") == 2
 
     again, _ = scrape(server)
-    assert value(again, "dreamserve_tasks_finished_total", model=MODEL, pexit="0") == 1, "each task counts once"
+    ok = {"model": MODEL, "pexit": "0"}
+    assert value(again, "dreamserve_tasks_finished_total", **ok) == value(
+        after, "dreamserve_tasks_finished_total", **ok
+    ), "each task counts once"
 
-    # A scraper that asks for OpenMetrics gets it (the parser insists on its rules: "# EOF", counter suffixes).
+    # A scraper that asks for OpenMetrics gets it (the parser insists on its rules: "# EOF", counter suffixes),
+    # with the same counts as the text format.
     accept = {"accept": "application/openmetrics-text; version=1.0.0"}
     response = httpx.get(f"{server.url}/metrics", headers=accept, timeout=30)
     assert response.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
     families = {family.name: family for family in openmetrics_families(response.text)}
-    finished = [s for s in families["dreamserve_tasks_finished"].samples if s.name.endswith("_total")]
-    assert {(s.labels["pexit"], s.value) for s in finished} == {("0", 1.0), ("2", 1.0)}
+    finished = {
+        (s.labels["model"], s.labels["pexit"]): s.value
+        for s in families["dreamserve_tasks_finished"].samples
+        if s.name.endswith("_total")
+    }
+    in_text = {
+        (dict(labels)["model"], dict(labels)["pexit"]): count
+        for (name, labels), count in after.items()
+        if name == "dreamserve_tasks_finished_total"
+    }
+    assert finished == in_text and {(MODEL, "0"), (MODEL, "2")} <= set(finished), (finished, in_text)
 
 
 def test_queue_depth_positions_and_cancelled_tasks(make_server: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import png_bytes
+from tests.conftest import PROGRESS, png_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -38,23 +38,29 @@ pytestmark = pytest.mark.skipif(
 sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package")
 
 
-@contextmanager
-def browser_page() -> Iterator[Any]:
-    """A page in headless Chromium; JavaScript errors on it fail the test.
-
-    Start it after the server: Playwright's sync API keeps an event loop running in this thread,
-    and creating a project (``make_server``) runs one of its own.
-    """
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium, started once for the module (each test gets a context of its own)."""
     with sync_api.sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            yield page
-            assert not errors, f"JavaScript errors on the page: {errors}"
+            yield browser
         finally:
             browser.close()
+
+
+@contextmanager
+def browser_page(browser: Any) -> Iterator[Any]:
+    """A page in a fresh browser context (its own localStorage); JavaScript errors on it fail the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        yield page
+        assert not errors, f"JavaScript errors on the page: {errors}"
+    finally:
+        context.close()
 
 
 def drop_image(page: Any, data: bytes, name: str) -> None:
@@ -73,9 +79,9 @@ def drop_image(page: Any, data: bytes, name: str) -> None:
     )
 
 
-def test_generate_watch_progress_gallery_then_cancel_from_the_task_list(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 256 * 256, "steps": 30})
-    with browser_page() as page:
+def test_generate_watch_progress_gallery_then_cancel_from_the_task_list(shared_server: Any, browser: Any) -> None:
+    server = shared_server(**PROGRESS)  # 30 steps
+    with browser_page(browser) as page:
         _generate_and_cancel(page, server)
 
 
@@ -138,9 +144,9 @@ def _generate_and_cancel(page: Any, server: Any) -> None:
     assert server.detail(slow or "")["pexit"] == "130" and server.detail(queued or "")["starttime"] == "0"
 
 
-def test_signing_matches_wiro_in_webcrypto_and_the_plain_http_fallback(make_server: Any) -> None:
-    server = make_server(model={"workers": 0})
-    with browser_page() as page:
+def test_signing_matches_wiro_in_webcrypto_and_the_plain_http_fallback(shared_server: Any, browser: Any) -> None:
+    server = shared_server(**PROGRESS)  # the other test's server: this one runs no task
+    with browser_page(browser) as page:
         _check_signing(page, server)
 
 

@@ -58,7 +58,7 @@ def _wait(server: Server, creds: Credentials, taskid: str, timeout: float = 120)
         task = server.detail(taskid, creds)
         if task["status"] in TERMINAL:
             return task
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise AssertionError(f"task {taskid} did not finish in {timeout} s: {task['status']}")
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from tests import wiro_samples
-from tests.conftest import Receiver, png_bytes
+from tests.conftest import SLOW, Receiver, png_bytes
 from tests.wiro_samples import assert_like
 
 ORDER = [
@@ -32,8 +32,6 @@ ORDER = [
     "task_postprocess_start",
     "task_postprocess_end",
 ]
-
-SLOW = {"max_pixels": 384 * 384, "steps": 60}
 
 
 def socket_events(url: str, token: str, timeout: float = 120) -> list[dict[str, Any]]:
@@ -110,8 +108,8 @@ def test_json_body_and_late_socket_replay(tiny: Any) -> None:
     assert image.size == (1024, 1024) and image.text.get("watermark") == "visible"
 
 
-def test_cancel_queued_kill_running_then_next_succeeds(make_server: Any) -> None:
-    server = make_server(model=SLOW)
+def test_cancel_queued_kill_running_then_next_succeeds(shared_server: Any) -> None:
+    server = shared_server(**SLOW)
     first = server.run({"prompt": "slow one", "size": "1K"})
     # Another shape: a same-shape task sent at once would join the first one's batch (batch_window_ms).
     second = server.run({"prompt": "waiting", "size": "1280x720"})
@@ -134,22 +132,22 @@ def test_cancel_queued_kill_running_then_next_succeeds(make_server: Any) -> None
     restarting = server.workers()[0]
     assert restarting["state"] == "restarting after a kill" and restarting["tasks"] == [], restarting
 
-    third = server.run({"prompt": "after the kill", "size": "1K"})
+    third = server.run({"prompt": "after the kill", "size": "64x64"})
     task = server.wait(third["taskid"])
     assert task["pexit"] == "0" and len(task["outputs"]) == 1
     assert server.workers()[0]["pid"] not in (None, old_pid)
     assert server.detail(second["taskid"])["starttime"] == "0", "a cancelled task never ran"
 
     # serve's log: the model process's own records reach it, and the kill is logged as one, not as a lost lease.
-    log = server.log_path.read_text()
+    log = server.log()
     assert "dreamserve.worker.child: model loaded in" in log, log[-3000:]
     tag = f"[task {first['taskid']}]"
     assert f"{tag}: kill requested" in log and f"{tag}: killed as requested" in log
     assert "lease lost" not in log
 
 
-def test_cancel_running_stops_at_next_step_and_keeps_the_model(make_server: Any) -> None:
-    server = make_server(model=SLOW)
+def test_cancel_running_stops_at_next_step_and_keeps_the_model(shared_server: Any) -> None:
+    server = shared_server(**SLOW)
     run = server.run({"prompt": "to be cancelled", "size": "1K"})
     server.wait_progress(run["taskid"])
     pid = server.workers()[0]["pid"]
@@ -160,7 +158,7 @@ def test_cancel_running_stops_at_next_step_and_keeps_the_model(make_server: Any)
 
 
 def test_restart_loses_no_task(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 256 * 256, "steps": 30})
+    server = make_server(model={"max_pixels": 256 * 256, "steps": 10})
     runs = [server.run({"prompt": f"task {i}", "size": "1K"}) for i in range(3)]
     server.wait_progress(runs[0]["taskid"])
     assert server.process is not None
@@ -190,10 +188,10 @@ def test_projects_never_see_each_other(tiny: Any) -> None:
     assert mine["total"] == "1" and theirs["total"] == "0"
 
 
-def test_callback_is_posted_signed_and_retried(make_server: Any, receiver: Receiver) -> None:
+def test_callback_is_posted_signed_and_retried(tiny: Any, receiver: Receiver) -> None:
     from dreamserve.signing import verify_webhook
 
-    server = make_server(model={"max_pixels": 64 * 64, "steps": 6}, webhook_backoff_seconds=0.2)
+    server = tiny
     receiver.fail_first = 1
     fields = {
         "prompt": "callback",
@@ -250,11 +248,15 @@ def test_cli_generate_downloads_outputs(tiny: Any, tmp_path: Any) -> None:
         assert image.size == (1024, 1024)
 
 
-def test_same_size_requests_share_pipeline_calls(make_server: Any) -> None:
-    server = make_server(model={**SLOW, "max_batch": 4})
+def test_same_size_requests_share_pipeline_calls(shared_server: Any) -> None:
+    server = shared_server(**SLOW)
     blocker = server.run({"prompt": "keeps the worker busy", "size": "1K"})
     server.wait_progress(blocker["taskid"])
-    batch = [server.run({"prompt": f"batched {i}", "size": "1280x720"}) for i in range(3)]
+    # Generated at 192x192 (under the 384x384 cap): long enough to cancel one of them, quicker to finish.
+    batch = [server.run({"prompt": f"batched {i}", "size": "192x192"}) for i in range(3)]
+    # All three wait behind the blocker; once it is cancelled, the worker takes them in one claim.
+    stopped = server.post("/v1/Task/Cancel", json={"taskid": blocker["taskid"]}).json()["tasklist"][0]
+    assert stopped["status"] == "task_cancel" and stopped["pexit"] == "130"
     server.wait_progress(batch[0]["taskid"])
     # One of the three is cancelled while they run together; the other two are not disturbed.
     cancelled = server.post("/v1/Task/Cancel", json={"taskid": batch[1]["taskid"]}).json()["tasklist"][0]
@@ -262,7 +264,7 @@ def test_same_size_requests_share_pipeline_calls(make_server: Any) -> None:
     done = [server.wait(batch[i]["taskid"]) for i in (0, 2)]
     assert [t["pexit"] for t in done] == ["0", "0"]
     assert batch[2]["taskid"] in {str(i) for i in done[0]["details"]["batched_with"]}
-    assert Image.open(io.BytesIO(httpx.get(done[1]["outputs"][0]["url"]).content)).size == (1280, 720)
+    assert Image.open(io.BytesIO(httpx.get(done[1]["outputs"][0]["url"]).content)).size == (192, 192)
 
 
 def test_literal_curl_commands_from_the_readme(tiny: Any, receiver: Receiver, tmp_path: Any) -> None:

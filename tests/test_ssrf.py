@@ -310,14 +310,19 @@ def test_callbacks_are_checked_too(origin: Any) -> None:
 # -- end to end: a production server (fetch_allow_private off) -----------------------------------------------
 
 
-def test_server_refuses_internal_urls_and_callbacks(make_server: Any, receiver: Receiver) -> None:
-    server = make_server(
-        allow_private=False,
-        model={"max_pixels": 64 * 64, "steps": 2},
-        min_pixels=64 * 64,
-        webhook_attempts=2,
-        webhook_backoff_seconds=0.2,
-    )
+#: One production server (fetch_allow_private off) for both tests: 127.0.0.2 is allow-listed, 127.0.0.1 is not.
+PRODUCTION = {
+    "allow_private": False,
+    "model": {"max_pixels": 64 * 64, "steps": 2},
+    "min_pixels": 64 * 64,
+    "fetch_allow_hosts": ["127.0.0.2"],
+    "webhook_attempts": 2,
+    "webhook_backoff_seconds": 0.2,
+}
+
+
+def test_server_refuses_internal_urls_and_callbacks(shared_server: Any, receiver: Receiver) -> None:
+    server = shared_server(**PRODUCTION)
     receiver.files["/ref.png"] = png_bytes()
     port = receiver.port
     urls = {
@@ -355,16 +360,11 @@ def test_server_refuses_internal_urls_and_callbacks(make_server: Any, receiver: 
     assert receiver.posts == [], "nothing was POSTed to the loopback receiver"
 
 
-def test_server_follows_allow_list_but_not_a_redirect_to_loopback(make_server: Any, origin: Any) -> None:
+def test_server_follows_allow_list_but_not_a_redirect_to_loopback(shared_server: Any, origin: Any) -> None:
     _, port, routes, seen = origin
     routes["/ref.png"] = ("body", png_bytes())
     routes["/hop"] = ("redirect", f"http://127.0.0.1:{port}/ref.png")
-    server = make_server(
-        allow_private=False,
-        model={"max_pixels": 64 * 64, "steps": 2},
-        min_pixels=64 * 64,
-        fetch_allow_hosts=["127.0.0.2"],
-    )
+    server = shared_server(**PRODUCTION)
     direct = server.run({"prompt": "x", "size": "64x64", "inputImage": f"http://127.0.0.2:{port}/ref.png"})
     hop = server.run({"prompt": "x", "size": "64x64", "inputImage": f"http://127.0.0.2:{port}/hop"})
     assert server.wait(direct["taskid"])["pexit"] == "0", "an allow-listed host is fetched"

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from dreamserve import cli
 from dreamserve.projects import Credentials, ensure_default_credentials
 from dreamserve.signing import sign_webhook, verify_webhook
-from tests.conftest import free_port
+from tests.conftest import PROGRESS, free_port
 
 
 @dataclass
@@ -77,8 +77,8 @@ def deliveries(server: Any, taskid: str, creds: Credentials | None = None) -> li
     return rows
 
 
-def test_start_progress_completed_arrive_signed_in_order(make_server: Any, hook: Hook) -> None:
-    server = make_server(model={"max_pixels": 256 * 256, "steps": 24})
+def test_start_progress_completed_arrive_signed_in_order(shared_server: Any, hook: Hook) -> None:
+    server = shared_server(**PROGRESS)  # 30 steps
     events = "start,progress,completed"
     run = server.run({"prompt": "followed", "size": "1K", "callbackUrl": hook.url, "callbackEvents": events})
     task = server.wait(run["taskid"])
@@ -89,7 +89,7 @@ def test_start_progress_completed_arrive_signed_in_order(make_server: Any, hook:
     progress = kinds.count("progress")
     assert kinds == ["start", *["progress"] * progress, "completed"] and progress >= 1, kinds
     assert bodies[0] == {"event": "start", "taskid": run["taskid"], "status": "task_start", "progress": None}
-    assert bodies[1]["event"] == "progress" and bodies[1]["progress"]["stepTotal"] == "24"
+    assert bodies[1]["event"] == "progress" and bodies[1]["progress"]["stepTotal"] == "30"
     # The completed delivery is the final task object, as Wiro posts it.
     assert bodies[-1]["status"] == "task_postprocess_end" and bodies[-1]["outputs"] == task["outputs"]
 
