@@ -69,7 +69,7 @@ def raw(
 
     from dreamserve.engine.loader import load_pipeline
     from dreamserve.engine.runner import SLICED_DECODE_FROM, TILED_DECODE_ABOVE, call_kwargs
-    from dreamserve.models import resolve
+    from dreamserve.presets import resolve
     from dreamserve.settings import ModelSpec
 
     spec = ModelSpec(source=model, dtype="bfloat16", device=device, steps=steps, **CONFIGS[config])

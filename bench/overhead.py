@@ -63,7 +63,7 @@ def raw(
     """A plain diffusers call per image (the engine's call arguments, no callback): the floor any service sits on."""
     from dreamserve.engine.loader import load_pipeline
     from dreamserve.engine.runner import call_kwargs
-    from dreamserve.models import resolve
+    from dreamserve.presets import resolve
     from dreamserve.settings import ModelSpec
 
     spec = ModelSpec(**model_spec(model, steps, size, dtype))

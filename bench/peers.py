@@ -85,7 +85,7 @@ def load(config: Config) -> tuple[Any, Callable[[int], list[Any]]]:
     """The pipeline from the folder and a ``generate(n)`` that makes n images in one call (engine arguments)."""
     from dreamserve.engine.loader import load_pipeline
     from dreamserve.engine.runner import call_kwargs
-    from dreamserve.models import resolve
+    from dreamserve.presets import resolve
     from dreamserve.settings import ModelSpec
 
     spec = ModelSpec(**model_spec(config))

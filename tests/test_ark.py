@@ -28,8 +28,8 @@ from volcenginesdkarkruntime._exceptions import (
 from volcenginesdkarkruntime.types.images.images import SequentialImageGenerationOptions
 
 from dreamserve.api.app import create_app
-from dreamserve.db import File
 from dreamserve.projects import create_project
+from dreamserve.queue.db import File
 from dreamserve.settings import ModelSpec, Settings
 from tests.conftest import MODEL, Receiver, Server, launch, png_bytes
 

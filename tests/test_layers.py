@@ -16,13 +16,14 @@ PACKAGE = Path(dreamserve.__file__).parent
 #: module (or package prefix) -> tier, as in the table of docs/architecture.md.
 TIERS: dict[str, str] = {
     **dict.fromkeys(
-        ["errors", "settings", "jobs", "signing", "sizes", "status", "logs", "liveness", "userconfig", "groups"], "leaf"
+        ["errors", "settings", "jobs", "signing", "wiro.sizes", "status", "logs", "liveness", "userconfig", "groups"],
+        "leaf",
     ),
-    **dict.fromkeys(["db", "migrate", "keyring", "store", "events", "redis_events"], "queue"),
-    **dict.fromkeys(["params", "auth", "projects", "wire", "ratelimit", "tools"], "request"),
+    "queue": "queue",  # db, migrate, migrations, keyring, store, events, redis_events
+    **dict.fromkeys(["wiro", "auth", "projects", "ratelimit"], "request"),  # wiro: params, render, tools
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks"], "io"),
-    **dict.fromkeys(["models", "submit", "preprocess", "weights"], "submit"),
+    **dict.fromkeys(["presets", "submit", "preprocess", "weights"], "submit"),
     "engine": "engine",
     "worker": "worker",
     "services": "services",

@@ -13,8 +13,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from dreamserve.db import Base
-from dreamserve.migrate import alembic_config, upgrade
+from dreamserve.queue.db import Base
+from dreamserve.queue.migrate import alembic_config, upgrade
 
 URLS = ["sqlite"]
 if os.environ.get("DREAMSERVE_TEST_POSTGRES"):

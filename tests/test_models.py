@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dreamserve.models import FAMILY_DEFAULTS, LIGHTNING_SCHEDULER, PRESETS, lora_steps, resolve
+from dreamserve.presets import FAMILY_DEFAULTS, LIGHTNING_SCHEDULER, PRESETS, lora_steps, resolve
 from dreamserve.settings import DEFAULT_MODEL, ModelSpec, Settings
 
 
@@ -100,7 +100,7 @@ def test_several_slugs_map_to_specs_from_the_environment() -> None:
         "Black-Forest-Labs/FLUX.2-dev": {"source": "/models/flux2-dev", "max_pixels": 1024 * 1024},
     }
     command = (
-        "from dreamserve.settings import Settings; from dreamserve.models import resolve; "
+        "from dreamserve.settings import Settings; from dreamserve.presets import resolve; "
         "print({slug: resolve(spec).max_pixels for slug, spec in Settings().models.items()})"
     )
     env = {"DREAMSERVE_MODELS": json.dumps(models), "PATH": ""}
@@ -113,5 +113,5 @@ def test_every_preset_names_a_known_family() -> None:
 
 
 def test_models_does_not_import_torch() -> None:
-    code = "import sys, dreamserve.models; sys.exit('torch' in sys.modules)"
+    code = "import sys, dreamserve.presets; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -24,7 +24,7 @@ from dreamserve.api.app import create_app
 from dreamserve.api.openai import OPENAI_SIZES, generation_size
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
-from dreamserve.sizes import parse_size
+from dreamserve.wiro.sizes import parse_size
 from tests.conftest import MODEL, SLOW, png_bytes
 
 

@@ -29,12 +29,12 @@ from PIL import Image
 from sqlalchemy import select, text
 
 from dreamserve.api.app import create_app
-from dreamserve.db import Nonce, make_engine
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import fetch
-from dreamserve.keyring import ServerKey
-from dreamserve.migrate import alembic_config
 from dreamserve.projects import Credentials, add_project
+from dreamserve.queue.db import Nonce, make_engine
+from dreamserve.queue.keyring import ServerKey
+from dreamserve.queue.migrate import alembic_config
 from dreamserve.services import Services
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.signing import auth_headers, sign_webhook, verify_webhook

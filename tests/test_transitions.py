@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from dreamserve.db import File, Project, Task, TaskEvent, WebhookDelivery
 from dreamserve.jobs import StoredReference, TaskJob
-from dreamserve.migrate import upgrade
+from dreamserve.queue.db import File, Project, Task, TaskEvent, WebhookDelivery
+from dreamserve.queue.migrate import upgrade
+from dreamserve.queue.store import TaskStore
 from dreamserve.services import Services
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import Pexit, TaskStatus
-from dreamserve.store import TaskStore
 
 MODEL = "bytedance/seedream-v4"
 WORKER = "test-host:1:model:0"

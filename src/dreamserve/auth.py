@@ -19,9 +19,9 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.db import Nonce, Project
 from dreamserve.errors import AuthError
 from dreamserve.projects import find_project, unseal_secret
+from dreamserve.queue.db import Nonce, Project
 from dreamserve.settings import Settings
 from dreamserve.signing import verify
 

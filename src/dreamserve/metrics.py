@@ -26,8 +26,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.db import Task, TaskEvent
-from dreamserve.events import TERMINAL
+from dreamserve.queue.db import Task, TaskEvent
+from dreamserve.queue.events import TERMINAL
 from dreamserve.status import Pexit, TaskStatus
 
 #: Label values of one series, in the order of its family's label names.

@@ -21,13 +21,13 @@ from collections import Counter
 from collections.abc import Callable
 
 from dreamserve.blobs import BlobStore
-from dreamserve.db import File, Task
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import fetch
 from dreamserve.jobs import StoredReference, TaskJob
-from dreamserve.params import check_image
+from dreamserve.queue.db import File, Task
+from dreamserve.queue.store import TaskStore, new_blob_folder
 from dreamserve.settings import Settings
-from dreamserve.store import TaskStore, new_blob_folder
+from dreamserve.wiro.params import check_image
 
 log = logging.getLogger(__name__)
 

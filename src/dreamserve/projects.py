@@ -22,9 +22,9 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve import userconfig
-from dreamserve.db import Project, make_engine, make_sessionmaker
-from dreamserve.keyring import ServerKey, private_dir
-from dreamserve.migrate import upgrade
+from dreamserve.queue.db import Project, make_engine, make_sessionmaker
+from dreamserve.queue.keyring import ServerKey, private_dir
+from dreamserve.queue.migrate import upgrade
 from dreamserve.settings import Settings
 
 

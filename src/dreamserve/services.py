@@ -18,19 +18,19 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from dreamserve.blobs import BlobStore, make_blob_store
-from dreamserve.db import make_engine, make_sessionmaker
 from dreamserve.errors import RateLimited
-from dreamserve.events import TERMINAL, Event, EventHub, Hub
-from dreamserve.keyring import ServerKey, private_dir
 from dreamserve.liveness import Liveness
-from dreamserve.migrate import upgrade
 from dreamserve.preprocess import Preprocessor
 from dreamserve.projects import seal_webhook_secrets
+from dreamserve.queue.db import make_engine, make_sessionmaker
+from dreamserve.queue.events import TERMINAL, Event, EventHub, Hub
+from dreamserve.queue.keyring import ServerKey, private_dir
+from dreamserve.queue.migrate import upgrade
+from dreamserve.queue.store import TaskStore
 from dreamserve.settings import Settings
 from dreamserve.status import StopKind, WorkerState
-from dreamserve.store import TaskStore
 from dreamserve.webhooks import Outbox, WebhookSender
-from dreamserve.wire import task_object
+from dreamserve.wiro.render import task_object
 from dreamserve.worker.process import worker_alive
 from dreamserve.worker.supervisor import Supervisor
 
@@ -42,7 +42,7 @@ WAIT_RECHECK_SECONDS = 5.0
 
 def make_hub(settings: Settings) -> Hub:
     if settings.redis_url:
-        from dreamserve.redis_events import RedisEventHub
+        from dreamserve.queue.redis_events import RedisEventHub
 
         return RedisEventHub(settings.redis_url)
     return EventHub()

@@ -18,7 +18,7 @@ DEFAULT_MODEL = "bytedance/seedream-v4"
 class ModelSpec(BaseModel):
     """How one served model (``/v1/Run/{owner}/{model}``) is loaded and run."""
 
-    #: A preset name from ``dreamserve.models.PRESETS`` (``flux2-klein-4b``, ``sd-turbo``, ``tiny``, ...), a local
+    #: A preset name from ``dreamserve.presets.PRESETS`` (``flux2-klein-4b``, ``sd-turbo``, ``tiny``, ...), a local
     #: diffusers folder, a single-file checkpoint, or a hub id.
     source: str = "tiny"
     #: Denoising steps; ``None`` takes the preset's or the family's default (4 for distilled FLUX.2 klein).

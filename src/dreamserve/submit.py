@@ -19,15 +19,15 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.blobs import BlobStore
-from dreamserve.db import File, Project, Task
 from dreamserve.errors import InvalidRequest, NotFound
 from dreamserve.fetch import FetchPolicy, check_url
 from dreamserve.jobs import StoredReference, TaskJob
-from dreamserve.keyring import digest
-from dreamserve.params import MAX_REFERENCES, RunParams, Upload, parse_run
+from dreamserve.queue.db import File, Project, Task
+from dreamserve.queue.keyring import digest
+from dreamserve.queue.store import Quota, TaskStore, new_blob_folder
 from dreamserve.settings import Settings
-from dreamserve.store import Quota, TaskStore, new_blob_folder
-from dreamserve.wire import input_marker
+from dreamserve.wiro.params import MAX_REFERENCES, RunParams, Upload, parse_run
+from dreamserve.wiro.render import input_marker
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 REFERENCE_FIELDS = ("inputImage", "inputImageUrl")

@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.db import Project, Task, WebhookDelivery
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import post_json
-from dreamserve.keyring import ServerKey
 from dreamserve.logs import about
+from dreamserve.queue.db import Project, Task, WebhookDelivery
+from dreamserve.queue.keyring import ServerKey
 from dreamserve.settings import Settings
 from dreamserve.signing import sign_webhook
 from dreamserve.status import Frame, TaskStatus

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreamserve.models import BUILT_IN, PRESETS
+from dreamserve.presets import BUILT_IN, PRESETS
 
 
 class PullError(RuntimeError):

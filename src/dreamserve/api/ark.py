@@ -40,14 +40,14 @@ from starlette.types import Receive, Scope, Send
 
 from dreamserve.api.compat import BearerProject, error_route, renamed, wait_for_task
 from dreamserve.api.deps import ServicesDep, read_fields
-from dreamserve.db import File, Task
 from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited, TaskFailed
-from dreamserve.events import IMAGE_SAVED, TERMINAL
 from dreamserve.groups import image_count
-from dreamserve.params import MAX_TOTAL_IMAGES, Upload
+from dreamserve.queue.db import File, Task
+from dreamserve.queue.events import IMAGE_SAVED, TERMINAL
 from dreamserve.services import Services
 from dreamserve.submit import submit
-from dreamserve.wire import expires, file_url
+from dreamserve.wiro.params import MAX_TOTAL_IMAGES, Upload
+from dreamserve.wiro.render import expires, file_url
 
 #: Our parameter names as Ark's clients know them, for error messages and ``param``.
 ARK_NAMES = {"inputImage": "image", "maxImages": "sequential_image_generation_options.max_images"}

@@ -18,9 +18,9 @@ from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from dreamserve.api.deps import ServicesDep, check_rate
-from dreamserve.db import Project, Task
 from dreamserve.errors import AuthError, DreamError
 from dreamserve.projects import find_project, unseal_secret
+from dreamserve.queue.db import Project, Task
 from dreamserve.services import Services
 from dreamserve.status import StopKind
 

@@ -12,11 +12,11 @@ from starlette.datastructures import UploadFile
 from starlette.types import Message
 
 from dreamserve.auth import authenticate
-from dreamserve.db import Project
 from dreamserve.errors import InvalidRequest, RequestTooLarge
-from dreamserve.params import Upload, ascii_int, check_text
+from dreamserve.queue.db import Project
 from dreamserve.ratelimit import RateLimiter
 from dreamserve.services import Services
+from dreamserve.wiro.params import Upload, ascii_int, check_text
 
 
 def get_services(request: Request) -> Services:

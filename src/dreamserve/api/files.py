@@ -12,12 +12,12 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
-from dreamserve.db import File, Folder
 from dreamserve.errors import FileNotFound, InvalidRequest, NotFound
-from dreamserve.keyring import digest
-from dreamserve.params import Upload, ascii_id, check_image
-from dreamserve.store import add_files, new_blob_folder
-from dreamserve.wire import envelope, file_item, unix
+from dreamserve.queue.db import File, Folder
+from dreamserve.queue.keyring import digest
+from dreamserve.queue.store import add_files, new_blob_folder
+from dreamserve.wiro.params import Upload, ascii_id, check_image
+from dreamserve.wiro.render import envelope, file_item, unix
 
 router = APIRouter()
 

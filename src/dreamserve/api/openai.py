@@ -26,7 +26,6 @@ from PIL import Image
 
 from dreamserve.api.compat import BearerProject, error_route, renamed, wait_for_task
 from dreamserve.api.deps import ServicesDep, read_fields
-from dreamserve.db import Project, Task
 from dreamserve.errors import (
     AuthError,
     DreamError,
@@ -38,12 +37,13 @@ from dreamserve.errors import (
     TaskFailed,
     TaskInputFailed,
 )
-from dreamserve.events import TERMINAL
-from dreamserve.params import Upload
+from dreamserve.queue.db import Project, Task
+from dreamserve.queue.events import TERMINAL
 from dreamserve.services import Services
 from dreamserve.settings import DEFAULT_MODEL
 from dreamserve.status import Pexit, TaskStatus
 from dreamserve.submit import submit
+from dreamserve.wiro.params import Upload
 
 #: Our parameter names as OpenAI's clients know them, for error messages and ``param``.
 OPENAI_NAMES = {"maxImages": "n", "inputImage": "image"}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.submit import served_model, submit
-from dreamserve.wire import envelope
+from dreamserve.wiro.render import envelope
 
 router = APIRouter()
 

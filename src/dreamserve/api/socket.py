@@ -17,11 +17,11 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from dreamserve.db import Task
-from dreamserve.events import IMAGE_SAVED, TERMINAL, Event
+from dreamserve.queue.db import Task
+from dreamserve.queue.events import IMAGE_SAVED, TERMINAL, Event
 from dreamserve.services import Services
 from dreamserve.status import Frame, TaskStatus
-from dreamserve.wire import file_item, socket_frame
+from dreamserve.wiro.render import file_item, socket_frame
 
 router = APIRouter()
 

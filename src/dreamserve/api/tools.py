@@ -6,11 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from dreamserve import wire
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields, read_page, text_field
 from dreamserve.errors import NotFound
-from dreamserve.models import resolve
-from dreamserve.tools import SORTS, ModelFacts, Tool, catalogue, find_tool, select_tools, task_stats
+from dreamserve.presets import resolve
+from dreamserve.wiro import render
+from dreamserve.wiro.tools import SORTS, ModelFacts, Tool, catalogue, find_tool, select_tools, task_stats
 
 router = APIRouter()
 
@@ -46,7 +46,7 @@ async def tool_list(request: Request, _: ProjectDep, services: ServicesDep) -> d
         sort=page.sort,
         descending=page.descending,
     )
-    return wire.tool_list(chosen[page.start : page.start + page.limit], len(chosen))
+    return render.tool_list(chosen[page.start : page.start + page.limit], len(chosen))
 
 
 @router.post("/v1/Tool/Detail")
@@ -60,9 +60,9 @@ async def tool_detail(request: Request, _: ProjectDep, services: ServicesDep) ->
             f"slug-owner-project-not-exist: {owner[:60]}/{project[:60]} is not served here. "
             f"Send slugowner and slugproject of one of: {served}."
         )
-    return wire.tool_detail(tool)
+    return render.tool_detail(tool)
 
 
 @router.post("/v1/Tool/Explore")
 async def tool_explore(_: ProjectDep, services: ServicesDep) -> dict[str, Any]:
-    return wire.tool_explore(await _tools(services))
+    return render.tool_explore(await _tools(services))

@@ -143,7 +143,7 @@ def _settings(given: dict[str, Any], model: dict[str, Any] | None = None) -> Set
 
 def _banner(settings: Settings, key: str, new_secret: str | None, key_only: bool) -> None:
     """What ``serve`` prints before it loads the model. ``new_secret`` only when the project was just created."""
-    from dreamserve.models import resolve
+    from dreamserve.presets import resolve
     from dreamserve.userconfig import credentials_path
 
     out, url, cli = click.echo, settings.base_url, command_path()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dreamserve.models import PRESETS, resolve
+from dreamserve.presets import PRESETS, resolve
 from dreamserve.settings import ModelSpec
 
 BUILDERS = {

@@ -26,7 +26,7 @@ from dreamserve.engine.loader import load_pipeline, resolve_device, resolve_dtyp
 from dreamserve.engine.preview import LatentPreview, Previewer, TinyDecoderPreview, denoised_estimate
 from dreamserve.engine.upscale import ModelUpscaler, upscale
 from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult, StepInfo
-from dreamserve.models import ResolvedModel, resolve
+from dreamserve.presets import ResolvedModel, resolve
 from dreamserve.settings import ModelSpec
 
 #: Families whose pipeline takes a list of reference images as ``image``, and those that take one image.

@@ -9,8 +9,8 @@ import asyncio
 from pathlib import Path
 
 from dreamserve.blobs import BlobStore
+from dreamserve.queue.store import TaskStore
 from dreamserve.status import Pexit
-from dreamserve.store import TaskStore
 from dreamserve.worker.running import RunningTask
 
 

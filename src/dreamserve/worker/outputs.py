@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from dreamserve.blobs import BlobStore
-from dreamserve.db import File, Task
 from dreamserve.jobs import GeneratedImage, GenerationResult
+from dreamserve.queue.db import File, Task
 from dreamserve.worker.running import RunningTask
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from dreamserve.db import File, Task
 from dreamserve.jobs import GenerationJob, TaskJob
+from dreamserve.queue.db import File, Task
 from dreamserve.status import StopKind
 
 

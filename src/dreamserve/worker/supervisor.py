@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from dreamserve.blobs import BlobStore
-from dreamserve.db import Task
 from dreamserve.errors import new_error_id
-from dreamserve.events import RUNNING
 from dreamserve.jobs import GenerationJob, GenerationResult
 from dreamserve.liveness import Liveness, backoff
 from dreamserve.logs import about
+from dreamserve.queue.db import Task
+from dreamserve.queue.events import RUNNING
+from dreamserve.queue.store import TaskStore, new_blob_folder
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import Pexit, StopKind, WorkerState
-from dreamserve.store import TaskStore, new_blob_folder
 from dreamserve.worker.inputs import local_references
 from dreamserve.worker.outputs import output_file, progress, success_details
 from dreamserve.worker.process import ChildProcess

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from dreamserve.db import File, Task
-from dreamserve.events import TERMINAL
-from dreamserve.keyring import ServerKey
+from dreamserve.queue.db import File, Task
+from dreamserve.queue.events import TERMINAL
+from dreamserve.queue.keyring import ServerKey
 from dreamserve.status import Pexit, TaskStatus
-from dreamserve.tools import CATEGORIES, DESCRIPTION, Tool
+from dreamserve.wiro.tools import CATEGORIES, DESCRIPTION, Tool
 
 #: Namespace of the per-project ``uuid`` Wiro shows on tasks and their outputs (its owner's id).
 _PROJECT_UUIDS = uuid.UUID("6f1c3c2e-2b8e-5d55-9a8c-4f0d2c6d7e10")

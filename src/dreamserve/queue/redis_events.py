@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from dreamserve.events import TERMINAL, Event, Subscription
+from dreamserve.queue.events import TERMINAL, Event, Subscription
 
 STREAM_MAXLEN = 1000
 TERMINAL_TTL_SECONDS = 24 * 3600

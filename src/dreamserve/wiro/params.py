@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from dreamserve.errors import InvalidRequest
-from dreamserve.sizes import MIN_PIXELS, parse_size
+from dreamserve.wiro.sizes import MIN_PIXELS, parse_size
 
 MAX_REFERENCES = 14
 MAX_TOTAL_IMAGES = 15

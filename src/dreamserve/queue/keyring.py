@@ -20,7 +20,7 @@ import secrets
 import string
 from pathlib import Path
 
-from dreamserve.db import File, Task
+from dreamserve.queue.db import File, Task
 from dreamserve.settings import Settings
 
 _ALPHABET = string.ascii_letters + string.digits

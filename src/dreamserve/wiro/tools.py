@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.db import Task
-from dreamserve.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
+from dreamserve.queue.db import Task
 from dreamserve.settings import Settings
-from dreamserve.sizes import PRESETS_2K
 from dreamserve.status import Pexit, TaskStatus
+from dreamserve.wiro.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
+from dreamserve.wiro.sizes import PRESETS_2K
 
 CATEGORIES = ("tool", "text-to-image", "image-to-image", "image-editing")
 TAGS = ("seedream", "image-generation", "image-editing", "multi-reference", "open-weights")

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from dreamserve.db import Base
+from dreamserve.queue.db import Base
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True, compare_type=True)

@@ -23,11 +23,11 @@ from sqlalchemy import BigInteger, Subquery, case, cast, delete, func, or_, sele
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
-from dreamserve.db import File, Project, Task, TaskEvent
 from dreamserve.errors import QuotaExceeded
-from dreamserve.events import IMAGE_SAVED, LIFECYCLE, RUNNING, TERMINAL, Event, Hub
 from dreamserve.jobs import TaskJob
-from dreamserve.keyring import ServerKey, digest, new_salt
+from dreamserve.queue.db import File, Project, Task, TaskEvent
+from dreamserve.queue.events import IMAGE_SAVED, LIFECYCLE, RUNNING, TERMINAL, Event, Hub
+from dreamserve.queue.keyring import ServerKey, digest, new_salt
 from dreamserve.status import Frame, Pexit, StopKind, TaskStatus
 
 log = logging.getLogger(__name__)
