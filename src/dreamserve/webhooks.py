@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import post_json
@@ -81,6 +82,13 @@ class WebhookSender:
         """Start every due delivery the bounds allow; returns how many were started."""
         settings = self.settings
         now = time.time()
+        # A task's oldest unfinished row goes first: a later row waits while an earlier one awaits its retry.
+        earlier = aliased(WebhookDelivery)
+        oldest = (
+            select(func.min(earlier.id))
+            .where(earlier.task_id == WebhookDelivery.task_id, earlier.state.in_(("pending", "sending")))
+            .scalar_subquery()
+        )
         query = (
             select(
                 WebhookDelivery.id,
@@ -91,7 +99,7 @@ class WebhookSender:
             )
             # A row left "sending" by a replica that died is due again once its claim ran out.
             .where(or_(WebhookDelivery.state == "pending", WebhookDelivery.state == "sending"))
-            .where(WebhookDelivery.next_attempt <= now)
+            .where(WebhookDelivery.next_attempt <= now, WebhookDelivery.id == oldest)
             .order_by(WebhookDelivery.id)
             .limit(4 * settings.webhook_concurrency)
         )

@@ -236,8 +236,9 @@ def test_submit_on_one_replica_follow_on_the_other_and_download_from_s3(cluster:
 
 
 def test_cancel_and_kill_across_hosts(cluster: Cluster) -> None:
-    running = [cluster.run(0, prompt=f"busy {i}") for i in range(2)]
-    queued = cluster.run(0, prompt="waits")
+    # Three shapes, so that no two of them can share a batch: one runs on each worker, the third waits.
+    running = [cluster.run(0, prompt=f"busy {i}", size=size) for i, size in enumerate(["1K", "1024x1152"])]
+    queued = cluster.run(0, prompt="waits", size="1152x1024")
     for run in running:
         cluster.wait_progress(1, run["taskid"])
     assert cluster.detail(1, queued["taskid"])["status"] == "task_queue"
