@@ -13,8 +13,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from dreamserve.queue.db import Base
+from dreamserve.queue.db import Base, Task
 from dreamserve.queue.migrate import alembic_config, upgrade
+from dreamserve.wiro.render import input_marker, request_parameters
 
 URLS = ["sqlite"]
 if os.environ.get("DREAMSERVE_TEST_POSTGRES"):
@@ -77,3 +78,23 @@ async def test_queue_columns_are_filled_in_for_unfinished_tasks(tmp_path: Path) 
         assert [tuple(row) for row in rows] == [(1, 96, 64, 3, 0, 1), (2, 96, 64, 3, 1, 0), (3, 96, 64, 3, 1, 1)]
     finally:
         await engine.dispose()
+
+
+def test_detail_parameters_of_rows_stored_before_the_job_kept_the_request() -> None:
+    """A row of an earlier version shows the echo stored with it (its upload's marker as the file's URL); a
+    newer row's echo is rendered from its job, with the same keys."""
+    url = "http://127.0.0.1:8000/v1/File/key/inputImage-1.png"
+    job = {"prompt": "p", "width": 1024, "height": 1024, "num_images": 2, "seed": 7, "watermark": False}
+    refs = [{"url": "https://example.com/a.png"}, {"blob_key": "inputs/x/inputImage-1.png"}]
+    stored = {"prompt": "p", "size": "1K", "maxImages": "2", "watermark": "false", "seed": "7"}
+    legacy = Task(
+        job={**job, "inputs": refs},
+        parameters={**stored, "inputImage": ["https://example.com/a.png", input_marker(1)]},
+    )
+    assert request_parameters(legacy, {1: url}) == {**stored, "inputImage": ["https://example.com/a.png", url]}
+    current = Task(job={**job, "references": refs, "asked_size": "1K", "asked_callback": "not a url"}, parameters={})
+    rendered = request_parameters(current, {1: url})
+    assert rendered == {**stored, "inputImage": ["https://example.com/a.png", url], "callbackUrl": "not a url"}
+    assert list(rendered) == ["prompt", "size", "maxImages", "watermark", "seed", "inputImage", "callbackUrl"]
+    broken = Task(job={"prompt": "no shape"}, parameters=stored)
+    assert request_parameters(broken, {}) == stored, "a row whose job does not load still shows its echo"

@@ -39,7 +39,6 @@ async def _queue(store: TaskStore, job: TaskJob, callback_url: str = "") -> Task
     return await store.create(
         project_id=1,
         model=MODEL,
-        parameters={},
         job=job,
         callback_url=callback_url,
         priority=0,

@@ -56,6 +56,11 @@ class TaskJob(BaseModel):
     output_format: Literal["png", "jpeg"] = "png"
     #: Seconds the preprocess stage took to fetch the URL references (``details.timings.fetch``).
     fetch_seconds: float | None = None
+    #: The request's facts that only Task/Detail shows (``wiro.render.request_parameters``): the size as the
+    #: client spelled it (``2K``, ``2048x2048``), and its callbackUrl, called or refused. ``asked_size`` is None
+    #: on rows stored before the job kept them; those show the ``parameters`` column stored with them.
+    asked_size: str | None = None
+    asked_callback: str = ""
 
     @classmethod
     def load(cls, stored: dict[str, Any]) -> TaskJob:

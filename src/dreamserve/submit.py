@@ -27,7 +27,6 @@ from dreamserve.queue.keyring import digest
 from dreamserve.queue.store import Quota, TaskStore, new_blob_folder
 from dreamserve.settings import Settings
 from dreamserve.wiro.params import MAX_REFERENCES, RunParams, Upload, parse_run
-from dreamserve.wiro.render import input_marker
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 REFERENCE_FIELDS = ("inputImage", "inputImageUrl")
@@ -84,11 +83,9 @@ async def submit(
     now = time.time()
     inputs: list[File] = []
     references: list[StoredReference] = []
-    echo: list[str] = []
     for position, reference in enumerate(params.references):
         if reference.upload is None:
             references.append(StoredReference(url=reference.url or ""))
-            echo.append(reference.url or "")
             continue
         name = f"inputImage-{position}.{reference.ext}"
         file = File(
@@ -104,8 +101,6 @@ async def submit(
         )
         inputs.append(file)
         references.append(StoredReference(blob_key=file.blob_key))
-        # Not the URL: it holds the access key, which is never stored. Task/Detail renders it (wire.input_marker).
-        echo.append(input_marker(position))
     job = TaskJob(
         prompt=params.prompt,
         width=params.width,
@@ -117,6 +112,8 @@ async def submit(
         notes=(params.refused_callback_reason,) if params.refused_callback_reason else (),
         output_size=output_size,
         output_format="jpeg" if output_format == "jpeg" else "png",
+        asked_size=params.size,
+        asked_callback=params.callback_url or params.refused_callback,
     )
 
     # Bytes first, then the rows that point at them: a crash in between leaves only unreferenced blobs.
@@ -127,7 +124,6 @@ async def submit(
         task = await services.store.create(
             project_id=project.id,
             model=slug,
-            parameters=_echo(params, echo, output_size),
             job=job,
             callback_url=params.callback_url,
             callback_events=params.callback_events,
@@ -151,21 +147,6 @@ def _max_priority(services: Services, project: Project) -> int:
     if project.max_priority is not None:
         return project.max_priority
     return services.settings.max_priority
-
-
-def _echo(params: RunParams, inputs: list[str], output_size: tuple[int, int] | None) -> dict[str, Any]:
-    echo: dict[str, Any] = {
-        "prompt": params.prompt,
-        "size": f"{output_size[0]}x{output_size[1]}" if output_size else params.size,
-        "maxImages": str(params.max_images),
-        "watermark": "true" if params.watermark else "false",
-        "seed": str(params.seed),
-    }
-    if inputs:
-        echo["inputImage"] = inputs[0] if len(inputs) == 1 else inputs
-    if params.callback_url or params.refused_callback:
-        echo["callbackUrl"] = params.callback_url or params.refused_callback
-    return echo
 
 
 def _own_hosts(services: Services) -> set[str]:

@@ -75,7 +75,8 @@ class Task(Base):
     model: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(40))
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    #: The echo of the request as Wiro shows it (uploaded inputs rewritten to file URLs).
+    #: Legacy: the echo of the request stored by earlier versions (their uploads as ``dreamserve:input/N``
+    #: markers), shown for those rows; newer rows store ``{}`` and Task/Detail renders their job instead.
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
     #: What the worker needs: the dump of a ``jobs.TaskJob``, read back with ``read_job``.
     job: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -102,7 +102,6 @@ class TaskStore:
         *,
         project_id: int,
         model: str,
-        parameters: dict[str, Any],
         job: TaskJob,
         callback_url: str,
         priority: int,
@@ -128,7 +127,7 @@ class TaskStore:
                 model=model,
                 status=TaskStatus.QUEUE,
                 priority=priority,
-                parameters=parameters,
+                parameters={},  # legacy: Task/Detail renders new rows' request from their job
                 job=job.dump(),
                 width=job.width,
                 height=job.height,

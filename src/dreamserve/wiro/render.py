@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from pydantic import ValidationError
+
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.events import TERMINAL
 from dreamserve.queue.keyring import ServerKey
@@ -82,13 +84,40 @@ def file_item(base_url: str, file: File, keys: ServerKey | None, retention_secon
 
 
 def input_marker(position: int) -> str:
-    """What ``parameters`` stores for an uploaded input in place of its URL (which holds its access key)."""
+    """What earlier versions stored in ``parameters`` for an uploaded input in place of its URL (which holds its
+    access key)."""
     return f"dreamserve:input/{position}"
 
 
-def render_parameters(parameters: dict[str, Any], urls: dict[str, str]) -> dict[str, Any]:
-    """The echo of the request with every input marker replaced by that input file's URL."""
+def request_parameters(task: Task, input_urls: dict[int, str]) -> dict[str, Any]:
+    """Task/Detail's ``parameters``: the request as Wiro echoes it, rendered from the task's job (its facts),
+    with an uploaded input shown as its file's URL (``input_urls``, by position) and a URL input as given.
 
+    Rows stored before the job kept the request's size and callbackUrl show the echo stored with them."""
+    try:
+        job = task.read_job()
+    except ValidationError:
+        job = None
+    if job is None or job.asked_size is None:
+        markers = {input_marker(position): url for position, url in input_urls.items()}
+        return _legacy_parameters(task.parameters, markers)
+    width, height = job.size
+    echo: dict[str, Any] = {
+        "prompt": job.prompt,
+        "size": f"{width}x{height}" if job.output_size else job.asked_size,
+        "maxImages": str(job.num_images),
+        "watermark": "true" if job.watermark else "false",
+        "seed": str(job.seed),
+    }
+    inputs = [ref.url or input_urls.get(position, "") for position, ref in enumerate(job.references)]
+    if inputs:
+        echo["inputImage"] = inputs[0] if len(inputs) == 1 else inputs
+    if job.asked_callback:
+        echo["callbackUrl"] = job.asked_callback
+    return echo
+
+
+def _legacy_parameters(parameters: dict[str, Any], urls: dict[str, str]) -> dict[str, Any]:
     def one(value: Any) -> Any:
         if isinstance(value, str):
             return urls.get(value, value)
@@ -131,9 +160,7 @@ def task_object(
         "uuid": project_uuid(task.project_id),
         "name": "",
         "socketaccesstoken": keys.token(task),
-        "parameters": render_parameters(
-            task.parameters, {input_marker(f.position): file_url(base_url, f, keys) for f in inputs}
-        ),
+        "parameters": request_parameters(task, {f.position: file_url(base_url, f, keys) for f in inputs}),
         "debugoutput": task.debugoutput,
         "debugerror": task.debugerror,
         "starttime": unix(task.starttime),
