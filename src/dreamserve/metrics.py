@@ -27,8 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.queue.db import Task, TaskEvent
-from dreamserve.queue.events import TERMINAL
-from dreamserve.status import Pexit, TaskStatus
+from dreamserve.status import FINAL, Pexit, TaskStatus
 
 #: Label values of one series, in the order of its family's label names.
 Labels = tuple[str, ...]
@@ -155,7 +154,7 @@ class TaskStats:
                 Task.postprocessendtime,
             )
             .join(Task, Task.id == TaskEvent.task_id)
-            .where(TaskEvent.id > after, TaskEvent.type.in_(sorted(TERMINAL)))
+            .where(TaskEvent.id > after, TaskEvent.type.in_(sorted(FINAL)))
             .order_by(TaskEvent.id)
             .limit(self.BATCH)
         )
@@ -199,7 +198,7 @@ async def read_unfinished(sessions: async_sessionmaker[AsyncSession]) -> list[Un
         rows = (
             await session.execute(
                 select(Task.model, Task.status, func.count(), func.min(Task.createtime))
-                .where(Task.status.not_in(sorted(TERMINAL)))
+                .where(Task.status.not_in(sorted(FINAL)))
                 .group_by(Task.model, Task.status)
             )
         ).all()

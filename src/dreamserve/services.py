@@ -23,12 +23,12 @@ from dreamserve.liveness import Liveness
 from dreamserve.preprocess import Preprocessor
 from dreamserve.projects import seal_webhook_secrets
 from dreamserve.queue.db import make_engine, make_sessionmaker
-from dreamserve.queue.events import TERMINAL, Event, EventHub, Hub
+from dreamserve.queue.events import Event, EventHub, Hub
 from dreamserve.queue.keyring import ServerKey, private_dir
 from dreamserve.queue.migrate import upgrade
 from dreamserve.queue.store import TaskStore
 from dreamserve.settings import Settings
-from dreamserve.status import StopKind, WorkerState
+from dreamserve.status import FINAL, StopKind, WorkerState
 from dreamserve.webhooks import Outbox, WebhookSender
 from dreamserve.wiro.render import task_object
 from dreamserve.worker.process import worker_alive
@@ -158,10 +158,10 @@ class Services:
             while (left := deadline - time.monotonic()) > 0:
                 if time.monotonic() >= recheck:
                     task = await self.store.get_by_id(task_id)
-                    if task is None or task.status in TERMINAL:
+                    if task is None or task.status in FINAL:
                         return "done"
                     recheck = time.monotonic() + WAIT_RECHECK_SECONDS
-                if any(event.type in TERMINAL for event in await live.next(min(left, 1.0))):
+                if any(event.type in FINAL for event in await live.next(min(left, 1.0))):
                     return "done"
                 if gone is not None and await gone():
                     return "gone"
@@ -201,7 +201,7 @@ class Services:
                 for event in sorted({e.id: e for e in pending if e.id > last}.values(), key=lambda e: e.id):
                     last = event.id
                     yield event
-                    if event.type in TERMINAL:
+                    if event.type in FINAL:
                         return
                 pending = await live.next(poll_seconds)
                 if not pending:

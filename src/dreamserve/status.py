@@ -35,11 +35,12 @@ class TaskStatus(StrEnum):
     @property
     def holds_lease(self) -> bool:
         """A worker has claimed the task and renews its lease (accepted up to post-processing)."""
-        return self in _RUNNING
+        return self in RUNNING
 
 
 _TERMINAL = frozenset({TaskStatus.POSTPROCESS_END, TaskStatus.CANCEL, TaskStatus.ERROR})
-_RUNNING = frozenset(
+#: The statuses of a task a worker holds (and renews the lease of).
+RUNNING = frozenset(
     {
         TaskStatus.ACCEPT,
         TaskStatus.PREPROCESS_START,
@@ -83,6 +84,9 @@ class Frame(StrEnum):
     ERROR = "task_error"
     OUTPUT_FULL = "task_output_full"
     ERROR_FULL = "task_error_full"
+    #: Ours, not Wiro's: one image of a running task is saved (or failed), ``{"index", "name" | "error"}``, logged
+    #: for followers (Ark's stream sends it on); Wiro's socket does not send it, as Wiro has no such frame.
+    OUTPUT_IMAGE = "task_output_image"
 
 
 class Pexit(StrEnum):

@@ -6,7 +6,7 @@ with only ``base_url`` changed to ``<server>/api/v3``. A request becomes an ordi
 followed or cancelled like any other); bearer auth, the synchronous wait and the hang-up cancel are the
 OpenAI route's too (``api/compat.py``). Group generation (``sequential_image_generation: "auto"``) takes its
 size from the prompt (``groups.image_count``). With ``stream: true`` each image is sent as soon as the worker
-has saved it (its ``IMAGE_SAVED`` event), then ``image_generation.completed`` and ``data: [DONE]``; checks
+has saved it (its ``Frame.OUTPUT_IMAGE`` event), then ``image_generation.completed`` and ``data: [DONE]``; checks
 still answer HTTP 400 JSON before the stream starts. A stream holds one of the project's synchronous slots
 (``sync_max_per_project``) until it ends, as a waiting request does: past the cap, 429 before it starts.
 
@@ -43,8 +43,8 @@ from dreamserve.api.deps import ServicesDep, read_fields
 from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited, TaskFailed
 from dreamserve.groups import image_count
 from dreamserve.queue.db import File, Task
-from dreamserve.queue.events import IMAGE_SAVED, TERMINAL
 from dreamserve.services import Services
+from dreamserve.status import FINAL, Frame, Pexit, TaskStatus
 from dreamserve.submit import submit
 from dreamserve.wiro.params import MAX_TOTAL_IMAGES, Upload
 from dreamserve.wiro.render import expires, file_url
@@ -246,13 +246,13 @@ async def _answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, 
     fresh = await services.store.get_by_id(task.id)
     status = fresh.status if fresh else "gone"
     follow = f"Task {task.id} (socketaccesstoken {services.keys.token(task)})"
-    if fresh is None or status not in TERMINAL:
+    if fresh is None or status not in FINAL:
         raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
-    if status == "task_cancel":
+    if status == TaskStatus.CANCEL:
         raise InvalidState(f"{follow} was cancelled.")
-    if fresh.pexit == "2":  # an input could not be read: the caller's to fix, and Ark names the field
+    if fresh.pexit == Pexit.BAD_INPUT:  # an input could not be read: the caller's to fix, and Ark names the field
         raise InvalidRequest(f"Request parameter [image]: {follow} could not read an input: {fresh.debugerror}")
-    if fresh.pexit != "0":
+    if fresh.pexit != Pexit.OK:
         raise TaskFailed(f"{follow} failed (pexit {fresh.pexit}): {fresh.debugerror[:500]}")
     files = (await services.store.files([task.id], "output"))[task.id]
     items: dict[int, dict[str, Any]] = {}
@@ -311,7 +311,7 @@ async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncItera
 
     try:
         async for update in services.follow(task.id, settings.sync_wait_seconds):
-            if update.type == IMAGE_SAVED and isinstance(update.message, dict):
+            if update.type == Frame.OUTPUT_IMAGE and isinstance(update.message, dict):
                 index = int(update.message["index"])
                 if index in sent:
                     continue  # a re-run after a lost worker saves its images again
@@ -325,7 +325,7 @@ async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncItera
                 saved.append(file)
                 item = await _item(services, file, ask.response_format)
                 yield event("partial_succeeded", image_index=index, **item)
-            elif update.type in TERMINAL:
+            elif update.type in FINAL:
                 finished = True
         if not finished or await _ended_badly(services, task):
             finished = True
@@ -346,7 +346,7 @@ async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncItera
 
 async def _ended_badly(services: Services, task: Task) -> bool:
     fresh = await services.store.get_by_id(task.id)
-    return fresh is None or fresh.status != "task_postprocess_end" or fresh.pexit != "0"
+    return fresh is None or fresh.status != TaskStatus.POSTPROCESS_END or fresh.pexit != Pexit.OK
 
 
 async def _file(services: Services, task_id: int, name: str) -> File | None:

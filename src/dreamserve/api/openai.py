@@ -38,10 +38,9 @@ from dreamserve.errors import (
     TaskInputFailed,
 )
 from dreamserve.queue.db import Project, Task
-from dreamserve.queue.events import TERMINAL
 from dreamserve.services import Services
 from dreamserve.settings import DEFAULT_MODEL
-from dreamserve.status import Pexit, TaskStatus
+from dreamserve.status import FINAL, Pexit, TaskStatus
 from dreamserve.submit import submit
 from dreamserve.wiro.params import Upload
 
@@ -184,7 +183,7 @@ async def _answer(
     rendered = await services.render(task.id) or {}
     status, pexit = rendered.get("status"), rendered.get("pexit")
     follow = f"Task {task.id} (socketaccesstoken {services.keys.token(task)})"
-    if status not in TERMINAL:
+    if status not in FINAL:
         raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
     if status == TaskStatus.CANCEL or pexit in (Pexit.CANCELLED, Pexit.KILLED):
         raise InvalidState(f"{follow} was cancelled.")

@@ -18,9 +18,9 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from dreamserve.queue.db import Task
-from dreamserve.queue.events import IMAGE_SAVED, TERMINAL, Event
+from dreamserve.queue.events import Event
 from dreamserve.services import Services
-from dreamserve.status import Frame, TaskStatus
+from dreamserve.status import FINAL, Frame, TaskStatus
 from dreamserve.wiro.render import file_item, socket_frame
 
 router = APIRouter()
@@ -104,10 +104,10 @@ async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, 
         while True:
             for event in sorted({e.id: e for e in pending if e.id > last}.values(), key=lambda e: e.id):
                 last = event.id
-                if event.type == IMAGE_SAVED:
+                if event.type == Frame.OUTPUT_IMAGE:
                     continue
                 await _send(websocket, lock, socket_frame(event.type, task.id, token, await _message(services, event)))
-                if event.type in TERMINAL:
+                if event.type in FINAL:
                     return
             pending = await live.next(POLL_SECONDS)
             if not pending:

@@ -10,9 +10,8 @@ from fastapi import APIRouter, Request
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields, read_page, text_field
 from dreamserve.errors import InvalidRequest, InvalidState, NotFound
 from dreamserve.queue.db import Project, Task
-from dreamserve.queue.events import RUNNING, TERMINAL
 from dreamserve.queue.store import LIST_SORTS
-from dreamserve.status import StopKind, TaskStatus
+from dreamserve.status import FINAL, RUNNING, StopKind, TaskStatus
 from dreamserve.webhooks import delivery_log
 from dreamserve.wiro.params import MAX_ID, ascii_int
 from dreamserve.wiro.render import envelope, tasklist
@@ -84,7 +83,7 @@ async def kill(request: Request, project: ProjectDep, services: ServicesDep) -> 
 async def input_output_delete(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     """Delete a finished task's input and output files (bytes and rows); again is a no-op."""
     task = await _find(request, services, project, missing="task-not-exist")
-    if task.status not in TERMINAL:
+    if task.status not in FINAL:
         raise InvalidState(
             f"Task must be completed or cancelled before deleting files. Task {task.id} is {task.status}: "
             "wait for it to end, or cancel it first."
@@ -136,6 +135,6 @@ async def task_list(request: Request, project: ProjectDep, services: ServicesDep
 def _status(task: Task | None) -> str:
     if task is None:
         return "gone"
-    if task.status in TERMINAL:
+    if task.status in FINAL:
         return f"already finished ({task.status})"
     return task.status

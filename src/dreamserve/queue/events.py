@@ -15,9 +15,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dreamserve.status import FINAL
-from dreamserve.status import LIFECYCLE as LIFECYCLE_STATUSES
-
 
 @dataclass(frozen=True)
 class Event:
@@ -25,15 +22,6 @@ class Event:
     task_id: int
     type: str
     message: Any
-
-
-#: Re-exported for the queue's modules: statuses in order, those that end a task, those that hold a lease.
-LIFECYCLE: tuple[str, ...] = tuple(LIFECYCLE_STATUSES)
-TERMINAL: frozenset[str] = frozenset(FINAL)
-RUNNING: frozenset[str] = frozenset(s for s in LIFECYCLE_STATUSES if s.holds_lease)
-#: Ours, not Wiro's: one image of a running task is saved (or failed), ``{"index", ...file item | "error"}``.
-#: Ark's stream sends it on; Wiro's socket does not, as Wiro has no such frame.
-IMAGE_SAVED = "task_output_image"
 
 
 class Subscription(Protocol):

@@ -12,7 +12,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from dreamserve.queue.events import TERMINAL, Event, Subscription
+from dreamserve.queue.events import Event, Subscription
+from dreamserve.status import FINAL
 
 STREAM_MAXLEN = 1000
 TERMINAL_TTL_SECONDS = 24 * 3600
@@ -30,7 +31,7 @@ class RedisEventHub:
         key = stream_key(event.task_id)
         fields: dict[Any, Any] = {"id": event.id, "type": event.type, "message": json.dumps(event.message)}
         await self.redis.xadd(key, fields, maxlen=STREAM_MAXLEN, approximate=True)
-        if event.type in TERMINAL:
+        if event.type in FINAL:
             await self.redis.expire(key, TERMINAL_TTL_SECONDS)
 
     def subscribe(self, task_id: int) -> Subscription:

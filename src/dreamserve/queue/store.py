@@ -26,9 +26,9 @@ from sqlalchemy.orm import InstrumentedAttribute
 from dreamserve.errors import QuotaExceeded
 from dreamserve.jobs import TaskJob
 from dreamserve.queue.db import File, Project, Task, TaskEvent
-from dreamserve.queue.events import IMAGE_SAVED, LIFECYCLE, RUNNING, TERMINAL, Event, Hub
+from dreamserve.queue.events import Event, Hub
 from dreamserve.queue.keyring import ServerKey, digest, new_salt
-from dreamserve.status import Frame, Pexit, StopKind, TaskStatus
+from dreamserve.status import FINAL, LIFECYCLE, RUNNING, Frame, Pexit, StopKind, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ async def add_files(session: AsyncSession, keys: ServerKey, files: Iterable[File
     await session.flush()
     for file in rows:
         file.key_digest = digest(keys.accesskey(file))
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a heartbeat found: whether this worker still holds the task's lease, and the stop asked for."""
+
+    held: bool
+    stop: StopKind | None = None
 
 
 class Blobs(Protocol):
@@ -162,7 +170,7 @@ class TaskStore:
         await session.execute(update(Project).where(Project.id == project_id).values(last_claimed=Project.last_claimed))
         work = func.coalesce(func.sum(cast(Task.num_images, BigInteger) * Task.width * Task.height), 0)
         query = select(func.count(Task.id), work).where(
-            Task.project_id == project_id, Task.status.not_in(sorted(TERMINAL))
+            Task.project_id == project_id, Task.status.not_in(sorted(FINAL))
         )
         count, queued = (await session.execute(query)).one()
         if quota.max_tasks and count + 1 > quota.max_tasks:
@@ -294,12 +302,12 @@ class TaskStore:
 
     async def image_saved(self, task_id: int, worker_id: str, file: File) -> bool:
         """One image of the running attempt is stored: its ``partial`` row makes its URL work at once; the event
-        (``IMAGE_SAVED``, no URL nor key: the API renders them from the row) tells followers (Ark's stream)."""
+        (``Frame.OUTPUT_IMAGE``, no URL nor key: the API renders them from the row) tells followers (Ark's stream)."""
         async with self._transition(task_id, worker_id=worker_id) as change:
             if change is None:
                 return False
             await add_files(change.session, self.keys, [file])
-            await change.event(IMAGE_SAVED, {"index": file.position, "name": file.name})
+            await change.event(Frame.OUTPUT_IMAGE, {"index": file.position, "name": file.name})
         return True
 
     async def image_failed(self, task_id: int, worker_id: str, index: int, error: dict[str, str]) -> bool:
@@ -307,7 +315,7 @@ class TaskStore:
         async with self._transition(task_id, worker_id=worker_id) as change:
             if change is None:
                 return False
-            await change.event(IMAGE_SAVED, {"index": index, "error": error})
+            await change.event(Frame.OUTPUT_IMAGE, {"index": index, "error": error})
         return True
 
     async def begin_postprocess(self, task_id: int, worker_id: str, output: str) -> bool:
@@ -573,8 +581,8 @@ class TaskStore:
             await add_files(session, self.keys, files)
         return True
 
-    async def heartbeat(self, task_id: int, worker_id: str, lease_seconds: float) -> str | None:
-        """Extend the lease. Returns the pending stop request ("", "cancel", "kill"), or None if the lease is lost."""
+    async def heartbeat(self, task_id: int, worker_id: str, lease_seconds: float) -> Beat:
+        """Extend the lease, and read the stop asked for (Task/Cancel, Task/Kill) through the database."""
         stmt = (
             update(Task)
             .where(Task.id == task_id, Task.worker_id == worker_id, Task.status.in_(list(RUNNING)))
@@ -582,7 +590,10 @@ class TaskStore:
             .returning(Task.stop_requested)
         )
         async with self.sessions.begin() as session:
-            return (await session.execute(stmt)).scalar_one_or_none()
+            requested = (await session.execute(stmt)).scalar_one_or_none()
+        if requested is None:
+            return Beat(held=False)
+        return Beat(held=True, stop=StopKind(requested) if requested else None)
 
     async def request_stop(self, task_id: int, kind: StopKind) -> bool:
         stmt = (
@@ -678,7 +689,7 @@ class TaskStore:
 
     async def expire_files(self, before: float, limit: int = 500) -> int:
         """Retention: inputs and outputs of ended tasks created before ``before``; returns how many went."""
-        ended = select(Task.id).where(Task.status.in_(list(TERMINAL)))
+        ended = select(Task.id).where(Task.status.in_(list(FINAL)))
         query = (
             select(File.id, File.blob_key)
             .where(File.role.in_(["input", "output"]), File.created < before, File.task_id.in_(ended))

@@ -14,9 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from dreamserve.queue.db import File, Task
-from dreamserve.queue.events import TERMINAL
 from dreamserve.queue.keyring import ServerKey
-from dreamserve.status import Pexit, TaskStatus
+from dreamserve.status import FINAL, Pexit, TaskStatus
 from dreamserve.wiro.tools import CATEGORIES, DESCRIPTION, Tool
 
 #: Namespace of the per-project ``uuid`` Wiro shows on tasks and their outputs (its owner's id).
@@ -187,7 +186,7 @@ def task_object(
         "preprocessendtime": unix(task.preprocessendtime),
         "postprocessstarttime": unix(task.postprocessstarttime),
         "postprocessendtime": unix(task.postprocessendtime),
-        "pexit": task.pexit if task.status in TERMINAL else "",
+        "pexit": task.pexit if task.status in FINAL else "",
         # A JSON-encoded string on Wiro's task object (an array in Tool/*).
         "categories": json.dumps(list(CATEGORIES)),
         "outputs": [file_item(base_url, f, keys, retention_seconds) for f in outputs],

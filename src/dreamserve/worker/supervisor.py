@@ -29,10 +29,9 @@ from dreamserve.jobs import GenerationJob, GenerationResult
 from dreamserve.liveness import Liveness, backoff
 from dreamserve.logs import about
 from dreamserve.queue.db import Task
-from dreamserve.queue.events import RUNNING
 from dreamserve.queue.store import TaskStore, new_blob_folder
 from dreamserve.settings import ModelSpec, Settings
-from dreamserve.status import Pexit, StopKind, WorkerState
+from dreamserve.status import RUNNING, Pexit, StopKind, WorkerState
 from dreamserve.worker.inputs import local_references
 from dreamserve.worker.outputs import output_file, progress, success_details
 from dreamserve.worker.process import ChildProcess
@@ -416,16 +415,16 @@ class Supervisor:
         for task_id, entry in list(self.running.items()):
             if entry.settled:
                 continue
-            requested = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
-            if requested is None and (entry.settled or entry.stop is StopKind.KILL):
+            beat = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
+            if not beat.held and (entry.settled or entry.stop is StopKind.KILL):
                 continue  # it ended while the heartbeat was on its way, or is being killed: not a lost lease
-            if requested is None:
+            if not beat.held:
                 log.warning("lease lost; abandoning the task", extra=about(task_id))
                 entry.lose()
                 if self.child is not None:
                     self.child.kill()
-            elif requested and requested != entry.stop:
-                await self.stop(task_id, StopKind(requested))
+            elif beat.stop is not None and beat.stop != entry.stop:
+                await self.stop(task_id, beat.stop)
 
     async def _follow(self, live: list[RunningTask]) -> None:
         assert self.child is not None
