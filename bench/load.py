@@ -72,10 +72,16 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def start_server(
-    data_dir: Path, port: int, projects: Sequence[str], env: Mapping[str, str], ready_seconds: float = 120
+    data_dir: Path,
+    port: int,
+    projects: Sequence[str],
+    env: Mapping[str, str],
+    ready_seconds: float = 120,
+    trace: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], list[Credentials]]:
     """A server subprocess with the tiny model (64x64 outputs, batches of 4) and ``env`` on top of its settings;
-    returns it, once ``/readyz`` answers 200, with a signature project of each name in ``projects``."""
+    returns it, once ``/readyz`` answers 200, with a signature project of each name in ``projects``. With
+    ``trace``, the server runs under ``traced.py`` (tracemalloc), which writes its figures there."""
     from dreamserve.projects import create_project
     from dreamserve.settings import ModelSpec, Settings
 
@@ -90,7 +96,11 @@ def start_server(
         **env,
     }
     log = (data_dir / "server.log").open("ab")
-    command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    serve = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    if trace is None:
+        command = [sys.executable, "-m", "dreamserve", *serve]
+    else:
+        command = [sys.executable, str(Path(__file__).parent / "traced.py"), str(trace), "--", *serve]
     process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + ready_seconds
     while time.monotonic() < deadline:

@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.5, help="Seconds between a normal client's Detail calls.")
     parser.add_argument("--bomb-mib", type=int, default=1024, help="MiB of zeros in the double-gzipped bomb.")
     parser.add_argument("--json", type=Path, help="Write the figures here too.")
+    parser.add_argument("--trace", type=Path, help="Run the server under tracemalloc (traced.py), its figures here.")
     args = parser.parse_args()
 
     bomb = double_gzip(args.bomb_mib)
@@ -213,7 +214,9 @@ def main() -> None:
         "DREAMSERVE_FETCH_TIMEOUT_SECONDS": str(FETCH_TIMEOUT),
         "DREAMSERVE_WEBHOOK_TIMEOUT_SECONDS": str(WEBHOOK_TIMEOUT),
     }
-    process, (normal, hostile) = start_server(data_dir, port, ["normal", "hostile"], env, ready_seconds=300)
+    process, (normal, hostile) = start_server(
+        data_dir, port, ["normal", "hostile"], env, ready_seconds=300, trace=args.trace
+    )
     try:
         figures = asyncio.run(run(args, f"http://127.0.0.1:{port}", port, normal, hostile, process.pid))
     finally:

@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from dreamserve.metrics import GpuMemory, Histogram, worker_families
+from dreamserve.metrics import GpuMemory, Histogram, RequestStats, worker_families
 from tests.conftest import MODEL, Receiver
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -163,6 +163,16 @@ def test_exposition_escapes_labels_and_accumulates_buckets() -> None:
     buckets = {s.labels["le"]: s.value for s in families[0].samples if s.name == "x_seconds_bucket"}
     assert buckets == {"1.0": 1, "5.0": 3, "+Inf": 4}
     assert families[0].samples[0].labels["stage"] == 'de"noise\\'
+
+
+def test_request_counts_keep_few_label_values_whatever_methods_clients_send() -> None:
+    """The method is the client's text (h11 takes any token): each new one must not add a series for good."""
+    stats = RequestStats()
+    stats.record("GET", "unmatched", 404, 0.01)
+    for number in range(1000):
+        stats.record(f"X{number}", "unmatched", 405, 0.01)
+    assert set(stats.counts) == {("GET", "unmatched", "404"), ("other", "unmatched", "405")}
+    assert stats.counts[("other", "unmatched", "405")] == 1000
 
 
 async def test_worker_memory_from_proc_and_nvidia_smi(tmp_path: Path) -> None:

@@ -79,6 +79,11 @@ def gauge_family(
     return family
 
 
+#: Methods counted by name; any other (the client's text: h11 takes any token) shares the label "other",
+#: so label values stay few, as routes do ("unmatched").
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class RequestStats:
     """HTTP requests answered by this process, by method, route template and status."""
 
@@ -87,7 +92,7 @@ class RequestStats:
         self.seconds = Histogram(["route"], HTTP_BUCKETS)
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.counts[(method, route, str(status))] += 1
+        self.counts[(method if method in METHODS else "other", route, str(status))] += 1
         self.seconds.observe((route,), seconds)
 
     def families(self) -> Iterator[Metric]:
