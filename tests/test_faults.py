@@ -74,6 +74,10 @@ class Chaos:
     done: threading.Event = field(default_factory=threading.Event)
 
     def submit_all(self) -> None:
+        with httpx.Client(timeout=10) as client:  # reconnects by itself after a server kill
+            self._submit_all(client)
+
+    def _submit_all(self, client: httpx.Client) -> None:
         for index in range(self.count):
             width, height = self.rng.choice(SIZES)
             data: dict[str, Any] = {
@@ -89,7 +93,7 @@ class Chaos:
                     with self.lock:
                         headers = self.server.headers()
                         url = self.server.url
-                    response = httpx.post(f"{url}/v1/Run/{MODEL}", headers=headers, data=data, files=files, timeout=10)
+                    response = client.post(f"{url}/v1/Run/{MODEL}", headers=headers, data=data, files=files)
                     body = response.json()
                     assert body["result"] is True, body
                     self.submitted.append(body["taskid"])
@@ -122,15 +126,16 @@ class Chaos:
 
     def _child_pid(self) -> int | None:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                workers = httpx.get(f"{self.server.url}/healthz", timeout=5).json()["workers"]
-            except httpx.HTTPError:
-                workers = []
-            pid = workers[0]["pid"] if workers else None
-            if pid and psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return int(pid)
-            time.sleep(0.1)
+        with httpx.Client(timeout=5) as client:  # one client: a new one per poll costs CPU the server needs
+            while time.monotonic() < deadline:
+                try:
+                    workers = client.get(f"{self.server.url}/healthz").json()["workers"]
+                except httpx.HTTPError:
+                    workers = []
+                pid = workers[0]["pid"] if workers else None
+                if pid and psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return int(pid)
+                time.sleep(0.1)
         return None
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,14 @@ class Cluster:
     creds: Credentials
     settings: Settings
     tmp: Path
+    #: One client for every request: ``httpx.post`` builds a client (and a TLS context) per call, some 25 ms of
+    #: CPU each, which the polls below would take from the cluster's processes.
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
 
     def post(self, replica: int, path: str, creds: Credentials | None = None, **kwargs: Any) -> dict[str, Any]:
         creds = creds or self.creds
         headers = auth_headers(creds.api_key, creds.api_secret, str(int(time.time())))
-        body: dict[str, Any] = httpx.post(f"{self.apis[replica]}{path}", headers=headers, timeout=60, **kwargs).json()
+        body: dict[str, Any] = self.http.post(f"{self.apis[replica]}{path}", headers=headers, **kwargs).json()
         return body
 
     def run(self, replica: int, model: str = MODEL, creds: Credentials | None = None, **fields: Any) -> dict[str, Any]:
@@ -112,13 +115,14 @@ SERVER_SECRET = "scaleout-test-server-secret-0123456789"
 
 def _wait_http(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
     raise RuntimeError(f"{url} did not come up")
 
 
@@ -195,7 +199,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             _wait_http(f"{url}/healthz")
         for proc in workers.values():
             _wait_worker(proc)
-        yield Cluster(apis=apis, workers=workers, creds=creds, settings=settings, tmp=tmp)
+        cluster = Cluster(apis=apis, workers=workers, creds=creds, settings=settings, tmp=tmp)
+        with cluster.http:
+            yield cluster
     finally:
         for proc in [*workers.values(), *procs]:
             proc.stop()
