@@ -141,7 +141,16 @@ def test_queue_depth_positions_and_cancelled_tasks(make_server: Any) -> None:
     ]
     terminal = {**os.environ, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", "COLUMNS": "160"}
     shown = b""
-    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=terminal) as cli:
+    # Ctrl-C as a terminal sends it, also when this run was started in the background (where SIGINT is
+    # ignored, and an ignored SIGINT is inherited: Python would then never raise KeyboardInterrupt).
+    cli = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=terminal,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
         deadline = time.monotonic() + 30
         assert cli.stderr is not None
         os.set_blocking(cli.stderr.fileno(), False)
@@ -150,6 +159,11 @@ def test_queue_depth_positions_and_cancelled_tasks(make_server: Any) -> None:
             time.sleep(0.1)
         cli.send_signal(signal.SIGINT)
         assert cli.wait(30) == 130
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        cli.wait()
+        cli.stderr.close()
     assert b"(2 ahead)" in shown, shown[-2000:]
     newest = server.post("/v1/Task/List", json={}).json()["tasklist"][0]
     assert newest["parameters"]["prompt"] == "queued behind two" and newest["status"] == "task_cancel"
