@@ -195,10 +195,11 @@ def test_random_credentials_are_refused_cleanly(fuzz_server: Server, nonce: str,
         request = httpx.Request("POST", f"{fuzz_server.url}/v1/Task/List", headers=headers, json={})
     except (ValueError, httpx.HTTPError):
         return  # not sendable as HTTP headers at all
-    try:
-        response = httpx.Client(timeout=30).send(request)
-    except httpx.LocalProtocolError:
-        return  # h11 refuses to send such a header (newlines, ...)
+    with httpx.Client(timeout=30) as client:
+        try:
+            response = client.send(request)
+        except httpx.LocalProtocolError:
+            return  # h11 refuses to send such a header (newlines, ...)
     assert response.status_code in (200, 400, 401), response.text[:300]  # 400: h11 refused the header
 
 
