@@ -241,9 +241,14 @@ def test_batch_window_collects_same_shape_tasks(shared: Server) -> None:
     # Alone on an idle server: it waits for company, never longer than the window.
     lone = server.wait(server.run({"prompt": "alone", "size": "64x64"})["taskid"])
     assert 2.5 < lone["details"]["timings"]["batch_wait"] < 4.0, lone["details"]["timings"]
-    # One client at a time (each task sent when the last is done): no window after a task that ran alone.
+    # One client at a time (each task sent when the last is done): after a task that ran alone, half a window.
     following = server.wait(server.run({"prompt": "alone again", "size": "64x64"})["taskid"])
-    assert following["details"]["timings"]["batch_wait"] < 1.0, following["details"]["timings"]
+    assert 1.2 < following["details"]["timings"]["batch_wait"] < 2.4, following["details"]["timings"]
+    # Clients that start together right after it still share one call: each arrival gives the next half a window.
+    after_lone = [server.run({"prompt": f"after lone {i}", "size": "64x64"}) for i in range(4)]
+    tasks = [server.wait(run["taskid"]) for run in after_lone]
+    for run, task in zip(after_lone, tasks, strict=True):
+        assert {str(i) for i in task["details"]["batched_with"]} == {r["taskid"] for r in after_lone} - {run["taskid"]}
 
     # A task it cannot take (references run alone) ends the wait at once; that one does not wait at all.
     first = server.run({"prompt": "text only", "size": "64x64"})

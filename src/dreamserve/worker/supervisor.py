@@ -57,8 +57,8 @@ from dreamserve.worker.running import RunningTask
 
 log = logging.getLogger(__name__)
 
-#: A task claimed within this many seconds of the end of a task that ran alone skips the batch window
-#: unless companions are already queued (one client submitting after each result; see ``_companions``).
+#: A task claimed within this many seconds of the end of a task that ran alone waits for company only while
+#: more keep arriving (one client submitting after each result; see ``_companions``).
 LONE_SECONDS = 5.0
 
 #: The worker's state moves; any other is a bug (``Supervisor._become`` raises).
@@ -237,14 +237,20 @@ class Supervisor:
         started = time.monotonic()
         deadline = started + window / 1000
         # A worker whose last task ran alone and ended moments ago serves clients one after another (each
-        # submits when its last image is done): a window would only add itself to every image. Bursts (tasks
-        # already waiting), a worker that just ran a batch and the first task after an idle spell still wait.
+        # submits when its last image is done): a whole window would only add itself to every image. So then it
+        # waits for company only while tasks keep arriving, half a window after the last one: one client pays
+        # half the window, and clients that start together after it (their Runs a few ms apart) still batch.
+        # Bursts, a worker that just ran a batch and the first task after an idle spell wait the whole window.
         serial = self._lone_until is not None and started - self._lone_until < LONE_SECONDS
+        seen = -1
         while not self._closing:
             self._wake.clear()  # before the count: a task queued after it wakes the wait below
             same, others = await self.store.waiting_for(self.slug, task.width, task.height)
-            remaining = deadline - time.monotonic()
-            if same >= room or others or remaining <= 0 or (serial and same == 0):
+            now = time.monotonic()
+            if serial and same != seen:
+                seen, deadline = same, min(started + window / 1000, now + window / 2000)
+            remaining = deadline - now
+            if same >= room or others or remaining <= 0:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=remaining)
