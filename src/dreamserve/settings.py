@@ -31,7 +31,8 @@ class ModelSpec(BaseModel):
     #: Largest number of images denoised in one pipeline call.
     max_batch: int = Field(default=4, ge=1, le=15)
     #: How long a worker about to start a batch below ``max_batch`` waits for more same-shape tasks (milliseconds;
-    #: 0 = no wait); ``None`` takes ``Settings.batch_window_ms``. Skipped right after a task that ran alone.
+    #: 0 = no wait); ``None`` takes ``Settings.batch_window_ms``. Right after a task that ran alone, half of it
+    #: after each arrival (one client at a time pays half).
     batch_window_ms: int | None = Field(default=None, ge=0, le=10_000)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
