@@ -100,10 +100,9 @@ def request_parameters(task: Task, input_urls: dict[int, str]) -> dict[str, Any]
     if job is None or job.asked_size is None:
         markers = {input_marker(position): url for position, url in input_urls.items()}
         return _legacy_parameters(task.parameters, markers)
-    width, height = job.size
     echo: dict[str, Any] = {
         "prompt": job.prompt,
-        "size": f"{width}x{height}" if job.output_size else job.asked_size,
+        "size": "x".join(map(str, job.output_size)) if job.output_size else job.asked_size,
         "maxImages": str(job.num_images),
         "watermark": "true" if job.watermark else "false",
         "seed": str(job.seed),

@@ -235,7 +235,7 @@ class Supervisor:
             return []
         window = self.spec.batch_window_ms if self.spec.batch_window_ms is not None else self.settings.batch_window_ms
         started = time.monotonic()
-        deadline = started + window / 1000
+        deadline = limit = started + window / 1000
         # A worker whose last task ran alone and ended moments ago serves clients one after another (each
         # submits when its last image is done): a whole window would only add itself to every image. So then it
         # waits for company only while tasks keep arriving, half a window after the last one: one client pays
@@ -248,7 +248,7 @@ class Supervisor:
             same, others = await self.store.waiting_for(self.slug, task.width, task.height)
             now = time.monotonic()
             if serial and same != seen:
-                seen, deadline = same, min(started + window / 1000, now + window / 2000)
+                seen, deadline = same, min(limit, now + window / 2000)
             remaining = deadline - now
             if same >= room or others or remaining <= 0:
                 break
