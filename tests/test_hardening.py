@@ -360,12 +360,12 @@ def test_slow_failing_receiver_delays_nobody_else(server: Server, attacker: Atta
     assert sum("circuit breaker" in row["lasterror"] for row in rows) >= len(slow) - hits, rows
 
 
-#: ``limit_malloc_arenas``'s answer (with ``limit``, else not called) and the process's glibc malloc arenas after
+#: ``malloc.limit_arenas``'s answer (with ``limit``, else not called) and the process's glibc malloc arenas after
 #: ``THREADS`` threads allocated at once (``malloc_info`` writes one ``<heap nr=...>`` per arena).
 ARENAS_SCRIPT = """
 import ctypes, os, sys, tempfile, threading
-from dreamserve.cli.server import limit_malloc_arenas
-limited = limit_malloc_arenas() if sys.argv[1] == "limit" else False
+from dreamserve.malloc import limit_arenas
+limited = limit_arenas() if sys.argv[1] == "limit" else False
 libc = ctypes.CDLL(None)
 libc.fopen.restype = ctypes.c_void_p
 libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]

@@ -16,7 +16,19 @@ PACKAGE = Path(dreamserve.__file__).parent
 #: module (or package prefix) -> tier, as in the table of docs/architecture.md.
 TIERS: dict[str, str] = {
     **dict.fromkeys(
-        ["errors", "settings", "jobs", "signing", "wiro.sizes", "status", "logs", "liveness", "userconfig", "groups"],
+        [
+            "errors",
+            "settings",
+            "jobs",
+            "signing",
+            "wiro.sizes",
+            "status",
+            "logs",
+            "liveness",
+            "malloc",
+            "userconfig",
+            "groups",
+        ],
         "leaf",
     ),
     "queue": "queue",  # db, migrate, migrations, keyring, store, events, redis_events

@@ -33,8 +33,6 @@ if TYPE_CHECKING:  # the server's settings need pydantic-settings, a server extr
 
 #: How often ``serve`` says it is still loading the model.
 LOADING_NOTE_SECONDS = 10.0
-#: glibc malloc arenas of a server process (its default: 8 per core), unless MALLOC_ARENA_MAX says otherwise.
-MALLOC_ARENAS = 2
 
 
 @main.command()
@@ -72,7 +70,9 @@ def serve(
     fetch_allow_hosts: tuple[str, ...],
 ) -> None:
     """Run the API and (by default) the model workers on this machine."""
-    limit_malloc_arenas()  # first: it applies to the threads started after it
+    from dreamserve import malloc
+
+    malloc.limit_arenas()  # first: it applies to the threads started after it
     import uvicorn
 
     from dreamserve import logs
@@ -108,24 +108,6 @@ def serve(
     )
     server = uvicorn.Server(config)
     server.run()
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """At most ``arenas`` glibc malloc arenas for the threads started from now on; True when set.
-
-    The server's threads (the database connections', the executor's) come and go, and by default glibc gives
-    new threads new arenas, up to 8 per core, each keeping the memory it once held. The API process's RSS then
-    kept rising slowly under load while its Python heap stayed flat (bench/soak.py, bench/traced.py); with two
-    arenas it stays flat. An operator's ``MALLOC_ARENA_MAX`` wins; elsewhere than glibc this does nothing.
-    """
-    import ctypes
-    import os
-    import platform
-
-    if "MALLOC_ARENA_MAX" in os.environ or platform.libc_ver()[0] != "glibc":
-        return False
-    m_arena_max = -8  # malloc.h
-    return bool(ctypes.CDLL(None).mallopt(m_arena_max, arenas))
 
 
 def _raise_open_file_limit() -> None:

@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
+from dreamserve import malloc
 from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, StepInfo
 from dreamserve.logs import forward_from_child
 from dreamserve.worker.protocol import (
@@ -56,10 +57,14 @@ def child_main(conn: Connection, stop: EventType, spec: dict[str, Any], log_leve
     send: Callable[[FromChild], None] = forward_from_child(conn.send, log_level)
     # Imported here: only the child process may import torch.
     from dreamserve.engine import Engine
+    from dreamserve.engine.loader import resolve_device
     from dreamserve.settings import ModelSpec
 
+    model = ModelSpec(**spec)
+    if model.keep_freed_memory and resolve_device(model) == "cpu" and malloc.keep_freed_memory():
+        log.info("model process on the CPU: freed memory is kept for reuse (keep_freed_memory)")
     try:
-        engine = Engine.load(ModelSpec(**spec))
+        engine = Engine.load(model)
     except Exception as exc:
         send(Fatal(f"{type(exc).__name__}: {exc}"))
         return
