@@ -34,7 +34,7 @@ NEVER = -1
 def limit_arenas(arenas: int = API_ARENAS) -> bool:
     """At most ``arenas`` malloc arenas for the threads started from now on; True when set. An operator's
     ``MALLOC_ARENA_MAX`` wins."""
-    if "MALLOC_ARENA_MAX" in os.environ or not _tunable("arena_max"):
+    if not _left_to_us(("arena_max", "MALLOC_ARENA_MAX")):
         return False
     return _mallopt(M_ARENA_MAX, arenas)
 
@@ -42,16 +42,18 @@ def limit_arenas(arenas: int = API_ARENAS) -> bool:
 def keep_freed_memory() -> bool:
     """Serve every allocation from the heap (no mmap) and never trim it, so freed memory is reused without page
     faults; True when set. An operator's ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_`` wins."""
-    if {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"} & os.environ.keys():
-        return False
-    if not (_tunable("mmap_max") and _tunable("trim_threshold")):
+    if not _left_to_us(("mmap_max", "MALLOC_MMAP_MAX_"), ("trim_threshold", "MALLOC_TRIM_THRESHOLD_")):
         return False
     return _mallopt(M_MMAP_MAX, 0) and _mallopt(M_TRIM_THRESHOLD, NEVER)
 
 
-def _tunable(name: str) -> bool:
-    """Whether glibc's malloc is in use and ``GLIBC_TUNABLES`` leaves ``glibc.malloc.<name>`` to us."""
-    return platform.libc_ver()[0] == "glibc" and f"glibc.malloc.{name}" not in os.environ.get("GLIBC_TUNABLES", "")
+def _left_to_us(*settings: tuple[str, str]) -> bool:
+    """Whether glibc's malloc is in use and the operator set none of these (tunable, environment variable) pairs:
+    neither ``glibc.malloc.<tunable>`` in ``GLIBC_TUNABLES`` nor the variable."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return platform.libc_ver()[0] == "glibc" and not any(
+        f"glibc.malloc.{tunable}" in tunables or variable in os.environ for tunable, variable in settings
+    )
 
 
 def _mallopt(parameter: int, value: int) -> bool:
