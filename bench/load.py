@@ -120,8 +120,11 @@ def memory(pid: int | None) -> dict[str, Any]:
     try:
         server = psutil.Process(pid)
         children = server.children(recursive=True)
+        api = server.memory_info()
         return {
-            "api_mb": round(server.memory_info().rss / 2**20, 1),
+            "api_mb": round(api.rss / 2**20, 1),
+            # anonymous pages: the process's own memory; the rest is shared libraries and files, the kernel's to drop
+            "api_anon_mb": round((api.rss - api.shared) / 2**20, 1),
             "children_mb": round(sum(c.memory_info().rss for c in children) / 2**20, 1),
         }
     except psutil.Error:

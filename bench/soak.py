@@ -202,7 +202,11 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.5, help="Seconds between a normal client's Detail calls.")
     parser.add_argument("--bomb-mib", type=int, default=1024, help="MiB of zeros in the double-gzipped bomb.")
     parser.add_argument("--json", type=Path, help="Write the figures here too.")
-    parser.add_argument("--trace", type=Path, help="Run the server under tracemalloc (traced.py), its figures here.")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="Run the server under traced.py (tracemalloc unless DREAMSERVE_TRACE_FRAMES=0), its figures here.",
+    )
     args = parser.parse_args()
 
     bomb = double_gzip(args.bomb_mib)

@@ -1,19 +1,24 @@
-"""Run ``dreamserve serve`` under tracemalloc, keeping snapshots of the API process (issue 11). Not a test.
+"""Run ``dreamserve serve`` with its API process's memory accounted for from inside (issue 11). Not a test.
 
     python bench/traced.py OUT_DIR -- serve --host 127.0.0.1 --port 8000
     python bench/traced.py --compare OUT_DIR/snap-02.pickle OUT_DIR/snap-08.pickle [--top 30]
 
-Every ``DREAMSERVE_TRACE_SECONDS`` (30) a thread appends to ``OUT_DIR/totals.jsonl`` the traced bytes
-(current and peak), the RSS, and the numbers of objects the collector tracks and of threads, and dumps a
-snapshot to ``OUT_DIR/snap-<n>.pickle``. Comparing is left to ``--compare``, in another process: grouping
-a few hundred thousand tracebacks takes minutes, and done in the server it would hold the GIL that long.
-The model process is spawned (a fresh interpreter) and is not traced. ``load.start_server(trace=...)``
-runs the server this way.
+Every ``DREAMSERVE_TRACE_SECONDS`` (30) a thread appends to ``OUT_DIR/totals.jsonl`` where the RSS is:
+anonymous and file-backed pages, what glibc's malloc holds (from the system, in use, free, mmapped:
+``mallinfo2``), what SQLite has allocated (``sqlite3_memory_used``, its page caches included), the
+numbers of objects the collector tracks and of threads, and, under tracemalloc, the traced bytes
+(current and peak) and a snapshot in ``OUT_DIR/snap-<n>.pickle``. ``DREAMSERVE_TRACE_FRAMES=0`` leaves
+tracemalloc off (its own bookkeeping is tens of MB), so that the RSS is the server's own. Comparing
+snapshots is left to ``--compare``, in another process: grouping a few hundred thousand tracebacks
+takes minutes, and done in the server it would hold the GIL that long. The model process is spawned (a
+fresh interpreter) and is not accounted for. ``load.start_server(trace=...)`` runs the server this way.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -25,7 +30,49 @@ from pathlib import Path
 
 import psutil
 
-FRAMES = 15
+MIB = 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    # glibc's struct mallinfo2 (2.33+): totals over every arena.
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _native() -> dict[str, float]:
+    """What glibc's malloc and SQLite hold, in MiB; empty where this libc or SQLite does not say."""
+    figures: dict[str, float] = {}
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        figures |= {
+            "malloc_system_mb": round(info.arena / MIB, 1),
+            "malloc_used_mb": round(info.uordblks / MIB, 1),
+            "malloc_free_mb": round(info.fordblks / MIB, 1),
+            "malloc_mmapped_mb": round(info.hblkhd / MIB, 1),
+        }
+    name = ctypes.util.find_library("sqlite3")
+    if name:  # the library the sqlite3 module loaded: dlopen hands back the same one
+        sqlite = ctypes.CDLL(name)
+        sqlite.sqlite3_memory_used.restype = ctypes.c_int64
+        sqlite.sqlite3_memory_highwater.restype = ctypes.c_int64
+        figures["sqlite_mb"] = round(sqlite.sqlite3_memory_used() / MIB, 1)
+        figures["sqlite_peak_mb"] = round(sqlite.sqlite3_memory_highwater(0) / MIB, 1)
+    return figures
 
 
 def _watch(out: Path, every: float) -> None:
@@ -33,17 +80,21 @@ def _watch(out: Path, every: float) -> None:
     started = time.monotonic()
     number = 0
     while True:
-        current, peak = tracemalloc.get_traced_memory()
-        record = {
+        memory = process.memory_info()
+        record: dict[str, float] = {
             "n": number,
             "t": round(time.monotonic() - started),
-            "traced_mb": round(current / 2**20, 2),
-            "peak_mb": round(peak / 2**20, 2),
-            "rss_mb": round(process.memory_info().rss / 2**20, 1),
+            "rss_mb": round(memory.rss / MIB, 1),
+            "anon_mb": round((memory.rss - memory.shared) / MIB, 1),
+            "file_mb": round(memory.shared / MIB, 1),
+            **_native(),
             "objects": len(gc.get_objects()),
             "threads": threading.active_count(),
         }
-        tracemalloc.take_snapshot().dump(str(out / f"snap-{number:02d}.pickle"))
+        if tracemalloc.is_tracing():
+            current, peak = tracemalloc.get_traced_memory()
+            record |= {"traced_mb": round(current / MIB, 2), "peak_mb": round(peak / MIB, 2)}
+            tracemalloc.take_snapshot().dump(str(out / f"snap-{number:02d}.pickle"))
         with (out / "totals.jsonl").open("a") as file:
             file.write(json.dumps(record) + "\n")
         number += 1
@@ -58,7 +109,7 @@ def compare(before: Path, after: Path, top: int) -> None:
     print(f"{before.name} -> {after.name}: {total / 1024:+.1f} KiB traced")
     for stat in new.compare_to(old, "traceback")[:top]:
         print(f"\n{stat.size_diff / 1024:+.1f} KiB, {stat.count_diff:+d} blocks (now {stat.size / 1024:.1f} KiB)")
-        print("\n".join(f"    {line}" for line in stat.traceback.format(limit=FRAMES, most_recent_first=True)))
+        print("\n".join(f"    {line}" for line in stat.traceback.format(limit=15, most_recent_first=True)))
 
 
 def main() -> None:
@@ -72,7 +123,9 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     serve = sys.argv[3:] if sys.argv[2:3] == ["--"] else sys.argv[2:]
-    tracemalloc.start(FRAMES)
+    frames = int(os.environ.get("DREAMSERVE_TRACE_FRAMES", "15"))
+    if frames:
+        tracemalloc.start(frames)
     every = float(os.environ.get("DREAMSERVE_TRACE_SECONDS", "30"))
     threading.Thread(target=_watch, args=(out, every), daemon=True, name="tracemalloc").start()
     from dreamserve.cli import main as dreamserve
