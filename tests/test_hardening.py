@@ -9,13 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import resource
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -358,51 +354,3 @@ def test_slow_failing_receiver_delays_nobody_else(server: Server, attacker: Atta
     assert sum(int(row["attempts"]) for row in rows) == hits, rows
     assert all("took longer than 3 s" in row["lasterror"] or "circuit breaker" in row["lasterror"] for row in rows)
     assert sum("circuit breaker" in row["lasterror"] for row in rows) >= len(slow) - hits, rows
-
-
-#: ``malloc.limit_arenas``'s answer (with ``limit``, else not called) and the process's glibc malloc arenas after
-#: ``THREADS`` threads allocated at once (``malloc_info`` writes one ``<heap nr=...>`` per arena).
-ARENAS_SCRIPT = """
-import ctypes, os, sys, tempfile, threading
-from dreamserve.malloc import limit_arenas
-limited = limit_arenas() if sys.argv[1] == "limit" else False
-libc = ctypes.CDLL(None)
-libc.fopen.restype = ctypes.c_void_p
-libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-libc.fclose.argtypes = [ctypes.c_void_p]
-barrier = threading.Barrier(THREADS)
-def allocate():
-    kept = [bytearray(100_000)]  # above pymalloc's size: from this thread's malloc arena
-    barrier.wait()
-threads = [threading.Thread(target=allocate) for _ in range(THREADS)]
-for thread in threads:
-    thread.start()
-for thread in threads:
-    thread.join()
-path = tempfile.mktemp()
-file = libc.fopen(path.encode(), b"w")
-libc.malloc_info(0, file)
-libc.fclose(file)
-print(limited, open(path).read().count("<heap nr="))
-os.unlink(path)
-""".replace("THREADS", "12")
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc arenas")
-def test_server_threads_share_two_malloc_arenas() -> None:
-    """The API's RSS rose slowly under load while its Python heap stayed flat (issue 11): its threads come and go,
-    and glibc gave them up to 8 arenas per core, each keeping what it once held. ``serve`` limits them to two,
-    unless the operator's MALLOC_ARENA_MAX says otherwise."""
-    env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
-
-    def arenas(mode: str, **extra: str) -> tuple[bool, int]:
-        command = [sys.executable, "-c", ARENAS_SCRIPT, mode]
-        answer = subprocess.run(command, env={**env, **extra}, capture_output=True, check=True, text=True)
-        limited, count = answer.stdout.split()
-        return limited == "True", int(count)
-
-    limited, count = arenas("default")
-    assert count > 2, f"without the limit, the threads got arenas of their own: {count}"
-    assert arenas("limit") == (True, 2)
-    limited, count = arenas("limit", MALLOC_ARENA_MAX="4")
-    assert not limited and 2 < count <= 4, "the operator's MALLOC_ARENA_MAX is left as it is"

@@ -29,12 +29,46 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def faults(mode: str, **extra: str) -> tuple[bool, int]:
+#: ``limit_arenas``'s answer and the process's malloc arenas after ``THREADS`` threads allocated at once
+#: (``malloc_info`` writes one ``<heap nr=...>`` per arena): the API's threads (database connections', the
+#: executor's) come and go.
+ARENAS_SCRIPT = """
+import ctypes, os, sys, tempfile, threading
+from dreamserve.malloc import limit_arenas
+limited = limit_arenas() if sys.argv[1] == "limit" else False
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+barrier = threading.Barrier(THREADS)
+def allocate():
+    kept = [bytearray(100_000)]  # above pymalloc's size: from this thread's malloc arena
+    barrier.wait()
+threads = [threading.Thread(target=allocate) for _ in range(THREADS)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+path = tempfile.mktemp()
+file = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, file)
+libc.fclose(file)
+print(limited, open(path).read().count("<heap nr="))
+os.unlink(path)
+""".replace("THREADS", "12")
+
+
+def run(script: str, mode: str, **extra: str) -> tuple[bool, int]:
+    """``script``'s two answers, run with ``mode`` and ``extra`` as the only malloc settings in its environment."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
-    command = [sys.executable, "-c", FAULTS_SCRIPT, mode]
+    command = [sys.executable, "-c", script, mode]
     answer = subprocess.run(command, env={**env, **extra}, capture_output=True, check=True, text=True)
-    kept, count = answer.stdout.split()
-    return kept == "True", int(count)
+    done, count = answer.stdout.split()
+    return done == "True", int(count)
+
+
+def faults(mode: str, **extra: str) -> tuple[bool, int]:
+    return run(FAULTS_SCRIPT, mode, **extra)
 
 
 def test_freed_memory_is_reused_without_page_faults() -> None:
@@ -50,3 +84,14 @@ def test_an_operators_malloc_settings_win() -> None:
     kept, count = faults("keep", MALLOC_MMAP_MAX_="65536")
     assert (kept, count) == (False, pytest.approx(PAGES, rel=0.5))
     assert faults("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000000")[0] is False
+
+
+def test_server_threads_share_two_malloc_arenas() -> None:
+    """The API's RSS rose slowly under load while its Python heap stayed flat (issue 11): its threads come and go,
+    and glibc gave them up to 8 arenas per core, each keeping what it once held. ``serve`` limits them to two,
+    unless the operator's MALLOC_ARENA_MAX says otherwise."""
+    limited, count = run(ARENAS_SCRIPT, "default")
+    assert count > 2, f"without the limit, the threads got arenas of their own: {count}"
+    assert run(ARENAS_SCRIPT, "limit") == (True, 2)
+    limited, count = run(ARENAS_SCRIPT, "limit", MALLOC_ARENA_MAX="4")
+    assert not limited and 2 < count <= 4, "the operator's MALLOC_ARENA_MAX is left as it is"
