@@ -55,7 +55,7 @@ class Services:
     def __init__(self, settings: Settings, workers: str | None = None) -> None:
         self.settings = settings
         self.workers = workers or ("poll" if settings.run_workers else "none")
-        self.engine: AsyncEngine = make_engine(settings.db_url)
+        self.engine: AsyncEngine = make_engine(settings.db_url, settings.database_pool_size)
         self.sessions: async_sessionmaker[AsyncSession] = make_sessionmaker(self.engine)
         self.hub = make_hub(settings)
         self.keys = ServerKey.load(settings)

@@ -206,9 +206,12 @@ class WebhookDelivery(Base):
     delivered: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
-def make_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
+def make_engine(url: str, pool_size: int = 15) -> AsyncEngine:
+    """An engine whose pool keeps up to ``pool_size`` connections and opens no more (``max_overflow=0``).
+    Only a server's connections can drop, so only they are pinged before use."""
+    sqlite = url.startswith("sqlite")
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=not sqlite)
+    if sqlite:
         # WAL lets the API read while a worker writes; busy_timeout queues writers instead of failing.
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
