@@ -5,9 +5,9 @@
 
 Every ``DREAMSERVE_TRACE_SECONDS`` (30) a thread appends to ``OUT_DIR/totals.jsonl`` where the RSS is:
 anonymous and file-backed pages, what glibc's malloc holds (from the system, in use, free, mmapped:
-``mallinfo2``), what SQLite has allocated (``sqlite3_memory_used``, its page caches included), the
-numbers of objects the collector tracks and of threads, and, under tracemalloc, the traced bytes
-(current and peak) and a snapshot in ``OUT_DIR/snap-<n>.pickle``. ``DREAMSERVE_TRACE_FRAMES=0`` leaves
+``mallinfo2``), what SQLite has allocated (``sqlite3_memory_used``) and its connections hold (page
+caches, schemas, prepared statements), the numbers of objects the collector tracks and of threads,
+and, under tracemalloc, the traced bytes (current and peak) and a snapshot in ``OUT_DIR/snap-<n>.pickle``. ``DREAMSERVE_TRACE_FRAMES=0`` leaves
 tracemalloc off (its own bookkeeping is tens of MB), so that the RSS is the server's own. Comparing
 snapshots is left to ``--compare``, in another process: grouping a few hundred thousand tracebacks
 takes minutes, and done in the server it would hold the GIL that long. The model process is spawned (a
@@ -22,6 +22,7 @@ import ctypes.util
 import gc
 import json
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -50,6 +51,34 @@ class _MallInfo2(ctypes.Structure):
             "keepcost",
         )
     ]
+
+
+def _connections(objects: list[object]) -> dict[str, float]:
+    """The open SQLite connections and what they hold (``sqlite3_db_status``: page cache, schema, prepared
+    statements), in MiB. The handle is read from the connection object (CPython's ``pysqlite_Connection``
+    keeps it first); a bench's shortcut, safe while the pool closes nothing."""
+    name = ctypes.util.find_library("sqlite3")
+    if not name:
+        return {}
+    sqlite = ctypes.CDLL(name)
+    handles = [
+        ctypes.c_void_p.from_address(id(o) + object.__basicsize__).value
+        for o in objects
+        if type(o) is sqlite3.Connection
+    ]
+    totals = {"cache": 0, "schema": 0, "statements": 0}
+    current, highest = ctypes.c_int(), ctypes.c_int()
+    for handle in filter(None, handles):
+        for op, what in ((1, "cache"), (2, "schema"), (3, "statements")):
+            if (
+                sqlite.sqlite3_db_status(ctypes.c_void_p(handle), op, ctypes.byref(current), ctypes.byref(highest), 0)
+                == 0
+            ):
+                totals[what] += current.value
+    return {
+        "sqlite_connections": len(handles),
+        **{f"sqlite_{what}_mb": round(n / MIB, 2) for what, n in totals.items()},
+    }
 
 
 def _native() -> dict[str, float]:
@@ -81,6 +110,7 @@ def _watch(out: Path, every: float) -> None:
     number = 0
     while True:
         memory = process.memory_info()
+        objects = gc.get_objects()
         record: dict[str, float] = {
             "n": number,
             "t": round(time.monotonic() - started),
@@ -88,9 +118,11 @@ def _watch(out: Path, every: float) -> None:
             "anon_mb": round((memory.rss - memory.shared) / MIB, 1),
             "file_mb": round(memory.shared / MIB, 1),
             **_native(),
-            "objects": len(gc.get_objects()),
+            **_connections(objects),
+            "objects": len(objects),
             "threads": threading.active_count(),
         }
+        del objects  # held through the sleep, the list would keep what the server freed meanwhile
         if tracemalloc.is_tracing():
             current, peak = tracemalloc.get_traced_memory()
             record |= {"traced_mb": round(current / MIB, 2), "peak_mb": round(peak / MIB, 2)}
