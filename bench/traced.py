@@ -6,12 +6,14 @@
 Every ``DREAMSERVE_TRACE_SECONDS`` (30) a thread appends to ``OUT_DIR/totals.jsonl`` where the RSS is:
 anonymous and file-backed pages, what glibc's malloc holds (from the system, in use, free, mmapped:
 ``mallinfo2``), what SQLite has allocated (``sqlite3_memory_used``) and its connections hold (page
-caches, schemas, prepared statements), the numbers of objects the collector tracks and of threads,
-and, under tracemalloc, the traced bytes (current and peak) and a snapshot in ``OUT_DIR/snap-<n>.pickle``. ``DREAMSERVE_TRACE_FRAMES=0`` leaves
-tracemalloc off (its own bookkeeping is tens of MB), so that the RSS is the server's own. Comparing
-snapshots is left to ``--compare``, in another process: grouping a few hundred thousand tracebacks
-takes minutes, and done in the server it would hold the GIL that long. The model process is spawned (a
-fresh interpreter) and is not accounted for. ``load.start_server(trace=...)`` runs the server this way.
+caches, schemas, prepared statements), the numbers of objects the collector tracks, of blocks Python's
+allocators hold and of threads, and, under tracemalloc, the traced bytes (current and peak); to
+``OUT_DIR/census.jsonl`` the counts of the 300 commonest types the collector tracks; and under
+tracemalloc a snapshot to ``OUT_DIR/snap-<n>.pickle``. ``DREAMSERVE_TRACE_FRAMES=0`` leaves tracemalloc
+off (its own bookkeeping is tens of MB), so that the RSS is the server's own. Comparing snapshots is
+left to ``--compare``, in another process: grouping a few hundred thousand tracebacks takes minutes,
+and done in the server it would hold the GIL that long. The model process is spawned (a fresh
+interpreter) and is not accounted for. ``load.start_server(trace=...)`` runs the server this way.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -120,9 +123,13 @@ def _watch(out: Path, every: float) -> None:
             **_native(),
             **_connections(objects),
             "objects": len(objects),
+            "python_blocks": sys.getallocatedblocks(),
             "threads": threading.active_count(),
         }
+        kinds = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in objects)
         del objects  # held through the sleep, the list would keep what the server freed meanwhile
+        with (out / "census.jsonl").open("a") as file:
+            file.write(json.dumps({"n": number, "t": record["t"], "types": dict(kinds.most_common(300))}) + "\n")
         if tracemalloc.is_tracing():
             current, peak = tracemalloc.get_traced_memory()
             record |= {"traced_mb": round(current / MIB, 2), "peak_mb": round(peak / MIB, 2)}
