@@ -8,7 +8,8 @@ anonymous and file-backed pages, what glibc's malloc holds (from the system, in 
 ``mallinfo2``), what SQLite has allocated (``sqlite3_memory_used``) and its connections hold (page
 caches, schemas, prepared statements), the numbers of objects the collector tracks, of blocks Python's
 allocators hold and of threads, and, under tracemalloc, the traced bytes (current and peak); to
-``OUT_DIR/census.jsonl`` the counts of the 300 commonest types the collector tracks; and under
+``OUT_DIR/census.jsonl`` the counts of the 300 commonest types the collector tracks; glibc's
+``malloc_info`` to ``OUT_DIR/malloc-<n>.xml``; and under
 tracemalloc a snapshot to ``OUT_DIR/snap-<n>.pickle``. ``DREAMSERVE_TRACE_FRAMES=0`` leaves tracemalloc
 off (its own bookkeeping is tens of MB), so that the RSS is the server's own. Comparing snapshots is
 left to ``--compare``, in another process: grouping a few hundred thousand tracebacks takes minutes,
@@ -84,6 +85,20 @@ def _connections(objects: list[object]) -> dict[str, float]:
     }
 
 
+def _malloc_info(path: Path) -> None:
+    """glibc's own account of each arena (``malloc_info``): its free chunks by size, fast bins, top."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "malloc_info"):
+        return
+    libc.fopen.restype = ctypes.c_void_p
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    file = libc.fopen(str(path).encode(), b"w")
+    if file:
+        libc.malloc_info(0, file)
+        libc.fclose(file)
+
+
 def _native() -> dict[str, float]:
     """What glibc's malloc and SQLite hold, in MiB; empty where this libc or SQLite does not say."""
     figures: dict[str, float] = {}
@@ -128,6 +143,7 @@ def _watch(out: Path, every: float) -> None:
         }
         kinds = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in objects)
         del objects  # held through the sleep, the list would keep what the server freed meanwhile
+        _malloc_info(out / f"malloc-{number:02d}.xml")
         with (out / "census.jsonl").open("a") as file:
             file.write(json.dumps({"n": number, "t": record["t"], "types": dict(kinds.most_common(300))}) + "\n")
         if tracemalloc.is_tracing():
