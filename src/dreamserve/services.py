@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from dreamserve import malloc
 from dreamserve.blobs import BlobStore, make_blob_store
 from dreamserve.errors import RateLimited
 from dreamserve.liveness import Liveness
@@ -101,6 +102,8 @@ class Services:
         reap_every = max(0.5, self.settings.lease_seconds / 4)
         self._loops.append(self.liveness.start("reaper", reap_every, self._reap))
         self._loops.append(self.liveness.start("webhooks", 0.5, self.webhooks.send_due))
+        if self.settings.release_memory_seconds:
+            self._loops.append(self.liveness.start("memory", self.settings.release_memory_seconds, self._release))
         if self.settings.dispatch == "celery":
             from dreamserve.scale.dispatch import celery_dispatcher
 
@@ -240,6 +243,9 @@ class Services:
             if task is not None:
                 self.wake(task.model)
         await self.expire()
+
+    async def _release(self) -> None:
+        malloc.release_free_memory()
 
     async def expire(self, now: float | None = None) -> int:
         """Delete the inputs and outputs older than ``retention_seconds`` (0 keeps them); ``now`` for tests."""

@@ -223,6 +223,8 @@ class Settings(BaseSettings):
     #: ``/readyz`` fails when a background loop (claims, heartbeats, reaper, callbacks, dispatcher) has died,
     #: or has not completed an iteration for this long (or three of its periods, if longer).
     loop_stale_seconds: float = Field(default=60.0, gt=0)
+    #: Every so often the API gives the free memory inside its heap back to the system (``malloc.py``); 0 = never.
+    release_memory_seconds: float = Field(default=30.0, ge=0)
 
     #: How long ``/v1/images/*`` (OpenAI's synchronous shape) waits for its task before answering an error
     #: that names the task, which keeps running and can be followed with Task/Detail.
