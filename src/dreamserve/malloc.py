@@ -28,9 +28,12 @@ import platform
 #: mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 #: Arenas of the API process.
 API_ARENAS = 2
+#: Blocks the API process maps on their own (``map_large_blocks``).
+API_MMAP_THRESHOLD = 64 << 10
 #: M_TRIM_THRESHOLD's "never trim" (mallopt(3)).
 NEVER = -1
 
@@ -41,6 +44,16 @@ def limit_arenas(arenas: int = API_ARENAS) -> bool:
     if not _left_to_us(("arena_max", "MALLOC_ARENA_MAX")):
         return False
     return _mallopt(M_ARENA_MAX, arenas)
+
+
+def map_large_blocks(threshold: int = API_MMAP_THRESHOLD) -> bool:
+    """Give blocks of ``threshold`` bytes and more a mapping of their own, unmapped on free; True when set. By
+    default glibc raises this threshold, up to 32 MiB, each time such a block is freed, so later large buffers
+    come from the heap, where they leave holes and push its top up. An operator's ``MALLOC_MMAP_THRESHOLD_``
+    wins."""
+    if not _left_to_us(("mmap_threshold", "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    return _mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 def keep_freed_memory() -> bool:

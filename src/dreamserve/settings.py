@@ -220,7 +220,7 @@ class Settings(BaseSettings):
     #: Frames a socket may send that register nothing (not JSON, unknown token, over its task limit) before
     #: it is closed with 1008.
     socket_max_bad_frames: int = Field(default=8, ge=1)
-    #: ``/readyz`` fails when a background loop (claims, heartbeats, reaper, callbacks, dispatcher) has died,
+    #: ``/readyz`` fails when a background loop (claims, heartbeats, reaper, callbacks, dispatcher, memory) has died,
     #: or has not completed an iteration for this long (or three of its periods, if longer).
     loop_stale_seconds: float = Field(default=60.0, gt=0)
     #: Every so often the API gives the free memory inside its heap back to the system (``malloc.py``); 0 = never.

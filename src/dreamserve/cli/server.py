@@ -73,6 +73,7 @@ def serve(
     from dreamserve import malloc
 
     malloc.limit_arenas()  # first: it applies to the threads started after it
+    malloc.map_large_blocks()
     import uvicorn
 
     from dreamserve import logs
