@@ -74,6 +74,25 @@ print(released, (before - rss()) >> 20)
 """
 
 
+#: ``map_large_blocks``'s answer and how many mappings malloc made for a 512 KiB buffer (``mallinfo2().hblks``), after
+#: a 4 MiB one was freed.
+MAPPED_SCRIPT = """
+import ctypes, sys
+from dreamserve.malloc import map_large_blocks
+FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in FIELDS.split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+mapped = map_large_blocks() if sys.argv[1] == "map" else False
+block = bytearray(4 << 20)
+del block  # by default glibc raises its mmap threshold to 4 MiB here (if it was lower)
+before = libc.mallinfo2().hblks
+block = bytearray(512 << 10)
+print(mapped, libc.mallinfo2().hblks - before)
+"""
+
+
 def run(script: str, mode: str, **extra: str) -> tuple[bool, int]:
     """``script``'s two answers, run with ``mode`` and ``extra`` as the only malloc settings in its environment."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
@@ -120,3 +139,11 @@ def test_free_memory_inside_the_heap_is_given_back() -> None:
     released, mib = run(RELEASE_SCRIPT, "release")
     assert released is True
     assert mib >= 30, f"{mib} MiB of about 46 given back"
+
+
+def test_the_apis_large_buffers_are_mapped_on_their_own() -> None:
+    """By default a freed 1 MiB buffer makes the next 512 KiB one come from the heap; in the API it is mapped and
+    unmapped on its own, leaving no hole in the heap. An operator's MALLOC_MMAP_THRESHOLD_ wins."""
+    assert run(MAPPED_SCRIPT, "default") == (False, 0)
+    assert run(MAPPED_SCRIPT, "map") == (True, 1)
+    assert run(MAPPED_SCRIPT, "map", MALLOC_MMAP_THRESHOLD_="2000000") == (False, 0)
