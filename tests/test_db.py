@@ -15,9 +15,9 @@ POOL = 6
 
 async def test_a_busy_api_keeps_its_connections_instead_of_opening_new_ones(tmp_path: Path) -> None:
     """SQLAlchemy's default pool (5, and 10 more closed on their return) opened a connection, and with aiosqlite a
-    thread, for nearly every request past the fifth at once: about 5 a second in the soak, whose API heap grew with
-    the churn (issue 11). Now a burst opens at most ``pool_size`` connections, the next burst opens none, and
-    nothing past the pool is opened: the others wait their turn."""
+    thread, for nearly every request past the fifth at once: about 5 a second in the soak (issue 11). Now a burst
+    opens at most ``pool_size`` connections, the next burst opens none, and nothing past the pool is opened: the
+    others wait their turn."""
     engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", pool_size=POOL)
     sessions = make_sessionmaker(engine)
     opened = 0

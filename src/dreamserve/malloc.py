@@ -5,10 +5,10 @@ where the operator has set glibc's own variables, these do nothing.
   executor's) come and go, and by default glibc gives new threads new arenas, up to 8 per core, each keeping the
   memory it once held. The API's RSS then kept rising slowly under load while its Python heap stayed flat
   (bench/soak.py, bench/traced.py).
-* The API process, every ``release_memory_seconds``: the free memory inside its heap is given back
-  (``malloc_trim``). glibc only ever returns the heap's top; under steady load the main arena's free chunks
-  grew from 360 to 730 in ten minutes while the memory in use, Python's blocks and SQLite's stayed flat, and
-  the RSS rose with them (bench/soak.py with bench/traced.py's ``malloc_info``).
+* The API process (``serve``): blocks of 64 KiB and more mapped on their own, and every
+  ``release_memory_seconds`` the free memory inside its heap given back (``malloc_trim``): glibc's ``free`` only
+  ever returns the heap's top, so what a burst (large uploads, a flood of sockets) left free in the middle stayed
+  resident. Under steady load neither changed the slow rise of the API's RSS (docs/reliability.md, section 7).
 * The model process on a CPU: freed memory is kept for the next tensors. PyTorch's CPU allocator has no cache,
   and glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on
   free, so each large activation's pages are faulted in and zeroed by the kernel again on every call. A batch of

@@ -89,9 +89,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("dreamserve-data")
     #: SQLAlchemy async URL; defaults to SQLite in ``data_dir``.
     database_url: str | None = None
-    #: Database connections a process may hold at once, kept open once made (SQLAlchemy's default pool of 5
-    #: closed every connection past the fifth on its return: under load, a new connection and thread per
-    #: request, which fragmented the API's heap; issue 11). More wait for one, as before past 5 + 10 overflow.
+    #: Database connections a process may hold at once, kept open once made. SQLAlchemy's default pool kept 5
+    #: and closed the other 10 on their return: under load a new connection (with aiosqlite, a new thread) for
+    #: most requests, 5 a second in bench/soak.py. More wait for one, as before.
     database_pool_size: int = Field(default=15, ge=1, le=1000)
     host: str = "127.0.0.1"
     port: int = 8000
