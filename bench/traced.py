@@ -57,14 +57,34 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
+def _load_libraries() -> tuple[ctypes.CDLL, ctypes.CDLL | None]:
+    """This process's C library and the SQLite the sqlite3 module loaded (dlopen hands back the same one), with the
+    prototypes used here. Once: ``find_library`` runs ``ldconfig`` in a subprocess, forked from the server."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    if hasattr(libc, "malloc_info"):
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    name = ctypes.util.find_library("sqlite3")
+    if not name:
+        return libc, None
+    sqlite = ctypes.CDLL(name)
+    sqlite.sqlite3_memory_used.restype = ctypes.c_int64
+    sqlite.sqlite3_memory_highwater.restype = ctypes.c_int64
+    return libc, sqlite
+
+
+LIBC, SQLITE = _load_libraries()
+
+
 def _connections(objects: list[object]) -> dict[str, float]:
     """The open SQLite connections and what they hold (``sqlite3_db_status``: page cache, schema, prepared
     statements), in MiB. The handle is read from the connection object (CPython's ``pysqlite_Connection``
     keeps it first); a bench's shortcut, safe while the pool closes nothing."""
-    name = ctypes.util.find_library("sqlite3")
-    if not name:
+    if SQLITE is None:
         return {}
-    sqlite = ctypes.CDLL(name)
     handles = [
         ctypes.c_void_p.from_address(id(o) + object.__basicsize__).value
         for o in objects
@@ -74,10 +94,10 @@ def _connections(objects: list[object]) -> dict[str, float]:
     current, highest = ctypes.c_int(), ctypes.c_int()
     for handle in filter(None, handles):
         for op, what in ((1, "cache"), (2, "schema"), (3, "statements")):
-            if (
-                sqlite.sqlite3_db_status(ctypes.c_void_p(handle), op, ctypes.byref(current), ctypes.byref(highest), 0)
-                == 0
-            ):
+            status = SQLITE.sqlite3_db_status(
+                ctypes.c_void_p(handle), op, ctypes.byref(current), ctypes.byref(highest), 0
+            )
+            if status == 0:
                 totals[what] += current.value
     return {
         "sqlite_connections": len(handles),
@@ -87,38 +107,28 @@ def _connections(objects: list[object]) -> dict[str, float]:
 
 def _malloc_info(path: Path) -> None:
     """glibc's own account of each arena (``malloc_info``): its free chunks by size, fast bins, top."""
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "malloc_info"):
+    if not hasattr(LIBC, "malloc_info"):
         return
-    libc.fopen.restype = ctypes.c_void_p
-    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    libc.fclose.argtypes = [ctypes.c_void_p]
-    file = libc.fopen(str(path).encode(), b"w")
+    file = LIBC.fopen(str(path).encode(), b"w")
     if file:
-        libc.malloc_info(0, file)
-        libc.fclose(file)
+        LIBC.malloc_info(0, file)
+        LIBC.fclose(file)
 
 
 def _native() -> dict[str, float]:
     """What glibc's malloc and SQLite hold, in MiB; empty where this libc or SQLite does not say."""
     figures: dict[str, float] = {}
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if hasattr(libc, "mallinfo2"):
-        libc.mallinfo2.restype = _MallInfo2
-        info = libc.mallinfo2()
+    if hasattr(LIBC, "mallinfo2"):
+        info = LIBC.mallinfo2()
         figures |= {
             "malloc_system_mb": round(info.arena / MIB, 1),
             "malloc_used_mb": round(info.uordblks / MIB, 1),
             "malloc_free_mb": round(info.fordblks / MIB, 1),
             "malloc_mmapped_mb": round(info.hblkhd / MIB, 1),
         }
-    name = ctypes.util.find_library("sqlite3")
-    if name:  # the library the sqlite3 module loaded: dlopen hands back the same one
-        sqlite = ctypes.CDLL(name)
-        sqlite.sqlite3_memory_used.restype = ctypes.c_int64
-        sqlite.sqlite3_memory_highwater.restype = ctypes.c_int64
-        figures["sqlite_mb"] = round(sqlite.sqlite3_memory_used() / MIB, 1)
-        figures["sqlite_peak_mb"] = round(sqlite.sqlite3_memory_highwater(0) / MIB, 1)
+    if SQLITE is not None:
+        figures["sqlite_mb"] = round(SQLITE.sqlite3_memory_used() / MIB, 1)
+        figures["sqlite_peak_mb"] = round(SQLITE.sqlite3_memory_highwater(0) / MIB, 1)
     return figures
 
 
@@ -182,7 +192,7 @@ def main() -> None:
     if frames:
         tracemalloc.start(frames)
     every = float(os.environ.get("DREAMSERVE_TRACE_SECONDS", "30"))
-    threading.Thread(target=_watch, args=(out, every), daemon=True, name="tracemalloc").start()
+    threading.Thread(target=_watch, args=(out, every), daemon=True, name="memory-accounting").start()
     from dreamserve.cli import main as dreamserve
 
     dreamserve(args=serve, prog_name="dreamserve")

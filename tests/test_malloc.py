@@ -142,7 +142,7 @@ def test_free_memory_inside_the_heap_is_given_back() -> None:
 
 
 def test_the_apis_large_buffers_are_mapped_on_their_own() -> None:
-    """By default a freed 1 MiB buffer makes the next 512 KiB one come from the heap; in the API it is mapped and
+    """By default a freed 4 MiB buffer makes the next 512 KiB one come from the heap; in the API it is mapped and
     unmapped on its own, leaving no hole in the heap. An operator's MALLOC_MMAP_THRESHOLD_ wins."""
     assert run(MAPPED_SCRIPT, "default") == (False, 0)
     assert run(MAPPED_SCRIPT, "map") == (True, 1)
