@@ -212,7 +212,7 @@ async def test_rows_from_before_the_upgrade_keep_working_and_webhook_secrets_get
     """Migration: a database at the initial revision with clear tokens, keys and webhook secrets."""
     data = tmp_path / "data"
     data.mkdir()
-    engine = make_engine(f"sqlite+aiosqlite:///{data / 'dreamserve.db'}")
+    engine = make_engine(f"sqlite+aiosqlite:///{data / 'dreamserve.db'}", pool_size=1)
 
     def old_schema(connection: Any) -> None:
         command.upgrade(alembic_config(connection), "9bc1bd1e81df")

@@ -143,7 +143,7 @@ async def revoke(sessions: async_sessionmaker[AsyncSession], which: str) -> list
 
 
 async def _revoke(settings: Settings, which: str) -> list[tuple[int, str, str]]:
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, settings.database_pool_size)
     try:
         await upgrade(engine)
         return await revoke(make_sessionmaker(engine), which)
@@ -158,7 +158,7 @@ def revoke_project(settings: Settings, which: str) -> list[tuple[int, str, str]]
 
 async def _create(settings: Settings, name: str, signature: bool, max_priority: int | None) -> Credentials:
     private_dir(settings.data_dir)
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, settings.database_pool_size)
     try:
         await upgrade(engine)
         return await add_project(make_sessionmaker(engine), ServerKey.load(settings), name, signature, max_priority)
@@ -194,7 +194,7 @@ def ensure_default_credentials(settings: Settings) -> tuple[Credentials, bool]:
 
 
 async def _exists(settings: Settings, api_key: str) -> bool:
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, settings.database_pool_size)
     try:
         await upgrade(engine)
         return await find_project(make_sessionmaker(engine), api_key) is not None

@@ -206,7 +206,7 @@ class WebhookDelivery(Base):
     delivered: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
-def make_engine(url: str, pool_size: int = 15) -> AsyncEngine:
+def make_engine(url: str, pool_size: int) -> AsyncEngine:
     """An engine whose pool keeps up to ``pool_size`` connections and opens no more (``max_overflow=0``).
     Only a server's connections can drop, so only they are pinged before use."""
     sqlite = url.startswith("sqlite")
