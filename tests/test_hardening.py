@@ -202,6 +202,10 @@ def test_socket_rules_per_address_per_socket_and_repeated_tokens(server: Server)
         url = ws_url(server)
         sockets = [await connect(url) for _ in range(6)]
         try:
+            # The client offers permessage-deflate; the server declines (ws_compression): zlib streams per socket
+            # doubled a socket's memory and fragmented the heap under a flood.
+            assert "permessage-deflate" in sockets[0].request.headers["Sec-WebSocket-Extensions"]
+            assert "Sec-WebSocket-Extensions" not in sockets[0].response.headers
             with pytest.raises(ConnectionClosed) as closed:
                 async with connect(url) as extra:
                     await asyncio.wait_for(extra.recv(), 5)

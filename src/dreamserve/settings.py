@@ -211,6 +211,9 @@ class Settings(BaseSettings):
     http_keepalive_seconds: int = Field(default=5, ge=1)
     #: Largest WebSocket frame a client may send (task sockets only send small JSON frames).
     ws_max_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: Offer permessage-deflate on task sockets. Off: their frames are small JSON that compression barely
+    #: shrinks, while each compressed socket holds its own zlib streams (memory a socket flood multiplies).
+    ws_compression: bool = False
     #: Addresses whose X-Forwarded-For is trusted as the client address (the reverse proxy's).
     forwarded_allow_ips: str = "127.0.0.1"
     #: Task sockets open at once from one client address; past it, a new socket is closed with 1008.

@@ -105,6 +105,7 @@ def serve(
         limit_concurrency=settings.http_limit_concurrency,
         timeout_keep_alive=settings.http_keepalive_seconds,
         ws_max_size=settings.ws_max_bytes,
+        ws_per_message_deflate=settings.ws_compression,
         forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     server = uvicorn.Server(config)
