@@ -16,16 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import start_server
+from load import memory, start_server
 
 
 def anon_mb(pid: int) -> float:
-    info = psutil.Process(pid).memory_info()
-    return (info.rss - info.shared) / 2**20
+    return float(memory(pid)["api_anon_mb"])
 
 
 async def cycles(pid: int, port: int, sockets: int, count: int) -> list[tuple[float, float]]:

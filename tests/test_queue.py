@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from dreamserve.projects import Credentials, create_project
+from dreamserve.status import TaskStatus
 from tests.conftest import MODEL, Server, free_port, launch, png_bytes
 
 TERMINAL = ("task_postprocess_end", "task_cancel")
@@ -158,16 +159,7 @@ def test_quotas_priority_caps_and_round_robin(make_server: Any) -> None:
     blocker = _run(server, flood, {"prompt": "keeps the worker busy", "size": "96x96", "maxImages": 15})
     server.wait_progress(blocker["taskid"])
 
-    submitted: dict[str, float] = {}
-
-    def submit(creds: Credentials, data: dict[str, Any]) -> dict[str, Any]:
-        before = time.time()
-        run = _run(server, creds, data)
-        if run["result"]:
-            submitted[run["taskid"]] = (before + time.time()) / 2
-        return run
-
-    floods = [submit(flood, {"prompt": f"flood {i}", "size": "64x64", "priority": 9}) for i in range(4)]
+    floods = [_run(server, flood, {"prompt": f"flood {i}", "size": "64x64", "priority": 9}) for i in range(4)]
     assert all(run["result"] for run in floods), floods
     refused = server.post(f"/v1/Run/{MODEL}", flood, json={"prompt": "one more", "size": "64x64"})
     assert refused.status_code == 429 and refused.json()["errors"][0]["code"] == 96
@@ -176,8 +168,8 @@ def test_quotas_priority_caps_and_round_robin(make_server: Any) -> None:
     big = _run(server, other, {"prompt": "too much", "size": "2048x2048", "maxImages": 15})
     assert big["result"] is False and big["errors"][0]["code"] == 96
     assert "the limit is 20 (max_queued_megapixels)" in big["errors"][0]["message"], big
-    fair = submit(other, {"prompt": "its own turn", "size": "64x64"})
-    urgent = submit(other, {"prompt": "asks for 7, may have 3", "size": "64x64", "priority": 7})
+    fair = _run(server, other, {"prompt": "its own turn", "size": "64x64"})
+    urgent = _run(server, other, {"prompt": "asks for 7, may have 3", "size": "64x64", "priority": 7})
 
     # The flood's 9 became the server's default cap, 0; the other project's 7 became its cap, 3.
     expected = [urgent, floods[0], fair, floods[1], floods[2], floods[3]]
@@ -192,7 +184,8 @@ def test_quotas_priority_caps_and_round_robin(make_server: Any) -> None:
     # The claim order as the event log recorded it (client clocks plus queue times were too coarse on a fast
     # machine, where one tiny task runs in less than a request's round trip).
     with sqlite3.connect(server.settings.data_dir / "dreamserve.db") as db:
-        rows = db.execute("SELECT task_id FROM task_events WHERE type = 'task_assign' ORDER BY id").fetchall()
+        query = "SELECT task_id FROM task_events WHERE type = ? ORDER BY id"
+        rows = db.execute(query, (TaskStatus.ASSIGN.value,)).fetchall()
     wanted = {run["taskid"] for run in expected}
     order = [str(row[0]) for row in rows if str(row[0]) in wanted]
     assert order == [run["taskid"] for run in expected]
