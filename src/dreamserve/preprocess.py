@@ -141,7 +141,9 @@ class Preprocessor:
     ) -> File:
         settings = self.settings
         async with self._fetches:
-            remaining = max(0.1, deadline - time.monotonic())
+            # The task's deadline (``_fetch_all``) is the one that expires: this one is a second later, or a fetch
+            # timing out a hair first would report itself instead of the task's limit.
+            remaining = max(0.1, deadline - time.monotonic()) + 1.0
             data = await fetch(
                 url,
                 max_bytes=settings.max_upload_bytes,
