@@ -138,6 +138,27 @@ async def test_a_requeue_removes_the_dead_attempts_images_rows_and_bytes(service
     assert types.count(TaskStatus.QUEUE) == 2 and types[-1] == TaskStatus.POSTPROCESS_END
 
 
+async def test_an_attempt_that_was_not_the_tasks_own_does_not_count(services: Services) -> None:
+    """DREAMSERVE_SLOW's chaos run: a task re-queued because the model process was gone before the task reached
+    it was claimed again with its attempt still counted, and a server kill later left it at 3 of 2 attempts."""
+    store = services.store
+    task = await _queue(store, TaskJob(prompt="p", width=64, height=64, num_images=1, seed=1))
+    claimed = await store.claim_next(WORKER, [MODEL], 30.0)
+    assert claimed is not None and claimed.attempts == 1
+    assert await store.requeue(task.id, "Re-queued: the model process had exited.\n", WORKER, refund=True)
+    again = await store.claim_next(WORKER, [MODEL], 30.0)
+    assert again is not None and again.attempts == 1, "the attempt given back is not counted"
+
+    # A lost worker's attempt counts: at max_attempts the reaper fails the task instead of re-queuing it.
+    assert await store.reap(lambda worker: False, max_attempts=2) == [task.id]
+    third = await store.claim_next(WORKER, [MODEL], 30.0)
+    assert third is not None and third.attempts == 2
+    assert await store.reap(lambda worker: False, max_attempts=2) == [task.id]
+    ended = await store.get_by_id(task.id)
+    assert ended is not None and ended.status == TaskStatus.POSTPROCESS_END and ended.attempts == 2
+    assert "attempt 2 of 2" in ended.debugerror
+
+
 async def test_a_failure_ends_the_task_once_in_wiros_order(services: Services) -> None:
     """Failing while the images are saved: the statuses it passed are not written again, one callback."""
     store = services.store

@@ -358,15 +358,19 @@ class TaskStore:
             await change.cancel(StopKind.CANCEL)
         return change.task
 
-    async def requeue(self, task_id: int, note: str, worker_id: str | None) -> bool:
+    async def requeue(self, task_id: int, note: str, worker_id: str | None, *, refund: bool = False) -> bool:
         """Put a claimed task back in the queue (its worker was lost, or its model process died before or while
         it ran): the note says why (``debugerror``). The attempt's images (``partial`` rows and their bytes) go,
-        so the next attempt's are the only ones."""
+        so the next attempt's are the only ones. ``refund``: the attempt was not the task's own (the model
+        process was gone before the task reached it, or another task's kill took it down) and does not count
+        against ``max_attempts``."""
         async with self._transition(task_id, expect=RUNNING, worker_id=worker_id) as change:
             if change is None:
                 return False
             task = change.task
             task.debugerror, task.stop_requested, task.dispatched_at = note, "", None
+            if refund:
+                task.attempts = max(0, task.attempts - 1)
             await change.drop_files("partial")
             await change.advance(TaskStatus.QUEUE)
         return True

@@ -344,7 +344,8 @@ class Supervisor:
             # Notes made at Run (a callbackUrl that is not a URL) open the task's output log.
             self.running[task.id] = RunningTask(task, job, log=list(job.notes))
         heartbeat = asyncio.create_task(self._heartbeat())
-        scratches = [self.settings.data_dir / "scratch" / f"{task.id}-{task.attempts}" for task in group]
+        # One folder per claim: an attempt given back (``requeue(refund=True)``) repeats the attempt number.
+        scratches = [self.settings.data_dir / "scratch" / f"{task.id}-{new_blob_folder()}" for task in group]
         try:
             for entry, scratch in zip(list(self.running.values()), scratches, strict=True):
                 if not await self._prepare(entry, scratch):
@@ -374,7 +375,7 @@ class Supervisor:
             for entry in live:
                 if entry.settle():
                     note = f"Re-queued: the model process had exited before task {entry.id} was sent to it.\n"
-                    await self.store.requeue(entry.id, note, self.worker_id)
+                    await self.store.requeue(entry.id, note, self.worker_id, refund=True)
             await self._respawn("a crash")
             return False
         for index, entry in enumerate(live):
@@ -500,7 +501,7 @@ class Supervisor:
             elif killed:
                 # Another task of the group was killed, taking the model process with it: this one runs again.
                 note = f"Re-queued: task {entry.id} shared a model process with a task that was killed.\n"
-                await self.store.requeue(entry.id, note, self.worker_id)
+                await self.store.requeue(entry.id, note, self.worker_id, refund=True)
             else:
                 reason = f"The model process exited with code {code} (out of memory?)."
                 output = "\n".join(entry.log)
