@@ -105,7 +105,7 @@ class Services:
         if self.settings.release_memory_seconds:
             self._loops.append(self.liveness.start("memory", self.settings.release_memory_seconds, self._release))
         if self.settings.dispatch == "celery":
-            from dreamserve.scale.dispatch import celery_dispatcher
+            from dreamserve.dispatch import celery_dispatcher
 
             self._dispatch = celery_dispatcher(self.settings)
             self._loops.append(self.liveness.start("dispatcher", 0.2, self._send_queued))

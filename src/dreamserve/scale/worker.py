@@ -10,10 +10,26 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 
-from dreamserve.scale.dispatch import RUNTIME, make_celery, queue_name
+from dreamserve.dispatch import make_celery, queue_name
 from dreamserve.services import Services
 from dreamserve.settings import Settings
+
+
+def turn_runner(loop: asyncio.AbstractEventLoop, services: Services) -> Callable[[int, str], bool]:
+    """The Celery task body of this process: a turn of ``model``'s queue for its supervisor
+    (``Supervisor.run_one``: the next task in claim order and its batch, not necessarily ``task_id``), run on
+    the supervisors' loop and waited for in Celery's thread."""
+
+    def run(task_id: int, model: str) -> bool:
+        supervisors = [s for s in services.supervisors if s.slug == model]
+        if not supervisors:
+            raise RuntimeError(f"this worker does not serve {model}")
+        ran: bool = asyncio.run_coroutine_threadsafe(supervisors[0].run_one(task_id), loop).result()
+        return ran
+
+    return run
 
 
 def run_worker(settings: Settings, name: str | None = None) -> None:
@@ -25,9 +41,8 @@ def run_worker(settings: Settings, name: str | None = None) -> None:
         for supervisor in services.supervisors:
             # Load the model before taking work, so a message never waits on a cold start.
             asyncio.run_coroutine_threadsafe(supervisor.ensure_ready(), loop).result()
-        RUNTIME.update(loop=loop, services=services)
         queues = ",".join(sorted({queue_name(s.slug) for s in services.supervisors}))
-        app = make_celery(settings)
+        app = make_celery(settings, turn_runner(loop, services))
         app.worker_main(
             [
                 "worker",

@@ -1,25 +1,28 @@
-"""The Celery app, the dispatcher used by API replicas, and the task body run by GPU workers."""
+"""Celery on Redis as the delivery of queued task ids to GPU workers: the app, and the dispatcher of API replicas.
+
+Celery only delivers: task state, leases, cancel and retries stay in SQL. The GPU worker process
+(``scale/worker.py``) registers the task body, bound to the services it runs; an API replica only sends
+by name, so it registers none.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from celery import Celery
 
 from dreamserve.settings import Settings
 
 TASK_NAME = "dreamserve.run"
-#: Set by ``worker.run_worker`` in a GPU worker process: the event loop and the services it drives.
-RUNTIME: dict[str, Any] = {}
 
 
 def queue_name(model: str) -> str:
     return "gpu." + model.replace("/", ".")
 
 
-def make_celery(settings: Settings) -> Celery:
+def make_celery(settings: Settings, run: Callable[[int, str], bool] | None = None) -> Celery:
+    """The Celery app; ``run(task_id, model)`` is the task body, in a GPU worker only."""
     if not settings.redis_url:
         raise ValueError("dispatch='celery' needs redis_url (the broker), e.g. redis://127.0.0.1:6379/0")
     app = Celery("dreamserve", broker=settings.redis_url)
@@ -33,7 +36,8 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={"priority_steps": list(range(10)), "queue_order_strategy": "priority"},
         worker_hijack_root_logger=False,
     )
-    app.task(name=TASK_NAME)(run_task)
+    if run is not None:
+        app.task(name=TASK_NAME)(run)
     return app
 
 
@@ -47,14 +51,3 @@ def celery_dispatcher(settings: Settings) -> Callable[[int, str, int], Awaitable
         )
 
     return dispatch
-
-
-def run_task(task_id: int, model: str) -> bool:
-    """Celery task body, in a GPU worker: a turn of ``model``'s queue for its supervisor (``Supervisor.run_one``:
-    the next task in claim order and its batch, not necessarily ``task_id``), waited for."""
-    loop: asyncio.AbstractEventLoop = RUNTIME["loop"]
-    supervisors = [s for s in RUNTIME["services"].supervisors if s.slug == model]
-    if not supervisors:
-        raise RuntimeError(f"this worker does not serve {model}")
-    ran: bool = asyncio.run_coroutine_threadsafe(supervisors[0].run_one(task_id), loop).result()
-    return ran
