@@ -422,6 +422,51 @@ async def test_async_wait_falls_back_to_polling() -> None:
     assert final.status == "task_cancel" and final.is_terminal and not final.succeeded
 
 
+async def test_both_faces_send_the_same_requests_and_read_the_same_answers(tmp_path: Path) -> None:
+    # One implementation behind both: every call, the fallbacks included, makes the same requests in the same order.
+    def server(log: list[tuple[str, str, bytes]]) -> Handler:
+        def handler(request: httpx.Request) -> httpx.Response:
+            log.append((request.method, request.url.path, b"" if b"--" in request.content else request.content))
+            if request.url.path == "/v1/Task/Kill":
+                return ok()
+            if request.url.path == "/v1/File/Upload":
+                return ok(list=[{"url": "http://server/v1/File/k/a.png"}])
+            if request.url.path.startswith("/v1/File/k/"):
+                return httpx.Response(200, content=PNG, headers={"content-type": "image/png"})
+            if request.url.path.startswith("/v1/Run/"):
+                return ok(taskid="7", socketaccesstoken="tok")
+            return ok(tasklist=[task("task_postprocess_end", "0")])
+
+        return handler
+
+    sync_log: list[tuple[str, str, bytes]] = []
+    async_log: list[tuple[str, str, bytes]] = []
+    url = closed_port_url()
+    with make_client(server(sync_log), socket_url=url) as c:
+        answers = [
+            c.run("x", images=["http://elsewhere/a.png"], seed=3),
+            c.upload(PNG)["url"],
+            c.kill(7).status,
+            c.wait(taskid=7, poll=(0.0,)).status,
+            c.download("http://server/v1/File/k/0.png", tmp_path / "sync").read_bytes(),
+        ]
+    transport = httpx.MockTransport(server(async_log))
+    async with AsyncClient("http://server", "key", "secret", transport=transport, socket_url=url) as a:
+        async_answers = [
+            await a.run("x", images=["http://elsewhere/a.png"], seed=3),
+            (await a.upload(PNG))["url"],
+            (await a.kill(7)).status,
+            (await a.wait(taskid=7, poll=(0.0,))).status,
+            (await a.download("http://server/v1/File/k/0.png", tmp_path / "async")).read_bytes(),
+        ]
+    assert answers == async_answers and answers[-1] == PNG
+    assert sync_log == async_log and [path for _, path, _ in sync_log][:3] == [
+        "/v1/Run/bytedance/seedream-v4",
+        "/v1/File/Upload",
+        "/v1/Task/Kill",
+    ]
+
+
 # -- the CLI's credentials --------------------------------------------------------------------------
 
 

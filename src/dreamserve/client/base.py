@@ -1,21 +1,31 @@
-"""What both clients share: request shapes, envelope and frame parsing, the polling fallback."""
+"""Both clients, written once: every call is a *flow*, a generator that yields the I/O it needs (``Send`` an HTTP
+request, ``Sleep``, ``Follow`` the task's socket, ``Save`` a download) and gets its outcome back. ``sync.Client``
+and ``aio.AsyncClient`` are the two faces that perform those operations, blocking or awaited, the way httpx keeps
+one request model over two transports; neither holds any logic of its own.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
+import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import httpx
 from websockets.exceptions import WebSocketException
 
 from dreamserve import __version__
 from dreamserve.client.errors import TransportError, error_from
-from dreamserve.client.files import file_part, form_value, is_url
-from dreamserve.client.records import Event, EventHandler, ImageInput, RunResult, Task, decode_message
-from dreamserve.errors import DreamError, NotFound
+from dreamserve.client.files import download_target, file_part, form_value, is_url
+from dreamserve.client.records import Event, EventHandler, ImageInput, OutputRef, RunResult, Task, decode_message
+from dreamserve.errors import DreamError, NotFound, RateLimited
 from dreamserve.signing import auth_headers
 from dreamserve.status import Frame
 
@@ -31,6 +41,118 @@ MAX_FRAME_BYTES = 8 * 1024 * 1024
 
 # What a failing socket can raise; ``wait`` then falls back to polling Task/Detail.
 SOCKET_ERRORS = (OSError, WebSocketException, DreamError)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send an HTTP request (``options`` are httpx's keyword arguments); the flow gets the ``httpx.Response``."""
+
+    method: str
+    url: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Follow:
+    """Follow the task's socket for up to ``timeout`` seconds, reporting every event to ``watch``, until its
+    terminal event; a socket that fails ends quietly (Task/Detail is the record), ``on_event``'s errors do not."""
+
+    tasktoken: str
+    timeout: float
+    watch: Watch
+
+
+@dataclass(frozen=True)
+class Save:
+    """Stream ``url`` (sent without credentials: output URLs are capabilities) into the file ``path``."""
+
+    url: str
+    path: Path
+
+
+Operation = Send | Sleep | Follow | Save
+#: A call written once: the operations it needs, one at a time, then its result.
+Flow = Generator[Operation, Any, T]
+
+
+@dataclass(frozen=True)
+class Finished(Generic[T]):
+    value: T
+
+
+def resume(flow: Flow[T], reply: Any = None, error: Exception | None = None) -> Operation | Finished[T]:
+    """Give the flow the outcome of its last operation (a reply, or the error it raised in its place); its next
+    operation, or its result."""
+    try:
+        return flow.throw(error) if error is not None else flow.send(reply)
+    except StopIteration as stop:
+        return Finished(stop.value)
+
+
+def blocking(flow: Callable[Concatenate[Any, P], Flow[T]]) -> Callable[Concatenate[Any, P], T]:
+    """A flow as a method of the synchronous face."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        result: T = self._drive(flow(self, *args, **kwargs))
+        return result
+
+    return named_after(method, flow)
+
+
+def awaiting(flow: Callable[Concatenate[Any, P], Flow[T]]) -> Callable[Concatenate[Any, P], Awaitable[T]]:
+    """A flow as a coroutine method of the asyncio face."""
+
+    async def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        result: T = await self._drive(flow(self, *args, **kwargs))
+        return result
+
+    return named_after(method, flow)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def named_after(method: F, flow: Callable[..., Any]) -> F:
+    """``method`` with the flow's docstring, its public name and its signature, returning what the flow returns
+    (``help()`` and IDEs show ``-> Task``, not the generator)."""
+    functools.update_wrapper(method, flow)
+    del method.__wrapped__  # type: ignore[attr-defined]
+    method.__name__ = method.__qualname__ = flow.__name__.removeprefix("_")
+    signature = inspect.signature(flow)
+    returns = signature.return_annotation
+    if isinstance(returns, str) and returns.startswith("Flow[") and returns.endswith("]"):
+        returns = returns.removeprefix("Flow[").removesuffix("]")
+    method.__signature__ = signature.replace(return_annotation=returns)  # type: ignore[attr-defined]
+    return method
+
+
+@contextlib.contextmanager
+def transport_errors(method: str, url: str) -> Iterator[None]:
+    """httpx's failures (refused, reset, timed out) as ``TransportError``, naming the request."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise TransportError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def saving(url: str, path: Path) -> Iterator[IO[bytes]]:
+    """A file to write a download into: it takes the real name only once complete, never left half-written."""
+    partial = path.with_name(f".{path.name}.part")
+    try:
+        with transport_errors("GET", url), partial.open("wb") as handle:
+            yield handle
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class BaseClient:
@@ -155,6 +277,116 @@ class BaseClient:
             "max_size": MAX_FRAME_BYTES,
             "user_agent_header": f"dreamserve-python/{__version__}",
         }
+
+    # -- the calls, each written once as a flow (the faces expose them as ``run``, ``detail``, ...) ----------------
+
+    def _post(self, path: str, **options: Any) -> Flow[dict[str, Any]]:
+        response = yield Send("POST", self._url(path), {"headers": self._headers(), **options})
+        return self._parse(response)
+
+    def _run(
+        self,
+        /,
+        prompt: str,
+        *,
+        model: str = DEFAULT_MODEL,
+        images: Sequence[ImageInput] = (),
+        size: str | None = None,
+        max_images: int = 1,
+        watermark: bool = False,
+        callback_url: str | None = None,
+        seed: int | None = None,
+        **extra: Any,
+    ) -> Flow[RunResult]:
+        """Queue a task. Not retried on failure: a repeated Run would queue (and bill) a second task."""
+        url, options = self._run_request(
+            prompt,
+            model=model,
+            images=images,
+            size=size,
+            max_images=max_images,
+            watermark=watermark,
+            callback_url=callback_url,
+            seed=seed,
+            extra=extra,
+        )
+        response = yield Send("POST", url, {"headers": self._headers(), **options})
+        return self._run_result(self._parse(response))
+
+    def _detail(self, taskid: str | int | None = None, tasktoken: str | None = None) -> Flow[Task]:
+        task = self._task((yield from self._post("/v1/Task/Detail", json=self._task_key(taskid, tasktoken))))
+        if task is None:
+            raise NotFound("There is no task yet: Task/Detail answered an empty tasklist.")
+        return task
+
+    def _cancel(self, taskid: str | int) -> Flow[Task]:
+        """Cancel a queued task (dreamserve also stops a running one at its next step)."""
+        body = yield from self._post("/v1/Task/Cancel", json={"taskid": str(taskid)})
+        return self._task(body) or (yield from self._detail(taskid))  # Wiro's clients only rely on `result`
+
+    def _kill(self, taskid: str | int) -> Flow[Task]:
+        """Stop a running task at once."""
+        body = yield from self._post("/v1/Task/Kill", json={"taskid": str(taskid)})
+        return self._task(body) or (yield from self._detail(taskid))
+
+    def _upload(self, image: str | os.PathLike[str] | bytes, *, folderid: str | None = None) -> Flow[dict[str, Any]]:
+        """Upload a file with File/Upload; the returned item's ``url`` can be passed to ``run(images=...)``."""
+        data = {"folderid": folderid} if folderid else None
+        body = yield from self._post("/v1/File/Upload", data=data, files=[("file", file_part(image, 0))])
+        return dict((body.get("list") or [{}])[0])
+
+    def _wait(
+        self,
+        taskid: str | int | None = None,
+        tasktoken: str | None = None,
+        *,
+        timeout: float = DEFAULT_WAIT,
+        poll: Sequence[float] = POLL_STEPS,
+        on_event: EventHandler | None = None,
+    ) -> Flow[Task]:
+        """Follow the task to its end and return the final Task (check ``succeeded``).
+
+        Uses the socket; if it fails, polls Task/Detail with the ``poll`` backoff (2 s, 5 s, then 10 s).
+        ``on_event`` sees every event; while polling, it sees status changes as events.
+        Raises ``TimeoutError`` when the task is still running after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        if not tasktoken:
+            task = yield from self._detail(taskid=taskid)  # the socket needs the token
+            if task.is_terminal:
+                return task
+            tasktoken = task.socketaccesstoken
+        watch = Watch(tasktoken, on_event)
+        yield Follow(tasktoken, max(0.0, deadline - time.monotonic()), watch)
+        return (yield from self._poll(tasktoken, deadline, poll, watch))
+
+    def _poll(self, tasktoken: str, deadline: float, poll: Sequence[float], watch: Watch) -> Flow[Task]:
+        steps = list(poll) or list(POLL_STEPS)
+        attempt = 0
+        while True:
+            delay = steps[min(attempt, len(steps) - 1)]
+            attempt += 1
+            try:
+                task = yield from self._detail(tasktoken=tasktoken)
+                watch.polled(task)
+                if task.is_terminal:
+                    return task
+            except RateLimited as exc:
+                delay = max(delay, float(exc.retry_after))
+            except TransportError:
+                pass  # a restarting server or a flaky network: keep trying until the deadline
+            yield Sleep(pause(delay, deadline, tasktoken, watch))
+
+    def _download(
+        self, output: OutputRef, dest_dir: str | os.PathLike[str], *, filename: str | None = None
+    ) -> Flow[Path]:
+        """Save one output (an item of ``Task.outputs`` or its URL) in ``dest_dir``; returns the file's path.
+
+        Output URLs need no credentials and none are sent (they may redirect to a storage bucket).
+        """
+        url, path = download_target(output, dest_dir, filename)
+        yield Save(url, path)
+        return path
 
 
 class Watch:

@@ -1,31 +1,34 @@
-"""``Client``: the synchronous client (httpx and websockets' sync API)."""
+"""``Client``: the synchronous face of the calls ``base.BaseClient`` writes once (httpx and websockets' sync API)."""
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import httpx
 from websockets.sync.client import connect as sync_connect
 
 from dreamserve.client.base import (
-    DEFAULT_MODEL,
     DEFAULT_TIMEOUT,
-    DEFAULT_WAIT,
-    POLL_STEPS,
     SOCKET_ERRORS,
     BaseClient,
-    Watch,
-    pause,
+    Finished,
+    Flow,
+    Follow,
+    Operation,
+    Save,
+    Send,
+    Sleep,
+    T,
+    blocking,
+    resume,
+    saving,
+    transport_errors,
 )
-from dreamserve.client.errors import TransportError, maybe_error, raise_download_error
-from dreamserve.client.files import download_target, file_part
-from dreamserve.client.records import Event, EventHandler, ImageInput, OutputRef, RunResult, Task
-from dreamserve.errors import NotFound, RateLimited
+from dreamserve.client.errors import maybe_error, raise_download_error
+from dreamserve.client.records import Event
 
 
 class Client(BaseClient):
@@ -53,63 +56,13 @@ class Client(BaseClient):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return self._http.request(method, url, **kwargs)
-        except httpx.HTTPError as exc:
-            raise TransportError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from exc
-
-    def _post(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        return self._parse(self._send("POST", self._url(path), headers=self._headers(), **kwargs))
-
-    def run(
-        self,
-        prompt: str,
-        *,
-        model: str = DEFAULT_MODEL,
-        images: Sequence[ImageInput] = (),
-        size: str | None = None,
-        max_images: int = 1,
-        watermark: bool = False,
-        callback_url: str | None = None,
-        seed: int | None = None,
-        **extra: Any,
-    ) -> RunResult:
-        """Queue a task. Not retried on failure: a repeated Run would queue (and bill) a second task."""
-        url, kwargs = self._run_request(
-            prompt,
-            model=model,
-            images=images,
-            size=size,
-            max_images=max_images,
-            watermark=watermark,
-            callback_url=callback_url,
-            seed=seed,
-            extra=extra,
-        )
-        return self._run_result(self._parse(self._send("POST", url, headers=self._headers(), **kwargs)))
-
-    def detail(self, taskid: str | int | None = None, tasktoken: str | None = None) -> Task:
-        task = self._task(self._post("/v1/Task/Detail", json=self._task_key(taskid, tasktoken)))
-        if task is None:
-            raise NotFound("There is no task yet: Task/Detail answered an empty tasklist.")
-        return task
-
-    def cancel(self, taskid: str | int) -> Task:
-        """Cancel a queued task (dreamserve also stops a running one at its next step)."""
-        body = self._post("/v1/Task/Cancel", json={"taskid": str(taskid)})
-        return self._task(body) or self.detail(taskid)  # Wiro's clients only rely on `result`
-
-    def kill(self, taskid: str | int) -> Task:
-        """Stop a running task at once."""
-        body = self._post("/v1/Task/Kill", json={"taskid": str(taskid)})
-        return self._task(body) or self.detail(taskid)
-
-    def upload(self, image: str | os.PathLike[str] | bytes, *, folderid: str | None = None) -> dict[str, Any]:
-        """Upload a file with File/Upload; the returned item's ``url`` can be passed to ``run(images=...)``."""
-        data = {"folderid": folderid} if folderid else None
-        body = self._post("/v1/File/Upload", data=data, files=[("file", file_part(image, 0))])
-        return dict((body.get("list") or [{}])[0])
+    run = blocking(BaseClient._run)
+    detail = blocking(BaseClient._detail)
+    cancel = blocking(BaseClient._cancel)
+    kill = blocking(BaseClient._kill)
+    upload = blocking(BaseClient._upload)
+    wait = blocking(BaseClient._wait)
+    download = blocking(BaseClient._download)
 
     def events(self, tasktoken: str, *, timeout: float | None = None) -> Generator[Event, None, None]:
         """The task's events, earlier ones first, ending after a terminal one.
@@ -131,73 +84,37 @@ class Client(BaseClient):
                 if event.is_terminal:
                     return
 
-    def wait(
-        self,
-        taskid: str | int | None = None,
-        tasktoken: str | None = None,
-        *,
-        timeout: float = DEFAULT_WAIT,
-        poll: Sequence[float] = POLL_STEPS,
-        on_event: EventHandler | None = None,
-    ) -> Task:
-        """Follow the task to its end and return the final Task (check ``succeeded``).
-
-        Uses the socket; if it fails, polls Task/Detail with the ``poll`` backoff (2 s, 5 s, then 10 s).
-        ``on_event`` sees every event; while polling, it sees status changes as events.
-        Raises ``TimeoutError`` when the task is still running after ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        if not tasktoken:
-            task = self.detail(taskid=taskid)  # the socket needs the token
-            if task.is_terminal:
-                return task
-            tasktoken = task.socketaccesstoken
-        watch = Watch(tasktoken, on_event)
-        events = self.events(tasktoken, timeout=max(0.0, deadline - time.monotonic()))
-        # closing(): if on_event raises, the socket is closed now rather than when the generator is collected.
-        with closing(_until_failure(events)) as quiet:
-            for event in quiet:
-                watch.seen(event)
-        return self._poll(tasktoken, deadline, poll, watch)
-
-    def _poll(self, tasktoken: str, deadline: float, poll: Sequence[float], watch: Watch) -> Task:
-        steps = list(poll) or list(POLL_STEPS)
-        attempt = 0
-        while True:
-            delay = steps[min(attempt, len(steps) - 1)]
-            attempt += 1
+    def _drive(self, flow: Flow[T]) -> T:
+        step = resume(flow)
+        while not isinstance(step, Finished):
             try:
-                task = self.detail(tasktoken=tasktoken)
-                watch.polled(task)
-                if task.is_terminal:
-                    return task
-            except RateLimited as exc:
-                delay = max(delay, float(exc.retry_after))
-            except TransportError:
-                pass  # a restarting server or a flaky network: keep trying until the deadline
-            time.sleep(pause(delay, deadline, tasktoken, watch))
+                reply = self._perform(step)
+            except Exception as exc:  # handed to the flow, which may handle it (a poll retries)
+                step = resume(flow, error=exc)
+            else:
+                step = resume(flow, reply)
+        return step.value
 
-    def download(self, output: OutputRef, dest_dir: str | os.PathLike[str], *, filename: str | None = None) -> Path:
-        """Save one output (an item of ``Task.outputs`` or its URL) in ``dest_dir``; returns the file's path.
-
-        Output URLs need no credentials and none are sent (they may redirect to a storage bucket).
-        """
-        url, path = download_target(output, dest_dir, filename)
-        partial = path.with_name(f".{path.name}.part")
-        try:
-            with self._http.stream("GET", url, follow_redirects=True) as response:
-                if maybe_error(response):
-                    response.read()
-                    raise_download_error(response, url)
-                with partial.open("wb") as handle:
+    def _perform(self, operation: Operation) -> Any:
+        match operation:
+            case Send(method, url, options):
+                with transport_errors(method, url):
+                    return self._http.request(method, url, **options)
+            case Sleep(seconds):
+                time.sleep(seconds)
+            case Follow(tasktoken, timeout, watch):
+                # closing(): if on_event raises, the socket is closed now rather than when the generator is collected.
+                with closing(_until_failure(self.events(tasktoken, timeout=timeout))) as quiet:
+                    for event in quiet:
+                        watch.seen(event)
+            case Save(url, path):
+                with self._http.stream("GET", url, follow_redirects=True) as response, saving(url, path) as handle:
+                    if maybe_error(response):
+                        response.read()
+                        raise_download_error(response, url)
                     for chunk in response.iter_bytes():
                         handle.write(chunk)
-            partial.replace(path)  # never leave a truncated image under the real name
-        except httpx.HTTPError as exc:
-            raise TransportError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            partial.unlink(missing_ok=True)
-        return path
+        return None
 
 
 def _until_failure(events: Generator[Event, None, None]) -> Generator[Event, None, None]:
