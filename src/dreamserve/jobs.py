@@ -141,6 +141,10 @@ class GenerationJob:
         )
 
 
+class Interrupted(Exception):
+    """The job was stopped on request between denoising steps (raised, or returned per job of a group)."""
+
+
 @dataclass
 class StepInfo:
     #: Steps done so far over the whole task (all batches), 1-based.

@@ -69,6 +69,11 @@ class ModelSpec(BaseModel):
     #: (glibc: no mmap, no trimming; ``dreamserve/malloc.py``): no page faults after the first call, 15-20 % faster
     #: per call on SD-Turbo, but the process holds its peak memory. Not used on GPUs.
     keep_freed_memory: bool = True
+    #: The engine that loads and runs the model in the model process, as ``module:Class``; ``None`` is diffusers'
+    #: (``dreamserve.engine.Engine``). Another runtime plugs in here behind the same supervisor, pipe and queue: a
+    #: class with ``load(spec)`` and the ``ModelEngine`` methods of ``worker/child.py``. The tests' scripted
+    #: engine (``tests/scripted_engine.py``: real PNGs after a set delay per step, no torch) simulates GPUs with it.
+    engine: str | None = None
 
 
 class S3Settings(BaseModel):

@@ -25,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from dreamserve.engine.loader import load_pipeline, resolve_device, resolve_dtype
 from dreamserve.engine.preview import LatentPreview, Previewer, TinyDecoderPreview, denoised_estimate
 from dreamserve.engine.upscale import ModelUpscaler, upscale
-from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult, StepInfo
+from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult, Interrupted, StepInfo
 from dreamserve.presets import ResolvedModel, resolve
 from dreamserve.settings import ModelSpec
 
@@ -45,10 +45,6 @@ SLICED_DECODE_FROM = 1024 * 1024
 JPEG_QUALITY = 95
 IMG2IMG_STRENGTH = 0.6
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """The job was stopped on request between denoising steps."""
 
 
 @dataclass

@@ -21,16 +21,18 @@ the supervisor, which frees every byte this process holds, GPU memory included.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
-from typing import Any
+from typing import Any, Protocol
 
 from dreamserve import malloc
-from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, StepInfo
+from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult, Interrupted, StepInfo
 from dreamserve.logs import forward_from_child
+from dreamserve.settings import ModelSpec
 from dreamserve.worker.protocol import (
     Canceled,
     Done,
@@ -53,18 +55,47 @@ from dreamserve.worker.protocol import (
 log = logging.getLogger(__name__)
 
 
-def child_main(conn: Connection, stop: EventType, spec: dict[str, Any], log_level: int = logging.INFO) -> None:
-    send: Callable[[FromChild], None] = forward_from_child(conn.send, log_level)
+class ModelEngine(Protocol):
+    """What the model process runs jobs on: diffusers' ``engine.Engine``, or the class ``ModelSpec.engine`` names
+    (its ``load(spec)`` classmethod builds one). See ``Engine.generate_group`` for the callbacks' contract."""
+
+    load_seconds: float
+
+    def generate(
+        self,
+        job: GenerationJob,
+        on_step: Callable[[StepInfo], None],
+        should_stop: Callable[[], bool],
+        on_image: Callable[[GeneratedImage | FailedImage], None] | None = None,
+    ) -> GenerationResult: ...
+
+    def generate_group(
+        self,
+        jobs: list[GenerationJob],
+        on_step: Callable[[int, StepInfo], None],
+        should_stop: Callable[[int], bool],
+        on_image: Callable[[int, GeneratedImage | FailedImage], None] | None = None,
+    ) -> list[GenerationResult | Exception]: ...
+
+
+def load_engine(model: ModelSpec) -> ModelEngine:
+    if model.engine:
+        module, _, name = model.engine.partition(":")
+        engine: ModelEngine = getattr(importlib.import_module(module), name).load(model)
+        return engine
     # Imported here: only the child process may import torch.
     from dreamserve.engine import Engine
     from dreamserve.engine.loader import resolve_device
-    from dreamserve.settings import ModelSpec
 
-    model = ModelSpec(**spec)
     if model.keep_freed_memory and resolve_device(model) == "cpu" and malloc.keep_freed_memory():
         log.info("model process on the CPU: freed memory is kept for reuse (keep_freed_memory)")
+    return Engine.load(model)
+
+
+def child_main(conn: Connection, stop: EventType, spec: dict[str, Any], log_level: int = logging.INFO) -> None:
+    send: Callable[[FromChild], None] = forward_from_child(conn.send, log_level)
     try:
-        engine = Engine.load(model)
+        engine = load_engine(ModelSpec(**spec))
     except Exception as exc:
         send(Fatal(f"{type(exc).__name__}: {exc}"))
         return
@@ -92,7 +123,9 @@ def child_main(conn: Connection, stop: EventType, spec: dict[str, Any], log_leve
 class _Runner:
     """Runs the jobs of one message and sends what happens: steps, then one outcome message."""
 
-    def __init__(self, engine: Any, conn: Connection, send: Callable[[FromChild], None], stop: EventType) -> None:
+    def __init__(
+        self, engine: ModelEngine, conn: Connection, send: Callable[[FromChild], None], stop: EventType
+    ) -> None:
         self.engine, self.conn, self.send, self.stop = engine, conn, send, stop
         #: Members of the running group that a per-job ``Stop`` message has cancelled.
         self.stopped: set[int] = set()
@@ -128,8 +161,6 @@ class _Runner:
         self.send(GroupDone(tuple(_outcome(o) for o in outcomes)))
 
     def run(self, job: GenerationJob) -> None:
-        from dreamserve.engine import Interrupted
-
         try:
             result = self.engine.generate(job, self.on_step, self.stop.is_set, lambda image: self.on_image(0, image))
         except Interrupted:
@@ -146,9 +177,7 @@ def _error(exc: BaseException) -> Error:
     return Error(kind=type(exc).__name__, message=f"{type(exc).__name__}: {exc}", traceback=text)
 
 
-def _outcome(outcome: Any) -> Outcome:
-    from dreamserve.engine import Interrupted
-
+def _outcome(outcome: GenerationResult | Exception) -> Outcome:
     if isinstance(outcome, Interrupted):
         return Canceled()
     if isinstance(outcome, Exception):

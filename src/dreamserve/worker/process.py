@@ -64,14 +64,18 @@ class ChildProcess:
     def _read(self, loop: asyncio.AbstractEventLoop, conn: Connection) -> None:
         while True:
             try:
-                message = conn.recv()
+                message: FromChild = conn.recv()
             except (EOFError, OSError):
-                loop.call_soon_threadsafe(self.messages.put_nowait, Gone())
-                return
+                message = Gone()
             if isinstance(message, Log):
                 replay(message)  # the child's logging, into this process's log
                 continue
-            loop.call_soon_threadsafe(self.messages.put_nowait, message)
+            try:
+                loop.call_soon_threadsafe(self.messages.put_nowait, message)
+            except RuntimeError:
+                return  # the supervisor's loop has closed (the server stopped): nobody reads any more
+            if isinstance(message, Gone):
+                return
 
     def send(self, message: ToChild) -> None:
         self.conn.send(message)

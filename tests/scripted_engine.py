@@ -1,0 +1,98 @@
+"""A scripted engine for the model process (``ModelSpec.engine="tests.scripted_engine:ScriptedEngine"``): no torch,
+no model, the real supervisor, pipe and queue around it. Each job takes ``steps`` steps of ``step_seconds`` each
+(``ModelSpec.steps``; ``DREAMSERVE_SCRIPTED_STEP_SECONDS``, read when the model process starts) and then writes real
+PNG files of the asked size, one seed each, as the diffusers engine does. So one machine can host many of them:
+the supervisor tier of the tests and the fleet simulations of bench/.
+
+Words in the prompt script what a real model process may do:
+``crash`` (the process dies at the first step, as an out-of-memory kill would), ``fail`` (the job raises),
+``stubborn`` (stops are ignored, as a pipeline stuck in one long step would).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult, Interrupted, StepInfo
+from dreamserve.settings import ModelSpec
+
+IMAGE = GeneratedImage | FailedImage
+
+
+class ScriptedEngine:
+    def __init__(self, steps: int, step_seconds: float, load_seconds: float) -> None:
+        self.steps, self.step_seconds, self.load_seconds = steps, step_seconds, load_seconds
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> ScriptedEngine:
+        load_seconds = float(os.environ.get("DREAMSERVE_SCRIPTED_LOAD_SECONDS", "0"))
+        time.sleep(load_seconds)
+        return cls(spec.steps or 4, float(os.environ.get("DREAMSERVE_SCRIPTED_STEP_SECONDS", "0.05")), load_seconds)
+
+    def generate(
+        self,
+        job: GenerationJob,
+        on_step: Callable[[StepInfo], None],
+        should_stop: Callable[[], bool],
+        on_image: Callable[[IMAGE], None] | None = None,
+    ) -> GenerationResult:
+        saved = (lambda _, image: on_image(image)) if on_image is not None else None
+        (result,) = self.generate_group([job], lambda _, info: on_step(info), lambda _: should_stop(), saved)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def generate_group(
+        self,
+        jobs: list[GenerationJob],
+        on_step: Callable[[int, StepInfo], None],
+        should_stop: Callable[[int], bool],
+        on_image: Callable[[int, IMAGE], None] | None = None,
+    ) -> list[GenerationResult | Exception]:
+        started = time.perf_counter()
+        stubborn = any("stubborn" in job.prompt for job in jobs)
+        stopped: set[int] = set()
+        for step in range(1, self.steps + 1):
+            time.sleep(self.step_seconds)
+            if any("crash" in job.prompt for job in jobs):
+                os._exit(70)
+            for index in range(len(jobs)):
+                if index not in stopped and not stubborn and should_stop(index):
+                    stopped.add(index)
+                if index not in stopped:
+                    on_step(index, StepInfo(step, self.steps, time.perf_counter() - started))
+            if len(stopped) == len(jobs):
+                break
+        outcomes: list[GenerationResult | Exception] = []
+        for index, job in enumerate(jobs):
+            if index in stopped:
+                outcomes.append(Interrupted())
+            elif "fail" in job.prompt:
+                outcomes.append(RuntimeError("the scripted job failed, as asked"))
+            else:
+                outcomes.append(self._save_all(index, job, on_image, started))
+        return outcomes
+
+    def _save_all(
+        self, index: int, job: GenerationJob, on_image: Callable[[int, IMAGE], None] | None, started: float
+    ) -> GenerationResult:
+        images = []
+        width, height = job.output_size or (job.width, job.height)
+        folder = Path(job.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(job.num_images):
+            seed = job.seed + n
+            path = folder / f"{n}.png"
+            tmp = folder / f".tmp-{n}.png"
+            Image.new("RGB", (width, height), (seed % 256, (seed // 256) % 256, 128)).save(tmp, format="PNG")
+            os.replace(tmp, path)
+            image = GeneratedImage(path.name, str(path), width, height, seed, path.stat().st_size, n)
+            images.append(image)
+            if on_image is not None:
+                on_image(index, image)
+        return GenerationResult(images, f"scripted {width}x{height}", {"denoise": time.perf_counter() - started})

@@ -1,0 +1,121 @@
+"""The supervisor tier: the real API, queue, supervisor and pipe protocol in this process, driving a spawned model
+process that runs the scripted engine (``tests/scripted_engine.py``: real PNGs after a set delay per step, no
+torch). What a model process does to its supervisor, batching, a cancel at a step, a kill, a crash, costs a
+fraction of a second here instead of a server start and a model load.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from dreamserve.status import TaskStatus
+from tests.conftest import App
+
+SCRIPTED = "tests.scripted_engine:ScriptedEngine"
+
+
+@pytest.fixture
+def scripted(make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> Callable[..., App]:
+    """An in-process app whose one worker runs the scripted engine, ``steps`` steps of ``step_seconds`` each."""
+
+    def factory(steps: int = 4, step_seconds: float = 0.02, **overrides: Any) -> App:
+        monkeypatch.setenv("DREAMSERVE_SCRIPTED_STEP_SECONDS", str(step_seconds))
+        model = {"engine": SCRIPTED, "steps": steps, **overrides.pop("model", {})}
+        app = make_app(model=model, min_pixels=64 * 64, **overrides)
+        until(lambda: app.workers()[0]["state"] == "ready", "the scripted model process to load")
+        return app
+
+    return factory
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.02)
+
+
+def run(app: App, prompt: str = "a fox", **fields: Any) -> str:
+    body = app.run({"prompt": prompt, "size": "96x64", **fields})
+    assert body["result"] is True, body
+    return str(body["taskid"])
+
+
+def test_a_task_runs_through_the_real_pipe_and_its_pngs_are_served(scripted: Callable[..., App]) -> None:
+    app = scripted()
+    task = app.wait(run(app, maxImages=2, seed=5), timeout=30)
+    assert task["status"] == TaskStatus.POSTPROCESS_END and task["pexit"] == "0"
+    assert [output["name"] for output in task["outputs"]] == ["0.png", "1.png"]
+    served = app.http.get(task["outputs"][1]["url"])
+    image = Image.open(io.BytesIO(served.content))
+    assert served.status_code == 200 and image.size == (96, 64) and image.getpixel((0, 0))[0] == 6  # seed 5 + 1
+
+
+def test_same_shape_tasks_share_one_call_of_the_model_process(scripted: Callable[..., App]) -> None:
+    # A long window, which the third Run closes (it fills the batch): they share it whatever the machine's load.
+    app = scripted(batch_window_ms=5000, model={"max_batch": 3})
+    ids = [run(app, seed=seed) for seed in (1, 2, 3)]
+    tasks = [app.wait(taskid, timeout=30) for taskid in ids]
+    assert all(task["pexit"] == "0" for task in tasks)
+    together = {tuple(sorted([t["id"], *map(str, t["details"]["batched_with"])])) for t in tasks}
+    assert together == {tuple(sorted(ids))}, [t["details"] for t in tasks]
+
+
+def test_a_cancel_lands_at_the_next_step_and_the_model_process_stays(scripted: Callable[..., App]) -> None:
+    app = scripted(steps=2000, step_seconds=0.01)  # 20 s unless cancelled
+    pid = app.workers()[0]["pid"]
+    taskid = run(app)
+    app.wait_progress(taskid)
+    assert app.post("/v1/Task/Cancel", json={"taskid": taskid}).json()["result"] is True
+    task = app.wait(taskid, timeout=10)
+    assert task["status"] == TaskStatus.CANCEL and task["pexit"] == "130"
+    assert app.workers()[0]["pid"] == pid, "a cancel must not cost the model process"
+
+
+def test_a_kill_ends_the_process_and_a_fresh_one_serves_the_next_task(scripted: Callable[..., App]) -> None:
+    app = scripted(steps=2000, step_seconds=0.01)
+    pid = app.workers()[0]["pid"]
+    taskid = run(app)
+    app.wait_progress(taskid)
+    killed = app.post("/v1/Task/Kill", json={"taskid": taskid}).json()
+    assert killed["result"] is True
+    task = app.wait(taskid, timeout=10)
+    assert task["status"] == TaskStatus.CANCEL and task["pexit"] == "137"
+    until(lambda: app.workers()[0]["state"] == "ready" and app.workers()[0]["pid"] not in (None, pid), "a new child")
+
+
+def test_a_crashed_model_process_fails_its_task_and_is_replaced(scripted: Callable[..., App]) -> None:
+    app = scripted()
+    pid = app.workers()[0]["pid"]
+    crashed = app.wait(run(app, "crash, please"), timeout=30)
+    assert crashed["status"] == TaskStatus.POSTPROCESS_END and crashed["pexit"] == "1", crashed
+    assert "model process" in crashed["debugerror"], crashed["debugerror"]
+    after = app.wait(run(app, "a fox, afterwards"), timeout=30)
+    assert after["pexit"] == "0" and app.workers()[0]["pid"] != pid
+
+
+def test_a_job_that_raises_fails_alone_with_an_error_id(scripted: Callable[..., App]) -> None:
+    app = scripted()
+    pid = app.workers()[0]["pid"]
+    failed = app.wait(run(app, "fail, please"), timeout=30)
+    assert failed["status"] == TaskStatus.POSTPROCESS_END and failed["pexit"] == "1"
+    assert "RuntimeError" in failed["debugerror"] and "scripted" not in failed["debugerror"]  # the kind, not the text
+    assert app.workers()[0]["pid"] == pid
+
+
+def test_a_stubborn_task_is_killed_after_the_cancel_grace(scripted: Callable[..., App]) -> None:
+    app = scripted(steps=2000, step_seconds=0.01, cancel_grace_seconds=0.5)
+    pid = app.workers()[0]["pid"]
+    taskid = run(app, "stubborn")
+    app.wait_progress(taskid)
+    app.post("/v1/Task/Cancel", json={"taskid": taskid})
+    task = app.wait(taskid, timeout=10)
+    assert task["status"] == TaskStatus.CANCEL, task
+    until(lambda: app.workers()[0]["pid"] not in (None, pid) and app.workers()[0]["state"] == "ready", "a new child")
