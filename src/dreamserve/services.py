@@ -30,6 +30,7 @@ from dreamserve.queue.migrate import upgrade
 from dreamserve.queue.store import TaskStore
 from dreamserve.settings import Settings
 from dreamserve.status import FINAL, StopKind, WorkerState
+from dreamserve.sweep import OrphanSweep, sweep_scratch
 from dreamserve.webhooks import Outbox, WebhookSender
 from dreamserve.wiro.render import task_object
 from dreamserve.worker.process import worker_alive
@@ -69,6 +70,8 @@ class Services:
         self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render)
         #: Fetches queued tasks' URL inputs before they can be claimed (not in a dispatched GPU worker).
         self.preprocessor = Preprocessor(settings, self.store, self.blobs, self.wake_workers)
+        #: Deletes what a crash left that no row names (run one page at a time by the reaper).
+        self.orphans = OrphanSweep(settings, self.sessions, self.blobs)
         self._loops: list[asyncio.Task[None]] = []
         self._dispatch: Callable[[int, str, int], Awaitable[None]] | None = None
         #: Synchronous requests waiting now, per project (``sync_slot``).
@@ -80,6 +83,8 @@ class Services:
         await seal_webhook_secrets(self.sessions, self.keys)
         # Tasks left running by a previous process of this host are recovered before anything new runs.
         await self.store.reap(worker_alive, self.settings.max_attempts)
+        # ... and their scratch folders, on this host, removed (the blobs are swept by the reaper's passes).
+        await sweep_scratch(self.settings, self.sessions, time.time())
         if self.workers != "none":
             for slug, spec in self.settings.models.items():
                 for index in range(spec.workers):
@@ -243,6 +248,7 @@ class Services:
             if task is not None:
                 self.wake(task.model)
         await self.expire()
+        await self.orphans.step()
 
     async def _release(self) -> None:
         malloc.release_free_memory()
