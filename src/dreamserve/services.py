@@ -27,6 +27,7 @@ from dreamserve.queue.db import make_engine, make_sessionmaker
 from dreamserve.queue.events import Event, EventHub, Hub
 from dreamserve.queue.keyring import ServerKey, private_dir
 from dreamserve.queue.migrate import upgrade
+from dreamserve.queue.sealing import scrub_freed_pages, seal_legacy_capabilities
 from dreamserve.queue.store import TaskStore
 from dreamserve.settings import Settings
 from dreamserve.status import FINAL, StopKind, WorkerState
@@ -79,8 +80,12 @@ class Services:
 
     async def start(self) -> None:
         private_dir(self.settings.data_dir)
-        await upgrade(self.engine)
-        await seal_webhook_secrets(self.sessions, self.keys)
+        migrated = await upgrade(self.engine)
+        sealed = await seal_webhook_secrets(self.sessions, self.keys)
+        sealed += await seal_legacy_capabilities(self.sessions, self.keys)
+        if migrated or sealed:
+            # Secrets sealed now or by an earlier start (webhook secrets) must not linger in SQLite's free pages.
+            await scrub_freed_pages(self.engine)
         # Tasks left running by a previous process of this host are recovered before anything new runs.
         await self.store.reap(worker_alive, self.settings.max_attempts)
         # ... and their scratch folders, on this host, removed (the blobs are swept by the reaper's passes).
