@@ -4,6 +4,7 @@ holds are swept once older than ``orphan_grace_seconds``; a server SIGKILLed mid
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import signal
@@ -21,6 +22,7 @@ from dreamserve.settings import S3Settings
 from tests.conftest import png_bytes
 
 S3 = os.environ.get("DREAMSERVE_TEST_S3")
+log = logging.getLogger(__name__)
 
 
 def _unnamed(data_dir: Path) -> set[str]:
@@ -120,14 +122,17 @@ def test_a_server_killed_mid_save_leaves_no_orphan_after_restart(make_server: An
     for child in alive:
         child.kill()
     left = _unnamed(server.settings.data_dir)
+    log.info("the kill left %d files no row names: %s", len(left), sorted(left))
     assert left and all(key.startswith("outputs/") for key in left), left
     server.start()
+    restarted = time.monotonic()
     task = server.wait(run["taskid"])
     assert task["pexit"] == "0" and task["attempts"] == "2" and len(task["outputs"]) == 4
     deadline = time.monotonic() + 30
     while _unnamed(server.settings.data_dir) & left:
         assert time.monotonic() < deadline, f"still there: {_unnamed(server.settings.data_dir) & left}"
         time.sleep(0.1)
+    log.info("swept %.1f s after the restart", time.monotonic() - restarted)
     assert _unnamed(server.settings.data_dir) == set(), "only what rows name is left"
     assert list((server.settings.data_dir / "scratch").glob("*")) == []
     assert "orphan sweep: deleted" in server.log()
