@@ -34,7 +34,7 @@ TIERS: dict[str, str] = {
     "queue": "queue",  # db, migrate, migrations, keyring, store, events, redis_events
     **dict.fromkeys(["wiro", "auth", "projects", "ratelimit"], "request"),  # wiro: params, render, tools
     "metrics": "metrics",
-    **dict.fromkeys(["blobs", "fetch", "webhooks", "dispatch"], "io"),
+    **dict.fromkeys(["blobs", "fetch", "webhooks", "dispatch", "sweep"], "io"),
     **dict.fromkeys(["presets", "submit", "preprocess", "weights"], "submit"),
     "engine": "engine",
     "worker": "worker",

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import secrets
+import sqlite3
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -13,9 +18,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from dreamserve.projects import hash_key
 from dreamserve.queue.db import Base, Task
 from dreamserve.queue.migrate import alembic_config, upgrade
 from dreamserve.wiro.render import input_marker, request_parameters
+from tests.conftest import png_bytes
 
 URLS = ["sqlite"]
 if os.environ.get("DREAMSERVE_TEST_POSTGRES"):
@@ -98,3 +105,77 @@ def test_detail_parameters_of_rows_stored_before_the_job_kept_the_request() -> N
     assert list(rendered) == ["prompt", "size", "maxImages", "watermark", "seed", "inputImage", "callbackUrl"]
     broken = Task(job={"prompt": "no shape"}, parameters=stored)
     assert request_parameters(broken, {}) == stored, "a row whose job does not load still shows its echo"
+
+
+def test_clear_secrets_of_old_rows_are_sealed_and_still_work(make_app: Any, tmp_path: Path) -> None:
+    """A database of the first schema holds clear task tokens, file access keys and webhook secrets; after the
+    server's start none of them is left in the SQLite file's bytes, and the old token and file URL still work."""
+    token, accesskey = "T" * 6 + secrets.token_hex(12), "-".join(secrets.token_hex(4) for _ in range(8))
+    webhook_secret, api_key = "whsec" + secrets.token_hex(16), secrets.token_hex(16)
+    blob_key = "outputs/oldfolder/0.png"
+    (tmp_path / "files/outputs/oldfolder").mkdir(parents=True)
+    (tmp_path / "files" / blob_key).write_bytes(png_bytes())
+    job = {"prompt": "old", "width": 96, "height": 64, "num_images": 1, "seed": 1, "watermark": False, "inputs": []}
+
+    async def old_database() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/dreamserve.db")
+        try:
+            async with engine.begin() as connection:
+                await connection.run_sync(_upgrade_to, "9bc1bd1e81df")
+                await connection.execute(
+                    text(
+                        "INSERT INTO projects (id, name, api_key_hash, api_key_prefix, signature_required,"
+                        " webhook_secret, revoked, created) VALUES (1, 'old', :hash, 'k', 0, :secret, 0, 0)"
+                    ),
+                    {"hash": hash_key(api_key), "secret": webhook_secret},
+                )
+                await connection.execute(
+                    text(
+                        "INSERT INTO tasks (id, project_id, token, model, status, priority, parameters, job,"
+                        " callback_url, callback_events, pexit, debugoutput, debugerror, details, createtime,"
+                        " attempts, stop_requested) VALUES (1, 1, :token, 'bytedance/seedream-v4',"
+                        " 'task_postprocess_end', 0, '{}', :job, '', '[]', '0', '', '', '{}', 0, 1, '')"
+                    ),
+                    {"token": token, "job": json.dumps(job)},
+                )
+                await connection.execute(
+                    text(
+                        "INSERT INTO files (id, project_id, task_id, role, position, name, contenttype, size,"
+                        " accesskey, blob_key, meta, created) VALUES (1, 1, 1, 'output', 0, '0.png', 'image/png',"
+                        " :size, :key, :blob, '{}', :now)"
+                    ),
+                    {
+                        "size": (tmp_path / "files" / blob_key).stat().st_size,
+                        "key": accesskey,
+                        "blob": blob_key,
+                        "now": time.time(),
+                    },
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(old_database())
+    clear = [token.encode(), accesskey.encode(), webhook_secret.encode()]
+    assert all(value in _stored_bytes(tmp_path) for value in clear), "the old shape holds them in clear"
+
+    app = make_app(data_dir=tmp_path, model={"workers": 0})
+    detail = app.http.post("/v1/Task/Detail", headers={"x-api-key": api_key}, json={"tasktoken": token}).json()
+    (task,) = detail["tasklist"]
+    assert task["socketaccesstoken"] == token, "the old token is kept, sealed, not rotated"
+    url = task["outputs"][0]["url"]
+    assert f"/v1/File/{accesskey}/0.png" in url and app.http.get(url).status_code == 200
+    app.client.__exit__(None, None, None)  # closed: what is on disk is all there is
+    stored = _stored_bytes(tmp_path)
+    assert [value for value in clear if value in stored] == []
+    conn = sqlite3.connect(tmp_path / "dreamserve.db")
+    try:
+        assert conn.execute("SELECT count(*) FROM tasks WHERE token IS NOT NULL").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM files WHERE accesskey IS NOT NULL").fetchone() == (0,)
+        assert conn.execute("SELECT webhook_secret, webhook_secret_sealed != '' FROM projects").fetchall()[0] == ("", 1)
+    finally:
+        conn.close()
+
+
+def _stored_bytes(data_dir: Path) -> bytes:
+    """The database file and its WAL, as bytes on disk."""
+    return b"".join(p.read_bytes() for p in data_dir.glob("dreamserve.db*"))

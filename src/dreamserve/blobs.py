@@ -1,8 +1,9 @@
 """Where file bytes live: ``LocalBlobStore`` (the data folder) or ``S3BlobStore`` (any S3 endpoint, via obstore).
 
-Keys are relative paths like ``outputs/<accesskey>/0.png``. Local writes go to a temporary name
+Keys are relative paths like ``outputs/<folder>/0.png``. Local writes go to a temporary name
 in the same folder and are renamed into place, so a reader (or a crash) never sees half a file;
-an S3 PUT is atomic by itself.
+an S3 PUT is atomic by itself. ``list_page`` lists keys in pages, resuming after the last one seen,
+so the orphan sweep (``sweep.py``) holds one page at a time.
 """
 
 from __future__ import annotations
@@ -11,11 +12,20 @@ import contextlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 from dreamserve.settings import S3Settings, Settings
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """One stored object: its key and when it was last written (unix seconds)."""
+
+    key: str
+    modified: float
 
 
 class BlobStore(Protocol):
@@ -36,6 +46,10 @@ class BlobStore(Protocol):
 
     def presign(self, key: str) -> str | None:
         """A time-limited URL that reads the object directly, when the store has one."""
+
+    def list_page(self, prefix: str, after: str | None, limit: int) -> list[BlobEntry]:
+        """Up to ``limit`` objects under the folder ``prefix``, in the store's order, after the key ``after``.
+        Fewer than ``limit`` means the listing reached its end."""
 
 
 def make_blob_store(settings: Settings) -> BlobStore:
@@ -101,6 +115,34 @@ class LocalBlobStore:
     def presign(self, key: str) -> str | None:
         return None
 
+    def list_page(self, prefix: str, after: str | None, limit: int) -> list[BlobEntry]:
+        # Names sorted per folder, keys compared as tuples of parts: the walk's order, so "after" resumes it.
+        cursor = tuple(after.split("/")) if after else ()
+        page: list[BlobEntry] = []
+        self._walk(self.path(prefix), tuple(prefix.strip("/").split("/")), cursor, limit, page)
+        return page
+
+    def _walk(
+        self, folder: Path, parts: tuple[str, ...], cursor: tuple[str, ...], limit: int, page: list[BlobEntry]
+    ) -> None:
+        try:
+            names = sorted(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return  # removed meanwhile (the last file of a task deleted)
+        for name in names:
+            here = (*parts, name)
+            path = folder / name
+            if path.is_symlink():
+                continue  # never written by the store
+            if path.is_dir():
+                if here >= cursor[: len(here)]:  # a folder wholly before the cursor is skipped unread
+                    self._walk(path, here, cursor, limit, page)
+            elif here > cursor:
+                with contextlib.suppress(FileNotFoundError):
+                    page.append(BlobEntry("/".join(here), path.stat().st_mtime))
+            if len(page) >= limit:
+                return
+
 
 class S3BlobStore:
     def __init__(self, config: S3Settings) -> None:
@@ -155,6 +197,17 @@ class S3BlobStore:
 
     def local_path(self, key: str) -> Path | None:
         return None
+
+    def list_page(self, prefix: str, after: str | None, limit: int) -> list[BlobEntry]:
+        import obstore
+
+        page: list[BlobEntry] = []
+        # S3 lists in key order from ``offset`` (StartAfter), a server-side page at a time.
+        for chunk in obstore.list(self.store, prefix, offset=after, chunk_size=limit):
+            page.extend(BlobEntry(meta["path"], meta["last_modified"].timestamp()) for meta in chunk)
+            if len(page) >= limit:
+                return page[:limit]
+        return page
 
     def presign(self, key: str) -> str | None:
         import obstore

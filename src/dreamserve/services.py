@@ -27,9 +27,11 @@ from dreamserve.queue.db import make_engine, make_sessionmaker
 from dreamserve.queue.events import Event, EventHub, Hub
 from dreamserve.queue.keyring import ServerKey, private_dir
 from dreamserve.queue.migrate import upgrade
+from dreamserve.queue.sealing import scrub_freed_pages, seal_legacy_capabilities
 from dreamserve.queue.store import TaskStore
 from dreamserve.settings import Settings
 from dreamserve.status import FINAL, StopKind, WorkerState
+from dreamserve.sweep import OrphanSweep, sweep_scratch
 from dreamserve.webhooks import Outbox, WebhookSender
 from dreamserve.wiro.render import task_object
 from dreamserve.worker.process import worker_alive
@@ -69,6 +71,8 @@ class Services:
         self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render)
         #: Fetches queued tasks' URL inputs before they can be claimed (not in a dispatched GPU worker).
         self.preprocessor = Preprocessor(settings, self.store, self.blobs, self.wake_workers)
+        #: Deletes what a crash left that no row names (run one page at a time by the reaper).
+        self.orphans = OrphanSweep(settings, self.sessions, self.blobs)
         self._loops: list[asyncio.Task[None]] = []
         self._dispatch: Callable[[int, str, int], Awaitable[None]] | None = None
         #: Synchronous requests waiting now, per project (``sync_slot``).
@@ -76,10 +80,16 @@ class Services:
 
     async def start(self) -> None:
         private_dir(self.settings.data_dir)
-        await upgrade(self.engine)
-        await seal_webhook_secrets(self.sessions, self.keys)
+        migrated = await upgrade(self.engine)
+        sealed = await seal_webhook_secrets(self.sessions, self.keys)
+        sealed += await seal_legacy_capabilities(self.sessions, self.keys)
+        if migrated or sealed:
+            # Secrets sealed now or by an earlier start (webhook secrets) must not linger in SQLite's free pages.
+            await scrub_freed_pages(self.engine)
         # Tasks left running by a previous process of this host are recovered before anything new runs.
         await self.store.reap(worker_alive, self.settings.max_attempts)
+        # ... and their scratch folders, on this host, removed (the blobs are swept by the reaper's passes).
+        await sweep_scratch(self.settings, self.sessions, time.time())
         if self.workers != "none":
             for slug, spec in self.settings.models.items():
                 for index in range(spec.workers):
@@ -243,6 +253,7 @@ class Services:
             if task is not None:
                 self.wake(task.model)
         await self.expire()
+        await self.orphans.step()
 
     async def _release(self) -> None:
         malloc.release_free_memory()

@@ -195,6 +195,14 @@ class Settings(BaseSettings):
     #: How long the input and output files of an ended task are kept, in seconds (0 = until deleted with
     #: Task/InputOutputDelete). Outputs show it as ``expiretime``; the reaper deletes expired files and rows.
     retention_seconds: float = Field(default=0.0, ge=0)
+    #: A blob no file row names (a server killed while saving), or the scratch folder of a task no worker holds,
+    #: is deleted by the reaper once this old (mtime, or S3 Last-Modified): far longer than any writer takes
+    #: between storing bytes and committing the row that names them (``sweep.py``).
+    orphan_grace_seconds: float = Field(default=3600.0, ge=0)
+    #: Pause between two passes of the orphan sweep over the blob store.
+    orphan_sweep_seconds: float = Field(default=3600.0, gt=0)
+    #: Blobs listed (and checked against the rows in one query) per reaper tick.
+    orphan_sweep_page: int = Field(default=500, ge=1, le=5000)
 
     webhook_attempts: int = 5
     webhook_backoff_seconds: float = 1.0

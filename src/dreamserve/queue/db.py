@@ -69,8 +69,11 @@ class Task(Base):
     #: server secret, the id and this salt (``keyring.ServerKey.token``); only its sha256 is stored, for lookups.
     token_salt: Mapped[str | None] = mapped_column(String(32), nullable=True)
     token_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True, index=True)
-    #: Legacy: the clear token of rows made before tokens were derived; NULL for newer rows.
+    #: Legacy: the clear token of rows made before tokens were derived; sealed into ``token_sealed`` and emptied
+    #: at start-up (``queue/sealing.py``), NULL for newer rows.
     token: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    #: A legacy row's token sealed with the server secret, so that it keeps working; NULL for newer rows.
+    token_sealed: Mapped[str | None] = mapped_column(String(128), nullable=True)
     #: ``owner/model`` as served, lower case.
     model: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(40))
@@ -168,10 +171,13 @@ class File(Base):
     #: server secret, the id and this salt (``keyring.ServerKey.accesskey``); only its sha256 is stored.
     key_salt: Mapped[str | None] = mapped_column(String(32), nullable=True)
     key_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
-    #: Legacy: the clear access key of rows made before keys were derived; NULL for newer rows.
+    #: Legacy: the clear access key of rows made before keys were derived; sealed into ``accesskey_sealed`` and
+    #: emptied at start-up (``queue/sealing.py``), NULL for newer rows.
     accesskey: Mapped[str | None] = mapped_column(String(80), index=True, nullable=True)
-    #: Key in the blob store (a random folder, unrelated to the access key).
-    blob_key: Mapped[str] = mapped_column(String(400))
+    #: A legacy row's access key sealed with the server secret, so that its URL keeps working; NULL for newer rows.
+    accesskey_sealed: Mapped[str | None] = mapped_column(String(192), nullable=True)
+    #: Key in the blob store (a random folder, unrelated to the access key); indexed for the orphan sweep.
+    blob_key: Mapped[str] = mapped_column(String(400), index=True)
     #: Extra facts (width, height, seed) for outputs.
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created: Mapped[float] = mapped_column(Float)

@@ -7,8 +7,9 @@ the client, are stored sealed with a pad derived from the server secret. The sec
 file (``<data_dir>/server.key``, or ``server_key_file``) or comes from ``server_secret``; every API
 replica and worker of one deployment must share it.
 
-Rows written before this scheme keep their clear ``token``/``accesskey`` (``legacy_*`` below), which
-stay valid; new rows leave those columns NULL.
+Rows written before this scheme had a clear ``token``/``accesskey``: at start-up it is sealed like a
+webhook secret (``token_sealed``/``accesskey_sealed``, ``queue/sealing.py``) and the clear column emptied,
+so old tokens and file URLs stay valid and nothing clear stays at rest; new rows leave all four NULL.
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ class ServerKey:
 
     def token(self, task: Task) -> str:
         """The task's ``socketaccesstoken``: 30 letters and digits (Wiro's shape), about 178 bits."""
+        if task.token_sealed:
+            return self.unseal(f"task-token:{task.id}", task.token_sealed)  # legacy row, sealed
         if task.token:
-            return task.token  # legacy row
+            return task.token  # legacy row, until the start-up upgrade seals it
         number = int.from_bytes(self._mac("task-token", task.id, task.token_salt or ""), "big")
         chars = []
         for _ in range(TOKEN_LENGTH):
@@ -89,8 +92,10 @@ class ServerKey:
 
     def accesskey(self, file: File) -> str:
         """The file's access key: eight groups of eight hex digits (256 bits), like Wiro's CDN folders."""
+        if file.accesskey_sealed:
+            return self.unseal(f"file-key:{file.id}", file.accesskey_sealed)  # legacy row, sealed
         if file.accesskey:
-            return file.accesskey  # legacy row
+            return file.accesskey  # legacy row, until the start-up upgrade seals it
         raw = self._mac("file-key", file.id, file.key_salt or "").hex()
         return "-".join(raw[i : i + 8] for i in range(0, 64, 8))
 

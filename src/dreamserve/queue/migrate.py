@@ -12,6 +12,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,10 +27,12 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-def _upgrade(connection: Connection) -> None:
+def _upgrade(connection: Connection) -> bool:
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _LOCK_ID})
+    before = MigrationContext.configure(connection).get_current_revision()
     command.upgrade(alembic_config(connection), "head")
+    return MigrationContext.configure(connection).get_current_revision() != before
 
 
 def _private_sqlite(engine: AsyncEngine) -> None:
@@ -46,7 +49,8 @@ def _private_sqlite(engine: AsyncEngine) -> None:
             os.chmod(companion, 0o600)
 
 
-async def upgrade(engine: AsyncEngine) -> None:
+async def upgrade(engine: AsyncEngine) -> bool:
+    """Apply the revisions the database lacks; True when there were any."""
     _private_sqlite(engine)
     async with engine.begin() as connection:
-        await connection.run_sync(_upgrade)
+        return await connection.run_sync(_upgrade)
