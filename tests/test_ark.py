@@ -251,6 +251,36 @@ def test_a_client_that_hangs_up_on_a_stream_cancels_its_task(server: Any) -> Non
     assert task["status"] == "task_cancel" and task["pexit"] == "130", "nobody is left to receive the images"
 
 
+def test_input_output_delete_takes_the_images_a_cancelled_stream_sent(server: Any) -> None:
+    """Issue 30 item 2: the partial image a stream sent before its client hung up (the task is cancelled) is a file of
+    the task like its inputs and outputs: InputOutputDelete takes its row and bytes, and its URL answers 404 at once."""
+    body = {"model": MODEL_ID, "prompt": "15 images of a kite", "size": "1280x720", "stream": True}
+    body["sequential_image_generation"] = "auto"
+    with httpx.stream(
+        "POST", f"{server.url}/api/v3/images/generations", headers=_bearer(server), json=body, timeout=60
+    ) as response:
+        task_id = response.headers["x-dreamserve-task-id"]
+        for line in response.iter_lines():
+            if line.startswith("data:") and "partial_succeeded" in line:
+                url = json.loads(line[5:])["url"]
+                break
+    deadline = time.monotonic() + 60
+    while server.detail(task_id)["status"] != "task_cancel" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    database = sqlite3.connect(server.settings.data_dir / "dreamserve.db")
+    rows = database.execute("SELECT role, blob_key FROM files WHERE task_id = ?", (int(task_id),)).fetchall()
+    partial = [key for role, key in rows if role == "partial"]
+    assert partial and all((server.settings.blob_dir / key).is_file() for key in partial)
+    fetched = httpx.get(url)
+    assert fetched.status_code == 200 and fetched.headers["cache-control"] == "no-cache"
+    answer = server.post("/v1/Task/InputOutputDelete", json={"taskid": task_id}).json()
+    assert answer == {"result": True, "errors": []}
+    assert httpx.get(url).status_code == 404
+    assert database.execute("SELECT count(*) FROM files WHERE task_id = ?", (int(task_id),)).fetchone() == (0,)
+    assert not any((server.settings.blob_dir / key).exists() for key in partial)
+    database.close()
+
+
 def test_openai_sdk_pointed_at_api_v3(server: Any) -> None:
     creds = server.creds
     client = _opened(

@@ -279,7 +279,8 @@ def test_uploaded_url_as_input_then_delete_and_retention(make_server: Any) -> No
     server = make_server(allow_private=False, model={"max_pixels": 64 * 64}, min_pixels=64 * 64, retention_seconds=3600)
     uploaded = server.post("/v1/File/Upload", files={"file": ("mine.png", png_bytes(80, 80), "image/png")}).json()
     upload_url = uploaded["list"][0]["url"]
-    assert upload_url.startswith("http://127.0.0.1:") and uploaded["list"][0]["expiretime"] is None
+    assert upload_url.startswith("http://127.0.0.1:")
+    assert int(uploaded["list"][0]["expiretime"]) == int(uploaded["list"][0]["addedtime"]) + 3600
     # Another spelling of this host, as a client behind a proxy might send it: the path and key decide.
     aliased = upload_url.replace("127.0.0.1", "localhost")
     runs = [
@@ -320,7 +321,7 @@ def test_uploaded_url_as_input_then_delete_and_retention(make_server: Any) -> No
 
     assert asyncio.run(expire(time.time() + 60)) == 0, "nothing expires early"
     assert httpx.get(kept).status_code == 200
-    assert asyncio.run(expire(time.time() + 3601)) == 2, "the second task's input and output"
+    assert asyncio.run(expire(time.time() + 3601)) == 3, "the second task's input and output, and the upload"
     assert server.detail(runs[1]["taskid"])["outputs"] == [] and httpx.get(kept).status_code == 404
-    assert httpx.get(upload_url).status_code == 200, "uploads are not task files"
-    assert [p for p in server.settings.blob_dir.rglob("*") if p.is_file() and "uploads" not in p.parts] == []
+    assert httpx.get(upload_url).status_code == 404, "uploads are counted by retention too"
+    assert [p for p in server.settings.blob_dir.rglob("*") if p.is_file()] == []

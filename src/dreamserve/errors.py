@@ -15,6 +15,7 @@ Wiro answers validation and business errors with HTTP 200 and ``result: false``,
     ├── InvalidState            invalid_state      1   200  the task is not in a state that allows this
     ├── TaskFailed              task_failed        0   500  a task waited on (OpenAI's routes) failed
     │   └── TaskInputFailed     task_input_failed  0   400  ... because an input could not be read (pexit 2)
+    ├── StorageFull             storage_full       0   200  the project stores as many bytes or files as it may
     ├── RateLimited             rate_limited      96   429  too many requests (Retry-After)
     │   └── QuotaExceeded       quota_exceeded    96   429  the project's unfinished tasks or work are at their cap
     ├── RouteNotFound           route_not_found    0   404  no such endpoint
@@ -102,6 +103,13 @@ class FileNotFound(NotFound):
 class InvalidState(DreamError):
     code = 1
     type = "invalid_state"
+
+
+class StorageFull(DreamError):
+    """The project's stored files are at ``max_project_bytes`` or ``max_project_files``: waiting does not help,
+    deleting does (a business error, so HTTP 200 as Wiro answers those)."""
+
+    type = "storage_full"
 
 
 class TaskFailed(DreamError):

@@ -26,7 +26,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.queue.db import Task, TaskEvent
+from dreamserve.queue.db import File, Task, TaskEvent
 from dreamserve.status import FINAL, Pexit, TaskStatus
 
 #: Label values of one series, in the order of its family's label names.
@@ -237,6 +237,28 @@ def queue_families(unfinished: Sequence[Unfinished], models: Iterable[str], now:
     )
 
 
+async def read_storage(sessions: async_sessionmaker[AsyncSession]) -> list[tuple[int, int, int]]:
+    """(project id, bytes, files) of every project that stores files: what its storage quota counts."""
+    query = select(File.project_id, func.sum(File.size), func.count(File.id)).group_by(File.project_id)
+    async with sessions() as session:
+        return sorted((int(p), int(b or 0), int(n)) for p, b, n in (await session.execute(query)).all())
+
+
+def storage_families(storage: Sequence[tuple[int, int, int]]) -> Iterator[Metric]:
+    yield gauge_family(
+        "dreamserve_project_stored_bytes",
+        "Bytes of the files a project stores (uploads, task inputs and outputs), as its storage quota counts them.",
+        ["project"],
+        (((str(project),), size) for project, size, _ in storage),
+    )
+    yield gauge_family(
+        "dreamserve_project_stored_files",
+        "Files a project stores.",
+        ["project"],
+        (((str(project),), files) for project, _, files in storage),
+    )
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident memory of a process (Linux), weights included once they are loaded."""
     try:
@@ -348,9 +370,11 @@ class Scrape:
     models: list[str]
     workers: list[Mapping[str, Any]]
     now: float
+    storage: list[tuple[int, int, int]]
 
     def collect(self) -> Iterator[Metric]:
         yield from queue_families(self.unfinished, self.models, self.now)
+        yield from storage_families(self.storage)
         yield from self.monitor.tasks.families()
         yield from worker_families(self.workers, self.monitor.gpu)
         yield from self.monitor.gpu.families()
@@ -372,4 +396,5 @@ class Monitor:
         unfinished = await read_unfinished(sessions)
         await self.tasks.catch_up(sessions)
         await self.gpu.refresh()
-        return Scrape(self, unfinished, list(models), list(workers), time.time())
+        storage = await read_storage(sessions)
+        return Scrape(self, unfinished, list(models), list(workers), time.time(), storage)

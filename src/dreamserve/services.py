@@ -28,7 +28,7 @@ from dreamserve.queue.events import Event, EventHub, Hub
 from dreamserve.queue.keyring import ServerKey, private_dir
 from dreamserve.queue.migrate import upgrade
 from dreamserve.queue.sealing import scrub_freed_pages, seal_legacy_capabilities
-from dreamserve.queue.store import TaskStore
+from dreamserve.queue.store import StorageQuota, TaskStore
 from dreamserve.settings import Settings
 from dreamserve.status import FINAL, StopKind, WorkerState
 from dreamserve.sweep import OrphanSweep, sweep_scratch
@@ -65,7 +65,8 @@ class Services:
         #: The clock nonces are judged by (tests inject one).
         self.clock: Callable[[], float] = time.time
         self.blobs: BlobStore = make_blob_store(settings)
-        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox())
+        storage = StorageQuota(settings.max_project_bytes, settings.max_project_files)
+        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(), storage)
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
         self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render)
@@ -259,7 +260,7 @@ class Services:
         malloc.release_free_memory()
 
     async def expire(self, now: float | None = None) -> int:
-        """Delete the inputs and outputs older than ``retention_seconds`` (0 keeps them); ``now`` for tests."""
+        """Delete the uploads and task files older than ``retention_seconds`` (0 keeps them); ``now`` for tests."""
         if self.settings.retention_seconds <= 0:
             return 0
         before = (time.time() if now is None else now) - self.settings.retention_seconds

@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     #: Unfinished work a project may have, in megapixels (images x width x height / 10^6); 0 = no cap. The default
     #: is about four requests of 15 images at 4096x4096, or 250 at 2048x2048.
     max_queued_megapixels: float = Field(default=1024.0, ge=0)
+    #: What a project may store (its uploads, task inputs and outputs): bytes and files; 0 = no cap. Past either,
+    #: File/Upload and Run with uploaded inputs answer ``storage_full`` until some are deleted (or expire).
+    max_project_bytes: int = Field(default=20 * 1024**3, ge=0)
+    max_project_files: int = Field(default=100_000, ge=0)
     #: Highest priority (0-9) a project's requests get unless ``keys create --max-priority`` gave it its own; higher
     #: asks are lowered to it. Within a priority, claims take projects in turn (round-robin).
     max_priority: int = Field(default=0, ge=0, le=9)
@@ -192,8 +196,9 @@ class Settings(BaseSettings):
     #: and the model's public name only, as output URLs are made to be shared.
     png_embed_prompt: bool = False
 
-    #: How long the input and output files of an ended task are kept, in seconds (0 = until deleted with
-    #: Task/InputOutputDelete). Outputs show it as ``expiretime``; the reaper deletes expired files and rows.
+    #: How long uploads and the files of an ended task are kept, in seconds (0 = until deleted with File/Delete,
+    #: File/FolderDelete or Task/InputOutputDelete). Files show it as ``expiretime``; the reaper deletes expired
+    #: files and rows.
     retention_seconds: float = Field(default=0.0, ge=0)
     #: A blob no file row names (a server killed while saving), or the scratch folder of a task no worker holds,
     #: is deleted by the reaper once this old (mtime, or S3 Last-Modified): far longer than any writer takes

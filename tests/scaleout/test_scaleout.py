@@ -323,3 +323,20 @@ def _db(sql: str) -> list[Any]:
             await engine.dispose()
 
     return asyncio.run(read())
+
+
+def test_input_output_delete_on_s3_takes_the_objects_and_every_url(cluster: Cluster) -> None:
+    """Issue 30 item 2 on S3: the object goes with the row, so the route and the presigned URL it redirected to
+    both answer 404 at once."""
+    run = cluster.run(0, prompt="deleted from the bucket")
+    task = cluster.wait(0, run["taskid"])
+    assert task["pexit"] == "0", task["debugerror"]
+    url = task["outputs"][0]["url"]
+    redirect = httpx.get(url, follow_redirects=False)
+    assert redirect.status_code == 307 and redirect.headers["cache-control"] == "no-store"
+    presigned = redirect.headers["location"]
+    assert httpx.get(presigned).status_code == 200
+    answer = cluster.post(1, "/v1/Task/InputOutputDelete", json={"taskid": run["taskid"]})
+    assert answer == {"result": True, "errors": []}
+    assert httpx.get(url).status_code == 404 and httpx.get(presigned).status_code == 404
+    assert cluster.detail(0, run["taskid"])["outputs"] == []

@@ -15,7 +15,7 @@ from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.errors import FileNotFound, InvalidRequest, NotFound
 from dreamserve.queue.db import File, Folder
 from dreamserve.queue.keyring import digest
-from dreamserve.queue.store import add_files, new_blob_folder
+from dreamserve.queue.store import add_files, check_storage, new_blob_folder
 from dreamserve.wiro.params import Upload, ascii_id, check_image
 from dreamserve.wiro.render import envelope, file_item, unix
 
@@ -29,6 +29,8 @@ USER_FILE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "sandbox",
     "Cross-Origin-Resource-Policy": "cross-origin",
+    # Caches ask again each time (a cheap 304 while the ETag holds), so a deleted file answers 404 at once.
+    "Cache-Control": "no-cache",
 }
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
@@ -83,12 +85,47 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
         meta={"width": width, "height": height},
         created=time.time(),
     )
-    async with services.sessions.begin() as session:
-        if folder_id is not None and await _folder(session, project.id, folder_id) is None:
+    # Bytes first (no lock held while they are written), then the row, counted against the project's storage in
+    # the transaction that stores it; a refusal takes the bytes back.
+    await asyncio.to_thread(services.blobs.put, file.blob_key, data.data)
+    try:
+        async with services.sessions.begin() as session:
+            if folder_id is not None and await _folder(session, project.id, folder_id) is None:
+                raise NotFound(f"Folder {folder_id} does not exist in this project.")
+            await check_storage(session, project.id, services.store.storage, file.size, 1)
+            await add_files(session, services.keys, [file])
+    except BaseException:
+        await asyncio.to_thread(services.blobs.delete, file.blob_key)
+        raise
+    return envelope(list=[file_item(settings.base_url, file, services.keys, settings.retention_seconds)])
+
+
+@router.post("/v1/File/Delete")
+async def file_delete(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    """An upload of this project (``fileid``, the ``id`` File/Upload answered), its row and bytes; its URL answers
+    404 at once. A task's files go with Task/InputOutputDelete."""
+    fields = await read_fields(request, max_file_bytes=0)
+    file_id = ascii_id(fields, "fileid", "fileId")
+    if file_id is None:
+        raise InvalidRequest("Request parameter [fileid] required: the id File/Upload answered.")
+    if not await services.store.delete_project_files(project.id, file_id=file_id):
+        raise NotFound(f"File {file_id} is not an upload of this project (a task's files go with InputOutputDelete).")
+    return envelope()
+
+
+@router.post("/v1/File/FolderDelete")
+async def folder_delete(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    """A folder of this project (``folderid``), the folders under it and every upload in them, rows and bytes."""
+    fields = await read_fields(request, max_file_bytes=0)
+    folder_id = ascii_id(fields, "folderid", "folderId")
+    if folder_id is None:
+        raise InvalidRequest("Request parameter [folderid] required: the id File/FolderCreate answered.")
+    async with services.sessions() as session:
+        if await _folder(session, project.id, folder_id) is None:
             raise NotFound(f"Folder {folder_id} does not exist in this project.")
-        await asyncio.to_thread(services.blobs.put, file.blob_key, data.data)
-        await add_files(session, services.keys, [file])
-    return envelope(list=[file_item(settings.base_url, file, services.keys)])
+        folders = await _subtree(session, project.id, folder_id)
+    await services.store.delete_project_files(project.id, folders=folders)
+    return envelope()
 
 
 @router.get("/v1/File/{accesskey}/{name}")
@@ -102,12 +139,23 @@ async def read_file(accesskey: str, name: str, services: ServicesDep) -> Respons
         raise missing
     local = services.blobs.local_path(file.blob_key)
     if local is None:
-        # S3: send the client straight to the bucket with a short-lived presigned URL.
+        # S3: send the client straight to the bucket with a short-lived presigned URL, never cached: once the file
+        # is deleted, this route answers 404 and the bucket too.
         url = await asyncio.to_thread(services.blobs.presign, file.blob_key)
-        return RedirectResponse(url or "", status_code=307)
+        return RedirectResponse(url or "", status_code=307, headers={"Cache-Control": "no-store"})
     if not local.is_file():
         raise missing
     return FileResponse(local, media_type=file.contenttype, headers=USER_FILE_HEADERS)
+
+
+async def _subtree(session: Any, project_id: int, folder_id: int) -> list[int]:
+    """The folder and every folder under it, one level per query (a project's folders bound the loop)."""
+    found, level = [folder_id], [folder_id]
+    while level:
+        query = select(Folder.id).where(Folder.project_id == project_id, Folder.parent_id.in_(level))
+        level = [child for child in (await session.execute(query)).scalars() if child not in found]
+        found += level
+    return found
 
 
 async def _folder(session: Any, project_id: int, folder_id: int) -> Folder | None:

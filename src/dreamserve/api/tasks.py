@@ -81,7 +81,8 @@ async def kill(request: Request, project: ProjectDep, services: ServicesDep) -> 
 
 @router.post("/v1/Task/InputOutputDelete")
 async def input_output_delete(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
-    """Delete a finished task's input and output files (bytes and rows); again is a no-op."""
+    """Delete every file of a finished task (inputs, outputs, partial images streamed before a cancel), bytes and
+    rows; their URLs answer 404 at once. Again is a no-op."""
     task = await _find(request, services, project, missing="task-not-exist")
     if task.status not in FINAL:
         raise InvalidState(

@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import BigInteger, Subquery, case, cast, delete, func, or_, select, update
+from sqlalchemy import BigInteger, Subquery, and_, case, cast, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
-from dreamserve.errors import QuotaExceeded
+from dreamserve.errors import QuotaExceeded, StorageFull
 from dreamserve.jobs import TaskJob
-from dreamserve.queue.db import File, Project, Task, TaskEvent
+from dreamserve.queue.db import File, Folder, Project, Task, TaskEvent
 from dreamserve.queue.events import Event, Hub
 from dreamserve.queue.keyring import ServerKey, digest, new_salt
 from dreamserve.status import FINAL, LIFECYCLE, RUNNING, Frame, Pexit, StopKind, TaskStatus
@@ -39,6 +39,52 @@ class Quota:
 
     max_tasks: int = 0
     max_megapixels: float = 0.0
+
+
+@dataclass(frozen=True)
+class StorageQuota:
+    """Caps on what one project stores (0 = none): the bytes of all its files (uploads, task inputs and outputs,
+    partial images), and their number. Checked where a client adds files (File/Upload, Run's uploaded inputs);
+    a task's outputs are never refused, they count against the next upload."""
+
+    max_bytes: int = 0
+    max_files: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_bytes or self.max_files)
+
+
+#: The roles of a task's file rows: Task/InputOutputDelete and retention delete every one of them. The fourth role,
+#: "upload" (File/Upload), belongs to no task: File/Delete, File/FolderDelete and retention delete those.
+TASK_ROLES = ("input", "output", "partial")
+
+
+async def lock_project(session: AsyncSession, project_id: int) -> None:
+    """A no-op write: it locks the project's row (PostgreSQL) or the database (SQLite) until the transaction ends,
+    so that concurrent requests of one project are counted against its quotas one after another."""
+    await session.execute(update(Project).where(Project.id == project_id).values(last_claimed=Project.last_claimed))
+
+
+async def check_storage(session: AsyncSession, project_id: int, quota: StorageQuota, size: int, count: int) -> None:
+    """``StorageFull`` if ``count`` more files of ``size`` bytes in all would take the project past ``quota``;
+    counted in the caller's transaction, which stores the rows, under the project's lock."""
+    if not quota.active:
+        return
+    await lock_project(session, project_id)
+    query = select(func.count(File.id), func.coalesce(func.sum(cast(File.size, BigInteger)), 0))
+    files, stored = (await session.execute(query.where(File.project_id == project_id))).one()
+    if quota.max_files and files + count > quota.max_files:
+        raise StorageFull(
+            f"Storage full: this project stores {files:,} files and may store {quota.max_files:,} "
+            "(max_project_files). Delete some (File/Delete, File/FolderDelete, Task/InputOutputDelete) first."
+        )
+    if quota.max_bytes and int(stored) + size > quota.max_bytes:
+        raise StorageFull(
+            f"Storage full: this project stores {int(stored):,} bytes, this adds {size:,} and the limit is "
+            f"{quota.max_bytes:,} (max_project_bytes). Delete some files (File/Delete, File/FolderDelete, "
+            "Task/InputOutputDelete) first."
+        )
 
 
 def new_blob_folder() -> str:
@@ -94,7 +140,13 @@ LIST_SORTS: dict[str, InstrumentedAttribute[Any]] = {
 
 class TaskStore:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], hub: Hub, keys: ServerKey, blobs: Blobs, outbox: Outbox
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        hub: Hub,
+        keys: ServerKey,
+        blobs: Blobs,
+        outbox: Outbox,
+        storage: StorageQuota | None = None,
     ) -> None:
         self.sessions = sessions
         self.hub = hub
@@ -102,6 +154,8 @@ class TaskStore:
         #: Where the bytes of the task files live: inputs of failed and cancelled tasks are deleted at their end.
         self.blobs = blobs
         self.outbox = outbox
+        #: What a project may store: Run's uploaded inputs are counted against it as the task is created.
+        self.storage = storage or StorageQuota()
 
     # -- creating and reading -------------------------------------------------------------------
 
@@ -129,6 +183,8 @@ class TaskStore:
         async with self.sessions.begin() as session:
             if quota is not None and (quota.max_tasks or quota.max_megapixels):
                 await self._check_quota(session, project_id, quota, job.work)
+            if inputs:
+                await check_storage(session, project_id, self.storage, sum(f.size for f in inputs), len(inputs))
             task = Task(
                 project_id=project_id,
                 token_salt=new_salt(),
@@ -165,9 +221,7 @@ class TaskStore:
 
     @staticmethod
     async def _check_quota(session: AsyncSession, project_id: int, quota: Quota, pixels: int) -> None:
-        # A no-op write first: it locks the project's row (PostgreSQL) or the database (SQLite) until this
-        # transaction ends, so concurrent submissions of one project are counted one after another.
-        await session.execute(update(Project).where(Project.id == project_id).values(last_claimed=Project.last_claimed))
+        await lock_project(session, project_id)
         work = func.coalesce(func.sum(cast(Task.num_images, BigInteger) * Task.width * Task.height), 0)
         query = select(func.count(Task.id), work).where(
             Task.project_id == project_id, Task.status.not_in(sorted(FINAL))
@@ -685,20 +739,34 @@ class TaskStore:
     # -- deleting files ---------------------------------------------------------------------------
 
     async def delete_task_files(self, task_id: int) -> int:
-        """Task/InputOutputDelete: the input and output files of a task, rows and bytes; returns how many."""
+        """Task/InputOutputDelete: every file of a task (inputs, outputs, and the partial images an attempt streamed
+        before it was cancelled or failed), rows and bytes; returns how many."""
         async with self.sessions.begin() as session:
-            keys = await self._delete_files(session, [task_id], ("input", "output"))
+            keys = await self._delete_files(session, [task_id], TASK_ROLES)
+        await self._delete_blobs(keys)
+        return len(keys)
+
+    async def delete_project_files(
+        self, project_id: int, *, file_id: int | None = None, folders: Sequence[int] = ()
+    ) -> int:
+        """File/Delete and File/FolderDelete: the uploads of a project with id ``file_id``, or in ``folders``,
+        rows and bytes, and the ``folders`` rows themselves; returns how many files went."""
+        which = File.id == file_id if file_id is not None else File.folder_id.in_(list(folders))
+        stmt = delete(File).where(File.project_id == project_id, File.role == "upload", which).returning(File.blob_key)
+        async with self.sessions.begin() as session:
+            keys = list((await session.execute(stmt)).scalars())
+            if folders:
+                await session.execute(
+                    delete(Folder).where(Folder.project_id == project_id, Folder.id.in_(list(folders)))
+                )
         await self._delete_blobs(keys)
         return len(keys)
 
     async def expire_files(self, before: float, limit: int = 500) -> int:
-        """Retention: inputs and outputs of ended tasks created before ``before``; returns how many went."""
+        """Retention: uploads, and every file of an ended task, created before ``before``; returns how many went."""
         ended = select(Task.id).where(Task.status.in_(list(FINAL)))
-        query = (
-            select(File.id, File.blob_key)
-            .where(File.role.in_(["input", "output"]), File.created < before, File.task_id.in_(ended))
-            .limit(limit)
-        )
+        expired = or_(File.role == "upload", and_(File.role.in_(TASK_ROLES), File.task_id.in_(ended)))
+        query = select(File.id, File.blob_key).where(expired, File.created < before).limit(limit)
         async with self.sessions.begin() as session:
             rows = (await session.execute(query)).all()
             if rows:

@@ -20,8 +20,8 @@ from dreamserve.wiro.tools import CATEGORIES, DESCRIPTION, Tool
 
 #: Namespace of the per-project ``uuid`` Wiro shows on tasks and their outputs (its owner's id).
 _PROJECT_UUIDS = uuid.UUID("6f1c3c2e-2b8e-5d55-9a8c-4f0d2c6d7e10")
-#: File roles that the retention setting applies to (uploads are kept).
-EXPIRING_ROLES = frozenset({"input", "output"})
+#: File roles that the retention setting applies to: all of them (``store.expire_files``).
+EXPIRING_ROLES = frozenset({"input", "output", "partial", "upload"})
 
 
 def envelope(**fields: Any) -> dict[str, Any]:
