@@ -3,9 +3,9 @@
 A feed subscribes to the hub, replays the stored log once, and renders each event's frame once; each
 follower's socket gets the same text through its own bounded queue (``Follower``), so a socket that does not
 read is dropped instead of holding the others up or piling frames in memory. A follower that joins late gets
-the feed's history first (the log's frames: live-only previews are not kept). One poller reads the log of all
-followed tasks every ``POLL_SECONDS``, one query per ``POLL_CHUNK`` tasks, for the events whose writer could
-not reach this hub: the database is never read per socket.
+the feed's history first (the log's frames: live-only previews are not kept). For the events whose writer
+could not reach this hub, one poller reads the log every ``POLL_SECONDS``: the ids written since, then the
+events of the followed tasks among them. The database is never read per socket, nor per feed once it started.
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ from dreamserve.wiro.render import file_item, socket_frame
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
-#: Tasks one poll query covers (an OR of this many terms: well under SQLite's expression depth of 1000).
+#: Polls the range of event ids reaches back (a writer's commit can come after a later id's).
+POLL_LOOKBACK = 10
+#: Tasks one query for their new events covers (an OR of this many terms: well under SQLite's expression
+#: depth of 1000).
 POLL_CHUNK = 100
+#: Seconds a feed waits on the hub between checks that it still runs (the poller reads the log meanwhile).
+FEED_WAIT_SECONDS = 30.0
 
 
 class Refused(Exception):
@@ -122,7 +127,7 @@ class TaskFeed:
         try:
             await self.deliver(await self._feeds.services.store.events(self.task_id))
             while not self.ended:
-                await self.deliver(await self._live.next(POLL_SECONDS))
+                await self.deliver(await self._live.next(FEED_WAIT_SECONDS))
         except Exception:
             # The poller still reads the log for this feed.
             log.exception("task feed %s: the hub or the log failed", self.task_id)
@@ -209,23 +214,31 @@ class TaskFeeds:
             feed.stop()
 
     async def _poll(self) -> None:
+        """Every ``POLL_SECONDS``: the ids of the events written since (one range of the primary key, whatever
+        the number of feeds), then the new events of the followed tasks among them. The range starts
+        ``POLL_LOOKBACK`` polls back, for a transaction that committed after one with a later id."""
         try:
+            marks: deque[int] = deque([await self.services.store.last_event_id()], maxlen=POLL_LOOKBACK)
             while self._feeds:
                 await asyncio.sleep(POLL_SECONDS)
-                feeds = list(self._feeds.values())
-                for start in range(0, len(feeds), POLL_CHUNK):
-                    await self._poll_chunk(feeds[start : start + POLL_CHUNK])
+                try:
+                    marks.append(await self._poll_once(marks[0], marks[-1]))
+                except Exception:
+                    log.exception("task feeds: reading the event log failed")
         finally:
             self._poller = None
 
-    async def _poll_chunk(self, feeds: list[TaskFeed]) -> None:
-        try:
-            events = await self.services.store.events_after({feed.task_id: feed.last for feed in feeds})
+    async def _poll_once(self, after: int, mark: int) -> int:
+        written = await self.services.store.event_ids_after(after)
+        behind = {task_id for id_, task_id in written if (feed := self._feeds.get(task_id)) and id_ > feed.last}
+        feeds = [self._feeds[task_id] for task_id in behind if task_id in self._feeds]
+        for start in range(0, len(feeds), POLL_CHUNK):
+            chunk = feeds[start : start + POLL_CHUNK]
+            events = await self.services.store.events_after({feed.task_id: feed.last for feed in chunk})
             by_task: dict[int, list[Event]] = defaultdict(list)
             for event in events:
                 by_task[event.task_id].append(event)
-            for feed in feeds:
+            for feed in chunk:
                 if by_task.get(feed.task_id) and not feed.ended:
                     await feed.deliver(by_task[feed.task_id])
-        except Exception:
-            log.exception("task feeds: reading the event log failed")
+        return max([mark, *(id_ for id_, _ in written)])
