@@ -241,6 +241,15 @@ class Settings(BaseSettings):
     #: Frames a socket may send that register nothing (not JSON, unknown token, over its task limit) before
     #: it is closed with 1008.
     socket_max_bad_frames: int = Field(default=8, ge=1)
+    #: Task sockets open at once on this process, from all addresses (each is a descriptor, well below the
+    #: open-file limit ``serve`` raises); past it, a new socket is closed with 1008.
+    socket_max_total: int = Field(default=1024, ge=1)
+    #: Follows (one socket following one task) of one project's tasks at once, over all sockets; a
+    #: registration past it closes its socket with 1008. Bounds what one tenant's tokens make the fan-out do.
+    socket_max_per_project: int = Field(default=256, ge=1)
+    #: Frames waiting to be sent to one socket; a socket that falls this far behind (it does not read) is
+    #: closed with 1008 instead of holding the fan-out or the frames in memory.
+    socket_send_frames: int = Field(default=512, ge=16)
     #: ``/readyz`` fails when a background loop (claims, heartbeats, reaper, callbacks, dispatcher, memory) has died,
     #: or has not completed an iteration for this long (or three of its periods, if longer).
     loop_stale_seconds: float = Field(default=60.0, gt=0)

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
 from dreamserve.api import ark, files, health, metrics, openai, run, security, socket, tasks, tools, web
+from dreamserve.api.feeds import TaskFeeds
 from dreamserve.errors import (
     DreamError,
     HTTPProtocolError,
@@ -45,6 +46,7 @@ def create_app(
         services = Services(settings)
         await services.start()
         app.state.services = services
+        app.state.socket_feeds = feeds = TaskFeeds(services)
         await monitor.tasks.begin(services.sessions)
         hook = asyncio.create_task(on_start(services), name="on_start") if on_start else None
         try:
@@ -52,6 +54,7 @@ def create_app(
         finally:
             if hook is not None:
                 hook.cancel()
+            await feeds.close()
             await services.close()
 
     app = FastAPI(title="dreamserve", version=__version__, lifespan=lifespan)

@@ -1,74 +1,107 @@
 """The task socket at ``/v1``: register with ``{"type": "task_info", "tasktoken": ...}``, then receive
 every event of that task in order, the ones that happened before registration first.
 
-No credentials: the task token is the capability (as on Wiro). A socket follows at most
-``socket_max_tasks`` tasks, one address opens at most ``socket_max_per_address`` sockets, and a socket
-that keeps sending frames that register nothing is closed with 1008 (policy violation). Events come
-from the in-process hub when the worker runs here, and from polling the event log otherwise (a worker
-on another process).
+No credentials: the task token is the capability (as on Wiro). So that no client, however many addresses
+it has, makes the server spend more than the caps allow: this process holds at most ``socket_max_total``
+sockets, one address opens at most ``socket_max_per_address``, a socket follows at most
+``socket_max_tasks`` tasks, one project's tasks have at most ``socket_max_per_project`` follows, and a
+socket that keeps sending frames that register nothing, or stops reading its frames, is closed with 1008
+(policy violation). The frames come from the task's shared feed (``api/feeds.py``), never from a read per
+socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
-from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from dreamserve.queue.db import Task
-from dreamserve.queue.events import Event
+from dreamserve.api.feeds import Follower, Refused, TaskFeeds
 from dreamserve.services import Services
-from dreamserve.status import FINAL, Frame, TaskStatus
-from dreamserve.wiro.render import file_item, socket_frame
+from dreamserve.settings import Settings
+from dreamserve.status import Frame
 
 router = APIRouter()
 
-POLL_SECONDS = 0.5
 #: WebSocket close code for a client that broke the socket's rules (RFC 6455).
 POLICY_VIOLATION = 1008
+#: Seconds a closing handshake may take; a client that does not read has it cut short.
+CLOSE_SECONDS = 1.0
 
 
 @router.websocket("/v1")
 @router.websocket("/v1/")
 async def task_socket(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
-    settings = services.settings
+    feeds: TaskFeeds = websocket.app.state.socket_feeds
     address = websocket.client.host if websocket.client else ""
     open_sockets: Counter[str] = websocket.app.state.socket_addresses
     await websocket.accept()
-    if open_sockets[address] >= settings.socket_max_per_address:
-        reason = f"More than {settings.socket_max_per_address} task sockets from one address; close some first."
-        await websocket.close(POLICY_VIOLATION, reason)
+    refusal = _over_cap(services.settings, open_sockets, address)
+    if refusal is not None:
+        await websocket.close(POLICY_VIOLATION, refusal)
         return
     open_sockets[address] += 1
-    lock = asyncio.Lock()
-    followers: dict[str, asyncio.Task[None]] = {}
-    bad = 0
+    follower = Follower(services.settings.socket_send_frames)
     try:
-        while True:
-            error = await _register(websocket, lock, services, followers)
-            if error is None:
-                continue
-            bad += 1
-            if bad >= settings.socket_max_bad_frames:
-                await websocket.close(POLICY_VIOLATION, f"{bad} frames that registered nothing; last: {error}"[:120])
-                return
-            await _send(websocket, lock, {"type": "error", "message": error, "result": False})
-    except WebSocketDisconnect:
-        pass
+        reason = await _serve(websocket, services, feeds, follower)
+        if reason is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(websocket.close(POLICY_VIOLATION, reason[:120]), CLOSE_SECONDS)
     finally:
+        feeds.leave(follower)
         open_sockets[address] -= 1
         if open_sockets[address] <= 0:
             del open_sockets[address]
-        for follower in followers.values():
-            follower.cancel()
 
 
-async def _register(
-    websocket: WebSocket, lock: asyncio.Lock, services: Services, followers: dict[str, asyncio.Task[None]]
-) -> str | None:
+def _over_cap(settings: Settings, open_sockets: Counter[str], address: str) -> str | None:
+    if open_sockets.total() >= settings.socket_max_total:
+        return f"This server has {settings.socket_max_total} task sockets open, its limit; try again later."
+    if open_sockets[address] >= settings.socket_max_per_address:
+        return f"More than {settings.socket_max_per_address} task sockets from one address; close some first."
+    return None
+
+
+async def _serve(websocket: WebSocket, services: Services, feeds: TaskFeeds, follower: Follower) -> str | None:
+    """Receive registrations and send the follower's frames until the client leaves; the reason to close
+    with 1008, if it broke a rule."""
+    receiving = asyncio.create_task(_receive(websocket, services, feeds, follower))
+    sending = asyncio.create_task(_send(websocket, follower))
+    dropped = asyncio.create_task(follower.dropped.wait())
+    try:
+        await asyncio.wait({receiving, sending, dropped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (receiving, sending, dropped):
+            task.cancel()
+    if dropped.done() and not dropped.cancelled():
+        return f"This socket fell {follower.limit} frames behind; read the frames as they come."
+    if receiving.done() and not receiving.cancelled() and not isinstance(receiving.exception(), WebSocketDisconnect):
+        return receiving.result()
+    return None
+
+
+async def _receive(websocket: WebSocket, services: Services, feeds: TaskFeeds, follower: Follower) -> str:
+    """Registrations until one breaks a rule: the reason (a client that leaves ends it with WebSocketDisconnect)."""
+    bad = 0
+    limit = services.settings.socket_max_bad_frames
+    while True:
+        try:
+            error = await _register(websocket, services, feeds, follower)
+        except Refused as refused:
+            return str(refused)
+        if error is None:
+            continue
+        bad += 1
+        if bad >= limit:
+            return f"{bad} frames that registered nothing; last: {error}"
+        follower.push(json.dumps({"type": "error", "message": error, "result": False}))
+
+
+async def _register(websocket: WebSocket, services: Services, feeds: TaskFeeds, follower: Follower) -> str | None:
     """Read one frame and start following its task; the error to answer when it registered nothing.
 
     The lookup is awaited here, in the receive loop, so a socket has at most one query in flight however
@@ -81,55 +114,19 @@ async def _register(
     token = str(request.get("tasktoken", ""))[:128] if isinstance(request, dict) else ""
     if not isinstance(request, dict) or request.get("type") != Frame.INFO or not token:
         return 'Register with {"type": "task_info", "tasktoken": "<socketaccesstoken>"}.'
-    for ended in [name for name, follower in followers.items() if follower.done()]:
-        del followers[ended]
-    if token in followers:
+    if follower.follows(token):
         return None
     limit = services.settings.socket_max_tasks
-    if len(followers) >= limit:
+    if len(follower.feeds) >= limit:
         return f"This socket already follows {limit} tasks, the limit; open another socket, or wait for one to end."
     task = await services.store.get_by_token(token)
     if task is None:
         return "No task has that tasktoken."
-    followers[token] = asyncio.create_task(_follow(websocket, lock, services, task, token))
+    await feeds.follow(follower, task, token)
     return None
 
 
-async def _follow(websocket: WebSocket, lock: asyncio.Lock, services: Services, task: Task, token: str) -> None:
-    # Subscribe before replaying, so nothing published in between is missed; ids drop the duplicates.
-    live = services.hub.subscribe(task.id)
-    last = 0
-    try:
-        pending = await services.store.events(task.id)
+async def _send(websocket: WebSocket, follower: Follower) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
         while True:
-            for event in sorted({e.id: e for e in pending if e.id > last}.values(), key=lambda e: e.id):
-                last = event.id
-                if event.type == Frame.OUTPUT_IMAGE:
-                    continue
-                await _send(websocket, lock, socket_frame(event.type, task.id, token, await _message(services, event)))
-                if event.type in FINAL:
-                    return
-            pending = await live.next(POLL_SECONDS)
-            if not pending:
-                # Quiet for a while: read the log too, in case a writer could not reach this hub.
-                pending = await services.store.events(task.id, after=last)
-    except (WebSocketDisconnect, RuntimeError):
-        return
-    finally:
-        await live.close()
-
-
-async def _message(services: Services, event: Event) -> Any:
-    """The frame's message. The final one lists the outputs, rendered here from the stored file rows with this
-    server's public URL and their derived access keys (never stored), so they equal Task/Detail's whichever
-    host ran the task."""
-    if event.type != TaskStatus.POSTPROCESS_END:
-        return event.message
-    files = (await services.store.files([event.task_id], "output"))[event.task_id]
-    settings = services.settings
-    return [file_item(settings.base_url, file, services.keys, settings.retention_seconds) for file in files]
-
-
-async def _send(websocket: WebSocket, lock: asyncio.Lock, frame: dict[str, Any]) -> None:
-    async with lock:
-        await websocket.send_text(json.dumps(frame))
+            await websocket.send_text(await follower.next())

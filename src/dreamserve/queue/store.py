@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -275,6 +275,28 @@ class TaskStore:
         query = select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.id > after).order_by(TaskEvent.id)
         async with self.sessions() as session:
             rows = (await session.execute(query)).scalars()
+            return [Event(r.id, r.task_id, r.type, r.message) for r in rows]
+
+    async def event_ids_after(self, after: int) -> list[tuple[int, int]]:
+        """``(event id, task id)`` of every event after ``after``, of all tasks: a range of the primary key."""
+        query = select(TaskEvent.id, TaskEvent.task_id).where(TaskEvent.id > after).order_by(TaskEvent.id)
+        async with self.sessions() as session:
+            return [(int(id_), int(task_id)) for id_, task_id in (await session.execute(query)).all()]
+
+    async def last_event_id(self) -> int:
+        async with self.sessions() as session:
+            return int((await session.execute(select(func.max(TaskEvent.id)))).scalar_one_or_none() or 0)
+
+    async def events_after(self, cursors: Mapping[int, int]) -> list[Event]:
+        """The events of several tasks, each after its own id (``{task_id: last id seen}``), in id order: one
+        query where a follower per task would make one each."""
+        if not cursors:
+            return []
+        query = select(TaskEvent).where(
+            or_(*(and_(TaskEvent.task_id == task_id, TaskEvent.id > after) for task_id, after in cursors.items()))
+        )
+        async with self.sessions() as session:
+            rows = (await session.execute(query.order_by(TaskEvent.id))).scalars()
             return [Event(r.id, r.task_id, r.type, r.message) for r in rows]
 
     async def queue_position(self, task: Task) -> int:
