@@ -28,6 +28,7 @@ TIERS: dict[str, str] = {
             "malloc",
             "userconfig",
             "groups",
+            "budget",
         ],
         "leaf",
     ),

@@ -3,6 +3,7 @@ decompression bombs before any decoding, and every common image mode turned into
 
 from __future__ import annotations
 
+import base64
 import io
 import socket
 import struct
@@ -251,3 +252,39 @@ def test_every_image_mode_produces_an_image(tiny: Any) -> None:
     assert task["pexit"] == "0", task["debugerror"]
     image = Image.open(io.BytesIO(httpx.get(task["outputs"][0]["url"]).content))
     assert image.size == (720, 1280), "9:16, the 1K preset nearest the upright 1:2 reference"
+
+
+def test_own_file_references_are_linked_and_uploads_checked_within_the_budget(make_app: Any) -> None:
+    """An own-file reference is stored as a link to the upload (no bytes read); while the process's reference
+    budget is spent, uploaded references are refused with 429 in each API's shape, and own files still pass."""
+    server = make_app(model={"workers": 0, "max_pixels": 64 * 64}, min_pixels=64 * 64, reference_budget_bytes=2**20)
+    uploaded = server.post("/v1/File/Upload", files={"file": ("mine.png", png_bytes(80, 80), "image/png")}).json()
+    own = uploaded["list"][0]["url"]
+    budget = server.client.app.state.services.reference_budget
+    png = png_bytes(80, 80)
+    bearer = {"Authorization": f"Bearer {server.creds.api_key}:{server.creds.api_secret}"}
+    with budget.claim(budget.limit):
+        wiro = server.post(
+            f"/v1/Run/{MODEL}", data={"prompt": "p", "size": "64x64"}, files={"inputImage": ("a.png", png, "image/png")}
+        )
+        assert wiro.status_code == 429 and wiro.headers["retry-after"] == "2"
+        assert wiro.json()["errors"][0]["code"] == 96 and "busy" in wiro.json()["errors"][0]["message"]
+        data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
+        ark = server.http.post(
+            "/api/v3/images/generations",
+            headers=bearer,
+            json={"model": "seedream-4-0-250828", "prompt": "p", "image": data_uri, "size": "64x64"},
+        )
+        assert ark.status_code == 429 and ark.json()["error"]["code"] == "RateLimitExceeded"
+        openai_edit = server.http.post(
+            "/v1/images/edits", headers=bearer, data={"prompt": "p"}, files={"image": ("a.png", png, "image/png")}
+        )
+        assert openai_edit.status_code == 429 and "busy" in openai_edit.json()["error"]["message"]
+        # This server's own files cost nothing: they were checked when uploaded and are linked, not read.
+        run = server.run({"prompt": "from my upload", "size": "64x64", "inputImage": own})
+    assert budget.in_flight == 0
+    assert server.run({"prompt": "p", "size": "64x64"}, files={"inputImage": ("a.png", png, "image/png")})["taskid"]
+    stored = server.settings.blob_dir
+    (upload_blob,) = (stored / "uploads").rglob("*.png")
+    linked = [p for p in (stored / "inputs").rglob("inputImage-0.png") if p.samefile(upload_blob)]
+    assert len(linked) == 1 and upload_blob.stat().st_nlink == 2, run

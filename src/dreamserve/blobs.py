@@ -12,10 +12,11 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from dreamserve.settings import S3Settings, Settings
 
@@ -36,6 +37,9 @@ class BlobStore(Protocol):
     def read(self, key: str) -> bytes: ...
 
     def download(self, key: str, path: Path) -> None: ...
+
+    def copy(self, source: str, key: str) -> None:
+        """Store ``source``'s bytes under ``key`` too, without reading them whole (``FileNotFoundError`` if gone)."""
 
     def exists(self, key: str) -> bool: ...
 
@@ -58,12 +62,26 @@ def make_blob_store(settings: Settings) -> BlobStore:
     return LocalBlobStore(settings.blob_dir)
 
 
+#: Pieces a streamed copy moves at a time: the most of a file it holds in memory.
+CHUNK_BYTES = 1024 * 1024
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    _write_chunks(path, [data])
+
+
+def _read_chunks(source: IO[bytes]) -> Iterable[bytes]:
+    while chunk := source.read(CHUNK_BYTES):
+        yield chunk
+
+
+def _write_chunks(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -89,7 +107,24 @@ class LocalBlobStore:
     def put_file(self, key: str, path: Path) -> None:
         target = self.path(key)
         if target != path.resolve():
-            _write_atomic(target, path.read_bytes())
+            with path.open("rb") as source:
+                _write_chunks(target, _read_chunks(source))
+
+    def copy(self, source: str, key: str) -> None:
+        # A hard link moves no bytes; it is safe because every write here replaces the file (a new inode)
+        # rather than changing it, and deleting either name leaves the other whole.
+        source_path, target = self.path(source), self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".tmp-{os.urandom(8).hex()}"
+        try:
+            os.link(source_path, tmp)
+        except FileNotFoundError:
+            raise
+        except OSError:  # a file system without hard links: a streamed copy
+            with source_path.open("rb") as handle:
+                _write_chunks(target, _read_chunks(handle))
+            return
+        os.replace(tmp, target)
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
@@ -179,7 +214,14 @@ class S3BlobStore:
         return bytes(obstore.get(self.store, key).bytes())
 
     def download(self, key: str, path: Path) -> None:
-        _write_atomic(path, self.read(key))
+        import obstore
+
+        _write_chunks(path, (memoryview(c) for c in obstore.get(self.store, key).stream(min_chunk_size=CHUNK_BYTES)))
+
+    def copy(self, source: str, key: str) -> None:
+        import obstore
+
+        obstore.copy(self.store, source, key)  # server-side: the bytes never reach this process
 
     def exists(self, key: str) -> bool:
         import obstore

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from dreamserve import malloc
 from dreamserve.blobs import BlobStore, make_blob_store
+from dreamserve.budget import ByteBudget
 from dreamserve.errors import RateLimited
 from dreamserve.liveness import Liveness
 from dreamserve.preprocess import Preprocessor
@@ -65,6 +66,8 @@ class Services:
         #: The clock nonces are judged by (tests inject one).
         self.clock: Callable[[], float] = time.time
         self.blobs: BlobStore = make_blob_store(settings)
+        #: Bytes in flight for checking uploaded references, per process (``reference_budget_bytes``).
+        self.reference_budget = ByteBudget(settings.reference_budget_bytes)
         storage = StorageQuota(settings.max_project_bytes, settings.max_project_files)
         self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(), storage)
         self.supervisors: list[Supervisor] = []

@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     #: bodies are small, and they are parsed whole.
     max_json_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_input_pixels: int = 36_000_000
+    #: Bytes the API process may hold at once for checking uploaded reference images (their bytes, and the
+    #: pixels of each as it is decoded); a request past it is refused with 429 (retry). References given as this
+    #: server's file URLs cost nothing: they were checked when stored and are copied blob to blob.
+    reference_budget_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     #: Deadline for all the URL inputs of one task (fetched concurrently before the task can take a model process).
     fetch_timeout_seconds: float = 20.0
     #: Let server-side fetches (input URLs, callbacks) reach loopback and private addresses.

@@ -1,9 +1,12 @@
 """Turning checked request fields into a stored task: shared by Wiro's Run and the OpenAI-style endpoints.
 
 Reference URLs are settled here, before anything is stored: a URL of this server's own file route
-(``/v1/File/<accesskey>/<name>``, what File/Upload answers) is read from storage like an uploaded file, on
-any host name, so no request leaves the server; any other URL is checked as its fetch would check it
+(``/v1/File/<accesskey>/<name>``, what File/Upload answers) names a stored image, on any host name, so no
+request leaves the server; it was checked when it was stored, so its row's facts stand for it and its bytes
+are copied blob to blob, never read into this process. Any other URL is checked as its fetch would check it
 (scheme, a host that resolves, an address the fetch policy allows), so a task bound to fail is refused at Run.
+Uploaded references are checked (decoded) within the process's budget of bytes in flight
+(``reference_budget_bytes``): past it the request is refused with ``RateLimited`` (429), never queued.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -19,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.blobs import BlobStore
+from dreamserve.budget import ByteBudget
 from dreamserve.errors import InvalidRequest, NotFound
 from dreamserve.fetch import FetchPolicy, check_url
 from dreamserve.jobs import StoredReference, TaskJob
@@ -26,11 +31,22 @@ from dreamserve.queue.db import File, Project, Task
 from dreamserve.queue.keyring import digest
 from dreamserve.queue.store import Quota, TaskStore, new_blob_folder
 from dreamserve.settings import Settings
-from dreamserve.wiro.params import MAX_REFERENCES, RunParams, Upload, parse_run
+from dreamserve.wiro.params import (
+    IMAGE_FORMATS,
+    MAX_REFERENCES,
+    Reference,
+    RunParams,
+    StoredImage,
+    Upload,
+    check_bytes,
+    parse_run,
+)
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 REFERENCE_FIELDS = ("inputImage", "inputImageUrl")
 _FILE_ROUTE = re.compile(r"^/v1/File/([^/]+)/([^/]+)$")
+#: The checked format of a stored file, by the content type it was stored with.
+_EXTENSIONS = {CONTENT_TYPES.get(ext, f"image/{ext}"): ext for ext in IMAGE_FORMATS.values()}
 
 
 class Services(Protocol):
@@ -40,6 +56,7 @@ class Services(Protocol):
     store: TaskStore
     blobs: BlobStore
     sessions: async_sessionmaker[AsyncSession]
+    reference_budget: ByteBudget
 
     def wake(self, model: str) -> None: ...
 
@@ -69,46 +86,44 @@ async def submit(
     refused with ``QuotaExceeded`` (code 96). ``output_format`` (``png`` or ``jpeg``) is the format the
     worker writes the images in.
     """
+    fields = await _read_own_files(services, fields)
+    uploads = [item for values in fields.values() for value in values for item in _items(value)]
+    claim = await asyncio.to_thread(check_bytes, uploads, services.settings.max_input_pixels)
+    with services.reference_budget.claim(claim):
+        params = await _parse(services, fields)
+        await _check_urls(services, params)
+        inputs, references = _inputs(project, params)
+        job = _job(params, references, output_size, output_format)
+        return await _store(services, project, slug, params, job, inputs)
+
+
+def _items(value: Any) -> list[Upload]:
+    return [item for item in (value if isinstance(value, list) else [value]) if isinstance(item, Upload)]
+
+
+async def _parse(services: Services, fields: Mapping[str, Sequence[Any]]) -> RunParams:
     settings = services.settings
     # Off the event loop: checking uploads decodes them (bounded by max_input_pixels).
-    params = await asyncio.to_thread(
+    return await asyncio.to_thread(
         parse_run,
-        await _read_own_files(services, fields),
+        fields,
         max_upload_bytes=settings.max_upload_bytes,
         max_input_pixels=settings.max_input_pixels,
         min_pixels=settings.min_pixels,
     )
-    await _check_urls(services, params)
-    folder = new_blob_folder()
-    now = time.time()
-    inputs: list[File] = []
-    references: list[StoredReference] = []
-    for position, reference in enumerate(params.references):
-        if reference.upload is None:
-            references.append(StoredReference(url=reference.url or ""))
-            continue
-        name = f"inputImage-{position}.{reference.ext}"
-        file = File(
-            project_id=project.id,
-            role="input",
-            position=position,
-            name=name,
-            contenttype=CONTENT_TYPES.get(reference.ext, f"image/{reference.ext}"),
-            size=len(reference.upload.data),
-            blob_key=f"inputs/{folder}/{name}",
-            meta={"width": reference.width, "height": reference.height},
-            created=now,
-        )
-        inputs.append(file)
-        references.append(StoredReference(blob_key=file.blob_key))
-    job = TaskJob(
+
+
+def _job(
+    params: RunParams, references: tuple[StoredReference, ...], output_size: tuple[int, int] | None, output_format: str
+) -> TaskJob:
+    return TaskJob(
         prompt=params.prompt,
         width=params.width,
         height=params.height,
         num_images=params.max_images,
         seed=params.seed,
         watermark=params.watermark,
-        references=tuple(references),
+        references=references,
         notes=(params.refused_callback_reason,) if params.refused_callback_reason else (),
         output_size=output_size,
         output_format="jpeg" if output_format == "jpeg" else "png",
@@ -116,11 +131,52 @@ async def submit(
         asked_callback=params.callback_url or params.refused_callback,
     )
 
+
+def _input_file(project: Project, folder: str, position: int, reference: Reference, now: float) -> File:
+    name = f"inputImage-{position}.{reference.ext}"
+    stored_size = reference.stored.size if reference.stored is not None else 0
+    return File(
+        project_id=project.id,
+        role="input",
+        position=position,
+        name=name,
+        contenttype=CONTENT_TYPES.get(reference.ext, f"image/{reference.ext}"),
+        size=len(reference.upload.data) if reference.upload is not None else stored_size,
+        blob_key=f"inputs/{folder}/{name}",
+        meta={"width": reference.width, "height": reference.height},
+        created=now,
+    )
+
+
+def _inputs(project: Project, params: RunParams) -> tuple[list[tuple[File, Reference]], tuple[StoredReference, ...]]:
+    """The input rows to store (uploads and stored images), and the task's references in order."""
+    folder = new_blob_folder()
+    now = time.time()
+    inputs: list[tuple[File, Reference]] = []
+    references: list[StoredReference] = []
+    for position, reference in enumerate(params.references):
+        if reference.url is not None:
+            references.append(StoredReference(url=reference.url))
+            continue
+        file = _input_file(project, folder, position, reference, now)
+        inputs.append((file, reference))
+        references.append(StoredReference(blob_key=file.blob_key))
+    return inputs, tuple(references)
+
+
+async def _store(
+    services: Services,
+    project: Project,
+    slug: str,
+    params: RunParams,
+    job: TaskJob,
+    inputs: list[tuple[File, Reference]],
+) -> Task:
+    settings = services.settings
     # Bytes first, then the rows that point at them: a crash in between leaves only unreferenced blobs.
-    uploads = [r.upload.data for r in params.references if r.upload is not None]
     try:
-        for file, data in zip(inputs, uploads, strict=True):
-            await asyncio.to_thread(services.blobs.put, file.blob_key, data)
+        for file, reference in inputs:
+            await _put_input(services, file, reference)
         task = await services.store.create(
             project_id=project.id,
             model=slug,
@@ -128,18 +184,37 @@ async def submit(
             callback_url=params.callback_url,
             callback_events=params.callback_events,
             priority=min(params.priority, _max_priority(services, project)),
-            inputs=inputs,
+            inputs=[file for file, _ in inputs],
             quota=Quota(settings.max_queued_tasks, settings.max_queued_megapixels),
             refused_callback=(
                 (params.refused_callback[:2000], params.refused_callback_reason) if params.refused_callback else None
             ),
         )
     except BaseException:
-        for file in inputs:
+        for file, _ in inputs:
             services.blobs.delete(file.blob_key)
         raise
     services.wake(slug)
     return task
+
+
+async def _put_input(services: Services, file: File, reference: Reference) -> None:
+    if reference.upload is not None:
+        await asyncio.to_thread(services.blobs.put, file.blob_key, reference.upload.data)
+        return
+    stored = reference.stored
+    assert stored is not None  # a reference is a URL, an upload or a stored image
+    with _still_there(stored, file.position + 1):
+        await asyncio.to_thread(services.blobs.copy, stored.blob_key, file.blob_key)
+
+
+@contextmanager
+def _still_there(stored: StoredImage, number: int) -> Iterator[None]:
+    """A stored image deleted between the check and the copy is refused as one deleted before the check."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise _gone(stored.url, number) from None
 
 
 def _max_priority(services: Services, project: Project) -> int:
@@ -182,7 +257,7 @@ def _path(url: str) -> str:
         return ""
 
 
-async def _own_file(services: Services, url: str, number: int) -> Upload | None:
+async def _own_file(services: Services, url: str, number: int) -> StoredImage | Upload | None:
     route = _FILE_ROUTE.match(_path(url))
     if route is None:
         return None
@@ -198,20 +273,34 @@ async def _own_file(services: Services, url: str, number: int) -> Upload | None:
         raise InvalidRequest(
             f"Request files [inputImage] {number} ({url[:80]}) is {file.size:,} bytes; the limit is {limit:,}."
         )
-    data: bytes | None = None
-    if file is not None:
-        try:
-            data = await asyncio.to_thread(services.blobs.read, file.blob_key)
-        except FileNotFoundError:
-            data = None
-    if data is not None and file is not None:
-        return Upload(filename=file.name, data=data)
+    found = await asyncio.to_thread(_stored, services.blobs, file, url) if file is not None else None
+    if found is not None:
+        return found
     if parts.netloc.lower() in _own_hosts(services):
-        raise InvalidRequest(
-            f"Request parameter [inputImage] entry {number} ({url[:120]}) names no file on this server: it was "
-            "deleted or has expired, or the URL is mistyped. Upload the file again with File/Upload and pass its url."
-        )
+        raise _gone(url, number)
     return None  # another server's URL that only looks like ours: fetched like any URL
+
+
+def _stored(blobs: BlobStore, file: File, url: str) -> StoredImage | Upload | None:
+    """The stored file as a ``StoredImage`` when its row says what it is, else its bytes (a row of an older
+    server without them, checked like an upload); None when its bytes are gone."""
+    meta = file.meta or {}
+    width, height, ext = meta.get("width"), meta.get("height"), _EXTENSIONS.get(file.contenttype)
+    if isinstance(width, int) and isinstance(height, int) and ext is not None:
+        if not blobs.exists(file.blob_key):
+            return None
+        return StoredImage(blob_key=file.blob_key, url=url, size=file.size, ext=ext, width=width, height=height)
+    try:
+        return Upload(filename=file.name, data=blobs.read(file.blob_key))
+    except FileNotFoundError:
+        return None
+
+
+def _gone(url: str, number: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"Request parameter [inputImage] entry {number} ({url[:120]}) names no file on this server: it was "
+        "deleted or has expired, or the URL is mistyped. Upload the file again with File/Upload and pass its url."
+    )
 
 
 async def _check_urls(services: Services, params: RunParams) -> None:

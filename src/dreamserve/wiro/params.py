@@ -42,12 +42,26 @@ class Upload:
     data: bytes
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """An image this server already holds and checked when it stored it (one of its own file URLs): its row's
+    facts stand for it, and its bytes are copied blob to blob, never read into this process."""
+
+    blob_key: str
+    url: str
+    size: int
+    ext: str
+    width: int
+    height: int
+
+
 @dataclass
 class Reference:
-    """One ``inputImage`` entry: an uploaded file (checked image) or a URL fetched by the worker."""
+    """One ``inputImage`` entry: an uploaded file (checked image), a stored image, or a URL fetched by the worker."""
 
     url: str | None = None
     upload: Upload | None = None
+    stored: StoredImage | None = None
     #: Set for uploads once checked: (format extension, width, height).
     ext: str = ""
     width: int = 0
@@ -144,7 +158,7 @@ def parse_run(
         )
 
     size = _text(fields, "size").strip() or "2048x2048"
-    first = next((r for r in references if r.upload is not None), None)
+    first = next((r for r in references if r.upload is not None or r.stored is not None), None)
     width, height = parse_size(size, (first.width, first.height) if first else None, min_pixels)
 
     callback_url = _text(fields, "callbackUrl").strip()
@@ -236,6 +250,9 @@ def _references(fields: Mapping[str, Sequence[Any]], max_bytes: int, max_pixels:
         if isinstance(value, Upload):
             references.append(_check_upload(value, len(references) + 1, max_bytes, max_pixels))
             continue
+        if isinstance(value, StoredImage):
+            references.append(Reference(stored=value, ext=value.ext, width=value.width, height=value.height))
+            continue
         for url in str(value).split(","):
             url = url.strip()
             if not url:
@@ -303,6 +320,27 @@ def check_image(data: bytes, label: str, max_bytes: int, max_pixels: int) -> tup
             "aspect ratio within 1:16 to 16:1."
         )
     return IMAGE_FORMATS[fmt], width, height
+
+
+def check_bytes(uploads: Sequence[Upload], max_pixels: int) -> int:
+    """What checking ``uploads`` holds in memory at most: all their bytes, and the pixels of the largest (they
+    are decoded one at a time; Pillow keeps up to 4 bytes a pixel), read from the headers alone."""
+    largest = 0
+    for upload in uploads:
+        try:
+            with Image.open(io.BytesIO(upload.data)) as image:
+                largest = max(largest, min(image.width * image.height, max_pixels))
+        except (
+            Image.DecompressionBombError,
+            UnidentifiedImageError,
+            OSError,
+            SyntaxError,
+            ValueError,
+            EOFError,
+            struct.error,
+        ):
+            pass  # check_image refuses it without decoding it
+    return sum(len(upload.data) for upload in uploads) + 4 * largest
 
 
 def _orientation(image: Image.Image) -> int | None:
