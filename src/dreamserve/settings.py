@@ -195,12 +195,13 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = 1.0
     #: One callback POST, connect to answer; a receiver slower than this is a failed attempt.
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
-    #: Callbacks in flight at once from one API process, and to one receiver host of them.
+    #: Callbacks in flight at once from one API process, and of one project to one receiver host of them (per
+    #: project: one tenant's hung receiver cannot take another's slots at a host they share).
     webhook_concurrency: int = Field(default=32, ge=1)
     webhook_per_host: int = Field(default=4, ge=1)
-    #: A receiver (host and port) that failed this many attempts in a row is left alone for ``webhook_breaker_seconds``
-    #: (after a pause one failure pauses it again, twice as long, up to ten times): its callbacks wait, nobody
-    #: else's do.
+    #: A project's receiver (host and port) that failed this many attempts in a row is left alone for
+    #: ``webhook_breaker_seconds`` (after a pause one failure pauses it again, twice as long, up to ten times): that
+    #: project's callbacks to it wait, nobody else's do.
     webhook_breaker_failures: int = Field(default=5, ge=1)
     webhook_breaker_seconds: float = Field(default=30.0, gt=0)
 
