@@ -113,7 +113,7 @@ async def _check_room(session: AsyncSession, settings: Settings, project_id: int
     """Refuse a nonce the project has no room to remember: forgetting an older one would let its replay in."""
     cap = settings.nonce_max_remembered
     # Counted up to the cap only: a project far below it pays for its own rows, never for the table.
-    rows = select(Nonce.seen).where(Nonce.project_id == project_id).limit(cap).subquery()
+    rows = select(Nonce.nonce).where(Nonce.project_id == project_id).limit(cap).subquery()  # the key: index only
     if (await session.execute(select(func.count()).select_from(rows))).scalar_one() < cap:
         return
     oldest = (await session.execute(select(func.min(Nonce.seen)).where(Nonce.project_id == project_id))).scalar_one()

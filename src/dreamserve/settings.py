@@ -125,8 +125,8 @@ class Settings(BaseSettings):
     #: nonce carries no time, so one replayed after that cannot be told from a new one: clients that care should
     #: send timestamps (docs/reliability.md).
     nonce_remember_seconds: int = Field(default=7 * 24 * 3600, ge=60)
-    #: Nonces one project may have remembered at once (about 100 bytes a row). Past it a new single-use nonce is
-    #: refused (HTTP 429, code 96) until the oldest is pruned: forgetting one early would let its replay in.
+    #: Single-use nonces one project may have remembered at once (about 85 bytes a row in SQLite). Past it a new
+    #: one is refused (HTTP 429, code 96) until the oldest is pruned: forgetting one early would let its replay in.
     nonce_max_remembered: int = Field(default=100_000, ge=1)
     #: Make timestamp nonces single-use as well (breaks Wiro's own clients, which reuse them).
     unique_nonces: bool = False
