@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import sqlite3
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ from dreamserve.errors import RateLimited
 from dreamserve.projects import create_project
 from dreamserve.ratelimit import RateLimiter
 from dreamserve.signing import auth_headers, sign
-from tests.conftest import png_bytes
+from tests.conftest import new_project, png_bytes
 
 ACCESSKEY_URL = re.compile(r"/v1/File/[0-9a-f]{8}(?:-[0-9a-f]{8}){7}/0\.png$")
 
@@ -81,6 +82,29 @@ def test_token_bucket_never_exceeds_its_rate(gaps: list[float], per_minute: int,
 def _post(server: Any, headers: dict[str, str], path: str = "/v1/Task/List") -> httpx.Response:
     response: httpx.Response = server.http.post(path, headers=headers, json={})
     return response
+
+
+def test_random_nonces_are_bounded_per_project_and_a_replay_is_still_refused(make_app: Any) -> None:
+    server = make_app(model={"workers": 0}, nonce_max_remembered=20, rate_limit_per_minute=0)
+    key, secret = server.creds.api_key, server.creds.api_secret
+    other = new_project(server.settings, "the other tenant")
+    burst = [f"nonce-{secrets.token_hex(8)}" for _ in range(30)]
+    answers = [_post(server, auth_headers(key, secret, nonce)) for nonce in burst]
+    assert [answer.status_code for answer in answers] == [200] * 20 + [429] * 10
+    refused = answers[-1].json()
+    assert refused["result"] is False and refused["errors"][0]["code"] == 96, refused
+    assert "20 single-use nonces remembered" in refused["errors"][0]["message"], refused
+    assert int(answers[-1].headers["retry-after"]) > 7 * 24 * 3600 - 60
+    # Nothing was forgotten to make room: every accepted nonce is still refused, the refused ones were not kept.
+    replays = [_post(server, auth_headers(key, secret, nonce)).status_code for nonce in burst[:20]]
+    assert replays == [401] * 20
+    rows = sqlite3.connect(server.settings.data_dir / "dreamserve.db").execute(
+        "select project_id, count(*) from nonces group by project_id"
+    )
+    assert dict(rows.fetchall()) == {1: 20}
+    # Timestamp nonces (Wiro's clients) are not remembered, so they still work; so do another project's nonces.
+    assert _post(server, auth_headers(key, secret, str(int(time.time())))).status_code == 200
+    assert _post(server, auth_headers(other.api_key, other.api_secret, burst[0])).status_code == 200
 
 
 def test_nonces_replay_and_clock_skew(make_app: Any) -> None:

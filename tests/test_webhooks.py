@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -17,20 +17,27 @@ from click.testing import CliRunner
 from dreamserve import cli
 from dreamserve.projects import Credentials, ensure_default_credentials
 from dreamserve.signing import sign_webhook, verify_webhook
-from tests.conftest import PROGRESS, free_port
+from tests.conftest import MODEL, PROGRESS, free_port, new_project
 
 
 @dataclass
 class Hook:
-    """A callback receiver that answers each POST with the next of ``statuses`` (then 200) and logs when it came."""
+    """A callback receiver that answers each POST with the next of ``statuses`` (then 200) and logs when it came.
+    POSTs to a path in ``failing`` get 500; those to a path in ``held`` are answered once ``release`` is set."""
 
     port: int
     statuses: list[int] = field(default_factory=list)
     posts: list[dict[str, Any]] = field(default_factory=list)
+    failing: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+    release: threading.Event = field(default_factory=threading.Event)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return self.at("/hook")
+
+    def at(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
 
     def wait_for(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -55,8 +62,11 @@ def hook() -> Iterator[Hook]:
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("content-length", 0)))
             headers = {k.lower(): v for k, v in self.headers.items()}
-            state.posts.append({"at": time.monotonic(), "headers": headers, "raw": raw})
-            self.send_response(state.statuses.pop(0) if state.statuses else 200)
+            state.posts.append({"at": time.monotonic(), "path": self.path, "headers": headers, "raw": raw})
+            if self.path in state.held:
+                state.release.wait(30)
+            failed = self.path in state.failing
+            self.send_response(500 if failed else state.statuses.pop(0) if state.statuses else 200)
             self.send_header("content-length", "0")
             self.end_headers()
 
@@ -66,6 +76,7 @@ def hook() -> Iterator[Hook]:
     httpd = ThreadingHTTPServer(("127.0.0.1", state.port), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield state
+    state.release.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -139,6 +150,63 @@ def test_unreachable_receiver_is_retried_then_delivered(make_app: Any, hook: Hoo
     # Still being retried: waiting for its next attempt, or in one right now.
     assert failing["state"] in ("pending", "sending") and failing["laststatus"] == "" and failing["lasterror"], failing
     assert (ok["state"], ok["attempts"], ok["lasterror"]) == ("delivered", "2", "")
+
+
+def cancelled(server: Any, creds: Credentials, url: str) -> str:
+    """A task of ``creds``' project, cancelled at once: its "completed" callback to ``url`` is due."""
+    body = server.post(f"/v1/Run/{MODEL}", creds, json={"prompt": "called back", "size": "1K", "callbackUrl": url})
+    taskid: str = body.json()["taskid"]
+    assert server.post("/v1/Task/Cancel", creds, json={"taskid": taskid}).json()["result"] is True
+    return taskid
+
+
+def wait_rows(server: Any, creds: Credentials, taskids: list[str], done: Callable[[dict[str, Any]], bool]) -> None:
+    """Until one delivery row of ``taskids`` is ``done`` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while not any(done(row) for taskid in taskids for row in deliveries(server, taskid, creds)):
+        assert time.monotonic() < deadline, [deliveries(server, taskid, creds) for taskid in taskids]
+        time.sleep(0.1)
+
+
+def test_one_projects_failing_receiver_pauses_only_its_own_callbacks(make_app: Any, hook: Hook) -> None:
+    server = make_app(
+        model={"workers": 0},
+        webhook_per_host=1,
+        webhook_breaker_failures=2,
+        webhook_breaker_seconds=600,
+        webhook_backoff_seconds=0.1,
+    )
+    tenant = new_project(server.settings, "the other tenant")
+    hook.failing = {"/failing"}
+    mine = [cancelled(server, server.creds, hook.at("/failing")) for _ in range(4)]
+    # Two failures in a row trip the breaker of this project's callbacks to the host: its rows are postponed.
+    wait_rows(server, server.creds, mine, lambda row: "circuit breaker" in row["lasterror"])
+    theirs = cancelled(server, tenant, hook.at("/ok"))  # same host and port, another project
+    wait_rows(server, tenant, [theirs], lambda row: row["state"] == "delivered")
+    [row] = deliveries(server, theirs, tenant)
+    assert (row["state"], row["attempts"], row["lasterror"]) == ("delivered", "1", "")
+    # Delivered while the first project's callbacks to the same receiver are still paused, none of them sent.
+    rows = [row for taskid in mine for row in deliveries(server, taskid)]
+    assert all(row["state"] == "pending" and row["laststatus"] in ("", "500") for row in rows), rows
+    assert sum(int(row["attempts"]) for row in rows) == 2, rows
+    assert [post["path"] for post in hook.posts] == ["/failing", "/failing", "/ok"]
+
+
+def test_one_projects_hung_receiver_takes_no_slot_of_another(make_app: Any, hook: Hook) -> None:
+    # One slot per project and host, two in all: the due list (4 x 2 rows) is shorter than the first project's
+    # backlog, so its rows come round-robin with the other project's or the other would never be looked at.
+    server = make_app(model={"workers": 0}, webhook_per_host=1, webhook_concurrency=2, webhook_timeout_seconds=30)
+    tenant = new_project(server.settings, "the other tenant")
+    hook.held = {"/hung"}
+    mine = [cancelled(server, server.creds, hook.at("/hung")) for _ in range(12)]
+    wait_rows(server, server.creds, mine, lambda row: row["state"] == "sending")
+    theirs = cancelled(server, tenant, hook.at("/ok"))
+    wait_rows(server, tenant, [theirs], lambda row: row["state"] == "delivered")
+    # Delivered while the first project's receiver still holds its one POST (the others wait their turn).
+    assert not hook.release.is_set()
+    assert [post["path"] for post in hook.posts] == ["/hung", "/ok"]
+    hook.release.set()
+    wait_rows(server, server.creds, mine, lambda row: row["state"] == "delivered")
 
 
 def test_keys_create_and_credentials_json_carry_the_webhook_secret(make_app: Any, hook: Hook) -> None:

@@ -5,7 +5,8 @@ what limits replay, and HTTPS is what keeps the headers from being captured. A t
 seconds or milliseconds) may be reused until it is ``nonce_max_age_seconds`` old (Wiro's clients sign
 once and poll with it) and must not be ahead of the server clock by more than
 ``nonce_max_future_seconds``; any other nonce ("random integer") is accepted once per project and
-remembered for ``nonce_remember_seconds``, after which the row is pruned. ``unique_nonces`` makes
+remembered for ``nonce_remember_seconds``, after which the row is pruned; a project has at most
+``nonce_max_remembered`` remembered, past which new ones are refused until the oldest is pruned. ``unique_nonces`` makes
 timestamp nonces single-use too. Revoked projects are unknown to ``find_project``, so their keys fail
 like keys that never existed.
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-from sqlalchemy import delete
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.errors import AuthError
+from dreamserve.errors import AuthError, QuotaExceeded
 from dreamserve.projects import find_project, unseal_secret
 from dreamserve.queue.db import Nonce, Project
 from dreamserve.settings import Settings
@@ -95,6 +96,30 @@ async def _check_nonce(
             # Pruned as it grows: a timestamp row is useless once its window has passed, a random one is kept
             # for nonce_remember_seconds (a timestamp row is kept that long too: the same bound, one rule).
             await session.execute(delete(Nonce).where(Nonce.seen < now - settings.nonce_remember_seconds))
+            # A replay is told as one (401) even when the project has no room for new nonces (429).
+            if await session.get(Nonce, (project_id, nonce)) is not None:
+                raise _used(nonce)
+            await _check_room(session, settings, project_id, now)
             session.add(Nonce(project_id=project_id, nonce=nonce, seen=now))
-    except IntegrityError:
-        raise AuthError(f"{NOT_VALID} x-nonce {nonce} was already used; send a new nonce with every request.") from None
+    except IntegrityError:  # remembered by a concurrent request in the meantime
+        raise _used(nonce) from None
+
+
+def _used(nonce: str) -> AuthError:
+    return AuthError(f"{NOT_VALID} x-nonce {nonce} was already used; send a new nonce with every request.")
+
+
+async def _check_room(session: AsyncSession, settings: Settings, project_id: int, now: float) -> None:
+    """Refuse a nonce the project has no room to remember: forgetting an older one would let its replay in."""
+    cap = settings.nonce_max_remembered
+    # Counted up to the cap only: a project far below it pays for its own rows, never for the table.
+    rows = select(Nonce.nonce).where(Nonce.project_id == project_id).limit(cap).subquery()  # the key: index only
+    if (await session.execute(select(func.count()).select_from(rows))).scalar_one() < cap:
+        return
+    oldest = (await session.execute(select(func.min(Nonce.seen)).where(Nonce.project_id == project_id))).scalar_one()
+    wait = max(1, int((oldest or now) + settings.nonce_remember_seconds - now) + 1)
+    raise QuotaExceeded(
+        f"This project has {cap} single-use nonces remembered, the most it may have; the oldest is forgotten in "
+        f"{wait} s. Send the current unix time (seconds or milliseconds) as x-nonce: such nonces are not remembered.",
+        retry_after=wait,
+    )

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     #: nonce carries no time, so one replayed after that cannot be told from a new one: clients that care should
     #: send timestamps (docs/reliability.md).
     nonce_remember_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Single-use nonces one project may have remembered at once (about 85 bytes a row in SQLite). Past it a new
+    #: one is refused (HTTP 429, code 96) until the oldest is pruned: forgetting one early would let its replay in.
+    nonce_max_remembered: int = Field(default=100_000, ge=1)
     #: Make timestamp nonces single-use as well (breaks Wiro's own clients, which reuse them).
     unique_nonces: bool = False
     #: Requests a project may make per minute (a token bucket per project in each API process); 0 = no limit.
@@ -217,12 +220,13 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = 1.0
     #: One callback POST, connect to answer; a receiver slower than this is a failed attempt.
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
-    #: Callbacks in flight at once from one API process, and to one receiver host of them.
+    #: Callbacks in flight at once from one API process, and of one project to one receiver host of them (per
+    #: project: one tenant's hung receiver cannot take another's slots at a host they share).
     webhook_concurrency: int = Field(default=32, ge=1)
     webhook_per_host: int = Field(default=4, ge=1)
-    #: A receiver (host and port) that failed this many attempts in a row is left alone for ``webhook_breaker_seconds``
-    #: (after a pause one failure pauses it again, twice as long, up to ten times): its callbacks wait, nobody
-    #: else's do.
+    #: A project's receiver (host and port) that failed this many attempts in a row is left alone for
+    #: ``webhook_breaker_seconds`` (after a pause one failure pauses it again, twice as long, up to ten times): that
+    #: project's callbacks to it wait, nobody else's do.
     webhook_breaker_failures: int = Field(default=5, ge=1)
     webhook_breaker_seconds: float = Field(default=30.0, gt=0)
 

@@ -6,8 +6,9 @@
 secret over ``timestamp + "." + body`` (``signing.verify_webhook`` checks it). Any 2xx acknowledges;
 anything else is retried with exponential backoff until ``webhook_attempts`` is spent. A row is
 claimed before it is sent, so API replicas never deliver it twice; the rows are the delivery log.
-``WebhookSender`` sends concurrently under a global and a per-host bound, with a circuit breaker per receiver;
-one task's deliveries go one at a time, in order.
+``WebhookSender`` sends concurrently under a global bound and one per project and receiver host, with a circuit
+breaker per project and receiver: one tenant's failing or slow receiver costs nobody else's callbacks to the same
+host their turn. One task's deliveries go one at a time, in order.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
@@ -38,13 +39,25 @@ from dreamserve.status import Frame, TaskStatus
 log = logging.getLogger(__name__)
 
 TaskRenderer = Callable[[int], Awaitable[dict[str, Any] | None]]
-#: Receivers (host:port) whose failures are remembered at once (the oldest is forgotten first).
+#: (project, receiver) pairs whose failures are remembered at once (the oldest is forgotten first).
 MAX_BREAKERS = 10_000
+
+
+class _Flight(NamedTuple):
+    """Whose a POST in flight is: the bounds count them by project and receiver host."""
+
+    project_id: int | None
+    host: str
+    task_id: int
+
+
+#: What a breaker judges: one project's callbacks to one receiver (host and port).
+_Receiver = tuple[int | None, str]
 
 
 @dataclass
 class _Breaker:
-    """Consecutive failures of one receiver host, and until when it is left alone."""
+    """Consecutive failures of one project's callbacks to one receiver, and until when they are left alone."""
 
     failures: int = 0
     open_until: float = 0.0
@@ -54,13 +67,16 @@ class _Breaker:
 
 class WebhookSender:
     """Sends due callbacks concurrently: at most ``webhook_concurrency`` in flight from this process and
-    ``webhook_per_host`` to one receiver host, each under ``webhook_timeout_seconds``.
+    ``webhook_per_host`` of one project to one receiver host, each under ``webhook_timeout_seconds``.
 
     ``send_due`` (the webhooks loop, every 0.5 s) never waits for a delivery: it claims what it may start and
     leaves each POST to a task of its own, so a slow receiver costs its own deliveries time and nobody else's.
-    A receiver (host and port) that failed ``webhook_breaker_failures`` attempts in a row is skipped for
-    ``webhook_breaker_seconds`` (then one more failure skips it again, twice as long): its due rows are
-    postponed, without spending an attempt.
+    The slots are per project and host, so a tenant whose receiver hangs fills only its own; the global cap bounds
+    what all tenants together hold, and the due rows are taken round-robin across projects, so one project's
+    backlog cannot fill the list another's rows are picked from. A project's receiver (host and port) that failed
+    ``webhook_breaker_failures`` attempts in a row is skipped for ``webhook_breaker_seconds`` (then one more
+    failure skips it again, twice as long): its due rows are postponed, without spending an attempt; other
+    projects' rows to the same receiver are not (a tenant's callback URL can make any host fail for it).
     """
 
     def __init__(
@@ -70,71 +86,53 @@ class WebhookSender:
         self.settings = settings
         self.keys = keys
         self.render = render
-        #: Delivery id -> (receiver host, task id) of the POSTs in flight.
-        self._inflight: dict[int, tuple[str, int]] = {}
+        #: Delivery id -> whose it is, for the POSTs in flight.
+        self._inflight: dict[int, _Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._breakers: dict[str, _Breaker] = {}
+        self._breakers: dict[_Receiver, _Breaker] = {}
 
-    def _per_host(self, host: str) -> int:
-        return sum(1 for other, _ in self._inflight.values() if other == host)
+    def _per_host(self, project_id: int | None, host: str) -> int:
+        return sum(1 for flight in self._inflight.values() if flight.host == host and flight.project_id == project_id)
 
     async def send_due(self) -> int:
         """Start every due delivery the bounds allow; returns how many were started."""
         settings = self.settings
         now = time.time()
-        # A task's oldest unfinished row goes first: a later row waits while an earlier one awaits its retry.
-        earlier = aliased(WebhookDelivery)
-        oldest = (
-            select(func.min(earlier.id))
-            .where(earlier.task_id == WebhookDelivery.task_id, earlier.state.in_(("pending", "sending")))
-            .scalar_subquery()
-        )
-        query = (
-            select(
-                WebhookDelivery.id,
-                WebhookDelivery.task_id,
-                WebhookDelivery.url,
-                WebhookDelivery.state,
-                WebhookDelivery.next_attempt,
-            )
-            # A row left "sending" by a replica that died is due again once its claim ran out.
-            .where(or_(WebhookDelivery.state == "pending", WebhookDelivery.state == "sending"))
-            .where(WebhookDelivery.next_attempt <= now, WebhookDelivery.id == oldest)
-            .order_by(WebhookDelivery.id)
-            .limit(4 * settings.webhook_concurrency)
-        )
         async with self.sessions() as session:
-            due = (await session.execute(query)).all()
+            due = (await session.execute(_due_query(now, 4 * settings.webhook_concurrency))).all()
         started = 0
         # One delivery per task at a time, in id order, so a task's start, progress and completed arrive in order.
-        busy = {task_id for _, task_id in self._inflight.values()}
-        for delivery_id, task_id, url, state, next_attempt in due:
+        busy = {flight.task_id for flight in self._inflight.values()}
+        for delivery_id, task_id, project_id, url, state, next_attempt in due:
             if delivery_id in self._inflight or task_id in busy:
                 continue
             busy.add(task_id)  # started now or not, its later rows wait for this one
             parts = urlsplit(url)
-            # Concurrency is bounded per host; the breaker judges one receiver (host and port).
-            host, receiver = (parts.hostname or "").lower(), parts.netloc.lower()
+            # Concurrency is bounded per host; the breaker judges one receiver (host and port); both per project.
+            host, receiver = (parts.hostname or "").lower(), (project_id, parts.netloc.lower())
             breaker = self._breakers.get(receiver)
             if breaker is not None and breaker.open_until > now:
                 # Left alone for now: its rows wait until the pause ends, so they do not crowd the due list.
                 await _postpone(self.sessions, delivery_id, state, next_attempt, breaker.open_until)
                 continue
-            if len(self._inflight) >= settings.webhook_concurrency or self._per_host(host) >= settings.webhook_per_host:
+            if (
+                len(self._inflight) >= settings.webhook_concurrency
+                or self._per_host(project_id, host) >= settings.webhook_per_host
+            ):
                 continue  # still due: the next round takes it
             delivery = await _claim(
                 self.sessions, delivery_id, state, next_attempt, settings.webhook_timeout_seconds + 5
             )
             if delivery is None:
                 continue
-            self._inflight[delivery_id] = (host, task_id)
+            self._inflight[delivery_id] = _Flight(project_id, host, task_id)
             task = asyncio.create_task(self._send(delivery, receiver), name=f"webhook {delivery_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             started += 1
         return started
 
-    async def _send(self, delivery: WebhookDelivery, receiver: str) -> None:
+    async def _send(self, delivery: WebhookDelivery, receiver: _Receiver) -> None:
         try:
             ok = await _attempt(self.sessions, self.settings, self.keys, self.render, delivery)
             self._judge(receiver, ok)
@@ -145,7 +143,7 @@ class WebhookSender:
         finally:
             self._inflight.pop(delivery.id, None)
 
-    def _judge(self, receiver: str, ok: bool) -> None:
+    def _judge(self, receiver: _Receiver, ok: bool) -> None:
         if ok:
             self._breakers.pop(receiver, None)
             return
@@ -161,7 +159,7 @@ class WebhookSender:
             pause = min(10 * base, base * 2**breaker.trips)
             breaker.open_until, breaker.failures = time.time() + pause, 0
             breaker.trips += 1
-            log.warning("callbacks to %s keep failing; pausing them for %.0f s", receiver, pause)
+            log.warning("project %s: callbacks to %s keep failing; pausing them for %.0f s", *receiver, pause)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -214,6 +212,36 @@ async def _progress_due(session: AsyncSession, task_id: int, now: float) -> bool
     )
     last = (await session.execute(query)).scalar_one_or_none()
     return last is None or now - last >= PROGRESS_WEBHOOK_SECONDS
+
+
+def _due_query(now: float, limit: int) -> Select[int, int, int | None, str, str, float]:
+    """Due rows, round-robin across projects: each project's oldest first, then each one's second, and so on."""
+    # A task's oldest unfinished row goes first: a later row waits while an earlier one awaits its retry.
+    earlier = aliased(WebhookDelivery)
+    oldest = (
+        select(func.min(earlier.id))
+        .where(earlier.task_id == WebhookDelivery.task_id, earlier.state.in_(("pending", "sending")))
+        .scalar_subquery()
+    )
+    turn = func.row_number().over(partition_by=Task.project_id, order_by=WebhookDelivery.id).label("turn")
+    due = (
+        select(
+            WebhookDelivery.id,
+            WebhookDelivery.task_id,
+            Task.project_id,
+            WebhookDelivery.url,
+            WebhookDelivery.state,
+            WebhookDelivery.next_attempt,
+            turn,
+        )
+        .outerjoin(Task, Task.id == WebhookDelivery.task_id)
+        # A row left "sending" by a replica that died is due again once its claim ran out.
+        .where(or_(WebhookDelivery.state == "pending", WebhookDelivery.state == "sending"))
+        .where(WebhookDelivery.next_attempt <= now, WebhookDelivery.id == oldest)
+        .subquery()
+    )
+    columns = (due.c.id, due.c.task_id, due.c.project_id, due.c.url, due.c.state, due.c.next_attempt)
+    return select(*columns).order_by(due.c.turn, due.c.id).limit(limit)
 
 
 async def _postpone(
