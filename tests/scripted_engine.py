@@ -34,19 +34,6 @@ class ScriptedEngine:
         time.sleep(load_seconds)
         return cls(spec.steps or 4, float(os.environ.get("DREAMSERVE_SCRIPTED_STEP_SECONDS", "0.05")), load_seconds)
 
-    def generate(
-        self,
-        job: GenerationJob,
-        on_step: Callable[[StepInfo], None],
-        should_stop: Callable[[], bool],
-        on_image: Callable[[IMAGE], None] | None = None,
-    ) -> GenerationResult:
-        saved = (lambda _, image: on_image(image)) if on_image is not None else None
-        (result,) = self.generate_group([job], lambda _, info: on_step(info), lambda _: should_stop(), saved)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     def generate_group(
         self,
         jobs: list[GenerationJob],

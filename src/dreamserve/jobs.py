@@ -9,6 +9,7 @@ them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -186,3 +187,29 @@ class GenerationResult:
     #: Seconds per stage: encode, denoise, decode, save.
     timings: dict[str, float] = field(default_factory=dict)
     failed: list[FailedImage] = field(default_factory=list)
+
+
+GroupRunner = Callable[
+    [
+        list[GenerationJob],
+        Callable[[int, StepInfo], None],
+        Callable[[int], bool],
+        Callable[[int, GeneratedImage | FailedImage], None] | None,
+    ],
+    list[GenerationResult | Exception],
+]
+
+
+def generate_alone(
+    generate_group: GroupRunner,
+    job: GenerationJob,
+    on_step: Callable[[StepInfo], None],
+    should_stop: Callable[[], bool],
+    on_image: Callable[[GeneratedImage | FailedImage], None] | None = None,
+) -> GenerationResult:
+    """One job as a group of one (an engine's ``generate_group``): its result, or the exception that ended it."""
+    saved = (lambda _, image: on_image(image)) if on_image is not None else None
+    (result,) = generate_group([job], lambda _, info: on_step(info), lambda _: should_stop(), saved)
+    if isinstance(result, Exception):
+        raise result
+    return result

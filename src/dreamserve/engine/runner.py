@@ -25,7 +25,15 @@ from PIL.PngImagePlugin import PngInfo
 from dreamserve.engine.loader import load_pipeline, resolve_device, resolve_dtype
 from dreamserve.engine.preview import LatentPreview, Previewer, TinyDecoderPreview, denoised_estimate
 from dreamserve.engine.upscale import ModelUpscaler, upscale
-from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult, Interrupted, StepInfo
+from dreamserve.jobs import (
+    FailedImage,
+    GeneratedImage,
+    GenerationJob,
+    GenerationResult,
+    Interrupted,
+    StepInfo,
+    generate_alone,
+)
 from dreamserve.presets import ResolvedModel, resolve
 from dreamserve.settings import ModelSpec
 
@@ -99,11 +107,7 @@ class Engine:
         on_image: Callable[[GeneratedImage | FailedImage], None] | None = None,
     ) -> GenerationResult:
         """Run one job (text-to-image, or editing with its references)."""
-        saved = (lambda _, image: on_image(image)) if on_image is not None else None
-        (result,) = self.generate_group([job], lambda _, info: on_step(info), lambda _: should_stop(), saved)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return generate_alone(self.generate_group, job, on_step, should_stop, on_image)
 
     def generate_group(
         self,

@@ -21,6 +21,7 @@ the supervisor, which frees every byte this process holds, GPU memory included.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import traceback
@@ -30,7 +31,15 @@ from multiprocessing.synchronize import Event as EventType
 from typing import Any, Protocol
 
 from dreamserve import malloc
-from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, GenerationResult, Interrupted, StepInfo
+from dreamserve.jobs import (
+    FailedImage,
+    GeneratedImage,
+    GenerationJob,
+    GenerationResult,
+    Interrupted,
+    StepInfo,
+    generate_alone,
+)
 from dreamserve.logs import forward_from_child
 from dreamserve.settings import ModelSpec
 from dreamserve.worker.protocol import (
@@ -60,14 +69,6 @@ class ModelEngine(Protocol):
     (its ``load(spec)`` classmethod builds one). See ``Engine.generate_group`` for the callbacks' contract."""
 
     load_seconds: float
-
-    def generate(
-        self,
-        job: GenerationJob,
-        on_step: Callable[[StepInfo], None],
-        should_stop: Callable[[], bool],
-        on_image: Callable[[GeneratedImage | FailedImage], None] | None = None,
-    ) -> GenerationResult: ...
 
     def generate_group(
         self,
@@ -162,7 +163,8 @@ class _Runner:
 
     def run(self, job: GenerationJob) -> None:
         try:
-            result = self.engine.generate(job, self.on_step, self.stop.is_set, lambda image: self.on_image(0, image))
+            on_image = functools.partial(self.on_image, 0)
+            result = generate_alone(self.engine.generate_group, job, self.on_step, self.stop.is_set, on_image)
         except Interrupted:
             self.send(Canceled())
         except Exception as exc:
