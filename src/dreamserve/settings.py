@@ -209,6 +209,12 @@ class Settings(BaseSettings):
     http_limit_concurrency: int = Field(default=4096, ge=16)
     #: An idle keep-alive connection is closed after this many seconds.
     http_keepalive_seconds: int = Field(default=5, ge=1)
+    #: A connection whose request head (request line and headers) has not fully arrived this many seconds after
+    #: it opened (or after its last request) is closed: half-open connections cannot hold descriptors forever.
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Open connections at most (also bounded by the open-file limit less a reserve); past it, new connections
+    #: are closed at once so the server's descriptors are never exhausted.
+    http_max_connections: int = Field(default=4096, ge=16)
     #: Largest WebSocket frame a client may send (task sockets only send small JSON frames).
     ws_max_bytes: int = Field(default=64 * 1024, ge=1024)
     #: Offer permessage-deflate on task sockets. Off: their frames are small JSON that compression barely
