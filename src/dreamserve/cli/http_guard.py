@@ -33,6 +33,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     :func:`guarded_protocol`)."""
 
     header_timeout: float = 10.0
+    write_stall: float = 60.0
     max_connections: int = 1024
     #: Connections waiting for a request head, oldest first (a dict keeps insertion order): the ones to evict.
     waiting: dict[GuardedHttpTools, None] = {}
@@ -40,6 +41,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -52,6 +54,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        self.resume_writing()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -67,6 +70,20 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
         super().on_headers_complete()
+
+    def pause_writing(self) -> None:
+        """The client stopped reading (the write buffer is full): if it reads nothing more for ``write_stall``
+        seconds, abort, which drops the buffer and ends the response (a stream's ``http.disconnect``), freeing
+        what it holds (an Ark stream's synchronous slot)."""
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.write_stall, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        super().resume_writing()
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
@@ -85,7 +102,12 @@ class GuardedHttpTools(HttpToolsProtocol):
             self.transport.abort()
 
 
-def guarded_protocol(header_timeout: float, max_connections: int) -> type[GuardedHttpTools]:
+def guarded_protocol(header_timeout: float, max_connections: int, write_stall: float) -> type[GuardedHttpTools]:
     """A protocol class for ``uvicorn.Config(http=...)`` with these bounds."""
-    attrs = {"waiting": {}, "header_timeout": header_timeout, "max_connections": connection_cap(max_connections)}
+    attrs = {
+        "waiting": {},
+        "header_timeout": header_timeout,
+        "write_stall": write_stall,
+        "max_connections": connection_cap(max_connections),
+    }
     return type("GuardedHttp", (GuardedHttpTools,), attrs)

@@ -101,7 +101,9 @@ def serve(
 
     config = uvicorn.Config(
         app,
-        http=guarded_protocol(settings.http_header_timeout_seconds, settings.http_max_connections),
+        http=guarded_protocol(
+            settings.http_header_timeout_seconds, settings.http_max_connections, settings.http_write_stall_seconds
+        ),
         host=settings.host,
         port=settings.port,
         log_level="info",
