@@ -230,11 +230,20 @@ class Settings(BaseSettings):
     webhook_breaker_failures: int = Field(default=5, ge=1)
     webhook_breaker_seconds: float = Field(default=30.0, gt=0)
 
-    # Connections (``serve``; put the reverse proxy of deploy/ in front for header and body timeouts).
+    # Connections (``serve``; put the reverse proxy of deploy/ in front for body timeouts and per-address limits).
     #: Connections and requests uvicorn serves at once; past it, new requests get HTTP 503.
     http_limit_concurrency: int = Field(default=4096, ge=16)
     #: An idle keep-alive connection is closed after this many seconds.
     http_keepalive_seconds: int = Field(default=5, ge=1)
+    #: A connection whose request head (request line and headers) has not fully arrived this many seconds after
+    #: it opened (or after its last request) is closed: half-open connections cannot hold descriptors forever.
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: Open connections at most (also bounded by the open-file limit less a reserve); past it, new connections
+    #: are closed at once so the server's descriptors are never exhausted.
+    http_max_connections: int = Field(default=4096, ge=16)
+    #: A client that reads nothing of an answer for this many seconds while its write buffer is full is cut off:
+    #: a never-read stream frees its synchronous slot and the memory of what it buffered.
+    http_write_stall_seconds: float = Field(default=60.0, gt=0)
     #: Largest WebSocket frame a client may send (task sockets only send small JSON frames).
     ws_max_bytes: int = Field(default=64 * 1024, ge=1024)
     #: Offer permessage-deflate on task sockets. Off: their frames are small JSON that compression barely

@@ -97,8 +97,13 @@ def serve(
     _raise_open_file_limit()
     # The hook runs from the app's startup, inside server.run(): ``server`` is bound by then.
     app = create_app(settings, on_start=lambda services: _announce(services, server, started))
+    from dreamserve.cli.http_guard import guarded_protocol
+
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(
+            settings.http_header_timeout_seconds, settings.http_max_connections, settings.http_write_stall_seconds
+        ),
         host=settings.host,
         port=settings.port,
         log_level="info",
