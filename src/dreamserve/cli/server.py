@@ -97,7 +97,7 @@ def serve(
     _raise_open_file_limit()
     # The hook runs from the app's startup, inside server.run(): ``server`` is bound by then.
     app = create_app(settings, on_start=lambda services: _announce(services, server, started))
-    from dreamserve.cli.http_guard import guarded_protocol
+    from dreamserve.api.http_guard import guarded_protocol
 
     config = uvicorn.Config(
         app,
