@@ -29,7 +29,7 @@ from dreamserve.errors import InvalidRequest
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.signing import sign, verify
-from dreamserve.wiro.sizes import MAX_ASPECT, MAX_PIXELS, MIN_PIXELS, parse_size
+from dreamserve.sizes import MAX_ASPECT, MAX_PIXELS, MIN_PIXELS, parse_size
 from tests.conftest import MODEL, Server, free_port, png_bytes
 
 FUZZ = settings(

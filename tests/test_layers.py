@@ -21,7 +21,9 @@ TIERS: dict[str, str] = {
             "settings",
             "jobs",
             "signing",
-            "wiro.sizes",
+            "request",
+            "sizes",
+            "images",
             "status",
             "logs",
             "liveness",
@@ -41,7 +43,9 @@ TIERS: dict[str, str] = {
     "worker": "worker",
     "services": "services",
     "scale": "scale",
-    "api": "api",
+    # The dialects and the routes of api/ mount each other (api/app.py mounts the dialects, whose routes use
+    # api/deps.py): one tier, with the finer rule below that no dialect imports another.
+    **dict.fromkeys(["api", "dialects"], "api"),
     "client": "client",
     **dict.fromkeys(["cli", "__main__"], "cli"),
 }
@@ -185,6 +189,30 @@ def test_every_import_follows_the_ownership_table() -> None:
 def test_the_table_knows_every_module() -> None:
     for module in modules():
         tier_of(module)
+
+
+#: Dialect modules every dialect may import: the wire helpers and what the bearer dialects share.
+DIALECT_SHARED = {"dialects.wire", "dialects.common", "dialects.mount"}
+
+
+def dialect_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "dialects" and len(parts) > 2 else None
+
+
+def test_no_dialect_imports_another_and_the_core_imports_none() -> None:
+    # The core (submit, queue, worker, engine, services, ...) speaks no API: only api/ and dialects/ name one,
+    # and a dialect reaches another only through what they share.
+    found = []
+    for module, path in modules().items():
+        for imported, _ in imports_of(path, package_of(module, path)):
+            theirs, mine = dialect_of(imported), dialect_of(module)
+            if imported.startswith("dialects") and tier_of(module) != "api":
+                found.append(f"core {module} imports {imported}")
+            elif theirs is not None and mine is not None and theirs != mine and imported not in DIALECT_SHARED:
+                found.append(f"dialect {module} imports {imported}")
+    assert not found, "\n".join(found)
+    assert dialect_of("dialects.ark.routes") == "ark" and dialect_of("dialects.wire") is None
 
 
 def test_the_checker_sees_a_violation() -> None:

@@ -21,10 +21,10 @@ from openai.types.image_generate_params import ImageGenerateParamsBase
 from PIL import Image
 
 from dreamserve.api.app import create_app
-from dreamserve.api.openai import OPENAI_SIZES, generation_size
+from dreamserve.dialects.openai.decode import OPENAI_SIZES, generation_size
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
-from dreamserve.wiro.sizes import parse_size
+from dreamserve.sizes import parse_size
 from tests.conftest import MODEL, SLOW, png_bytes
 
 

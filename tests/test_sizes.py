@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from dreamserve.errors import InvalidRequest
-from dreamserve.wiro.sizes import MAX_PIXELS, MIN_PIXELS, PRESETS_2K, parse_size
+from dreamserve.sizes import MAX_PIXELS, MIN_PIXELS, PRESETS_2K, parse_size
 
 
 @pytest.mark.parametrize("size", [f"{w}x{h}" for w, h in PRESETS_2K.values()])

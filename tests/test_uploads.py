@@ -19,7 +19,7 @@ from PIL import Image
 
 from dreamserve.engine.runner import load_reference
 from dreamserve.errors import InvalidRequest
-from dreamserve.wiro.params import check_image
+from dreamserve.images import check_image
 from tests.conftest import MODEL, png_bytes
 
 LIMIT_BYTES = 30 * 1024 * 1024

@@ -7,8 +7,8 @@ import re
 from typing import Any
 
 from dreamserve.api.web import STATIC
+from dreamserve.request import MAX_REFERENCES, MAX_TOTAL_IMAGES
 from dreamserve.status import Pexit, TaskStatus
-from dreamserve.wiro.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
 
 
 def test_the_page_carries_the_servers_vocabulary_and_limits(make_app: Any) -> None:

@@ -1,13 +1,15 @@
-"""The one error tree of the service, translated to the wire in one place (``api/app.py``).
+"""The one error tree of the service; each dialect renders it in its API's error shape, in one place each.
 
-Every error renders as Wiro's envelope ``{"result": false, "errors": [{"code": N, "message": "..."}]}``, and each
-item carries two keys of ours that Wiro's clients ignore: ``type`` (machine-readable, one per class below) and,
-for request errors, ``param`` (the field at fault). ``client.py`` maps ``type`` back to these classes.
-Wiro answers validation and business errors with HTTP 200 and ``result: false``, authentication errors with
-401, unknown routes with 404 and rate limits with 429, so each class carries its code and status.
+Wiro's envelope (``dialects/wiro/errors.py``: ``{"result": false, "errors": [{"code": N, "message": "..."}]}``,
+each item with two keys of ours, ``type``, one per class below, and ``param``) is the default shape; Ark's and
+OpenAI's routes render ``{"error": {...}}`` (``dialects/ark``, ``dialects/openai``). ``client.py`` maps ``type``
+back to these classes. Wiro answers validation and business errors with HTTP 200 and ``result: false``,
+authentication errors with 401, unknown routes with 404 and rate limits with 429, so each class carries its code
+and status; other dialects map the classes to their own statuses.
 
     DreamError                  type            code  HTTP
-    ├── InvalidRequest          invalid_request    0   200  a parameter or file is wrong (``param`` names it)
+    ├── InvalidRequest          invalid_request    0   200  the request is wrong as a whole (not one field)
+    │   ├── InvalidField        invalid_request    0   200  a field is wrong: which, why and its limit, as data
     │   └── RequestTooLarge     request_too_large  0   413  the body is over ``max_request_bytes``
     ├── AuthError               authentication     0   401  credentials missing or wrong
     ├── NotFound                not_found          1   200  task, file, folder or model unknown to this project
@@ -28,11 +30,8 @@ Messages say what to do, not only what went wrong.
 
 from __future__ import annotations
 
-import re
 import secrets
-
-#: How request errors name their field today ("Request parameter [size] ..."): ``param`` defaults to it.
-_PARAM = re.compile(r"Request (?:parameter|files) \[([\w.]+)\]")
+from collections.abc import Mapping
 
 
 def new_error_id() -> str:
@@ -55,27 +54,42 @@ class DreamError(Exception):
     def param(self) -> str | None:
         return None
 
-    def to_wire(self) -> dict[str, object]:
-        item: dict[str, object] = {"code": self.code, "message": self.message, "type": self.type}
-        if self.param is not None:
-            item["param"] = self.param
-        return {"result": False, "errors": [item]}
+    def named(self, names: Mapping[str, str]) -> tuple[str, str | None]:
+        """The message and the field at fault (``param``) with the field named as a dialect names it."""
+        return self.message, self.param
 
 
 class InvalidRequest(DreamError):
-    """A request parameter or file is missing or out of range; ``param`` is its name (taken from the message's
-    ``[name]`` when not given)."""
+    """The request is wrong as a whole (not JSON, nested too deep), or, read back by the client, a field is
+    (``param`` names it)."""
 
     type = "invalid_request"
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        match = _PARAM.search(message) if param is None else None
-        self._param = param if match is None else match.group(1)
+        self._param = param
 
     @property
     def param(self) -> str | None:
         return self._param
+
+
+class InvalidField(InvalidRequest):
+    """A field of the request is missing or wrong, as data: which (``field``: a ``request.Field`` of the core, or
+    a dialect's own wire name), why (``reason``, the sentence that follows the field's name) and the limit it broke.
+    ``files``: the field holds files ("Request files [image] ..."). Each dialect renders it with its own name
+    for the field (``named``): Wiro's ``maxImages`` is OpenAI's ``n``."""
+
+    def __init__(self, field: str, reason: str, *, limit: int | None = None, files: bool = False) -> None:
+        self.field, self.reason, self.limit, self.files = field, reason, limit, files
+        super().__init__(self.message_for(field), param=field)
+
+    def message_for(self, name: str) -> str:
+        return f"Request {'files' if self.files else 'parameter'} [{name}] {self.reason}"
+
+    def named(self, names: Mapping[str, str]) -> tuple[str, str | None]:
+        name = names.get(self.field, self.field)
+        return self.message_for(name), name
 
 
 class RequestTooLarge(InvalidRequest):

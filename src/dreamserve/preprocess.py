@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dreamserve.blobs import BlobStore
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import fetch
+from dreamserve.images import check_image
 from dreamserve.jobs import StoredReference, TaskJob
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.store import TaskStore, new_blob_folder
 from dreamserve.settings import Settings
-from dreamserve.wiro.params import check_image
 
 log = logging.getLogger(__name__)
 

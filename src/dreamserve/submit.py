@@ -1,4 +1,4 @@
-"""Turning checked request fields into a stored task: shared by Wiro's Run and the OpenAI-style endpoints.
+"""Turning a ``RunRequest`` (any dialect's, decoded) into a stored task, after the checks that need the server.
 
 Reference URLs are settled here, before anything is stored: a URL of this server's own file route
 (``/v1/File/<accesskey>/<name>``, what File/Upload answers) names a stored image, on any host name, so no
@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import select
@@ -24,29 +26,35 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.blobs import BlobStore
 from dreamserve.budget import ByteBudget
-from dreamserve.errors import InvalidRequest, NotFound
+from dreamserve.errors import InvalidField, InvalidRequest, NotFound
 from dreamserve.fetch import FetchPolicy, check_url
+from dreamserve.images import IMAGE_FORMATS, check_bytes, check_image
 from dreamserve.jobs import StoredReference, TaskJob
 from dreamserve.queue.db import File, Project, Task
 from dreamserve.queue.keyring import digest
 from dreamserve.queue.store import Quota, TaskStore, new_blob_folder
+from dreamserve.request import Field, RunRequest, Source, StoredImage, Upload
 from dreamserve.settings import Settings
-from dreamserve.wiro.params import (
-    IMAGE_FORMATS,
-    MAX_REFERENCES,
-    Reference,
-    RunParams,
-    StoredImage,
-    Upload,
-    check_bytes,
-    parse_run,
-)
+from dreamserve.sizes import parse_size
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
-REFERENCE_FIELDS = ("inputImage", "inputImageUrl")
 _FILE_ROUTE = re.compile(r"^/v1/File/([^/]+)/([^/]+)$")
 #: The checked format of a stored file, by the content type it was stored with.
 _EXTENSIONS = {CONTENT_TYPES.get(ext, f"image/{ext}"): ext for ext in IMAGE_FORMATS.values()}
+REFERENCES = Field.REFERENCES
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference image, checked: an uploaded file, a stored image, or a URL the preprocess stage fetches."""
+
+    url: str | None = None
+    upload: Upload | None = None
+    stored: StoredImage | None = None
+    #: Uploads and stored images: (format extension, width, height) as checked.
+    ext: str = ""
+    width: int = 0
+    height: int = 0
 
 
 class Services(Protocol):
@@ -69,66 +77,55 @@ def served_model(services: Services, slug: str) -> str:
     return slug
 
 
-async def submit(
-    services: Services,
-    project: Project,
-    slug: str,
-    fields: Mapping[str, Sequence[Any]],
-    output_size: tuple[int, int] | None = None,
-    *,
-    output_format: str = "png",
-) -> Task:
-    """Check every field, store uploaded references, then the task; nothing is stored if a check fails.
-
-    ``output_size``: downscale the images to it after generating at the checked ``size`` (OpenAI's small sizes).
+async def submit(services: Services, project: Project, slug: str, request: RunRequest) -> Task:
+    """Check the request against the server's limits, store its uploaded references, then the task; nothing is
+    stored if a check fails.
 
     The priority asked for is lowered to the project's maximum; past the project's quotas the task is
-    refused with ``QuotaExceeded`` (code 96). ``output_format`` (``png`` or ``jpeg``) is the format the
-    worker writes the images in.
+    refused with ``QuotaExceeded`` (code 96).
     """
-    fields = await _read_own_files(services, fields)
-    uploads = [item for values in fields.values() for value in values for item in _items(value)]
+    sources = await _read_own_files(services, request.references)
+    uploads = [source for source in sources if isinstance(source, Upload)]
     claim = await asyncio.to_thread(check_bytes, uploads, services.settings.max_input_pixels)
     with services.reference_budget.claim(claim):
-        params = await _parse(services, fields)
-        await _check_urls(services, params)
-        inputs, references = _inputs(project, params)
-        job = _job(params, references, output_size, output_format)
-        return await _store(services, project, slug, params, job, inputs)
+        # Off the event loop: checking uploads decodes them (bounded by max_input_pixels).
+        references = await asyncio.to_thread(_check_references, services.settings, sources)
+        first = next((r for r in references if r.url is None), None)
+        size = parse_size(request.size, (first.width, first.height) if first else None, services.settings.min_pixels)
+        await _check_urls(services, references)
+        inputs, stored = _inputs(project, references)
+        return await _store(services, project, slug, request, _job(request, size, stored), inputs)
 
 
-def _items(value: Any) -> list[Upload]:
-    return [item for item in (value if isinstance(value, list) else [value]) if isinstance(item, Upload)]
+def _check_references(settings: Settings, sources: Sequence[Source]) -> list[Reference]:
+    references: list[Reference] = []
+    for number, source in enumerate(sources, start=1):
+        if isinstance(source, Upload):
+            label = f"{number} ({source.filename!r})" if source.filename else str(number)
+            ext, width, height = check_image(source.data, label, settings.max_upload_bytes, settings.max_input_pixels)
+            references.append(Reference(upload=source, ext=ext, width=width, height=height))
+        elif isinstance(source, StoredImage):
+            references.append(Reference(stored=source, ext=source.ext, width=source.width, height=source.height))
+        else:
+            references.append(Reference(url=source))
+    return references
 
 
-async def _parse(services: Services, fields: Mapping[str, Sequence[Any]]) -> RunParams:
-    settings = services.settings
-    # Off the event loop: checking uploads decodes them (bounded by max_input_pixels).
-    return await asyncio.to_thread(
-        parse_run,
-        fields,
-        max_upload_bytes=settings.max_upload_bytes,
-        max_input_pixels=settings.max_input_pixels,
-        min_pixels=settings.min_pixels,
-    )
-
-
-def _job(
-    params: RunParams, references: tuple[StoredReference, ...], output_size: tuple[int, int] | None, output_format: str
-) -> TaskJob:
+def _job(request: RunRequest, size: tuple[int, int], references: tuple[StoredReference, ...]) -> TaskJob:
+    callback = request.callback
     return TaskJob(
-        prompt=params.prompt,
-        width=params.width,
-        height=params.height,
-        num_images=params.max_images,
-        seed=params.seed,
-        watermark=params.watermark,
+        prompt=request.prompt,
+        width=size[0],
+        height=size[1],
+        num_images=request.num_images,
+        seed=secrets.randbelow(2**31) if request.seed is None else request.seed,
+        watermark=request.watermark,
         references=references,
-        notes=(params.refused_callback_reason,) if params.refused_callback_reason else (),
-        output_size=output_size,
-        output_format="jpeg" if output_format == "jpeg" else "png",
-        asked_size=params.size,
-        asked_callback=params.callback_url or params.refused_callback,
+        notes=(*request.notes, *((callback.refused_reason,) if callback.refused_reason else ())),
+        output_size=request.output_size,
+        output_format=request.output_format,
+        asked_size=request.asked_size or request.size,
+        asked_callback=callback.url or callback.refused,
     )
 
 
@@ -148,13 +145,15 @@ def _input_file(project: Project, folder: str, position: int, reference: Referen
     )
 
 
-def _inputs(project: Project, params: RunParams) -> tuple[list[tuple[File, Reference]], tuple[StoredReference, ...]]:
+def _inputs(
+    project: Project, checked: Sequence[Reference]
+) -> tuple[list[tuple[File, Reference]], tuple[StoredReference, ...]]:
     """The input rows to store (uploads and stored images), and the task's references in order."""
     folder = new_blob_folder()
     now = time.time()
     inputs: list[tuple[File, Reference]] = []
     references: list[StoredReference] = []
-    for position, reference in enumerate(params.references):
+    for position, reference in enumerate(checked):
         if reference.url is not None:
             references.append(StoredReference(url=reference.url))
             continue
@@ -168,11 +167,12 @@ async def _store(
     services: Services,
     project: Project,
     slug: str,
-    params: RunParams,
+    request: RunRequest,
     job: TaskJob,
     inputs: list[tuple[File, Reference]],
 ) -> Task:
     settings = services.settings
+    callback = request.callback
     # Bytes first, then the rows that point at them: a crash in between leaves only unreferenced blobs.
     try:
         for file, reference in inputs:
@@ -181,14 +181,12 @@ async def _store(
             project_id=project.id,
             model=slug,
             job=job,
-            callback_url=params.callback_url,
-            callback_events=params.callback_events,
-            priority=min(params.priority, _max_priority(services, project)),
+            callback_url=callback.url,
+            callback_events=list(callback.events),
+            priority=min(request.priority, _max_priority(services, project)),
             inputs=[file for file, _ in inputs],
             quota=Quota(settings.max_queued_tasks, settings.max_queued_megapixels),
-            refused_callback=(
-                (params.refused_callback[:2000], params.refused_callback_reason) if params.refused_callback else None
-            ),
+            refused_callback=(callback.refused[:2000], callback.refused_reason) if callback.refused else None,
         )
     except BaseException:
         for file, _ in inputs:
@@ -232,22 +230,13 @@ def _own_hosts(services: Services) -> set[str]:
     return hosts
 
 
-async def _read_own_files(services: Services, fields: Mapping[str, Sequence[Any]]) -> Mapping[str, Sequence[Any]]:
-    """``fields`` with every reference URL of this server's file route replaced by the stored file."""
-    entries: list[tuple[str, Any]] = []
-    for name in REFERENCE_FIELDS:
-        for value in fields.get(name, ()):
-            for item in value if isinstance(value, list) else [value]:
-                pieces = [p.strip() for p in item.split(",")] if isinstance(item, str) else [item]
-                entries.extend((name, piece) for piece in pieces if piece != "")
-    urls = [piece for _, piece in entries if isinstance(piece, str) and _FILE_ROUTE.match(_path(piece))]
-    if not urls or len(entries) > MAX_REFERENCES:
-        return fields  # nothing of ours, or too many entries: parse_run refuses those without reading any
-    replaced: dict[str, list[Any]] = {name: [] for name in REFERENCE_FIELDS}
-    for number, (name, piece) in enumerate(entries, start=1):
-        own = await _own_file(services, piece, number) if isinstance(piece, str) else None
-        replaced[name].append(own if own is not None else piece)
-    return {**fields, **{name: values for name, values in replaced.items() if values}}
+async def _read_own_files(services: Services, sources: Sequence[Source]) -> list[Source]:
+    """``sources`` with every URL of this server's file route replaced by the stored file."""
+    resolved: list[Source] = []
+    for number, source in enumerate(sources, start=1):
+        own = await _own_file(services, source, number) if isinstance(source, str) else None
+        resolved.append(source if own is None else own)
+    return resolved
 
 
 def _path(url: str) -> str:
@@ -258,6 +247,7 @@ def _path(url: str) -> str:
 
 
 async def _own_file(services: Services, url: str, number: int) -> StoredImage | Upload | None:
+    """The stored file an own file URL names; None for any other URL."""
     route = _FILE_ROUTE.match(_path(url))
     if route is None:
         return None
@@ -270,9 +260,8 @@ async def _own_file(services: Services, url: str, number: int) -> StoredImage | 
         file = (await session.execute(query)).scalar_one_or_none()
     limit = services.settings.max_upload_bytes
     if file is not None and file.size > limit:
-        raise InvalidRequest(
-            f"Request files [inputImage] {number} ({url[:80]}) is {file.size:,} bytes; the limit is {limit:,}."
-        )
+        reason = f"{number} ({url[:80]}) is {file.size:,} bytes; the limit is {limit:,}."
+        raise InvalidField(REFERENCES, reason, limit=limit, files=True)
     found = await asyncio.to_thread(_stored, services.blobs, file, url) if file is not None else None
     if found is not None:
         return found
@@ -296,14 +285,15 @@ def _stored(blobs: BlobStore, file: File, url: str) -> StoredImage | Upload | No
         return None
 
 
-def _gone(url: str, number: int) -> InvalidRequest:
-    return InvalidRequest(
-        f"Request parameter [inputImage] entry {number} ({url[:120]}) names no file on this server: it was "
-        "deleted or has expired, or the URL is mistyped. Upload the file again with File/Upload and pass its url."
+def _gone(url: str, number: int) -> InvalidField:
+    return InvalidField(
+        REFERENCES,
+        f"entry {number} ({url[:120]}) names no file on this server: it was deleted or has expired, or the URL is "
+        "mistyped. Upload the file again with File/Upload and pass its url.",
     )
 
 
-async def _check_urls(services: Services, params: RunParams) -> None:
+async def _check_urls(services: Services, references: Sequence[Reference]) -> None:
     settings = services.settings
     policy = FetchPolicy.build(settings.fetch_allow_private, settings.fetch_allow_hosts)
 
@@ -311,9 +301,9 @@ async def _check_urls(services: Services, params: RunParams) -> None:
         try:
             await check_url(url, policy, settings.fetch_timeout_seconds)
         except InvalidRequest as exc:
-            raise InvalidRequest(f"Request parameter [inputImage] entry {number}: {exc.message}") from None
+            raise InvalidField(REFERENCES, f"entry {number}: {exc.message}") from None
 
-    checks = [check(n, r.url) for n, r in enumerate(params.references, start=1) if r.url is not None]
+    checks = [check(n, r.url) for n, r in enumerate(references, start=1) if r.url is not None]
     for outcome in await asyncio.gather(*checks, return_exceptions=True):
         if isinstance(outcome, BaseException):
             raise outcome

@@ -15,14 +15,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
-from dreamserve.api import ark, files, health, metrics, openai, run, security, socket, tasks, tools, web
+from dreamserve.api import files, health, metrics, run, security, socket, tasks, tools, web
 from dreamserve.api.feeds import TaskFeeds
+from dreamserve.dialects.mount import mount
+from dreamserve.dialects.wiro.errors import wiro_error
 from dreamserve.errors import (
     DreamError,
     HTTPProtocolError,
     InvalidRequest,
     MethodNotAllowed,
-    RateLimited,
     RouteNotFound,
     ServerError,
     new_error_id,
@@ -61,7 +62,10 @@ def create_app(
     app.state.monitor = monitor
     #: Open task sockets per client address (``api/socket.py``).
     app.state.socket_addresses = Counter()
-    for module in (run, tasks, tools, files, openai, ark, socket, health, metrics):
+    for module in (run, tasks, tools, files):
+        app.include_router(module.router)
+    mount(app)
+    for module in (socket, health, metrics):
         app.include_router(module.router)
     web.install(app, playground=settings.playground)
     app.add_middleware(metrics.RequestCounter, stats=monitor.requests)
@@ -73,8 +77,7 @@ def create_app(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DreamError)
     async def dream_error(_: Request, exc: DreamError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
-        return JSONResponse(exc.to_wire(), status_code=exc.http_status, headers=headers)
+        return wiro_error(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -85,11 +88,11 @@ def _install_error_handlers(app: FastAPI) -> None:
             error = MethodNotAllowed()
         else:
             error = HTTPProtocolError(str(exc.detail), exc.status_code)
-        return JSONResponse(error.to_wire(), status_code=error.http_status)
+        return wiro_error(error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(InvalidRequest("Request parameters are invalid.").to_wire())
+        return wiro_error(InvalidRequest("Request parameters are invalid."))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -97,4 +100,4 @@ def _install_error_handlers(app: FastAPI) -> None:
         error_id = new_error_id()
         log.error("unhandled error [error id %s] on %s %r", error_id, request.method, request.url.path, exc_info=exc)
         error = ServerError(f"Internal server error (error id {error_id}). It was logged; retry with backoff.")
-        return JSONResponse(error.to_wire(), status_code=error.http_status)
+        return wiro_error(error)

@@ -12,11 +12,12 @@ from starlette.datastructures import UploadFile
 from starlette.types import Message
 
 from dreamserve.auth import authenticate
-from dreamserve.errors import InvalidRequest, RequestTooLarge
+from dreamserve.dialects.wire import ascii_int, check_text
+from dreamserve.errors import InvalidField, InvalidRequest, RequestTooLarge
 from dreamserve.queue.db import Project
 from dreamserve.ratelimit import RateLimiter
+from dreamserve.request import Upload
 from dreamserve.services import Services
-from dreamserve.wiro.params import Upload, ascii_int, check_text
 
 
 def get_services(request: Request) -> Services:
@@ -147,8 +148,8 @@ def read_page(fields: Mapping[str, Sequence[Any]], sorts: Sequence[str], order: 
     sort = text_field(fields, "sort").lower() or sorts[0]
     if sort not in sorts:
         allowed = " or ".join(f'"{name}"' for name in sorts)
-        raise InvalidRequest(f"Request parameter [sort] takes {allowed}; got {sort[:20]!r}.")
+        raise InvalidField("sort", f"takes {allowed}; got {sort[:20]!r}.")
     order = text_field(fields, "order").upper() or order
     if order not in ("ASC", "DESC"):
-        raise InvalidRequest(f'Request parameter [order] takes "ASC" or "DESC"; got {order[:20]!r}.')
+        raise InvalidField("order", f'takes "ASC" or "DESC"; got {order[:20]!r}.')
     return Page(start, limit, sort, order == "DESC")

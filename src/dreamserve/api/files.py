@@ -12,11 +12,13 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
-from dreamserve.errors import FileNotFound, InvalidRequest, NotFound
+from dreamserve.dialects.wire import ascii_id
+from dreamserve.errors import FileNotFound, InvalidField, NotFound
+from dreamserve.images import check_image
 from dreamserve.queue.db import File, Folder
 from dreamserve.queue.keyring import digest
 from dreamserve.queue.store import add_files, check_storage, new_blob_folder
-from dreamserve.wiro.params import Upload, ascii_id, check_image
+from dreamserve.request import Upload
 from dreamserve.wiro.render import envelope, file_item, unix
 
 router = APIRouter()
@@ -41,7 +43,7 @@ async def folder_create(request: Request, project: ProjectDep, services: Service
     fields = await read_fields(request, max_file_bytes=0)
     name = str(fields.get("name", [""])[-1]).strip()
     if not _FOLDER_NAME.match(name):
-        raise InvalidRequest("Request parameter [name] must be 1-100 letters, digits, '-' or '_'.")
+        raise InvalidField("name", "must be 1-100 letters, digits, '-' or '_'.")
     parent_id = ascii_id(fields, "parentid", "parentId")
     async with services.sessions.begin() as session:
         if parent_id is not None and await _folder(session, project.id, parent_id) is None:
@@ -66,7 +68,7 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
     fields = await read_fields(request, settings.max_upload_bytes)
     uploads = [value for value in fields.get("file", []) if isinstance(value, Upload)]
     if len(uploads) != 1:
-        raise InvalidRequest("Request files [file] required: send one file as multipart field 'file'.")
+        raise InvalidField("file", "required: send one file as multipart field 'file'.", files=True)
     data = uploads[0]
     ext, width, height = await asyncio.to_thread(
         check_image, data.data, repr(data.filename), settings.max_upload_bytes, settings.max_input_pixels
@@ -107,7 +109,7 @@ async def file_delete(request: Request, project: ProjectDep, services: ServicesD
     fields = await read_fields(request, max_file_bytes=0)
     file_id = ascii_id(fields, "fileid", "fileId")
     if file_id is None:
-        raise InvalidRequest("Request parameter [fileid] required: the id File/Upload answered.")
+        raise InvalidField("fileid", "required: the id File/Upload answered.")
     if not await services.store.delete_project_files(project.id, file_id=file_id):
         raise NotFound(f"File {file_id} is not an upload of this project (a task's files go with InputOutputDelete).")
     return envelope()
@@ -119,7 +121,7 @@ async def folder_delete(request: Request, project: ProjectDep, services: Service
     fields = await read_fields(request, max_file_bytes=0)
     folder_id = ascii_id(fields, "folderid", "folderId")
     if folder_id is None:
-        raise InvalidRequest("Request parameter [folderid] required: the id File/FolderCreate answered.")
+        raise InvalidField("folderid", "required: the id File/FolderCreate answered.")
     async with services.sessions() as session:
         if await _folder(session, project.id, folder_id) is None:
             raise NotFound(f"Folder {folder_id} does not exist in this project.")

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
+from dreamserve.dialects.wiro.decode import decode
 from dreamserve.submit import served_model, submit
 from dreamserve.wiro.render import envelope
 
@@ -17,5 +18,5 @@ router = APIRouter()
 async def run(owner: str, model: str, request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     slug = served_model(services, f"{owner}/{model}")
     fields = await read_fields(request, services.settings.max_upload_bytes)
-    task = await submit(services, project, slug, fields)
+    task = await submit(services, project, slug, decode(fields))
     return envelope(taskid=str(task.id), socketaccesstoken=services.keys.token(task))

@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dreamserve.dialects.wiro.errors import envelope_of
 from dreamserve.errors import AuthError
 from dreamserve.settings import Settings
 
@@ -59,7 +60,7 @@ class EdgeGuard:
         path: str = scope["path"]
         if path in OPS_PATHS and not ops_authorized(self.settings, Headers(scope=scope)):
             error = AuthError(OPS_REFUSED)
-            body = json.dumps(error.to_wire()).encode()
+            body = json.dumps(envelope_of(error)).encode()
             await send(
                 {
                     "type": "http.response.start",

@@ -8,12 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields, read_page, text_field
+from dreamserve.dialects.wire import MAX_ID, ascii_int
 from dreamserve.errors import InvalidRequest, InvalidState, NotFound
 from dreamserve.queue.db import Project, Task
 from dreamserve.queue.store import LIST_SORTS
 from dreamserve.status import FINAL, RUNNING, StopKind, TaskStatus
 from dreamserve.webhooks import delivery_log
-from dreamserve.wiro.params import MAX_ID, ascii_int
 from dreamserve.wiro.render import envelope, tasklist
 
 NO_TASK = "There is no task yet. No task of this project has that taskid or tasktoken."

@@ -16,9 +16,9 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from dreamserve.request import MAX_REFERENCES, MAX_TOTAL_IMAGES
 from dreamserve.settings import DEFAULT_MODEL
 from dreamserve.status import FINAL, LABELS, LIFECYCLE, Frame, Pexit, TaskStatus
-from dreamserve.wiro.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
 
 STATIC = Path(__file__).parent / "static"
 PLACEHOLDER = "<!-- dreamserve-config: replaced by the server with the vocabulary and limits app.js reads -->"

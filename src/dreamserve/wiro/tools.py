@@ -14,10 +14,10 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.queue.db import Task
+from dreamserve.request import MAX_REFERENCES, MAX_TOTAL_IMAGES
 from dreamserve.settings import Settings
+from dreamserve.sizes import PRESETS_2K
 from dreamserve.status import Pexit, TaskStatus
-from dreamserve.wiro.params import MAX_REFERENCES, MAX_TOTAL_IMAGES
-from dreamserve.wiro.sizes import PRESETS_2K
 
 CATEGORIES = ("tool", "text-to-image", "image-to-image", "image-editing")
 TAGS = ("seedream", "image-generation", "image-editing", "multi-reference", "open-weights")

@@ -1,10 +1,11 @@
-"""Seedream's ``size`` parameter: Wiro's presets, ``1K``/``2K``/``4K``, or free ``WxH`` within Seedream's limits."""
+"""Seedream's size grammar, where every dialect's size ends: Wiro's presets, ``1K``/``2K``/``4K``, or ``WxH``."""
 
 from __future__ import annotations
 
 import re
 
-from dreamserve.errors import InvalidRequest
+from dreamserve.errors import InvalidField
+from dreamserve.request import Field
 
 #: Wiro's eight presets for bytedance/seedream-v4 (2K class), by aspect ratio.
 PRESETS_2K = {
@@ -69,17 +70,15 @@ def parse_size(
         return min(tier.values(), key=lambda wh: abs(wh[0] / wh[1] - ratio) / ratio)
     match = _WXH.match(text)
     if match is None:
-        raise InvalidRequest(f"Request parameter [size] is not a size: {text[:40]!r}. {_HINT}.")
+        raise InvalidField(Field.SIZE, f"is not a size: {text[:40]!r}. {_HINT}.")
     width, height = int(match.group(1)), int(match.group(2))
     if width <= 0 or height <= 0:
-        raise InvalidRequest(f"Request parameter [size] must have a positive width and height, got {text}. {_HINT}.")
+        raise InvalidField(Field.SIZE, f"must have a positive width and height, got {text}. {_HINT}.")
     aspect = max(width / height, height / width)
     if aspect > MAX_ASPECT:
-        raise InvalidRequest(
-            f"Request parameter [size] has aspect ratio {aspect:.1f}:1, beyond 16:1 ({width}x{height}). {_HINT}."
-        )
+        raise InvalidField(Field.SIZE, f"has aspect ratio {aspect:.1f}:1, beyond 16:1 ({width}x{height}). {_HINT}.")
     pixels = width * height
     if not min_pixels <= pixels <= MAX_PIXELS:
         hint = _HINT if min_pixels == MIN_PIXELS else _HINT.replace(f"{MIN_PIXELS:,}", f"{min_pixels:,}")
-        raise InvalidRequest(f"Request parameter [size] {width}x{height} has {pixels:,} pixels. {hint}.")
+        raise InvalidField(Field.SIZE, f"{width}x{height} has {pixels:,} pixels. {hint}.")
     return width, height

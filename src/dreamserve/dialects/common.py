@@ -1,4 +1,4 @@
-"""What the routes that speak other services' APIs (OpenAI's ``api/openai.py``, Ark's ``api/ark.py``) share.
+"""What the bearer-token dialects (OpenAI's, Ark's, ...) share.
 
 Their bearer auth, the route class that renders our error tree in their error shape, and the wait for a task
 (each in one of the project's ``sync_max_per_project`` slots, ``Services.sync_slot``).
@@ -11,7 +11,7 @@ the key into a project that asked for signatures.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
@@ -43,15 +43,6 @@ def error_route(render: Callable[[DreamError], Response]) -> type[APIRoute]:
 
     ErrorRoute.__qualname__ = ErrorRoute.__name__ = f"ErrorRoute[{render.__name__}]"
     return ErrorRoute
-
-
-def renamed(exc: DreamError, names: Mapping[str, str]) -> tuple[str, str | None]:
-    """The error's message and ``param`` with our field names given as the client knows them (``[maxImages]`` ->
-    ``[n]``)."""
-    message = exc.message
-    for ours, theirs in names.items():
-        message = message.replace(f"[{ours}]", f"[{theirs}]")
-    return message, names.get(exc.param, exc.param) if exc.param else None
 
 
 async def bearer_project(request: Request, services: ServicesDep) -> Project:

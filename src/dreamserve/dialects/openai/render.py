@@ -1,0 +1,92 @@
+"""OpenAI's answers: its error body and statuses, and the images of a finished task (URLs or base64, re-encoded
+to JPEG or WebP when asked), plus ``task_id`` and ``socketaccesstoken`` beyond OpenAI's fields."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+from dreamserve.dialects.openai.decode import NAMES, OpenAIRequest
+from dreamserve.errors import (
+    AuthError,
+    DreamError,
+    InvalidState,
+    NotFound,
+    RateLimited,
+    RequestTooLarge,
+    TaskFailed,
+    TaskInputFailed,
+)
+from dreamserve.queue.db import Task
+from dreamserve.services import Services
+from dreamserve.status import FINAL, Pexit, TaskStatus
+
+
+def openai_error(exc: DreamError) -> JSONResponse:
+    """The translation of our error tree into OpenAI's status codes and error body."""
+    message, param = exc.named(NAMES)
+    headers = None
+    if isinstance(exc, AuthError):
+        status, kind, code = 401, "invalid_request_error", "invalid_api_key"
+    elif isinstance(exc, RateLimited):
+        status, kind, code = 429, "requests", "rate_limit_exceeded"
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, NotFound):
+        status, kind, code = 404, "invalid_request_error", "model_not_found"
+    elif exc.http_status >= 500:
+        status, kind, code = exc.http_status, "server_error", None
+    elif isinstance(exc, RequestTooLarge):
+        status, kind, code = 413, "invalid_request_error", "request_too_large"
+    elif isinstance(exc, InvalidState):
+        # Not 5xx on purpose: OpenAI clients retry those, and a retry would queue a second task.
+        status, kind, code = 400, "invalid_request_error", "task_not_completed"
+    else:
+        status, kind, code = 400, "invalid_request_error", "invalid_value" if param else None
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def answer(services: Services, task: Task, ask: OpenAIRequest) -> dict[str, Any]:
+    """The body of a finished task's answer, or the error that says why there are no images."""
+    rendered = await services.render(task.id) or {}
+    status, pexit = rendered.get("status"), rendered.get("pexit")
+    follow = f"Task {task.id} (socketaccesstoken {services.keys.token(task)})"
+    if status not in FINAL:
+        raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
+    if status == TaskStatus.CANCEL or pexit in (Pexit.CANCELLED, Pexit.KILLED):
+        raise InvalidState(f"{follow} was cancelled.")
+    if pexit != Pexit.OK:
+        failed = TaskInputFailed if pexit == Pexit.BAD_INPUT else TaskFailed
+        raise failed(f"{follow} failed (pexit {pexit}): {str(rendered.get('debugerror', ''))[:500]}")
+    files = (await services.store.files([task.id], "output"))[task.id]
+    data: list[dict[str, Any]] = []
+    for output, file in zip(rendered["outputs"], files, strict=True):
+        if ask.response_format == "url":
+            data.append({"url": output["url"]})
+        else:
+            raw = await asyncio.to_thread(services.blobs.read, file.blob_key)
+            encoded = await asyncio.to_thread(_encode, raw, ask.output_format, ask.quality)
+            data.append({"b64_json": base64.b64encode(encoded).decode()})
+    return {
+        "created": int(task.createtime),
+        "data": data,
+        "output_format": ask.output_format,
+        "size": "x".join(str(side) for side in task.read_job().size),
+        # Beyond OpenAI: the task behind the images, to follow, list or cancel it like any other.
+        "task_id": str(task.id),
+        "socketaccesstoken": services.keys.token(task),
+    }
+
+
+def _encode(png: bytes, output_format: str, quality: int) -> bytes:
+    if output_format == "png":
+        return png
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as image:
+        image.convert("RGB").save(buffer, format=output_format.upper(), quality=quality)
+    return buffer.getvalue()
