@@ -62,6 +62,12 @@ class TaskJob(BaseModel):
     #: on rows stored before the job kept them; those show the ``parameters`` column stored with them.
     asked_size: str | None = None
     asked_callback: str = ""
+    #: The API the task was asked through (``dialects/<name>``): which dialect renders its callbacks. Rows
+    #: stored before it are Wiro's.
+    dialect: str = "wiro"
+    #: The request as a dialect echoes it back (Replicate's ``input``): opaque to the core, rendered by its
+    #: dialect only. None: the dialect echoes nothing (Wiro's echo is built from the fields above).
+    echo: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, stored: dict[str, Any]) -> TaskJob:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from dreamserve.errors import InvalidField
 
@@ -103,6 +103,10 @@ class RunRequest:
     asked_size: str | None = None
     #: Lines for the task's own log (``debugoutput``): what was accepted but not applied, and why.
     notes: tuple[str, ...] = ()
+    #: The dialect that decoded it (``dialects/<name>``), and the input as that dialect echoes it back (opaque
+    #: to the core; JSON values only).
+    dialect: str = "wiro"
+    echo: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():

@@ -126,6 +126,8 @@ def _job(request: RunRequest, size: tuple[int, int], references: tuple[StoredRef
         output_format=request.output_format,
         asked_size=request.asked_size or request.size,
         asked_callback=callback.url or callback.refused,
+        dialect=request.dialect,
+        echo=request.echo,
     )
 
 

@@ -57,6 +57,7 @@ def decode(settings: Settings, body: Mapping[str, Sequence[Any]]) -> ArkRequest:
     prompt = prompt if isinstance(prompt, str) else ""
     images = _images(one("image"), settings.max_upload_bytes)
     run = RunRequest(
+        dialect="ark",
         prompt=prompt,
         size=str(one("size") or DEFAULT_SIZE),
         references=images,

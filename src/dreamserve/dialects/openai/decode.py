@@ -58,6 +58,7 @@ def decode(settings: Settings, body: Mapping[str, Sequence[Any]], images: Sequen
     size, output_size = generation_size(asked, settings.min_pixels)
     seed = one("seed")
     run = RunRequest(
+        dialect="openai",
         prompt=str(one("prompt", "")),
         size=size,
         references=tuple(images),
