@@ -46,15 +46,23 @@ def error_route(render: Callable[[DreamError], Response]) -> type[APIRoute]:
 
 
 async def bearer_project(request: Request, services: ServicesDep) -> Project:
+    return await scheme_project(request, services, "Bearer")
+
+
+async def scheme_project(request: Request, services: ServicesDep, scheme: str) -> Project:
+    """The project of ``Authorization: <scheme> <key>[:<secret>]`` (``Bearer``; fal's clients send ``Key``)."""
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    prefix = f"{scheme.lower()} "
+    token = header[len(prefix) :].strip() if header.lower().startswith(prefix) else ""
     api_key, _, secret = token.partition(":")
     project = await find_project(services.sessions, api_key) if api_key else None
     if project is None:
-        raise AuthError("Send the API key as Authorization: Bearer <key> (or <key>:<secret> for signature projects).")
+        raise AuthError(
+            f"Send the API key as Authorization: {scheme} <key> (or <key>:<secret> for signature projects)."
+        )
     expected = unseal_secret(api_key, project.secret_sealed or "") if project.signature_required else ""
     if project.signature_required and not hmac.compare_digest(secret.encode(), expected.encode()):
-        raise AuthError("This project requires its secret: send Authorization: Bearer <api key>:<api secret>.")
+        raise AuthError(f"This project requires its secret: send Authorization: {scheme} <api key>:<api secret>.")
     check_rate(request, services, project)
     return project
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from dreamserve.dialects.ark.routes import router as ark
+from dreamserve.dialects.fal.routes import router as fal
 from dreamserve.dialects.openai.routes import router as openai
 
 #: Every dialect's router but Wiro's (whose routes are ``api/``'s, mounted before these).
-ROUTERS = (openai, ark)
+ROUTERS = (openai, ark, fal)
 
 
 def mount(app: FastAPI) -> None:
