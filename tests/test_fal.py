@@ -42,7 +42,7 @@ SCRIPTED = "tests.scripted_engine:ScriptedEngine"
 T2I = "fal-ai/bytedance/seedream/v4/text-to-image"
 EDIT = "fal-ai/bytedance/seedream/v4/edit"
 README = Path(__file__).resolve().parent.parent / "README.md"
-#: A prompt with this word makes the scripted engine ignore stops; "slow" is for the reader.
+#: Steps of a request (50 ms each with the scripted engine).
 STEPS = 20
 
 
@@ -437,3 +437,28 @@ def test_readme_fal_example_runs_unchanged(server: FalServer, tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert any(line.startswith("https://127.0.0.1:") and "/v1/File/" in line for line in lines), done.stdout
+
+
+def test_webhooks_are_refused_until_the_server_sends_them(server: FalServer) -> None:
+    fal = server.fal
+    with pytest.raises(fal.FalClientHTTPError) as refused:
+        server.client().submit(T2I, {"prompt": "x"}, webhook_url="https://example.com/hook")
+    assert refused.value.status_code == 422
+    [item] = refused.value.message
+    assert item["loc"] == ["body", "fal_webhook"] and "poll the status URL" in item["msg"]
+
+
+def test_rate_limits_and_quotas_hold_for_fal_routes(make_app: Any) -> None:
+    """fal's answer to both is 429 with ``Retry-After`` (which ``fal_client`` retries, so httpx asks here)."""
+    app = make_app(model={"workers": 0}, max_queued_tasks=1)
+    headers = {"Authorization": f"Key {app.creds.api_key}:{app.creds.api_secret}"}
+    first = app.http.post(f"/fal/queue/{T2I}", json={"prompt": "a queued fox"}, headers=headers)
+    assert first.status_code == 200 and first.json()["queue_position"] == 0
+    over = app.http.post(f"/fal/queue/{T2I}", json={"prompt": "one fox too many"}, headers=headers)
+    assert over.status_code == 429 and over.headers["retry-after"] == "5"
+    assert "unfinished" in over.json()["detail"]
+    limited = make_app(model={"workers": 0}, rate_limit_per_minute=1, rate_limit_burst=1)
+    headers = {"Authorization": f"Key {limited.creds.api_key}:{limited.creds.api_secret}"}
+    assert limited.http.post(f"/fal/queue/{T2I}", json={"prompt": "a fox"}, headers=headers).status_code == 200
+    again = limited.http.post(f"/fal/queue/{T2I}", json={"prompt": "a fox"}, headers=headers)
+    assert again.status_code == 429 and int(again.headers["retry-after"]) >= 1
