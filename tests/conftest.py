@@ -220,6 +220,13 @@ class Server(Api):
             "--port",
             str(self.settings.port),
         ]
+        if self.settings.ssl_certfile is not None:  # the flags, as an operator types them (env works too)
+            command += [
+                "--ssl-certfile",
+                str(self.settings.ssl_certfile),
+                "--ssl-keyfile",
+                str(self.settings.ssl_keyfile),
+            ]
         with self.log_path.open("ab") as log:  # the server has its own copy of the descriptor
             self.process = subprocess.Popen(
                 command, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec
@@ -340,10 +347,9 @@ def launch(
     ``tls=True`` one that serves HTTPS with the session's certificate (``Server.verify`` trusts its CA)."""
     data_dir = data_dir or tmp_path_factory.mktemp("data")
     certs = certificates(tmp_path_factory.getbasetemp() / "tls") if tls else None
-    if certs is not None:
-        overrides.update(ssl_certfile=str(certs.certfile), ssl_keyfile=str(certs.keyfile))
+    files = {"ssl_certfile": certs.certfile, "ssl_keyfile": certs.keyfile} if certs is not None else {}
     spec = ModelSpec(**overrides.get("model", {}))
-    settings = build_settings(data_dir, allow_private, **overrides)
+    settings = build_settings(data_dir, allow_private, **overrides, **files)
     overrides.pop("model", None)
     env = {
         **os.environ,

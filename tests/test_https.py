@@ -36,12 +36,23 @@ def test_settings_say_https_once_a_certificate_is_set(tmp_path: Path) -> None:
         Settings(data_dir=tmp_path, ssl_keyfile=tmp_path / "k.pem")
 
 
+def test_the_environment_sets_the_certificate(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("DREAMSERVE_SSL_CERTFILE", str(tmp_path / "c.pem"))
+    monkeypatch.setenv("DREAMSERVE_SSL_KEYFILE", str(tmp_path / "k.pem"))
+    settings = Settings(data_dir=tmp_path, port=8443)
+    assert (settings.ssl_certfile, settings.ssl_keyfile) == (tmp_path / "c.pem", tmp_path / "k.pem")
+    assert settings.base_url == "https://127.0.0.1:8443"
+
+
 def test_serve_refuses_a_certificate_it_cannot_load(tmp_path_factory: pytest.TempPathFactory) -> None:
     certs = certificates(tmp_path_factory.getbasetemp() / "tls")
     assert _tls_files(Settings(ssl_certfile=certs.certfile, ssl_keyfile=certs.keyfile)) == (
         str(certs.certfile),
         str(certs.keyfile),
     )
+    both = tmp_path_factory.mktemp("combined") / "server.pem"  # the key and the chain in one file
+    both.write_bytes(certs.keyfile.read_bytes() + certs.certfile.read_bytes())
+    assert _tls_files(Settings(ssl_certfile=both)) == (str(both), str(both))
     missing = tmp_path_factory.mktemp("missing") / "server.pem"
     with pytest.raises(click.UsageError, match=f"Cannot load the TLS certificate {missing}"):
         _tls_files(Settings(ssl_certfile=missing, ssl_keyfile=certs.keyfile))

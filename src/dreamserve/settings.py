@@ -101,9 +101,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     #: Serve HTTPS (and WSS) on ``port`` with this certificate chain (PEM: the server's certificate first, then
-    #: the intermediates) instead of plain HTTP; ``ssl_keyfile`` holds its private key (PEM), unless this file
-    #: holds the key too. Off (``None``): plain HTTP, as behind a TLS-terminating proxy (docs/deploy.md).
+    #: the intermediates) instead of plain HTTP. ``None``: plain HTTP, as behind a TLS-terminating proxy
+    #: (docs/deploy.md).
     ssl_certfile: Path | None = None
+    #: The certificate's private key (PEM); ``None`` when ``ssl_certfile`` holds the key too.
     ssl_keyfile: Path | None = None
     #: Base URL put in output links; defaults to ``http://{host}:{port}`` (``https://`` with ``ssl_certfile``).
     public_url: str | None = None
