@@ -41,10 +41,11 @@ from starlette.types import Receive, Scope, Send
 from dreamserve.api.compat import BearerProject, error_route, renamed, wait_for_task
 from dreamserve.api.deps import ServicesDep, read_fields
 from dreamserve.errors import AuthError, DreamError, InvalidRequest, InvalidState, NotFound, RateLimited, TaskFailed
+from dreamserve.facts import ImageReport
 from dreamserve.groups import image_count
 from dreamserve.queue.db import File, Task
 from dreamserve.services import Services
-from dreamserve.status import FINAL, Frame, Pexit, TaskStatus
+from dreamserve.status import FINAL, FileRole, Frame, Pexit, TaskStatus
 from dreamserve.submit import submit
 from dreamserve.wiro.params import MAX_TOTAL_IMAGES, Upload
 from dreamserve.wiro.render import expires, file_url
@@ -254,13 +255,12 @@ async def _answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, 
         raise InvalidRequest(f"Request parameter [image]: {follow} could not read an input: {fresh.debugerror}")
     if fresh.pexit != Pexit.OK:
         raise TaskFailed(f"{follow} failed (pexit {fresh.pexit}): {fresh.debugerror[:500]}")
-    files = (await services.store.files([task.id], "output"))[task.id]
+    files = (await services.store.files([task.id], FileRole.OUTPUT))[task.id]
     items: dict[int, dict[str, Any]] = {}
     for file in files:
         items[file.position] = await _item(services, file, ask.response_format)
-    for failed in fresh.details.get("failed_images", []):
-        message = f"Image {failed['index']} failed: {failed['message']}"
-        items[int(failed["index"])] = {"error": {"code": "InternalServiceError", "message": message}}
+    for failed in fresh.details.failed_images or ():
+        items[failed.index] = {"error": _image_error(f"Image {failed.index} failed: {failed.message}")}
     answer: dict[str, Any] = {
         "model": ask.model,
         "created": int(time.time()),
@@ -274,8 +274,13 @@ async def _answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, 
     return answer
 
 
+def _image_error(message: str) -> dict[str, str]:
+    """Ark's error object of an image that could not be made."""
+    return {"code": "InternalServiceError", "message": message}
+
+
 async def _item(services: Services, file: File, response_format: str) -> dict[str, Any]:
-    size = f"{file.meta['width']}x{file.meta['height']}"
+    size = f"{file.meta.width}x{file.meta.height}"
     if response_format == "url":
         settings = services.settings
         item: dict[str, Any] = {"url": file_url(settings.base_url, file, services.keys)}
@@ -285,11 +290,11 @@ async def _item(services: Services, file: File, response_format: str) -> dict[st
     else:
         raw = await asyncio.to_thread(services.blobs.read, file.blob_key)
         item = {"b64_json": base64.b64encode(raw).decode()}
-    return {**item, "size": size, "seed": file.meta["seed"]}  # seed: ours, what reproduces it
+    return {**item, "size": size, "seed": file.meta.seed}  # seed: ours, what reproduces it
 
 
 def _usage(files: list[File]) -> dict[str, int]:
-    tokens = sum(int(f.meta["width"]) * int(f.meta["height"]) for f in files) // PIXELS_PER_TOKEN
+    tokens = sum((f.meta.width or 0) * (f.meta.height or 0) for f in files) // PIXELS_PER_TOKEN
     return {"generated_images": len(files), "output_tokens": tokens, "total_tokens": tokens}
 
 
@@ -311,15 +316,15 @@ async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncItera
 
     try:
         async for update in services.follow(task.id, settings.sync_wait_seconds):
-            if update.type == Frame.OUTPUT_IMAGE and isinstance(update.message, dict):
-                index = int(update.message["index"])
+            if update.type == Frame.OUTPUT_IMAGE and isinstance(update.message, ImageReport):
+                index, report = update.message.index, update.message
                 if index in sent:
                     continue  # a re-run after a lost worker saves its images again
                 sent.add(index)
-                if "error" in update.message:
-                    yield event("partial_failed", image_index=index, error=update.message["error"])
+                if report.failure is not None:
+                    yield event("partial_failed", image_index=index, error=_image_error(report.failure))
                     continue
-                file = await _file(services, task.id, str(update.message["name"]))
+                file = await _file(services, task.id, report.name or "")
                 if file is None:
                     continue
                 saved.append(file)

@@ -40,7 +40,7 @@ from dreamserve.errors import (
 from dreamserve.queue.db import Project, Task
 from dreamserve.services import Services
 from dreamserve.settings import DEFAULT_MODEL
-from dreamserve.status import FINAL, Pexit, TaskStatus
+from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 from dreamserve.submit import submit
 from dreamserve.wiro.params import Upload
 
@@ -190,7 +190,7 @@ async def _answer(
     if pexit != Pexit.OK:
         failed = TaskInputFailed if pexit == Pexit.BAD_INPUT else TaskFailed
         raise failed(f"{follow} failed (pexit {pexit}): {str(rendered.get('debugerror', ''))[:500]}")
-    files = (await services.store.files([task.id], "output"))[task.id]
+    files = (await services.store.files([task.id], FileRole.OUTPUT))[task.id]
     data: list[dict[str, Any]] = []
     for output, file in zip(rendered["outputs"], files, strict=True):
         if response_format == "url":
