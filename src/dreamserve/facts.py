@@ -13,7 +13,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from dreamserve.status import WorkerState
 
@@ -120,9 +127,13 @@ class FailedImage(Record):
     message: str
 
 
+#: The stages timed around the engine's, shown after them (the engine's own come between ``queue`` and these).
+_AFTER_ENGINE = ("batch_wait", "fetch", "preprocess")
+
+
 class StageTimings(Record):
-    """Seconds per stage of a task: the queue's and the worker's, then the engine's (an engine plugged in may
-    report stages of its own names, kept after these). Fields are in the order they are shown."""
+    """Seconds per stage of a task: in the queue, then the engine's stages (an engine plugged in may report stages
+    of its own names, kept as extras), then the worker's waits and the inputs' fetch and preprocessing."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
     __pydantic_extra__: dict[str, float]
@@ -137,6 +148,13 @@ class StageTimings(Record):
     batch_wait: float | None = None
     fetch: float | None = None
     preprocess: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _in_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """An engine's own stages among its others, before the worker's: as the task's details always showed."""
+        dumped: dict[str, Any] = handler(self)
+        after = {name: dumped.pop(name) for name in _AFTER_ENGINE if name in dumped}
+        return {**dumped, **after}
 
     def stages(self) -> dict[str, float]:
         """Every stage timed, by name."""
