@@ -84,8 +84,8 @@ class Frame(StrEnum):
     ERROR = "task_error"
     OUTPUT_FULL = "task_output_full"
     ERROR_FULL = "task_error_full"
-    #: Ours, not Wiro's: one image of a running task is saved (or failed), ``{"index", "name" | "error"}``, logged
-    #: for followers (Ark's stream sends it on); Wiro's socket does not send it, as Wiro has no such frame.
+    #: Ours, not Wiro's: one image of a running task is saved (or failed), a ``facts.ImageReport``, logged for
+    #: followers (Ark's stream sends it on); Wiro's socket does not send it, as Wiro has no such frame.
     OUTPUT_IMAGE = "task_output_image"
 
 
