@@ -390,6 +390,7 @@ class TaskStore:
         async with self._transition(task_id, worker_id=worker_id) as change:
             if change is None:
                 return False
+            # Validated, not built: a caller that still hands Ark's error object gets its message read.
             await change.event(Frame.OUTPUT_IMAGE, ImageReport.model_validate({"index": index, "failure": failure}))
         return True
 
