@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -88,6 +91,33 @@ def png_bytes(width: int = 96, height: int = 64, color: tuple[int, int, int] = (
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A CA made for this test session and a certificate it signed for 127.0.0.1 and localhost (PEM files)."""
+
+    ca_file: Path
+    certfile: Path
+    keyfile: Path
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that trusts only the session's CA."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+@cache
+def certificates(folder: Path) -> Certificates:
+    """The session's certificates, written once into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = Certificates(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    ca.cert_pem.write_to_path(str(files.ca_file))
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(str(files.certfile), append=i > 0)
+    cert.private_key_pem.write_to_path(str(files.keyfile))
+    return files
 
 
 @dataclass
@@ -164,6 +194,8 @@ class Server(Api):
     preexec: Callable[[], None] | None = None
     #: Where this view's part of the log begins: a shared server's log holds earlier tests' lines too.
     log_start: int = 0
+    #: How clients check the server's certificate: the session CA's context for a server started with ``tls``.
+    verify: ssl.SSLContext | bool = True
 
     def log(self) -> str:
         """The server's log since this view was made."""
@@ -174,7 +206,7 @@ class Server(Api):
     @property
     def http(self) -> httpx.Client:
         if self._client is None:
-            self._client = httpx.Client(base_url=self.url, timeout=60)
+            self._client = httpx.Client(base_url=self.url, timeout=60, verify=self.verify)
         return self._client
 
     def start(self, timeout: float = float(os.environ.get("DREAMSERVE_TEST_START_TIMEOUT", 90))) -> None:
@@ -188,6 +220,13 @@ class Server(Api):
             "--port",
             str(self.settings.port),
         ]
+        if self.settings.ssl_certfile is not None:  # the flags, as an operator types them (env works too)
+            command += [
+                "--ssl-certfile",
+                str(self.settings.ssl_certfile),
+                "--ssl-keyfile",
+                str(self.settings.ssl_keyfile),
+            ]
         with self.log_path.open("ab") as log:  # the server has its own copy of the descriptor
             self.process = subprocess.Popen(
                 command, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self.preexec
@@ -195,7 +234,7 @@ class Server(Api):
         deadline = time.monotonic() + timeout
         # One client for the whole wait: ``httpx.get`` builds a client (and its TLS context) per call, some 25 ms
         # of CPU each, taken from the server it polls on a 2-core machine.
-        with httpx.Client(timeout=2) as client:
+        with httpx.Client(timeout=2, verify=self.verify) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"server exited early:\n{self.log_path.read_text()[-4000:]}")
@@ -299,14 +338,18 @@ def launch(
     data_dir: Path | None = None,
     start: bool = True,
     allow_private: bool = True,
+    tls: bool = False,
     **overrides: Any,
 ) -> Server:
     """A server with chosen settings, a data dir of its own and a signature project.
 
-    ``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production)."""
+    ``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production);
+    ``tls=True`` one that serves HTTPS with the session's certificate (``Server.verify`` trusts its CA)."""
     data_dir = data_dir or tmp_path_factory.mktemp("data")
+    certs = certificates(tmp_path_factory.getbasetemp() / "tls") if tls else None
+    files = {"ssl_certfile": certs.certfile, "ssl_keyfile": certs.keyfile} if certs is not None else {}
     spec = ModelSpec(**overrides.get("model", {}))
-    settings = build_settings(data_dir, allow_private, **overrides)
+    settings = build_settings(data_dir, allow_private, **overrides, **files)
     overrides.pop("model", None)
     env = {
         **os.environ,
@@ -319,7 +362,8 @@ def launch(
             for k, v in overrides.items()
         },
     }
-    server = Server(settings=settings, env=env, log_path=data_dir / "server.log")
+    verify = certs.context() if certs is not None else True
+    server = Server(settings=settings, env=env, log_path=data_dir / "server.log", verify=verify)
     server.creds = new_project(settings, "tests")
     if start:
         server.start()

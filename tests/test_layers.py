@@ -10,6 +10,9 @@ import ast
 from pathlib import Path
 
 import dreamserve
+from dreamserve.dialects.ark.render import image_error
+from dreamserve.facts import LogText, Progress
+from dreamserve.wiro.render import event_message, progress_object
 
 PACKAGE = Path(dreamserve.__file__).parent
 
@@ -20,6 +23,7 @@ TIERS: dict[str, str] = {
             "errors",
             "settings",
             "jobs",
+            "facts",
             "signing",
             "request",
             "sizes",
@@ -239,3 +243,46 @@ def test_the_finer_rules_bite(tmp_path: Path) -> None:
         ("queue.events", True),
         ("worker.running", True),
     ]
+
+
+def wire_strings() -> set[str]:
+    """The keys and fixed values of the wire shapes rendered from the worker's facts: Wiro's progress object and
+    log frames, Ark's error object of an image."""
+    wiro = progress_object(Progress(step=1, total=2, elapsed=1.0, preview="data:"))
+    ark = image_error("text")
+    fixed = {wiro["type"], wiro["task"], wiro["speedType"], ark["code"]}
+    return {*wiro, *event_message(LogText(raw="")), *(key for key in ark if key != "message"), *fixed}
+
+
+def string_constants(path: Path) -> set[str]:
+    """Every string literal of a module (the constant parts of f-strings included), docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    }
+
+
+def test_the_worker_reports_facts_not_wire_shapes(tmp_path: Path) -> None:
+    # docs/architecture.md: the worker reports typed facts; only a dialect's renderer spells its keys.
+    keys = wire_strings()
+    assert {"stepCurrent", "remainingTime", "progressGenerate", "InternalServiceError", "raw"} <= keys
+    found = {
+        f"{path.relative_to(PACKAGE)}: {text!r}"
+        for path in sorted((PACKAGE / "worker").rglob("*.py"))
+        for text in string_constants(path) & keys
+    }
+    assert not found, "wire keys in worker/ (render them in the dialect's renderer):\n" + "\n".join(sorted(found))
+    # The rule bites: a worker module that builds Ark's error object is reported.
+    source = tmp_path / "outputs.py"
+    source.write_text('"""Doc: stepCurrent."""\nerror = {"code": "InternalServiceError", "message": text}\n')
+    assert string_constants(source) & keys == {"code", "InternalServiceError"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
+from dreamserve.facts import WorkerStatus
 from dreamserve.metrics import GpuMemory, Histogram, RequestStats, worker_families
 from tests.conftest import MODEL, Receiver
 
@@ -203,8 +205,8 @@ async def test_worker_memory_from_proc_and_nvidia_smi(tmp_path: Path) -> None:
     gpu = GpuMemory()
     gpu.binary = str(script)
     await gpu.refresh()
-    worker = {"id": "w0", "model": MODEL, "state": "ready", "pid": os.getpid(), "load_seconds": 1.5}
-    workers = [worker, {**worker, "id": "w1", "state": "loading", "pid": None}]
+    worker = WorkerStatus(id="w0", model=MODEL, state="ready", pid=os.getpid(), tasks=[], load_seconds=1.5, error="")
+    workers = [worker, dataclasses.replace(worker, id="w1", state="starting", pid=None)]
     text = exposition([*worker_families(workers, gpu), *gpu.families()])
     samples = {
         (s.name, s.labels.get("worker") or s.labels.get("gpu")): s.value

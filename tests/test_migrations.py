@@ -18,10 +18,15 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from dreamserve.dialects.ark.render import image_error
+from dreamserve.facts import FileMeta, ImageReport, LogText, Progress, TaskDetails
 from dreamserve.projects import hash_key
-from dreamserve.queue.db import Base, Task
+from dreamserve.queue.db import Base, File, Task
 from dreamserve.queue.migrate import alembic_config, upgrade
-from dreamserve.wiro.render import input_marker, request_parameters
+from dreamserve.services import Services
+from dreamserve.settings import ModelSpec, Settings
+from dreamserve.status import FileRole, Frame, TaskStatus
+from dreamserve.wiro.render import event_message, file_item, input_marker, request_parameters
 from tests.conftest import png_bytes
 
 URLS = ["sqlite"]
@@ -179,3 +184,98 @@ def test_clear_secrets_of_old_rows_are_sealed_and_still_work(make_app: Any, tmp_
 def _stored_bytes(data_dir: Path) -> bytes:
     """The database file and its WAL, as bytes on disk."""
     return b"".join(p.read_bytes() for p in data_dir.glob("dreamserve.db*"))
+
+
+#: Wiro's progress object as earlier versions stored it (on the task row and in the event log): step 7 of 20, 3.3 s in.
+OLD_PROGRESS = {
+    "type": "progressGenerate",
+    "task": "Generate",
+    "percentage": "35",
+    "stepCurrent": "7",
+    "stepTotal": "20",
+    "speed": "2.12",
+    "speedType": "it/s",
+    "elapsedTime": "3s",
+    "remainingTime": "6s",
+}
+OLD_DETAILS = {
+    "method": "native 64x64",
+    "seeds": [5, 6],
+    "timings": {"queue": 0.01, "load": 1.5, "denoise": 0.25, "my_stage": 0.5, "batch_wait": 0.0},
+    "batched_with": [],
+    "failed_images": [{"index": 1, "seed": 6, "message": "could not be finished (the server log has why)"}],
+    "worker": "host:1:m:0",
+}
+OLD_IMAGE_ERROR = {"code": "InternalServiceError", "message": "Image 1 could not be finished (error id e-1)."}
+
+
+async def test_facts_stored_as_dicts_by_earlier_versions_read_as_records(tmp_path: Path) -> None:
+    """Rows of earlier versions kept Wiro's progress object, a details dict, file metadata dicts and Ark's error
+    object of an image in their JSON; they read back as the records, and render byte for byte as they did."""
+    services = Services(Settings(data_dir=tmp_path, models={"m/m": ModelSpec(workers=0)}), workers="none")
+    await upgrade(services.engine)
+    stored = [
+        (Frame.OUTPUT, OLD_PROGRESS),
+        (Frame.OUTPUT_IMAGE, {"index": 0, "name": "0.png"}),
+        (Frame.OUTPUT_IMAGE, {"index": 1, "error": OLD_IMAGE_ERROR}),
+        (Frame.OUTPUT_FULL, {"raw": "step 7/20"}),
+        (TaskStatus.CANCEL, "cancelled"),
+    ]
+    try:
+        async with services.engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO projects (id, name, api_key_hash, api_key_prefix, signature_required,"
+                    " webhook_secret, revoked, created) VALUES (1, 'p', 'h', 'k', 0, '', 0, 0)"
+                )
+            )
+            await connection.execute(
+                text(
+                    "INSERT INTO tasks (id, project_id, model, status, priority, parameters, job, callback_url,"
+                    " callback_events, pexit, debugoutput, debugerror, details, progress, createtime, attempts,"
+                    " stop_requested) VALUES (1, 1, 'm/m', 'task_postprocess_end', 0, '{}', '{}', '', '[]', '0',"
+                    " '', '', :details, :progress, 0, 1, '')"
+                ),
+                {"details": json.dumps(OLD_DETAILS), "progress": json.dumps(OLD_PROGRESS)},
+            )
+            for meta in ({}, {"seed": 5, "width": 64, "height": 64}):
+                await connection.execute(
+                    text(
+                        "INSERT INTO files (project_id, task_id, role, position, name, contenttype, size, key_salt,"
+                        " blob_key, meta, created) VALUES (1, 1, 'output', 0, '0.png', 'image/png', 1, 's', 'k',"
+                        " :meta, 0)"
+                    ),
+                    {"meta": json.dumps(meta)},
+                )
+            for event_type, message in stored:
+                await connection.execute(
+                    text("INSERT INTO task_events (task_id, type, message, created) VALUES (1, :type, :message, 0)"),
+                    {"type": event_type, "message": json.dumps(message)},
+                )
+        task = await services.store.get_by_id(1)
+        assert task is not None and isinstance(task.progress, Progress) and isinstance(task.details, TaskDetails)
+        assert (task.progress.step, task.progress.total, task.progress.elapsed) == (7, 20, 3.0)
+        assert task.details.timings is not None and task.details.timings.stages()["my_stage"] == 0.5
+        assert json.dumps(task.details.dump()) == json.dumps(OLD_DETAILS), "same keys, same order, kept extras"
+        rendered = await services.render(1)
+        assert rendered is not None and json.dumps(rendered["progress"]) == json.dumps(OLD_PROGRESS)
+        assert rendered["details"] == {name: value for name, value in OLD_DETAILS.items() if name != "worker"}
+
+        events = await services.store.events(1)
+        kinds = [type(event.message) for event in events]
+        assert kinds == [Progress, ImageReport, ImageReport, LogText, str]
+        assert [json.dumps(event_message(event.message)) for event in events[:1] + events[3:]] == [
+            json.dumps(message) for _, message in stored[:1] + stored[3:]
+        ]
+        report = events[2].message
+        assert isinstance(report, ImageReport) and report.failure is not None
+        assert json.dumps(image_error(report.failure)) == json.dumps(OLD_IMAGE_ERROR)
+
+        (*_, old, seeded) = (await services.store.files([1], FileRole.OUTPUT))[1]
+        assert isinstance(old.meta, FileMeta) and old.role is FileRole.OUTPUT and old.meta == FileMeta()
+        assert "seed" not in file_item("", old, services.keys)
+        assert (file_item("", seeded, services.keys)["seed"], seeded.meta.width) == ("5", 64)
+        # A row built with a dict (as callers of earlier versions did) holds the record at once.
+        assert File(meta={"width": 2, "height": 3}).meta == FileMeta(width=2, height=3)
+    finally:
+        await services.engine.dispose()

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dreamserve.status import TaskStatus
-from tests.conftest import App
+from tests.conftest import App, png_bytes
 
 SCRIPTED = "tests.scripted_engine:ScriptedEngine"
 
@@ -89,6 +89,38 @@ def test_a_kill_ends_the_process_and_a_fresh_one_serves_the_next_task(scripted: 
     task = app.wait(taskid, timeout=10)
     assert task["status"] == TaskStatus.CANCEL and task["pexit"] == "137"
     until(lambda: app.workers()[0]["state"] == "ready" and app.workers()[0]["pid"] not in (None, pid), "a new child")
+
+
+UPLOADS = [("inputImage", (f"{n}.png", png_bytes(64 + n, 64), "image/png")) for n in range(3)]
+
+
+def echoed(app: App, taskid: str) -> list[str]:
+    """The input URLs Detail echoes for a task."""
+    (task,) = app.post("/v1/Task/Detail", json={"taskid": taskid}).json()["tasklist"]
+    urls: list[str] = task["parameters"]["inputImage"]
+    return urls
+
+
+def test_a_task_killed_while_it_runs_echoes_the_input_urls_it_was_given(scripted: Callable[..., App]) -> None:
+    """Whether it ran or not (test_wiro: Cancel and Kill of queued tasks), the URLs of its uploaded inputs stay its
+    echo once the files went with its end."""
+    app = scripted(steps=2000, step_seconds=0.01)
+    killed = str(app.run({"prompt": "a fox", "size": "96x64"}, files=UPLOADS)["taskid"])
+    app.wait_progress(killed)
+    shown = echoed(app, killed)
+    assert len(set(shown)) == 3 and [app.http.get(url).status_code for url in shown] == [200, 200, 200]
+    (answer,) = app.post("/v1/Task/Kill", json={"taskid": killed}).json()["tasklist"]
+    assert answer["status"] == TaskStatus.CANCEL and answer["parameters"]["inputImage"] == shown
+    assert echoed(app, killed) == shown and [app.http.get(url).status_code for url in shown] == [404, 404, 404]
+
+
+def test_a_failed_task_echoes_the_input_urls_it_was_given(scripted: Callable[..., App]) -> None:
+    app = scripted()
+    failed = str(app.run({"prompt": "fail, please", "size": "96x64"}, files=UPLOADS)["taskid"])
+    assert app.wait(failed, timeout=30)["pexit"] == "1"
+    urls = echoed(app, failed)
+    assert [url.rsplit("/", 1)[1] for url in urls] == [f"inputImage-{n}.png" for n in range(3)]
+    assert len(set(urls)) == 3 and [app.http.get(url).status_code for url in urls] == [404, 404, 404]
 
 
 def test_a_crashed_model_process_fails_its_task_and_is_replaced(scripted: Callable[..., App]) -> None:

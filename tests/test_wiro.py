@@ -97,6 +97,27 @@ def test_run_detail_cancel_kill_answer_like_the_page(queued: Server) -> None:
     assert cancelled["tasklist"][0]["uuid"] == task["uuid"]
 
 
+def test_cancel_and_kill_echo_the_input_urls_detail_showed(queued: Server) -> None:
+    """A task's inputs are facts: Cancel and Kill answer with the URLs of its uploaded inputs that Detail showed
+    while it was queued, and so does Detail afterwards, though the files themselves are deleted as it ends."""
+    uploads = [("inputImage", (f"{n}.png", png_bytes(64 + n, 64), "image/png")) for n in range(3)]
+    tasks = [queued.run({"prompt": "three inputs", "size": "64x64"}, files=uploads) for _ in range(2)]
+    shown = []
+    for task in tasks:
+        (detail,) = queued.post("/v1/Task/Detail", json={"taskid": task["taskid"]}).json()["tasklist"]
+        urls = detail["parameters"]["inputImage"]
+        assert isinstance(urls, list) and len(set(urls)) == 3 and all(url.startswith("http") for url in urls), urls
+        assert [httpx.get(url).status_code for url in urls] == [200, 200, 200]
+        shown.append(urls)
+    cancelled = queued.post("/v1/Task/Cancel", json={"taskid": tasks[0]["taskid"]}).json()["tasklist"][0]
+    killed = queued.post("/v1/Task/Kill", json={"taskid": tasks[1]["taskid"]}).json()["tasklist"][0]
+    for answer, urls in zip((cancelled, killed), shown, strict=True):
+        assert answer["status"] == "task_cancel" and answer["parameters"]["inputImage"] == urls
+        (detail,) = queued.post("/v1/Task/Detail", json={"taskid": answer["id"]}).json()["tasklist"]
+        assert detail["parameters"]["inputImage"] == urls and detail["details"] == {}, "what keeps them is private"
+        assert [httpx.get(url).status_code for url in urls] == [404, 404, 404], "deleted when the task ended"
+
+
 def test_detail_without_a_body_names_tasktoken(queued: Server) -> None:
     code, message = _error(queued.post("/v1/Task/Detail").json())
     assert code == 0 and '"tasktoken"' in message and "taskid" in message

@@ -196,4 +196,7 @@ def _subclasses(cls: type[DreamError]) -> list[type[DreamError]]:
     return [cls, *(sub for child in cls.__subclasses__() for sub in _subclasses(child))]
 
 
-_BY_TYPE: dict[str, type[DreamError]] = {cls.type: cls for cls in _subclasses(DreamError) if cls is not DreamError}
+#: A ``type`` shared by a subclass (``InvalidField`` is an ``invalid_request`` too) names its first class.
+_BY_TYPE: dict[str, type[DreamError]] = {}
+for _cls in _subclasses(DreamError)[1:]:
+    _BY_TYPE.setdefault(_cls.type, _cls)

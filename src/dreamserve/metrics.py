@@ -17,7 +17,7 @@ import contextlib
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from dreamserve.facts import WorkerStatus
 from dreamserve.queue.db import File, Task, TaskEvent
 from dreamserve.status import FINAL, Pexit, TaskStatus
 
@@ -170,8 +171,9 @@ class TaskStats:
         self.finished[(row.model, row.pexit or "unknown")] += 1
         if row.pexit != Pexit.OK:
             return
-        for stage, seconds in sorted(((row.details or {}).get("timings") or {}).items()):
-            self.stages.observe((row.model, stage), float(seconds))
+        timings = row.details.timings if row.details is not None else None
+        for stage, seconds in sorted(timings.stages().items() if timings is not None else ()):
+            self.stages.observe((row.model, stage), seconds)
         if row.postprocessendtime:
             self.stages.observe((row.model, "total"), row.postprocessendtime - row.createtime)
 
@@ -336,7 +338,7 @@ class GpuMemory:
         )
 
 
-def worker_families(workers: Iterable[Mapping[str, Any]], gpu: GpuMemory) -> Iterator[Metric]:
+def worker_families(workers: Iterable[WorkerStatus], gpu: GpuMemory) -> Iterator[Metric]:
     """One series per model worker of this process: loaded or not, load time, RSS and GPU memory of its child;
     a family with no series (no child process, no GPU figure) is left out."""
     families = {
@@ -347,14 +349,14 @@ def worker_families(workers: Iterable[Mapping[str, Any]], gpu: GpuMemory) -> Ite
     }
     samples: dict[str, list[tuple[Labels, float]]] = {name: [] for name in families}
     for worker in workers:
-        labels = (str(worker["id"]), str(worker["model"]))
-        samples["dreamserve_worker_up"].append((labels, int(worker["state"] in ("ready", "busy"))))
-        samples["dreamserve_worker_load_seconds"].append((labels, float(worker.get("load_seconds") or 0)))
-        pid = worker.get("pid")
-        rss = rss_bytes(pid) if isinstance(pid, int) else None
+        labels = (worker.id, worker.model)
+        samples["dreamserve_worker_up"].append((labels, int(worker.loaded)))
+        samples["dreamserve_worker_load_seconds"].append((labels, worker.load_seconds))
+        pid = worker.pid
+        rss = rss_bytes(pid) if pid is not None else None
         if rss is not None:
             samples["dreamserve_worker_rss_bytes"].append((labels, rss))
-        if isinstance(pid, int) and pid in gpu.by_pid:
+        if pid is not None and pid in gpu.by_pid:
             samples["dreamserve_worker_gpu_memory_bytes"].append((labels, gpu.by_pid[pid]))
     for name, help_text in families.items():
         if samples[name]:
@@ -368,7 +370,7 @@ class Scrape:
     monitor: Monitor
     unfinished: list[Unfinished]
     models: list[str]
-    workers: list[Mapping[str, Any]]
+    workers: list[WorkerStatus]
     now: float
     storage: list[tuple[int, int, int]]
 
@@ -390,7 +392,7 @@ class Monitor:
         self.gpu = GpuMemory()
 
     async def scrape(
-        self, sessions: async_sessionmaker[AsyncSession], models: Iterable[str], workers: Iterable[Mapping[str, Any]]
+        self, sessions: async_sessionmaker[AsyncSession], models: Iterable[str], workers: Iterable[WorkerStatus]
     ) -> Scrape:
         """Read what is read at scrape time (unfinished tasks, newly finished ones, GPU memory)."""
         unfinished = await read_unfinished(sessions)

@@ -22,12 +22,14 @@ from collections.abc import Callable
 
 from dreamserve.blobs import BlobStore
 from dreamserve.errors import InvalidRequest
+from dreamserve.facts import FileMeta
 from dreamserve.fetch import fetch
 from dreamserve.images import check_image
 from dreamserve.jobs import StoredReference, TaskJob
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.store import TaskStore, new_blob_folder
 from dreamserve.settings import Settings
+from dreamserve.status import FileRole
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +160,13 @@ class Preprocessor:
         name = f"inputImage-{position}.{ext}"
         file = File(
             project_id=task.project_id,
-            role="input",
+            role=FileRole.INPUT,
             position=position,
             name=name,
             contenttype=CONTENT_TYPES.get(ext, f"image/{ext}"),
             size=len(data),
             blob_key=f"inputs/{folder}/{name}",
-            meta={"width": width, "height": height, "url": url},
+            meta=FileMeta(width=width, height=height, url=url),
             created=time.time(),
         )
         await asyncio.to_thread(self.blobs.put, file.blob_key, data)

@@ -31,10 +31,10 @@ from dreamserve.queue.migrate import upgrade
 from dreamserve.queue.sealing import scrub_freed_pages, seal_legacy_capabilities
 from dreamserve.queue.store import StorageQuota, TaskStore
 from dreamserve.settings import Settings
-from dreamserve.status import FINAL, StopKind, WorkerState
+from dreamserve.status import FINAL, FileRole, StopKind, WorkerState
 from dreamserve.sweep import OrphanSweep, sweep_scratch
 from dreamserve.webhooks import Outbox, WebhookSender
-from dreamserve.wiro.render import task_object
+from dreamserve.wiro.render import progress_object, task_object
 from dreamserve.worker.process import worker_alive
 from dreamserve.worker.supervisor import Supervisor
 
@@ -69,7 +69,7 @@ class Services:
         #: Bytes in flight for checking uploaded references, per process (``reference_budget_bytes``).
         self.reference_budget = ByteBudget(settings.reference_budget_bytes)
         storage = StorageQuota(settings.max_project_bytes, settings.max_project_files)
-        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(), storage)
+        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(progress_object), storage)
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
         self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render)
@@ -235,8 +235,8 @@ class Services:
         task = await self.store.get_by_id(task_id)
         if task is None:
             return None
-        outputs = (await self.store.files([task.id], "output"))[task.id]
-        inputs = (await self.store.files([task.id], "input"))[task.id]
+        outputs = (await self.store.files([task.id], FileRole.OUTPUT))[task.id]
+        inputs = (await self.store.files([task.id], FileRole.INPUT))[task.id]
         settings = self.settings
         return task_object(
             task,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "bytedance/seedream-v4"
@@ -100,7 +100,13 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=15, ge=1, le=1000)
     host: str = "127.0.0.1"
     port: int = 8000
-    #: Base URL put in output links; defaults to ``http://{host}:{port}``.
+    #: Serve HTTPS (and WSS) on ``port`` with this certificate chain (PEM: the server's certificate first, then
+    #: the intermediates) instead of plain HTTP. ``None``: plain HTTP, as behind a TLS-terminating proxy
+    #: (docs/deploy.md).
+    ssl_certfile: Path | None = None
+    #: The certificate's private key (PEM); ``None`` when ``ssl_certfile`` holds the key too.
+    ssl_keyfile: Path | None = None
+    #: Base URL put in output links; defaults to ``http://{host}:{port}`` (``https://`` with ``ssl_certfile``).
     public_url: str | None = None
 
     models: dict[str, ModelSpec] = Field(default_factory=lambda: {DEFAULT_MODEL: ModelSpec()})
@@ -306,9 +312,16 @@ class Settings(BaseSettings):
     def db_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'dreamserve.db'}"
 
+    @model_validator(mode="after")
+    def _key_needs_certificate(self) -> Settings:
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile is set without ssl_certfile: set both to serve HTTPS")
+        return self
+
     @property
     def base_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.ssl_certfile is not None else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
     @property
     def key_path(self) -> Path:

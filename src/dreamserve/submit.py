@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from dreamserve.blobs import BlobStore
 from dreamserve.budget import ByteBudget
 from dreamserve.errors import InvalidField, InvalidRequest, NotFound
+from dreamserve.facts import FileMeta
 from dreamserve.fetch import FetchPolicy, check_url
 from dreamserve.images import IMAGE_FORMATS, check_bytes, check_image
 from dreamserve.jobs import StoredReference, TaskJob
@@ -36,6 +37,7 @@ from dreamserve.queue.store import Quota, TaskStore, new_blob_folder
 from dreamserve.request import Field, RunRequest, Source, StoredImage, Upload
 from dreamserve.settings import Settings
 from dreamserve.sizes import parse_size
+from dreamserve.status import FileRole
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 _FILE_ROUTE = re.compile(r"^/v1/File/([^/]+)/([^/]+)$")
@@ -136,13 +138,13 @@ def _input_file(project: Project, folder: str, position: int, reference: Referen
     stored_size = reference.stored.size if reference.stored is not None else 0
     return File(
         project_id=project.id,
-        role="input",
+        role=FileRole.INPUT,
         position=position,
         name=name,
         contenttype=CONTENT_TYPES.get(reference.ext, f"image/{reference.ext}"),
         size=len(reference.upload.data) if reference.upload is not None else stored_size,
         blob_key=f"inputs/{folder}/{name}",
-        meta={"width": reference.width, "height": reference.height},
+        meta=FileMeta(width=reference.width, height=reference.height),
         created=now,
     )
 
@@ -275,9 +277,8 @@ async def _own_file(services: Services, url: str, number: int) -> StoredImage | 
 def _stored(blobs: BlobStore, file: File, url: str) -> StoredImage | Upload | None:
     """The stored file as a ``StoredImage`` when its row says what it is, else its bytes (a row of an older
     server without them, checked like an upload); None when its bytes are gone."""
-    meta = file.meta or {}
-    width, height, ext = meta.get("width"), meta.get("height"), _EXTENSIONS.get(file.contenttype)
-    if isinstance(width, int) and isinstance(height, int) and ext is not None:
+    width, height, ext = file.meta.width, file.meta.height, _EXTENSIONS.get(file.contenttype)
+    if width is not None and height is not None and ext is not None:
         if not blobs.exists(file.blob_key):
             return None
         return StoredImage(blob_key=file.blob_key, url=url, size=file.size, ext=ext, width=width, height=height)

@@ -23,22 +23,27 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from dreamserve.errors import InvalidRequest
+from dreamserve.facts import Progress
 from dreamserve.fetch import post_json
 from dreamserve.logs import about
 from dreamserve.queue.db import Project, Task, WebhookDelivery
 from dreamserve.queue.keyring import ServerKey
 from dreamserve.settings import Settings
 from dreamserve.signing import sign_webhook
-from dreamserve.status import Frame, TaskStatus
+from dreamserve.status import DeliveryState, Frame, TaskStatus
 
 log = logging.getLogger(__name__)
 
 TaskRenderer = Callable[[int], Awaitable[dict[str, Any] | None]]
+#: How a ``progress`` callback shows the task's last step (the API's dialect renders it: Wiro's progress object).
+ProgressRenderer = Callable[[Progress], Any]
+#: The states a delivery is still to be sent in.
+UNSENT = (DeliveryState.PENDING, DeliveryState.SENDING)
 #: (project, receiver) pairs whose failures are remembered at once (the oldest is forgotten first).
 MAX_BREAKERS = 10_000
 
@@ -184,7 +189,11 @@ PROGRESS_WEBHOOK_SECONDS = 1.0
 
 class Outbox:
     """Writes the deliveries of a task's events as outbox rows, inside the store's transaction of each event
-    (``TaskStore`` calls it, passed in by ``Services``): a delivery exists exactly when its event does."""
+    (``TaskStore`` calls it, passed in by ``Services``): a delivery exists exactly when its event does.
+    ``progress`` renders the task's last step as the payload shows it."""
+
+    def __init__(self, progress: ProgressRenderer) -> None:
+        self.progress = progress
 
     async def event(self, session: AsyncSession, task: Task, event_type: str, now: float) -> None:
         """The delivery an event of ``task`` (as it stands after the event) owes its receiver, if any."""
@@ -193,7 +202,8 @@ class Outbox:
             return
         if hook == "progress" and not await _progress_due(session, task.id, now):
             return
-        payload = {"event": hook, "taskid": str(task.id), "status": task.status, "progress": task.progress}
+        step = None if task.progress is None else self.progress(task.progress)
+        payload = {"event": hook, "taskid": str(task.id), "status": task.status, "progress": step}
         delivery = WebhookDelivery(
             task_id=task.id, url=task.callback_url, event=hook, payload=payload, next_attempt=now, created=now
         )
@@ -202,7 +212,9 @@ class Outbox:
     def refused(self, session: AsyncSession, task_id: int, url: str, reason: str, now: float) -> None:
         """A callbackUrl that is never called (not a URL, say), logged as a failed delivery with the reason."""
         session.add(
-            WebhookDelivery(task_id=task_id, url=url, state="failed", last_error=reason, next_attempt=now, created=now)
+            WebhookDelivery(
+                task_id=task_id, url=url, state=DeliveryState.FAILED, last_error=reason, next_attempt=now, created=now
+            )
         )
 
 
@@ -220,7 +232,7 @@ def _due_query(now: float, limit: int) -> Select[int, int, int | None, str, str,
     earlier = aliased(WebhookDelivery)
     oldest = (
         select(func.min(earlier.id))
-        .where(earlier.task_id == WebhookDelivery.task_id, earlier.state.in_(("pending", "sending")))
+        .where(earlier.task_id == WebhookDelivery.task_id, earlier.state.in_(UNSENT))
         .scalar_subquery()
     )
     turn = func.row_number().over(partition_by=Task.project_id, order_by=WebhookDelivery.id).label("turn")
@@ -236,7 +248,7 @@ def _due_query(now: float, limit: int) -> Select[int, int, int | None, str, str,
         )
         .outerjoin(Task, Task.id == WebhookDelivery.task_id)
         # A row left "sending" by a replica that died is due again once its claim ran out.
-        .where(or_(WebhookDelivery.state == "pending", WebhookDelivery.state == "sending"))
+        .where(WebhookDelivery.state.in_(UNSENT))
         .where(WebhookDelivery.next_attempt <= now, WebhookDelivery.id == oldest)
         .subquery()
     )
@@ -270,7 +282,7 @@ async def _claim(
             WebhookDelivery.state == state,
             WebhookDelivery.next_attempt == next_attempt,
         )
-        .values(state="sending", next_attempt=time.time() + hold)
+        .values(state=DeliveryState.SENDING, next_attempt=time.time() + hold)
         .returning(WebhookDelivery.id)
     )
     async with sessions.begin() as session:
@@ -334,13 +346,13 @@ async def _attempt(
             return ok
         row.attempts, row.last_status, row.last_error = attempts, status, error
         if ok:
-            row.state, row.delivered = "delivered", time.time()
+            row.state, row.delivered = DeliveryState.DELIVERED, time.time()
         elif attempts >= settings.webhook_attempts:
-            row.state = "failed"
+            row.state = DeliveryState.FAILED
             # %r: the URL is the client's text; quoted, it cannot forge log lines.
             log.warning("callback to %r failed after %d attempts", row.url, attempts, extra=about(row.task_id))
         else:
-            row.state = "pending"
+            row.state = DeliveryState.PENDING
             row.next_attempt = time.time() + settings.webhook_backoff_seconds * 2 ** (attempts - 1)
     return ok
 

@@ -16,11 +16,12 @@ import logging
 from collections import Counter, defaultdict, deque
 from typing import Any
 
+from dreamserve.facts import Progress
 from dreamserve.queue.db import Task
 from dreamserve.queue.events import Event
 from dreamserve.services import Services
-from dreamserve.status import FINAL, Frame, TaskStatus
-from dreamserve.wiro.render import file_item, socket_frame
+from dreamserve.status import FINAL, FileRole, Frame, TaskStatus
+from dreamserve.wiro.render import event_message, file_item, socket_frame
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class TaskFeed:
                 text = json.dumps(socket_frame(event.type, self.task_id, self.token, message))
                 for follower in self.followers:
                     follower.push(text)
-                self._history.append(self._stored(event, message, text))
+                self._history.append(self._stored(event, text))
                 if event.type in FINAL:
                     self.ended = True
                     self._feeds.ended(self)
@@ -138,18 +139,18 @@ class TaskFeed:
         """The final frame lists the outputs, rendered from the stored file rows with this server's public URL
         and their derived access keys (never stored), so they equal Task/Detail's whichever host ran the task."""
         if event.type != TaskStatus.POSTPROCESS_END:
-            return event.message
+            return event_message(event.message)
         services = self._feeds.services
-        files = (await services.store.files([event.task_id], "output"))[event.task_id]
+        files = (await services.store.files([event.task_id], FileRole.OUTPUT))[event.task_id]
         settings = services.settings
         return [file_item(settings.base_url, file, services.keys, settings.retention_seconds) for file in files]
 
-    def _stored(self, event: Event, message: Any, text: str) -> str:
+    def _stored(self, event: Event, text: str) -> str:
         """The frame as the log has it, for late followers: a progress frame without its live preview."""
-        if event.type != Frame.OUTPUT or not isinstance(message, dict) or "preview" not in message:
+        step = event.message
+        if not isinstance(step, Progress) or step.preview is None:
             return text
-        stored = {key: value for key, value in message.items() if key != "preview"}
-        return json.dumps(socket_frame(event.type, self.task_id, self.token, stored))
+        return json.dumps(socket_frame(event.type, self.task_id, self.token, event_message(step.stored())))
 
 
 class TaskFeeds:

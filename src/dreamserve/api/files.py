@@ -14,11 +14,13 @@ from sqlalchemy import select
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.dialects.wire import ascii_id
 from dreamserve.errors import FileNotFound, InvalidField, NotFound
+from dreamserve.facts import FileMeta
 from dreamserve.images import check_image
 from dreamserve.queue.db import File, Folder
 from dreamserve.queue.keyring import digest
 from dreamserve.queue.store import add_files, check_storage, new_blob_folder
 from dreamserve.request import Upload
+from dreamserve.status import FileRole
 from dreamserve.wiro.render import envelope, file_item, unix
 
 router = APIRouter()
@@ -79,12 +81,12 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
     file = File(
         project_id=project.id,
         folder_id=folder_id,
-        role="upload",
+        role=FileRole.UPLOAD,
         name=f"{stem}.{ext}",
         contenttype=CONTENT_TYPES.get(ext, f"image/{ext}"),
         size=len(data.data),
         blob_key=f"uploads/{folder}/{stem}.{ext}",
-        meta={"width": width, "height": height},
+        meta=FileMeta(width=width, height=height),
         created=time.time(),
     )
     # Bytes first (no lock held while they are written), then the row, counted against the project's storage in

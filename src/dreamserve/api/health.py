@@ -3,6 +3,7 @@ every background loop is alive: a loop that died or stopped completing iteration
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +19,7 @@ router = APIRouter()
 async def healthz(services: ServicesDep) -> dict[str, Any]:
     return {
         "status": "ok",
-        "workers": [s.status() for s in services.supervisors],
+        "workers": [asdict(s.status()) for s in services.supervisors],
         "loops": services.liveness.problems(),
     }
 
@@ -26,7 +27,7 @@ async def healthz(services: ServicesDep) -> dict[str, Any]:
 @router.get("/readyz")
 async def readyz(request: Request, services: ServicesDep) -> JSONResponse:
     """Open to probes; which workers are waiting (hosts, pids) only with the ops token, when one is set."""
-    waiting = [s.status() for s in services.supervisors if not s.state.is_loaded]
+    waiting = [asdict(s.status()) for s in services.supervisors if not s.state.is_loaded]
     loops = services.liveness.problems()
     ready = not waiting and not loops
     body: dict[str, Any] = {"ready": ready}

@@ -57,6 +57,18 @@ LOADING_NOTE_SECONDS = 10.0
     metavar="HOST",
     help="A host (minio.lan, *.corp.example) or network (10.1.0.0/16) fetches may reach, private or not. Repeatable.",
 )
+@click.option(
+    "--ssl-certfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve HTTPS with this certificate chain (PEM); the port then speaks TLS only.",
+)
+@click.option(
+    "--ssl-keyfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The certificate's private key (PEM), unless the certificate file holds it.",
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -68,6 +80,8 @@ def serve(
     no_workers: bool,
     fetch_allow_private: bool | None,
     fetch_allow_hosts: tuple[str, ...],
+    ssl_certfile: Path | None,
+    ssl_keyfile: Path | None,
 ) -> None:
     """Run the API and (by default) the model workers on this machine."""
     from dreamserve import malloc
@@ -89,8 +103,11 @@ def serve(
         "run_workers": False if no_workers else None,
         "fetch_allow_private": fetch_allow_private,
         "fetch_allow_hosts": list(fetch_allow_hosts) or None,
+        "ssl_certfile": ssl_certfile,
+        "ssl_keyfile": ssl_keyfile,
     }
     settings = _settings(given, model)
+    certfile, keyfile = _tls_files(settings)  # before anything starts: a bad certificate is a usage error
     logs.configure(settings.log_level)
     creds, created = ensure_default_credentials(settings)
     _banner(settings, creds.api_key, creds.api_secret if created else None, creds.api_secret is None)
@@ -112,9 +129,28 @@ def serve(
         ws_max_size=settings.ws_max_bytes,
         ws_per_message_deflate=settings.ws_compression,
         forwarded_allow_ips=settings.forwarded_allow_ips,
+        ssl_certfile=certfile,
+        ssl_keyfile=keyfile,
     )
     server = uvicorn.Server(config)
     server.run()
+
+
+def _tls_files(settings: Settings) -> tuple[str | None, str | None]:
+    """The certificate and key files for ``uvicorn.Config`` (none for plain HTTP), once they are known to load.
+
+    uvicorn passes its context to the event loop's ``create_server``, whose TLS transport wraps the guarded
+    protocol (``api/http_guard.py``): the protocol sees the decrypted stream, from the end of the handshake on."""
+    import ssl
+
+    if settings.ssl_certfile is None:
+        return None, None
+    certfile, keyfile = str(settings.ssl_certfile), str(settings.ssl_keyfile or settings.ssl_certfile)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise click.UsageError(f"Cannot load the TLS certificate {certfile} with the key {keyfile}: {exc}") from None
+    return certfile, keyfile
 
 
 def _raise_open_file_limit() -> None:

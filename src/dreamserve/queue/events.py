@@ -5,6 +5,10 @@ transaction as the status change). A hub only carries events to the sockets watc
 ``EventHub`` inside one process, ``RedisEventHub`` (one Redis stream per task) across API replicas
 and worker hosts. A socket subscribes first, then replays the log, then drains its subscription,
 dropping ids it has already sent, so nothing is lost or repeated.
+
+An event's message is a ``facts`` record for the events that report one (a step's ``Progress``, an
+``ImageReport``, a ``LogText``), else a plain value (a stderr line, ``cancelled``): stored and streamed as JSON
+(``dump_message``) and read back as the record its type names (``load_message``).
 """
 
 from __future__ import annotations
@@ -15,13 +19,41 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dreamserve.facts import ImageReport, LogText, Progress, Record
+from dreamserve.status import Frame
+
+#: An event's message: a record, or what Wiro's frame carries as is (a log line, ``[]``, nothing).
+Message = Progress | ImageReport | LogText | str | list[Any] | None
+
+#: The record each kind of event reports.
+RECORDS: dict[str, type[Progress] | type[ImageReport] | type[LogText]] = {
+    Frame.OUTPUT: Progress,
+    Frame.OUTPUT_IMAGE: ImageReport,
+    Frame.OUTPUT_FULL: LogText,
+    Frame.ERROR_FULL: LogText,
+}
+
+
+def dump_message(message: Message) -> Any:
+    """A message as JSON stores it (the event log, a Redis stream)."""
+    return message.dump() if isinstance(message, Record) else message
+
+
+def load_message(event_type: str, stored: Any) -> Message:
+    """A stored message read back as the record its event reports (what earlier versions stored included)."""
+    record = RECORDS.get(event_type)
+    if record is not None and isinstance(stored, dict):
+        return record.read(stored)
+    plain: Message = stored  # a log line, ``[]`` or nothing, stored as is
+    return plain
+
 
 @dataclass(frozen=True)
 class Event:
     id: int
     task_id: int
     type: str
-    message: Any
+    message: Message
 
 
 class Subscription(Protocol):

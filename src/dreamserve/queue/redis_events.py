@@ -12,7 +12,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from dreamserve.queue.events import Event, Subscription
+from dreamserve.queue.events import Event, Subscription, dump_message, load_message
 from dreamserve.status import FINAL
 
 STREAM_MAXLEN = 1000
@@ -29,7 +29,11 @@ class RedisEventHub:
 
     async def publish(self, event: Event) -> None:
         key = stream_key(event.task_id)
-        fields: dict[Any, Any] = {"id": event.id, "type": event.type, "message": json.dumps(event.message)}
+        fields: dict[Any, Any] = {
+            "id": event.id,
+            "type": event.type,
+            "message": json.dumps(dump_message(event.message)),
+        }
         await self.redis.xadd(key, fields, maxlen=STREAM_MAXLEN, approximate=True)
         if event.type in FINAL:
             await self.redis.expire(key, TERMINAL_TTL_SECONDS)
@@ -55,8 +59,9 @@ class _StreamSubscription:
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 self._last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                message = json.loads(fields[b"message"])
-                events.append(Event(int(fields[b"id"]), self._task_id, fields[b"type"].decode(), message))
+                event_type = fields[b"type"].decode()
+                message = load_message(event_type, json.loads(fields[b"message"]))
+                events.append(Event(int(fields[b"id"]), self._task_id, event_type, message))
         return events
 
     async def close(self) -> None:

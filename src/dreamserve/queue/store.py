@@ -24,11 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
 from dreamserve.errors import QuotaExceeded, StorageFull
+from dreamserve.facts import DeletedInput, ImageReport, LogText, Progress, TaskDetails
 from dreamserve.jobs import TaskJob
 from dreamserve.queue.db import File, Folder, Project, Task, TaskEvent
-from dreamserve.queue.events import Event, Hub
+from dreamserve.queue.events import Event, Hub, Message, dump_message, load_message
 from dreamserve.queue.keyring import ServerKey, digest, new_salt
-from dreamserve.status import FINAL, LIFECYCLE, RUNNING, Frame, Pexit, StopKind, TaskStatus
+from dreamserve.status import FINAL, LIFECYCLE, RUNNING, FileRole, Frame, Pexit, StopKind, TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class StorageQuota:
 
 
 #: The roles of a task's file rows: Task/InputOutputDelete and retention delete every one of them. The fourth role,
-#: "upload" (File/Upload), belongs to no task: File/Delete, File/FolderDelete and retention delete those.
-TASK_ROLES = ("input", "output", "partial")
+#: ``upload`` (File/Upload), belongs to no task: File/Delete, File/FolderDelete and retention delete those.
+TASK_ROLES = (FileRole.INPUT, FileRole.OUTPUT, FileRole.PARTIAL)
 
 
 async def lock_project(session: AsyncSession, project_id: int) -> None:
@@ -200,7 +201,7 @@ class TaskStore:
                 inputs_ready=job.inputs_ready,
                 callback_url=callback_url,
                 callback_events=list(callback_events),
-                details={},
+                details=TaskDetails(),
                 createtime=now,
                 debugoutput="\n".join(job.notes),
             )
@@ -260,7 +261,7 @@ class TaskStore:
         async with self.sessions() as session:
             return await session.get(Task, taskid)
 
-    async def files(self, task_ids: Iterable[int], role: str) -> dict[int, list[File]]:
+    async def files(self, task_ids: Iterable[int], role: FileRole) -> dict[int, list[File]]:
         ids = list(task_ids)
         result: dict[int, list[File]] = {i: [] for i in ids}
         if not ids:
@@ -274,8 +275,7 @@ class TaskStore:
     async def events(self, task_id: int, after: int = 0) -> list[Event]:
         query = select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.id > after).order_by(TaskEvent.id)
         async with self.sessions() as session:
-            rows = (await session.execute(query)).scalars()
-            return [Event(r.id, r.task_id, r.type, r.message) for r in rows]
+            return [_stored_event(row) for row in (await session.execute(query)).scalars()]
 
     async def event_ids_after(self, after: int) -> list[tuple[int, int]]:
         """``(event id, task id)`` of every event after ``after``, of all tasks: a range of the primary key."""
@@ -296,8 +296,7 @@ class TaskStore:
             or_(*(and_(TaskEvent.task_id == task_id, TaskEvent.id > after) for task_id, after in cursors.items()))
         )
         async with self.sessions() as session:
-            rows = (await session.execute(query.order_by(TaskEvent.id))).scalars()
-            return [Event(r.id, r.task_id, r.type, r.message) for r in rows]
+            return [_stored_event(row) for row in (await session.execute(query.order_by(TaskEvent.id))).scalars()]
 
     async def queue_position(self, task: Task) -> int:
         """How many queued tasks of the same model are claimed before this one (0 = next), in today's claim order.
@@ -366,14 +365,14 @@ class TaskStore:
         """The model process took the job (``task_start``; the ``start`` callback)."""
         return await self._advance(task_id, TaskStatus.START, worker_id)
 
-    async def progress(self, task_id: int, worker_id: str, progress: dict[str, str], preview: str | None) -> bool:
-        """A denoising step (``task_output``): the progress object is kept on the row and in the log; the preview
-        (large, short-lived) only goes to live subscribers."""
+    async def progress(self, task_id: int, worker_id: str, progress: Progress) -> bool:
+        """A denoising step (``task_output``): it is kept on the row and in the log without its preview (large,
+        short-lived), which only goes to live subscribers."""
         async with self._transition(task_id, worker_id=worker_id) as change:
             if change is None:
                 return False
-            change.task.progress = progress
-            await change.event(Frame.OUTPUT, progress, live={"preview": preview} if preview else None)
+            change.task.progress = progress.stored()
+            await change.event(Frame.OUTPUT, progress.stored(), live=progress if progress.preview else None)
         return True
 
     async def image_saved(self, task_id: int, worker_id: str, file: File) -> bool:
@@ -383,15 +382,16 @@ class TaskStore:
             if change is None:
                 return False
             await add_files(change.session, self.keys, [file])
-            await change.event(Frame.OUTPUT_IMAGE, {"index": file.position, "name": file.name})
+            await change.event(Frame.OUTPUT_IMAGE, ImageReport(index=file.position, name=file.name))
         return True
 
-    async def image_failed(self, task_id: int, worker_id: str, index: int, error: dict[str, str]) -> bool:
-        """One image could not be finished; the task's other images go on."""
+    async def image_failed(self, task_id: int, worker_id: str, index: int, failure: str) -> bool:
+        """One image could not be finished (``failure``: what the client is told); the task's other images go on."""
         async with self._transition(task_id, worker_id=worker_id) as change:
             if change is None:
                 return False
-            await change.event(Frame.OUTPUT_IMAGE, {"index": index, "error": error})
+            # Validated, not built: a caller that still hands Ark's error object gets its message read.
+            await change.event(Frame.OUTPUT_IMAGE, ImageReport.model_validate({"index": index, "failure": failure}))
         return True
 
     async def begin_postprocess(self, task_id: int, worker_id: str, output: str) -> bool:
@@ -400,13 +400,13 @@ class TaskStore:
         async with self._transition(task_id, worker_id=worker_id) as change:
             if change is None:
                 return False
-            await change.event(Frame.OUTPUT_FULL, {"raw": output})
+            await change.event(Frame.OUTPUT_FULL, LogText(raw=output))
             await change.advance(TaskStatus.END)
             await change.advance(TaskStatus.POSTPROCESS_START)
         return True
 
     async def succeed(
-        self, task_id: int, worker_id: str, outputs: Sequence[File], output: str, details: dict[str, Any]
+        self, task_id: int, worker_id: str, outputs: Sequence[File], output: str, details: TaskDetails
     ) -> bool:
         """The task's end (``task_postprocess_end``, pexit 0) with its output rows (the attempt's ``partial`` rows
         become outputs here) and its details; the ``completed`` callback."""
@@ -447,7 +447,7 @@ class TaskStore:
             task.debugerror, task.stop_requested, task.dispatched_at = note, "", None
             if refund:
                 task.attempts = max(0, task.attempts - 1)
-            await change.drop_files("partial")
+            await change.drop_files(FileRole.PARTIAL)
             await change.advance(TaskStatus.QUEUE)
         return True
 
@@ -774,7 +774,11 @@ class TaskStore:
         """File/Delete and File/FolderDelete: the uploads of a project with id ``file_id``, or in ``folders``,
         rows and bytes, and the ``folders`` rows themselves; returns how many files went."""
         which = File.id == file_id if file_id is not None else File.folder_id.in_(list(folders))
-        stmt = delete(File).where(File.project_id == project_id, File.role == "upload", which).returning(File.blob_key)
+        stmt = (
+            delete(File)
+            .where(File.project_id == project_id, File.role == FileRole.UPLOAD, which)
+            .returning(File.blob_key)
+        )
         async with self.sessions.begin() as session:
             keys = list((await session.execute(stmt)).scalars())
             if folders:
@@ -787,7 +791,7 @@ class TaskStore:
     async def expire_files(self, before: float, limit: int = 500) -> int:
         """Retention: uploads, and every file of an ended task, created before ``before``; returns how many went."""
         ended = select(Task.id).where(Task.status.in_(list(FINAL)))
-        expired = or_(File.role == "upload", and_(File.role.in_(TASK_ROLES), File.task_id.in_(ended)))
+        expired = or_(File.role == FileRole.UPLOAD, and_(File.role.in_(TASK_ROLES), File.task_id.in_(ended)))
         query = select(File.id, File.blob_key).where(expired, File.created < before).limit(limit)
         async with self.sessions.begin() as session:
             rows = (await session.execute(query)).all()
@@ -797,7 +801,7 @@ class TaskStore:
         return len(rows)
 
     @staticmethod
-    async def _delete_files(session: AsyncSession, task_ids: Sequence[int], roles: Sequence[str]) -> list[str]:
+    async def _delete_files(session: AsyncSession, task_ids: Sequence[int], roles: Sequence[FileRole]) -> list[str]:
         """Delete the rows in the caller's transaction; returns their blob keys, deleted once it commits."""
         stmt = delete(File).where(File.task_id.in_(list(task_ids)), File.role.in_(list(roles))).returning(File.blob_key)
         return list((await session.execute(stmt)).scalars())
@@ -820,19 +824,19 @@ class _Change:
     session: AsyncSession
     task: Task
     now: float
-    #: Each appended event's row, and the extra keys its published copy gets (``live``).
-    rows: list[tuple[TaskEvent, dict[str, Any] | None]] = field(default_factory=list)
+    #: Each appended event's row, and the message its published copy carries (``live``, else the stored one).
+    rows: list[tuple[TaskEvent, Message]] = field(default_factory=list)
     #: Blob keys of the file rows deleted, to delete once the transaction commits.
     dropped: list[str] = field(default_factory=list)
 
-    async def event(self, event_type: str, message: Any = None, *, live: dict[str, Any] | None = None) -> None:
+    async def event(self, event_type: str, message: Message = None, *, live: Message = None) -> None:
         """Append an event, and the callback it owes (as the task stands now)."""
-        row = TaskEvent(task_id=self.task.id, type=event_type, message=message, created=self.now)
+        row = TaskEvent(task_id=self.task.id, type=event_type, message=dump_message(message), created=self.now)
         self.session.add(row)
-        self.rows.append((row, live))
+        self.rows.append((row, live if live is not None else message))
         await self.store.outbox.event(self.session, self.task, event_type, self.now)
 
-    async def advance(self, status: TaskStatus, message: Any = None) -> None:
+    async def advance(self, status: TaskStatus, message: Message = None) -> None:
         """Move the task to ``status`` (stamping its time), and append that event. Leaving the running statuses
         gives the lease up."""
         task = self.task
@@ -849,13 +853,13 @@ class _Change:
         task = self.task
         task.pexit = Pexit.KILLED if killed else Pexit.CANCELLED
         task.debugerror = "Killed." if killed else "Cancelled."
-        await self.drop_files("input")
+        await self.drop_inputs()
         await self.advance(TaskStatus.CANCEL, "killed" if killed else "cancelled")
 
     async def close_failed(self, pexit: Pexit, message: str, *, raw: str = "", output: str = "") -> None:
         await self.event(Frame.ERROR, message)
-        await self.event(Frame.OUTPUT_FULL, {"raw": output})
-        await self.event(Frame.ERROR_FULL, {"raw": raw or message})
+        await self.event(Frame.OUTPUT_FULL, LogText(raw=output))
+        await self.event(Frame.ERROR_FULL, LogText(raw=raw or message))
         # Statuses only move forward: a task that failed while saving its images does not end again.
         reached = LIFECYCLE.index(self.task.status) if self.task.status in LIFECYCLE else 0
         for status in (TaskStatus.END, TaskStatus.POSTPROCESS_START):
@@ -863,20 +867,39 @@ class _Change:
                 await self.advance(status)
         task = self.task
         task.pexit, task.debugerror, task.debugoutput = pexit, message, output
-        await self.drop_files("input")
+        await self.drop_inputs()
         await self.advance(TaskStatus.POSTPROCESS_END, [])
 
-    async def drop_files(self, role: str) -> None:
+    async def drop_files(self, role: FileRole) -> None:
         """Delete the task's file rows of ``role`` in this transaction; their bytes go once it commits."""
         self.dropped += await self.store._delete_files(self.session, [self.task.id], (role,))
 
+    async def drop_inputs(self) -> None:
+        """Delete the task's input files, keeping in its details what their URLs derive from: the task echoes the
+        inputs it was given whether it ran or not."""
+        query = select(File).where(File.task_id == self.task.id, File.role == FileRole.INPUT).order_by(File.position)
+        gone = [
+            DeletedInput(
+                position=file.position,
+                id=file.id,
+                name=file.name,
+                key_salt=file.key_salt,
+                accesskey_sealed=file.accesskey_sealed,
+            )
+            for file in (await self.session.execute(query)).scalars()
+        ]
+        if gone:
+            earlier = self.task.details.deleted_inputs or []
+            self.task.details = self.task.details.model_copy(update={"deleted_inputs": [*earlier, *gone]})
+        await self.drop_files(FileRole.INPUT)
+
     def published(self) -> list[Event]:
-        """The appended events as published (after the flush gave them ids): with their live extras."""
-        events = []
-        for row, live in self.rows:
-            message = {**row.message, **live} if live and isinstance(row.message, dict) else row.message
-            events.append(Event(row.id, row.task_id, row.type, message))
-        return events
+        """The appended events as published (after the flush gave them ids): with their live messages."""
+        return [Event(row.id, row.task_id, row.type, message) for row, message in self.rows]
+
+
+def _stored_event(row: TaskEvent) -> Event:
+    return Event(row.id, row.task_id, row.type, load_message(row.type, row.message))
 
 
 _TIMESTAMP = {

@@ -13,15 +13,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dreamserve.facts import DeletedInput, LogText, Progress
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.keyring import ServerKey
-from dreamserve.status import FINAL, Pexit, TaskStatus
+from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 from dreamserve.wiro.tools import CATEGORIES, DESCRIPTION, Tool
 
 #: Namespace of the per-project ``uuid`` Wiro shows on tasks and their outputs (its owner's id).
 _PROJECT_UUIDS = uuid.UUID("6f1c3c2e-2b8e-5d55-9a8c-4f0d2c6d7e10")
 #: File roles that the retention setting applies to: all of them (``store.expire_files``).
-EXPIRING_ROLES = frozenset({"input", "output", "partial", "upload"})
+EXPIRING_ROLES = frozenset(FileRole)
 
 
 def envelope(**fields: Any) -> dict[str, Any]:
@@ -76,16 +77,63 @@ def file_item(base_url: str, file: File, keys: ServerKey | None, retention_secon
         "expiretime": None if expiry is None else unix(expiry),
         "url": f"{base_url}/v1/File/{accesskey}/{file.name}" if keys is not None else "",
     }
-    if "seed" in file.meta:
+    meta = file.meta
+    if meta.seed is not None:
         # Ours, beyond Wiro: what it takes to reproduce this image.
-        item.update(seed=str(file.meta["seed"]), width=str(file.meta["width"]), height=str(file.meta["height"]))
+        item.update(seed=str(meta.seed), width=str(meta.width), height=str(meta.height))
     return item
+
+
+def progress_object(progress: Progress) -> dict[str, str]:
+    """Wiro's progress object of a step: every value a string (a live step's preview follows them)."""
+    rendered = {
+        "type": "progressGenerate",
+        "task": "Generate",
+        "percentage": str(int(100 * progress.step / max(progress.total, 1))),
+        "stepCurrent": str(progress.step),
+        "stepTotal": str(progress.total),
+        "speed": f"{progress.rate:.2f}",
+        "speedType": "it/s",
+        "elapsedTime": f"{progress.elapsed:.0f}s",
+        "remainingTime": f"{progress.seconds_left:.0f}s",
+    }
+    if progress.preview is not None:
+        rendered["preview"] = progress.preview
+    return rendered
+
+
+def event_message(message: Any) -> Any:
+    """An event's message as Wiro's socket frame carries it."""
+    if isinstance(message, Progress):
+        return progress_object(message)
+    if isinstance(message, LogText):
+        return {"raw": message.raw}
+    return message
 
 
 def input_marker(position: int) -> str:
     """What earlier versions stored in ``parameters`` for an uploaded input in place of its URL (which holds its
     access key)."""
     return f"dreamserve:input/{position}"
+
+
+def input_urls(base_url: str, task: Task, inputs: Sequence[File], keys: ServerKey) -> dict[int, str]:
+    """The URLs of a task's input files, by position: of their rows, and of those its end deleted (the URL it was
+    given stays its echo, though it answers 404 now)."""
+    deleted = [_deleted_row(task, gone) for gone in task.details.deleted_inputs or ()]
+    return {file.position: file_url(base_url, file, keys) for file in [*deleted, *inputs]}
+
+
+def _deleted_row(task: Task, gone: DeletedInput) -> File:
+    """A stand-in for a deleted input's row (never stored): what its URL is derived from."""
+    return File(
+        id=gone.id,
+        project_id=task.project_id,
+        position=gone.position,
+        name=gone.name,
+        key_salt=gone.key_salt,
+        accesskey_sealed=gone.accesskey_sealed,
+    )
 
 
 def request_parameters(task: Task, input_urls: dict[int, str]) -> dict[str, Any]:
@@ -134,8 +182,9 @@ def elapsed_seconds(task: Task, now: float) -> float:
     return max(0.0, end - task.assigntime)
 
 
-#: Task details that stay in the database and the server log: ``worker`` names a host and a process id.
-PRIVATE_DETAILS = frozenset({"worker"})
+#: Task details that stay in the database and the server log: ``worker`` (of earlier versions) names a host and a
+#: process id; ``deleted_inputs`` is what their URLs are derived from.
+PRIVATE_DETAILS = frozenset({"worker", "deleted_inputs"})
 
 
 def task_object(
@@ -158,7 +207,7 @@ def task_object(
         "uuid": project_uuid(task.project_id),
         "name": "",
         "socketaccesstoken": keys.token(task),
-        "parameters": request_parameters(task, {f.position: file_url(base_url, f, keys) for f in inputs}),
+        "parameters": request_parameters(task, input_urls(base_url, task, inputs, keys)),
         "debugoutput": task.debugoutput,
         "debugerror": task.debugerror,
         "starttime": unix(task.starttime),
@@ -194,8 +243,8 @@ def task_object(
         "modelslugowner": owner,
         "modelslugproject": project,
         # Ours, beyond Wiro: per-stage timings, generation method, attempts.
-        "details": {name: value for name, value in (task.details or {}).items() if name not in PRIVATE_DETAILS},
-        "progress": task.progress,
+        "details": {name: value for name, value in task.details.dump().items() if name not in PRIVATE_DETAILS},
+        "progress": None if task.progress is None else progress_object(task.progress),
         "attempts": str(task.attempts),
         # Queued tasks ahead of this one for its model ("0" = next), filled in by Task/Detail and Task/List
         # (it costs a query); "" once the task has left the queue.

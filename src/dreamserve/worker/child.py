@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
-from typing import Any, Protocol
+from typing import Protocol
 
 from dreamserve import malloc
 from dreamserve.jobs import (
@@ -93,10 +93,10 @@ def load_engine(model: ModelSpec) -> ModelEngine:
     return Engine.load(model)
 
 
-def child_main(conn: Connection, stop: EventType, spec: dict[str, Any], log_level: int = logging.INFO) -> None:
+def child_main(conn: Connection, stop: EventType, spec: ModelSpec, log_level: int = logging.INFO) -> None:
     send: Callable[[FromChild], None] = forward_from_child(conn.send, log_level)
     try:
-        engine = load_engine(ModelSpec(**spec))
+        engine = load_engine(spec)
     except Exception as exc:
         send(Fatal(f"{type(exc).__name__}: {exc}"))
         return

@@ -45,7 +45,7 @@ class ChildProcess:
         self.stop_event = context.Event()
         self.process = context.Process(
             target=child_main,
-            args=(self._child_conn, self.stop_event, spec.model_dump(), log.getEffectiveLevel()),
+            args=(self._child_conn, self.stop_event, spec, log.getEffectiveLevel()),
             name=name,
             daemon=True,
         )

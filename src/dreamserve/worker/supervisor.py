@@ -21,19 +21,19 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from dreamserve.blobs import BlobStore
 from dreamserve.errors import new_error_id
+from dreamserve.facts import Progress, WorkerStatus
 from dreamserve.jobs import GenerationJob, GenerationResult
 from dreamserve.liveness import Liveness, backoff
 from dreamserve.logs import about
 from dreamserve.queue.db import Task
 from dreamserve.queue.store import TaskStore, new_blob_folder
 from dreamserve.settings import ModelSpec, Settings
-from dreamserve.status import RUNNING, Pexit, StopKind, WorkerState
+from dreamserve.status import RUNNING, FileRole, Pexit, StopKind, WorkerState
 from dreamserve.worker.inputs import local_references
-from dreamserve.worker.outputs import output_file, progress, success_details
+from dreamserve.worker.outputs import output_file, success_details
 from dreamserve.worker.process import ChildProcess
 from dreamserve.worker.protocol import (
     Canceled,
@@ -181,18 +181,18 @@ class Supervisor:
             entry.stop = StopKind.KILL
             self.child.kill()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         restarting = self.state is WorkerState.RESTARTING
-        return {
-            "id": self.worker_id,
-            "model": self.slug,
+        return WorkerStatus(
+            id=self.worker_id,
+            model=self.slug,
             # While a killed child is replaced, the state says so; the killed task has ended and is not listed.
-            "state": f"restarting after {self.restart_reason}" if restarting else self.state.value,
-            "pid": self.child.pid if self.child else None,
-            "tasks": [] if restarting else sorted(self.running),
-            "load_seconds": round(self.load_seconds, 3),
-            "error": self.error,
-        }
+            state=f"restarting after {self.restart_reason}" if restarting else self.state.value,
+            pid=self.child.pid if self.child else None,
+            tasks=[] if restarting else sorted(self.running),
+            load_seconds=round(self.load_seconds, 3),
+            error=self.error,
+        )
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -443,7 +443,8 @@ class Supervisor:
                 case Step(job=job, step=step, total=total, elapsed=elapsed, preview=preview):
                     entry = live[job]
                     entry.log.append(f"step {step}/{total}")
-                    await self.store.progress(entry.id, self.worker_id, progress(step, total, elapsed), preview)
+                    step_done = Progress(step=step, total=total, elapsed=elapsed, preview=preview)
+                    await self.store.progress(entry.id, self.worker_id, step_done)
                 case ImageSaved(job=job) | ImageFailed(job=job) as saved:
                     await self._saved(live[job], saved)
                 case JobCanceled(job=job):
@@ -522,10 +523,9 @@ class Supervisor:
                 "image %d failed [error id %s]: %s", failed.index, error_id, failed.message, extra=about(entry.id)
             )
             text = f"Image {failed.index} could not be finished (error id {error_id})."
-            error = {"code": "InternalServiceError", "message": text}
-            await self.store.image_failed(entry.id, self.worker_id, failed.index, error)
+            await self.store.image_failed(entry.id, self.worker_id, failed.index, text)
             return
-        file = await output_file(self.blobs, entry, saved.image, "partial")
+        file = await output_file(self.blobs, entry, saved.image, FileRole.PARTIAL)
         if await self.store.image_saved(entry.id, self.worker_id, file):
             entry.partial[file.name] = file
         else:
@@ -538,8 +538,8 @@ class Supervisor:
             return  # not this worker's task any more: nothing is stored for it
         files = []
         for image in result.images:
-            file = entry.partial.pop(image.name, None) or await output_file(self.blobs, entry, image, "output")
-            file.role = "output"  # a partial row becomes an output in the same transaction as the task's end
+            file = entry.partial.pop(image.name, None) or await output_file(self.blobs, entry, image, FileRole.OUTPUT)
+            file.role = FileRole.OUTPUT  # a partial row becomes an output in the same transaction as the task's end
             files.append(file)
         # Only the project's own tasks: another tenant's task ids are none of its business.
         batched_with = [

@@ -21,7 +21,7 @@ from dreamserve.errors import AuthError, DreamError, InvalidField, InvalidState,
 from dreamserve.queue.db import File, Task
 from dreamserve.request import Field
 from dreamserve.services import Services
-from dreamserve.status import FINAL, Pexit, TaskStatus
+from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 from dreamserve.wiro.render import expires, file_url
 
 #: Ark counts 256 pixels as one output token.
@@ -63,13 +63,12 @@ async def answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, A
         raise InvalidField(Field.REFERENCES, f"{follow} could not read an input: {fresh.debugerror}")
     if fresh.pexit != Pexit.OK:
         raise TaskFailed(f"{follow} failed (pexit {fresh.pexit}): {fresh.debugerror[:500]}")
-    files = (await services.store.files([task.id], "output"))[task.id]
+    files = (await services.store.files([task.id], FileRole.OUTPUT))[task.id]
     items: dict[int, dict[str, Any]] = {}
     for file in files:
         items[file.position] = await image_item(services, file, ask.response_format)
-    for failed in fresh.details.get("failed_images", []):
-        message = f"Image {failed['index']} failed: {failed['message']}"
-        items[int(failed["index"])] = {"error": {"code": "InternalServiceError", "message": message}}
+    for failed in fresh.details.failed_images or ():
+        items[failed.index] = {"error": image_error(f"Image {failed.index} failed: {failed.message}")}
     body: dict[str, Any] = {
         "model": ask.model,
         "created": int(time.time()),
@@ -83,22 +82,27 @@ async def answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, A
     return body
 
 
+def image_error(message: str) -> dict[str, str]:
+    """Ark's error object of an image that could not be made."""
+    return {"code": "InternalServiceError", "message": message}
+
+
 async def image_item(services: Services, file: File, response_format: str) -> dict[str, Any]:
-    size = f"{file.meta['width']}x{file.meta['height']}"
+    size = f"{file.meta.width}x{file.meta.height}"
     if response_format == "url":
         settings = services.settings
         item: dict[str, Any] = {"url": file_url(settings.base_url, file, services.keys)}
-        expiry = expires(file, settings.retention_seconds, role="output")  # streamed, it is still a partial row
+        expiry = expires(file, settings.retention_seconds, role=FileRole.OUTPUT)  # streamed, it is still a partial row
         if expiry is not None:  # ours: when the URL stops answering (Ark's own links last 24 h, unsaid)
             item["expires"] = int(expiry)
     else:
         raw = await asyncio.to_thread(services.blobs.read, file.blob_key)
         item = {"b64_json": base64.b64encode(raw).decode()}
-    return {**item, "size": size, "seed": file.meta["seed"]}  # seed: ours, what reproduces it
+    return {**item, "size": size, "seed": file.meta.seed}  # seed: ours, what reproduces it
 
 
 def usage(files: list[File]) -> dict[str, int]:
-    tokens = sum(int(f.meta["width"]) * int(f.meta["height"]) for f in files) // PIXELS_PER_TOKEN
+    tokens = sum((f.meta.width or 0) * (f.meta.height or 0) for f in files) // PIXELS_PER_TOKEN
     return {"generated_images": len(files), "output_tokens": tokens, "total_tokens": tokens}
 
 

@@ -25,8 +25,9 @@ from starlette.types import Receive, Scope, Send
 
 from dreamserve.api.deps import ServicesDep, read_fields
 from dreamserve.dialects.ark.decode import ArkRequest, decode
-from dreamserve.dialects.ark.render import answer, ark_error, image_item, sse, usage
+from dreamserve.dialects.ark.render import answer, ark_error, image_error, image_item, sse, usage
 from dreamserve.dialects.common import BearerProject, error_route, wait_for_task
+from dreamserve.facts import ImageReport
 from dreamserve.queue.db import File, Task
 from dreamserve.services import Services
 from dreamserve.status import FINAL, Frame, Pexit, TaskStatus
@@ -77,15 +78,15 @@ async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncItera
 
     try:
         async for update in services.follow(task.id, settings.sync_wait_seconds):
-            if update.type == Frame.OUTPUT_IMAGE and isinstance(update.message, dict):
-                index = int(update.message["index"])
+            if update.type == Frame.OUTPUT_IMAGE and isinstance(update.message, ImageReport):
+                index, report = update.message.index, update.message
                 if index in sent:
                     continue  # a re-run after a lost worker saves its images again
                 sent.add(index)
-                if "error" in update.message:
-                    yield event("partial_failed", image_index=index, error=update.message["error"])
+                if report.failure is not None:
+                    yield event("partial_failed", image_index=index, error=image_error(report.failure))
                     continue
-                file = await _file(services, task.id, str(update.message["name"]))
+                file = await _file(services, task.id, report.name or "")
                 if file is None:
                     continue
                 saved.append(file)

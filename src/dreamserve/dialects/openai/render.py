@@ -24,7 +24,7 @@ from dreamserve.errors import (
 )
 from dreamserve.queue.db import Task
 from dreamserve.services import Services
-from dreamserve.status import FINAL, Pexit, TaskStatus
+from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 
 
 def openai_error(exc: DreamError) -> JSONResponse:
@@ -63,7 +63,7 @@ async def answer(services: Services, task: Task, ask: OpenAIRequest) -> dict[str
     if pexit != Pexit.OK:
         failed = TaskInputFailed if pexit == Pexit.BAD_INPUT else TaskFailed
         raise failed(f"{follow} failed (pexit {pexit}): {str(rendered.get('debugerror', ''))[:500]}")
-    files = (await services.store.files([task.id], "output"))[task.id]
+    files = (await services.store.files([task.id], FileRole.OUTPUT))[task.id]
     data: list[dict[str, Any]] = []
     for output, file in zip(rendered["outputs"], files, strict=True):
         if ask.response_format == "url":
