@@ -1,9 +1,10 @@
 """fal's queue and run APIs for Seedream 4 (``/fal/queue/``, ``/fal/run/``), driven by the real ``fal_client``.
 
-``fal_client`` speaks only https and reads ``FAL_RUN_HOST`` and ``FAL_QUEUE_RUN_HOST`` when it is imported, so
-the module's server is the real app behind uvicorn with TLS (a certificate made here, trusted through
-``SSL_CERT_FILE``, which httpx reads) on a port chosen before ``fal_client`` is loaded, and the client is loaded
-after the variables are set, as a user's program does. The scripted engine (no torch) makes the images.
+``fal_client`` speaks only https and reads ``FAL_RUN_HOST`` and ``FAL_QUEUE_RUN_HOST`` when it is imported. The
+module's server is the app with the scripted engine (no torch: requests of a second, to watch queued, running
+and cancelled) behind uvicorn serving HTTPS with the session's certificate (trusted through ``SSL_CERT_FILE``,
+which httpx reads), on a port chosen before ``fal_client`` is loaded, as a program that sets the variables first
+sees it. The README's example runs as a program of its own against ``dreamserve serve`` serving HTTPS itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +28,6 @@ from typing import Any
 
 import httpx
 import pytest
-import trustme
 import uvicorn
 from PIL import Image
 
@@ -36,7 +36,8 @@ from dreamserve.dialects.fal.decode import NAMED_SIZES, fal_size
 from dreamserve.projects import Credentials, create_project
 from dreamserve.settings import Settings
 from dreamserve.signing import auth_headers
-from tests.conftest import build_settings, png_bytes
+from tests.conftest import Server, build_settings, certificates, png_bytes
+from tests.test_https import HTTPS
 
 SCRIPTED = "tests.scripted_engine:ScriptedEngine"
 T2I = "fal-ai/bytedance/seedream/v4/text-to-image"
@@ -76,42 +77,28 @@ class FalServer:
         context = ssl.create_default_context(cafile=str(self.ca_file))
         return httpx.Client(base_url=self.settings.base_url, verify=context, timeout=60)
 
-    def env(self) -> dict[str, str]:
-        return {
-            "FAL_KEY": self.key,
-            "FAL_RUN_HOST": f"{self.host}/fal/run",
-            "FAL_QUEUE_RUN_HOST": f"{self.host}/fal/queue",
-            "SSL_CERT_FILE": str(self.ca_file),
-        }
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FalServer]:
-    folder = tmp_path_factory.mktemp("fal")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file, cert_file, key_file = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
+    certs = certificates(tmp_path_factory.getbasetemp() / "tls")
     # One image per pipeline call and STEPS steps of 50 ms: a request runs for about a second, long enough to be
     # seen queued behind another, in progress, and cancelled.
     model = {"engine": SCRIPTED, "steps": STEPS, "max_batch": 1}
-    settings = build_settings(folder / "data", model=model)
-    settings = settings.model_copy(update={"public_url": f"https://127.0.0.1:{settings.port}"})
+    folder = tmp_path_factory.mktemp("fal")
+    settings = build_settings(folder, model=model, ssl_certfile=certs.certfile, ssl_keyfile=certs.keyfile)
     creds = create_project(settings, "fal", signature=True)
     other = create_project(settings, "other", signature=True)
     host = f"127.0.0.1:{settings.port}"
     saved = {name: os.environ.get(name) for name in ("FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST", "SSL_CERT_FILE")}
     os.environ.update({"FAL_RUN_HOST": f"{host}/fal/run", "FAL_QUEUE_RUN_HOST": f"{host}/fal/queue"})
-    os.environ["SSL_CERT_FILE"] = str(ca_file)
+    os.environ["SSL_CERT_FILE"] = str(certs.ca_file)
     fal = _load_fal_client()
     config = uvicorn.Config(
         create_app(settings),
         host="127.0.0.1",
         port=settings.port,
-        ssl_certfile=str(cert_file),
-        ssl_keyfile=str(key_file),
+        ssl_certfile=str(certs.certfile),
+        ssl_keyfile=str(certs.keyfile),
         log_level="warning",
     )
     web = uvicorn.Server(config)
@@ -122,7 +109,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FalServer]:
         time.sleep(0.05)
     assert web.started, "the fal test server did not start"
     try:
-        yield FalServer(settings, creds, other, host, ca_file, fal)
+        yield FalServer(settings, creds, other, host, certs.ca_file, fal)
     finally:
         web.should_exit = True
         thread.join(30)
@@ -424,7 +411,13 @@ def test_another_projects_request_cannot_be_read_or_cancelled(server: FalServer)
 # -- the README --------------------------------------------------------------------------------------------------
 
 
-def test_readme_fal_example_runs_unchanged(server: FalServer, tmp_path: Path) -> None:
+def test_readme_fal_example_runs_unchanged(
+    shared_server: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The README's example, in a program of its own with only the variables set, against ``dreamserve serve``
+    serving HTTPS itself (the session's HTTPS server, shared with test_https)."""
+    served = shared_server(**HTTPS)
+    assert served.creds is not None
     section = README.read_text().split("## Use it like fal", 1)[1].split("\n## ", 1)[0]
     exports = re.findall(r"^export (\w+)=", section, re.MULTILINE)
     assert set(exports) == {"FAL_KEY", "FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST"}
@@ -432,11 +425,23 @@ def test_readme_fal_example_runs_unchanged(server: FalServer, tmp_path: Path) ->
     assert code is not None
     script = tmp_path / "example.py"
     script.write_text(code.group(1))
-    env = {**os.environ, **server.env()}
+    host = served.url.removeprefix("https://")
+    env = {
+        **os.environ,
+        "FAL_KEY": f"{served.creds.api_key}:{served.creds.api_secret}",
+        "FAL_RUN_HOST": f"{host}/fal/run",
+        "FAL_QUEUE_RUN_HOST": f"{host}/fal/queue",
+        "SSL_CERT_FILE": str(certificates(tmp_path_factory.getbasetemp() / "tls").ca_file),
+    }
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert any(line.startswith("https://127.0.0.1:") and "/v1/File/" in line for line in lines), done.stdout
+    assert lines[0] in ("Queued", "InProgress"), done.stdout
+    assert "Completed" in lines
+    urls = [line.split() for line in lines if line.startswith(f"{served.url}/v1/File/")]
+    assert [(width, height) for _, width, height in urls] == [("1280", "720")] * 2, done.stdout
+    assert all(served.http.get(url).status_code == 200 for url, _, _ in urls)
+    assert lines[-1].isdigit()  # the seed
 
 
 def test_webhooks_are_refused_until_the_server_sends_them(server: FalServer) -> None:

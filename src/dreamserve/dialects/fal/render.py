@@ -28,10 +28,12 @@ from dreamserve.errors import (
     RequestTooLarge,
     TaskFailed,
 )
+from dreamserve.facts import ImageReport, Progress
 from dreamserve.queue.db import File, Task, TaskEvent
+from dreamserve.queue.events import Message, load_message
 from dreamserve.request import Field
 from dreamserve.services import Services
-from dreamserve.status import FINAL, LABELS, Frame, Pexit, TaskStatus
+from dreamserve.status import FINAL, LABELS, FileRole, Frame, Pexit, TaskStatus
 from dreamserve.wiro.render import file_url
 
 
@@ -100,21 +102,21 @@ async def task_logs(services: Services, task: Task) -> list[dict[str, Any]]:
         events = list((await session.execute(query)).scalars())
     lines = [_log(note, task.createtime) for note in task.read_job().notes]
     for event in events:
-        line = _event_line(event.type, event.message)
+        line = _event_line(event.type, load_message(event.type, event.message))
         if line is not None:
             lines.append(_log(line[0], event.created, line[1]))
     return lines
 
 
-def _event_line(kind: str, message: Any) -> tuple[str, str] | None:
+def _event_line(kind: str, message: Message) -> tuple[str, str] | None:
     if kind in LABELS:
         return LABELS[TaskStatus(kind)], "INFO"
-    if kind == Frame.OUTPUT and isinstance(message, dict) and "stepCurrent" in message:
-        return f"step {message['stepCurrent']}/{message.get('stepTotal', '?')}", "INFO"
-    if kind == Frame.OUTPUT_IMAGE and isinstance(message, dict):
-        if "error" in message:
-            return f"image {message.get('index')} failed", "ERROR"
-        return f"image {message.get('index')} saved", "INFO"
+    if isinstance(message, Progress):
+        return f"step {message.step}/{message.total}", "INFO"
+    if isinstance(message, ImageReport):
+        return (
+            (f"image {message.index} failed", "ERROR") if message.failure else (f"image {message.index} saved", "INFO")
+        )
     if kind == Frame.ERROR and isinstance(message, str):
         return message[:1000], "ERROR"
     return None
@@ -136,9 +138,9 @@ async def result(services: Services, task: Task) -> dict[str, Any]:
     if failure is not None:
         raise (InvalidState if fresh.status == TaskStatus.CANCEL else TaskFailed)(failure[0])
     echo = fresh.read_job().echo or {}
-    files = (await services.store.files([task.id], "output"))[task.id]
+    files = (await services.store.files([task.id], FileRole.OUTPUT))[task.id]
     images = [await image(services, file, bool(echo.get("sync_mode"))) for file in files]
-    seed = files[0].meta["seed"] if files else None
+    seed = files[0].meta.seed if files else None
     return {"images": images, "seed": seed}
 
 
@@ -153,6 +155,6 @@ async def image(services: Services, file: File, sync_mode: bool) -> dict[str, An
         "content_type": file.contenttype,
         "file_name": file.name,
         "file_size": file.size,
-        "width": file.meta["width"],
-        "height": file.meta["height"],
+        "width": file.meta.width,
+        "height": file.meta.height,
     }
