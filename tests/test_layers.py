@@ -39,7 +39,7 @@ TIERS: dict[str, str] = {
         "leaf",
     ),
     "queue": "queue",  # db, migrate, migrations, keyring, store, events, redis_events
-    **dict.fromkeys(["wiro", "auth", "projects", "ratelimit"], "request"),  # wiro: params, render, tools
+    **dict.fromkeys(["wiro", "auth", "projects", "ratelimit", "fileurls"], "request"),  # wiro: render, tools
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks", "dispatch", "sweep"], "io"),
     **dict.fromkeys(["presets", "submit", "preprocess", "weights"], "submit"),

@@ -14,15 +14,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from dreamserve.facts import DeletedInput, LogText, Progress
+from dreamserve.fileurls import expires, file_url
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.keyring import ServerKey
-from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
+from dreamserve.status import FINAL, Pexit, TaskStatus
 from dreamserve.wiro.tools import CATEGORIES, DESCRIPTION, Tool
 
 #: Namespace of the per-project ``uuid`` Wiro shows on tasks and their outputs (its owner's id).
 _PROJECT_UUIDS = uuid.UUID("6f1c3c2e-2b8e-5d55-9a8c-4f0d2c6d7e10")
-#: File roles that the retention setting applies to: all of them (``store.expire_files``).
-EXPIRING_ROLES = frozenset(FileRole)
 
 
 def envelope(**fields: Any) -> dict[str, Any]:
@@ -42,18 +41,6 @@ def project_uuid(project_id: int) -> str:
 
 def unix(value: float | None) -> str:
     return str(int(value)) if value else "0"
-
-
-def file_url(base_url: str, file: File, keys: ServerKey) -> str:
-    return f"{base_url}/v1/File/{keys.accesskey(file)}/{file.name}"
-
-
-def expires(file: File, retention_seconds: float, role: str | None = None) -> float | None:
-    """When the reaper deletes a task's input or output file (None: kept). ``role``: the file's role to be (a
-    partial output, streamed before its task ends, becomes an output with its time)."""
-    if retention_seconds <= 0 or (role or file.role) not in EXPIRING_ROLES:
-        return None
-    return file.created + retention_seconds
 
 
 def file_item(base_url: str, file: File, keys: ServerKey | None, retention_seconds: float = 0.0) -> dict[str, Any]:

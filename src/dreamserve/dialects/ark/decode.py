@@ -6,7 +6,7 @@ Unknown fields (and the ``null``s Ark's SDKs send) are ignored, as on Ark. Group
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,15 +44,7 @@ def decode(settings: Settings, body: Mapping[str, Sequence[Any]]) -> ArkRequest:
     if not model:
         raise InvalidField("model", "required: send seedream-4-0-250828 or a served model.")
     slug = served(settings, model)
-    response_format = str(one("response_format") or "url")
-    if response_format not in ("url", "b64_json"):
-        raise InvalidField("response_format", "must be 'url' or 'b64_json'.")
-    output_format = OUTPUT_FORMATS.get(str(one("output_format") or "jpeg").lower())
-    if output_format is None:
-        raise InvalidField("output_format", "must be 'jpeg' or 'png'.")
-    stream = one("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidField("stream", "must be true or false.")
+    response_format, output_format, stream = _answer_options(one)
     prompt = one("prompt")
     prompt = prompt if isinstance(prompt, str) else ""
     images = _images(one("image"), settings.max_upload_bytes)
@@ -69,7 +61,21 @@ def decode(settings: Settings, body: Mapping[str, Sequence[Any]]) -> ArkRequest:
     warnings: tuple[str, ...] = ()
     if one("optimize_prompt_options") is not None or one("optimize_prompt") is not None:
         warnings = ("optimize_prompt_options is accepted but not applied: the prompt is used as written.",)
-    return ArkRequest(model, slug, run, response_format, bool(stream), warnings)
+    return ArkRequest(model, slug, run, response_format, stream, warnings)
+
+
+def _answer_options(one: Callable[[str], Any]) -> tuple[str, Literal["png", "jpeg"], bool]:
+    """How to answer: ``response_format``, ``output_format`` and ``stream``."""
+    response_format = str(one("response_format") or "url")
+    if response_format not in ("url", "b64_json"):
+        raise InvalidField("response_format", "must be 'url' or 'b64_json'.")
+    output_format = OUTPUT_FORMATS.get(str(one("output_format") or "jpeg").lower())
+    if output_format is None:
+        raise InvalidField("output_format", "must be 'jpeg' or 'png'.")
+    stream = one("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidField("stream", "must be true or false.")
+    return response_format, output_format, bool(stream)
 
 
 def served(settings: Settings, model: str) -> str:
@@ -102,7 +108,7 @@ def _flag(value: Any, name: str, *, default: bool) -> bool:
     raise InvalidField(name, "must be true or false.")
 
 
-def _group_size(one: Any, prompt: str, references: int) -> int:
+def _group_size(one: Callable[[str], Any], prompt: str, references: int) -> int:
     """1 unless ``auto``; then the count the prompt asks for, within ``max_images`` and references + outputs <= 15."""
     mode = one("sequential_image_generation") or "disabled"
     if mode not in ("auto", "disabled"):

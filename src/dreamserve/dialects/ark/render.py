@@ -18,11 +18,11 @@ from fastapi.responses import JSONResponse
 
 from dreamserve.dialects.ark.decode import NAMES, ArkRequest
 from dreamserve.errors import AuthError, DreamError, InvalidField, InvalidState, NotFound, RateLimited, TaskFailed
+from dreamserve.fileurls import expires, file_url
 from dreamserve.queue.db import File, Task
 from dreamserve.request import Field
 from dreamserve.services import Services
 from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
-from dreamserve.wiro.render import expires, file_url
 
 #: Ark counts 256 pixels as one output token.
 PIXELS_PER_TOKEN = 256

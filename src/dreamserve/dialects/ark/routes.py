@@ -64,49 +64,67 @@ class HeldStream(StreamingResponse):
             await super().__call__(scope, receive, send)
 
 
+class _Stream:
+    """One Ark stream's state: the images sent (a re-run after a lost worker saves its images again) and saved."""
+
+    def __init__(self, services: Services, task: Task, ask: ArkRequest) -> None:
+        self.services, self.task, self.ask = services, task, ask
+        self.sent: set[int] = set()
+        self.saved: list[File] = []
+
+    def event(self, kind: str, **fields: Any) -> str:
+        created = int(time.time())
+        return sse({"type": f"image_generation.{kind}", "model": self.ask.model, "created": created, **fields})
+
+    async def image(self, report: ImageReport) -> str | None:
+        """The event of one saved (or failed) image; None for one already sent or whose row is gone."""
+        if report.index in self.sent:
+            return None
+        self.sent.add(report.index)
+        if report.failure is not None:
+            return self.event("partial_failed", image_index=report.index, error=image_error(report.failure))
+        file = await _file(self.services, self.task.id, report.name or "")
+        if file is None:
+            return None
+        self.saved.append(file)
+        item = await image_item(self.services, file, self.ask.response_format)
+        return self.event("partial_succeeded", image_index=report.index, **item)
+
+    async def failure(self) -> str:
+        """The event that says why the images stopped short: the task failed, or the wait ran out."""
+        fresh = await self.services.store.get_by_id(self.task.id)
+        reason = (fresh.debugerror.strip() if fresh else "") or "the task did not finish in the wait limit"
+        error = image_error(f"Task {self.task.id}: {reason[:500]}")
+        return self.event("partial_failed", image_index=max(self.sent, default=-1) + 1, error=error)
+
+    def completed(self) -> str:
+        completed: dict[str, Any] = {"usage": usage(self.saved), "task_id": str(self.task.id)}
+        if self.ask.warnings:
+            completed["warnings"] = list(self.ask.warnings)
+        return self.event("completed", **completed)
+
+
 async def _stream(services: Services, task: Task, ask: ArkRequest) -> AsyncIterator[str]:
     """One event per image as the worker saves it, then ``completed`` with the usage, then ``[DONE]``.
 
     A client that hangs up cancels the task (``sync_cancel_on_disconnect``), as on the synchronous route."""
-    settings = services.settings
-    sent: set[int] = set()
-    saved: list[File] = []
+    stream = _Stream(services, task, ask)
     finished = False
-
-    def event(kind: str, **fields: Any) -> str:
-        return sse({"type": f"image_generation.{kind}", "model": ask.model, "created": int(time.time()), **fields})
-
     try:
-        async for update in services.follow(task.id, settings.sync_wait_seconds):
+        async for update in services.follow(task.id, services.settings.sync_wait_seconds):
             if update.type == Frame.OUTPUT_IMAGE and isinstance(update.message, ImageReport):
-                index, report = update.message.index, update.message
-                if index in sent:
-                    continue  # a re-run after a lost worker saves its images again
-                sent.add(index)
-                if report.failure is not None:
-                    yield event("partial_failed", image_index=index, error=image_error(report.failure))
-                    continue
-                file = await _file(services, task.id, report.name or "")
-                if file is None:
-                    continue
-                saved.append(file)
-                item = await image_item(services, file, ask.response_format)
-                yield event("partial_succeeded", image_index=index, **item)
+                event = await stream.image(update.message)
+                if event is not None:
+                    yield event
             elif update.type in FINAL:
                 finished = True
         if not finished or await _ended_badly(services, task):
             finished = True
-            fresh = await services.store.get_by_id(task.id)
-            reason = (fresh.debugerror.strip() if fresh else "") or "the task did not finish in the wait limit"
-            error = {"code": "InternalServiceError", "message": f"Task {task.id}: {reason[:500]}"}
-            yield event("partial_failed", image_index=max(sent, default=-1) + 1, error=error)
-        completed = {"usage": usage(saved), "task_id": str(task.id)}
-        if ask.warnings:
-            completed["warnings"] = list(ask.warnings)
-        yield event("completed", **completed)
+            yield await stream.failure()
+        yield stream.completed()
         yield "data: [DONE]\n\n"
     finally:
-        if not finished and settings.sync_cancel_on_disconnect:
+        if not finished and services.settings.sync_cancel_on_disconnect:
             with anyio.CancelScope(shield=True):
                 await services.abandon(task.id)
 

@@ -22,6 +22,7 @@ from dreamserve.errors import (
     TaskFailed,
     TaskInputFailed,
 )
+from dreamserve.fileurls import file_url
 from dreamserve.queue.db import Task
 from dreamserve.services import Services
 from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
@@ -53,21 +54,21 @@ def openai_error(exc: DreamError) -> JSONResponse:
 
 async def answer(services: Services, task: Task, ask: OpenAIRequest) -> dict[str, Any]:
     """The body of a finished task's answer, or the error that says why there are no images."""
-    rendered = await services.render(task.id) or {}
-    status, pexit = rendered.get("status"), rendered.get("pexit")
+    fresh = await services.store.get_by_id(task.id)
+    status, pexit = (fresh.status, fresh.pexit) if fresh is not None else (None, None)
     follow = f"Task {task.id} (socketaccesstoken {services.keys.token(task)})"
-    if status not in FINAL:
+    if fresh is None or status not in FINAL:
         raise InvalidState(f"{follow} is still {status} after the wait limit; follow it with Task/Detail.")
     if status == TaskStatus.CANCEL or pexit in (Pexit.CANCELLED, Pexit.KILLED):
         raise InvalidState(f"{follow} was cancelled.")
     if pexit != Pexit.OK:
         failed = TaskInputFailed if pexit == Pexit.BAD_INPUT else TaskFailed
-        raise failed(f"{follow} failed (pexit {pexit}): {str(rendered.get('debugerror', ''))[:500]}")
+        raise failed(f"{follow} failed (pexit {pexit}): {fresh.debugerror[:500]}")
     files = (await services.store.files([task.id], FileRole.OUTPUT))[task.id]
     data: list[dict[str, Any]] = []
-    for output, file in zip(rendered["outputs"], files, strict=True):
+    for file in files:
         if ask.response_format == "url":
-            data.append({"url": output["url"]})
+            data.append({"url": file_url(services.settings.base_url, file, services.keys)})
         else:
             raw = await asyncio.to_thread(services.blobs.read, file.blob_key)
             encoded = await asyncio.to_thread(_encode, raw, ask.output_format, ask.quality)
