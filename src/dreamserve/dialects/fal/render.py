@@ -29,12 +29,12 @@ from dreamserve.errors import (
     TaskFailed,
 )
 from dreamserve.facts import ImageReport, Progress
+from dreamserve.fileurls import file_url
 from dreamserve.queue.db import File, Task, TaskEvent
 from dreamserve.queue.events import Message, load_message
 from dreamserve.request import Field
 from dreamserve.services import Services
 from dreamserve.status import FINAL, LABELS, FileRole, Frame, Pexit, TaskStatus
-from dreamserve.wiro.render import file_url
 
 
 def fal_error(exc: DreamError) -> JSONResponse:
