@@ -459,6 +459,7 @@ def test_rate_limits_and_quotas_hold_for_fal_routes(make_app: Any) -> None:
     headers = {"Authorization": f"Key {app.creds.api_key}:{app.creds.api_secret}"}
     first = app.http.post(f"/fal/queue/{T2I}", json={"prompt": "a queued fox"}, headers=headers)
     assert first.status_code == 200 and first.json()["queue_position"] == 0
+    assert first.headers["x-fal-request-id"] == first.json()["request_id"]
     over = app.http.post(f"/fal/queue/{T2I}", json={"prompt": "one fox too many"}, headers=headers)
     assert over.status_code == 429 and over.headers["retry-after"] == "5"
     assert "unfinished" in over.json()["detail"]
