@@ -9,6 +9,7 @@ sees it. The README's example runs as a program of its own against ``dreamserve 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib
 import io
@@ -263,6 +264,23 @@ def test_cancel_a_queued_and_a_running_request(server: FalServer) -> None:
         with pytest.raises(fal.FalClientHTTPError) as again:
             handle.cancel()
         assert again.value.status_code == 400 and "ALREADY_COMPLETED" in again.value.message
+
+
+def test_the_async_client_submits_follows_and_fetches(server: FalServer) -> None:
+    fal = server.fal
+
+    async def scenario() -> tuple[list[Any], Any, Any]:
+        client = fal.AsyncClient(key=server.key)
+        try:
+            handle = await client.submit(T2I, {"prompt": "an async fox", "image_size": "square_hd"})
+            seen = [status async for status in handle.iter_events(with_logs=True, interval=0.02)]
+            return seen, await handle.get(), await client.run(T2I, {"prompt": "a fox at once"})
+        finally:
+            await (await client._client).aclose()
+
+    seen, queued, direct = asyncio.run(scenario())
+    assert isinstance(seen[-1], fal.Completed) and seen[-1].logs[-1]["message"] == "done"
+    assert queued["images"][0]["width"] == 1024 and len(direct["images"]) == 1
 
 
 # -- the synchronous run -----------------------------------------------------------------------------------------
