@@ -356,3 +356,40 @@ def test_the_readme_example_runs(tiny: Server, tmp_path: Path, monkeypatch: pyte
     prediction = namespace["prediction"]
     assert prediction.status == "succeeded" and TQDM.search(prediction.logs)
     assert picture((tmp_path / "out-0.png").read_bytes()).size == (1280, 720)  # 1K at cat.png's 16:9
+
+
+def test_the_stream_sends_logs_outputs_and_done(scripted: Callable[..., App]) -> None:
+    app = scripted(steps=3)
+    api = client(app)
+    events = list(
+        api.stream(
+            MODEL,
+            input={
+                "prompt": "2 images of a boat",
+                "size": "1K",
+                "sequential_image_generation": "auto",
+                "max_images": 2,
+            },
+        )
+    )
+    kinds = [event.event.value for event in events]
+    assert kinds.count("logs") == 1 + 3 and kinds.count("output") == 2 and kinds[-1] == "done", kinds
+    outputs = [event.data for event in events if event.event.value == "output"]
+    assert all(isinstance(item, FileOutput) for item in outputs)
+    assert [picture(item.read()).size for item in outputs] == [(1024, 1024)] * 2
+    # A finished prediction's stream replays it; a failed one ends with an error (raised by the client).
+    prediction = api.predictions.create(model=MODEL, input={"prompt": "please fail", "size": "1K"})
+    prediction.wait()
+    with pytest.raises(RuntimeError, match="failed"):
+        list(prediction.stream())
+
+
+def test_a_prediction_is_a_task_like_any_other(scripted: Callable[..., App]) -> None:
+    app = scripted()
+    prediction = client(app).predictions.create(model=MODEL, input={"prompt": "seen by Wiro", "size": "1K"})
+    prediction.wait()
+    task = app.detail(prediction.id)
+    assert task["status"] == "task_postprocess_end" and task["pexit"] == "0"
+    assert task["outputs"][0]["url"] == prediction.output[0]
+    listed = app.post("/v1/Task/List", json={"limit": 10}).json()["tasklist"]
+    assert [item["id"] for item in listed] == [prediction.id]

@@ -27,7 +27,7 @@ from dreamserve.errors import (
     StorageFull,
 )
 from dreamserve.jobs import TaskJob
-from dreamserve.queue.db import File, Task
+from dreamserve.queue.db import File, Project, Task
 from dreamserve.queue.events import Event
 from dreamserve.services import Services
 from dreamserve.status import Frame, Pexit, TaskStatus
@@ -133,6 +133,17 @@ def _metrics(task: Task, status: str) -> dict[str, float]:
         return {}
     end = task.endtime
     return {"predict_time": round(end - task.starttime, 6), "total_time": round(end - task.createtime, 6)}
+
+
+async def prediction_task(services: Services, project: Project, prediction_id: str) -> Task:
+    """The task behind a prediction id, if it is the project's (another project's is unknown here: 404)."""
+    text = prediction_id.strip()
+    task = None
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        task = await services.store.get(project_id=project.id, taskid=int(text))
+    if task is None:
+        raise NotFound(f"Prediction {prediction_id[:40]} does not exist in this project.")
+    return task
 
 
 async def load(services: Services, task: Task, *, logs: bool = True) -> dict[str, Any]:

@@ -21,9 +21,9 @@ from sqlalchemy import func, select
 
 from dreamserve.api.deps import ServicesDep, read_fields
 from dreamserve.dialects.common import BearerProject, error_route
-from dreamserve.dialects.replicate import files
+from dreamserve.dialects.replicate import files, stream
 from dreamserve.dialects.replicate.decode import decode, served
-from dreamserve.dialects.replicate.render import TERMINAL, load, load_many, replicate_error
+from dreamserve.dialects.replicate.render import TERMINAL, load, load_many, prediction_task, replicate_error
 from dreamserve.dialects.replicate.schema import VERSION, model_object, version_object
 from dreamserve.dialects.replicate.webhook import signing_key
 from dreamserve.errors import InvalidField, NotFound, RateLimited
@@ -41,6 +41,7 @@ CANCEL_WAIT_SECONDS = 3.0
 
 router = APIRouter(route_class=error_route(replicate_error))
 router.include_router(files.router)
+router.include_router(stream.router)
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", status_code=201)
@@ -103,25 +104,15 @@ async def _hold(request: Request, services: Services, project: Project, task: Ta
             await services.wait_terminal(task.id, seconds, request.is_disconnected)
 
 
-async def _task(services: Services, project: Project, prediction_id: str) -> Task:
-    text = prediction_id.strip()
-    task = None
-    if text.isascii() and text.isdigit() and len(text) <= 18:
-        task = await services.store.get(project_id=project.id, taskid=int(text))
-    if task is None:
-        raise NotFound(f"Prediction {prediction_id[:40]} does not exist in this project.")
-    return task
-
-
 @router.get("/v1/predictions/{prediction_id}")
 async def get(prediction_id: str, project: BearerProject, services: ServicesDep) -> dict[str, Any]:
-    return await load(services, await _task(services, project, prediction_id))
+    return await load(services, await prediction_task(services, project, prediction_id))
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel")
 async def cancel(prediction_id: str, project: BearerProject, services: ServicesDep) -> dict[str, Any]:
     """Cancel a queued or running prediction (an ended one is answered as it is)."""
-    task = await _task(services, project, prediction_id)
+    task = await prediction_task(services, project, prediction_id)
     if task.status not in FINAL:
         if await services.store.cancel_queued(task.id) is None:
             await services.stop_task(task.id, StopKind.CANCEL)
