@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from dreamserve.api.deps import ServicesDep, read_fields
+from dreamserve.api.files import USER_FILE_HEADERS
 from dreamserve.dialects.common import BearerProject, error_route
 from dreamserve.dialects.replicate.render import iso, replicate_error
 from dreamserve.errors import InvalidField, NotFound
@@ -112,10 +113,10 @@ async def download(file_id: str, project: BearerProject, services: ServicesDep) 
     if local is not None:
         if not local.is_file():
             raise NotFound(f"File {file_id} has no bytes any more; upload it again.")
-        return FileResponse(local, media_type=file.contenttype, headers={"Cache-Control": "no-cache"})
+        return FileResponse(local, media_type=file.contenttype, headers=USER_FILE_HEADERS)
     # Read through (bounded by max_upload_bytes, as every upload is): a redirect would not be followed.
     data = await asyncio.to_thread(services.blobs.read, file.blob_key)
-    return Response(data, media_type=file.contenttype, headers={"Cache-Control": "no-cache"})
+    return Response(data, media_type=file.contenttype, headers=USER_FILE_HEADERS)
 
 
 @router.delete("/v1/files/{file_id}", status_code=204)
