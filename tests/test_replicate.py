@@ -105,6 +105,24 @@ def test_run_waits_and_every_output_reads_as_a_file(scripted: Callable[..., App]
         },
     )
     assert [picture(item.read()).size for item in group] == [(1024, 1536)] * 2
+    # The held answer is the finished prediction (run() above did not need to poll it).
+    held = api.models.predictions.create(model=MODEL, input={"prompt": "held", "size": "1K"}, wait=True)
+    assert held.status == "succeeded" and len(held.output) == 1 and held.completed_at
+
+
+def test_quotas_and_rate_limits_hold(scripted: Callable[..., App]) -> None:
+    app = scripted(workers=0, max_queued_tasks=2, rate_limit_per_minute=60, rate_limit_burst=5)
+    api = client(app)
+    for index in range(2):
+        api.predictions.create(model=MODEL, input={"prompt": f"queued {index}"})
+    with pytest.raises(ReplicateError) as refused:
+        api.predictions.create(model=MODEL, input={"prompt": "one too many"})
+    assert refused.value.status == 429 and "unfinished" in str(refused.value.detail)
+    assert app.creds is not None
+    bearer = {"Authorization": f"Bearer {app.creds.api_key}:{app.creds.api_secret}"}
+    answers = [app.http.get("/v1/predictions", headers=bearer) for _ in range(10)]  # raw: the client would retry
+    limited = next(answer for answer in answers if answer.status_code == 429)
+    assert limited.json()["title"] == "Too many requests" and int(limited.headers["retry-after"]) >= 1
 
 
 def test_create_then_wait_grows_logs_a_line_per_step(scripted: Callable[..., App]) -> None:
