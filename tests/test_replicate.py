@@ -30,7 +30,6 @@ from dreamserve.dialects.replicate.schema import VERSION
 from dreamserve.projects import create_project
 from tests.conftest import App, Receiver, Server, new_project, png_bytes
 
-SCRIPTED = "tests.scripted_engine:ScriptedEngine"
 MODEL = "bytedance/seedream-4"
 TQDM = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)/(\d+)", re.MULTILINE)
 
@@ -42,21 +41,6 @@ def until(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
             raise AssertionError(f"waited {timeout} s for {what}")
         time.sleep(0.02)
     return value
-
-
-@pytest.fixture
-def scripted(make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> Callable[..., App]:
-    """An in-process app at a public https URL whose worker runs the scripted engine (``workers=0``: none)."""
-
-    def factory(steps: int = 4, step_seconds: float = 0.02, workers: int = 1, **overrides: Any) -> App:
-        monkeypatch.setenv("DREAMSERVE_SCRIPTED_STEP_SECONDS", str(step_seconds))
-        model = {"engine": SCRIPTED, "steps": steps, "workers": workers}
-        app = make_app(model=model, public_url="https://testserver", **overrides)
-        if workers:
-            until(lambda: app.workers()[0]["state"] == "ready", "the scripted model process to load")
-        return app
-
-    return factory
 
 
 class AppTransport(httpx.BaseTransport):
@@ -86,8 +70,8 @@ def picture(data: bytes) -> Image.Image:
     return image
 
 
-def test_run_waits_and_every_output_reads_as_a_file(scripted: Callable[..., App]) -> None:
-    app = scripted()
+def test_run_waits_and_every_output_reads_as_a_file(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app()
     api = client(app)
     output = api.run(MODEL, input={"prompt": "a lighthouse", "size": "1K", "aspect_ratio": "16:9"})
     assert isinstance(output, list) and len(output) == 1 and isinstance(output[0], FileOutput)
@@ -110,8 +94,8 @@ def test_run_waits_and_every_output_reads_as_a_file(scripted: Callable[..., App]
     assert held.status == "succeeded" and len(held.output) == 1 and held.completed_at
 
 
-def test_quotas_and_rate_limits_hold(scripted: Callable[..., App]) -> None:
-    app = scripted(workers=0, max_queued_tasks=2, rate_limit_per_minute=60, rate_limit_burst=5)
+def test_quotas_and_rate_limits_hold(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app(workers=0, max_queued_tasks=2, rate_limit_per_minute=60, rate_limit_burst=5)
     api = client(app)
     for index in range(2):
         api.predictions.create(model=MODEL, input={"prompt": f"queued {index}"})
@@ -125,8 +109,8 @@ def test_quotas_and_rate_limits_hold(scripted: Callable[..., App]) -> None:
     assert limited.json()["title"] == "Too many requests" and int(limited.headers["retry-after"]) >= 1
 
 
-def test_create_then_wait_grows_logs_a_line_per_step(scripted: Callable[..., App]) -> None:
-    app = scripted(steps=6)
+def test_create_then_wait_grows_logs_a_line_per_step(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app(steps=6)
     api = client(app)
     prediction = api.predictions.create(
         model=MODEL, input={"prompt": "a fox", "size": "1K", "aspect_ratio": "1:1", "enhance_prompt": True}
@@ -148,8 +132,8 @@ def test_create_then_wait_grows_logs_a_line_per_step(scripted: Callable[..., App
     assert api.predictions.get(prediction.id).output == prediction.output
 
 
-def test_a_wait_that_runs_out_answers_starting_and_run_polls_on(scripted: Callable[..., App]) -> None:
-    app = scripted(steps=40, step_seconds=0.05)  # about 2 s
+def test_a_wait_that_runs_out_answers_starting_and_run_polls_on(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app(steps=40, step_seconds=0.05)  # about 2 s
     api = client(app)
     # models.predictions.create: predictions.create(model=...) drops ``wait`` (replicate 1.0.7).
     held = api.models.predictions.create(model=MODEL, input={"prompt": "slow", "size": "1K"}, wait=1)
@@ -162,8 +146,8 @@ def test_a_wait_that_runs_out_answers_starting_and_run_polls_on(scripted: Callab
     assert refused.value.status == 422 and "wait=N" in str(refused.value.detail)
 
 
-def test_cancel_a_running_and_a_queued_prediction(scripted: Callable[..., App]) -> None:
-    app = scripted(steps=400, step_seconds=0.05)
+def test_cancel_a_running_and_a_queued_prediction(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app(steps=400, step_seconds=0.05)
     api = client(app)
     running = api.predictions.create(model=MODEL, input={"prompt": "long", "size": "1K"})
     # Another shape, so the worker does not take it into the first one's batch.
@@ -178,8 +162,8 @@ def test_cancel_a_running_and_a_queued_prediction(scripted: Callable[..., App]) 
     assert api.predictions.get(running.id).status == "canceled"
 
 
-def test_errors_are_problem_details_naming_the_field(scripted: Callable[..., App]) -> None:
-    app = scripted(workers=0)
+def test_errors_are_problem_details_naming_the_field(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app(workers=0)
     api = client(app)
     cases: list[tuple[dict[str, Any], str]] = [
         ({"size": "8K"}, "input.size: must be one of 1K, 2K, 4K, custom"),
@@ -215,8 +199,8 @@ def test_errors_are_problem_details_naming_the_field(scripted: Callable[..., App
     assert api.predictions.create(model=MODEL, input={"prompt": "a fox", "guidance": 3}).input["guidance"] == 3
 
 
-def test_bad_keys_and_another_projects_predictions(scripted: Callable[..., App]) -> None:
-    app = scripted(workers=0)
+def test_bad_keys_and_another_projects_predictions(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app(workers=0)
     api = client(app)
     mine = api.predictions.create(model=MODEL, input={"prompt": "mine"})
     assert app.creds is not None
@@ -242,8 +226,8 @@ def test_bad_keys_and_another_projects_predictions(scripted: Callable[..., App])
     assert client(app, key_only.api_key).predictions.list().results == []
 
 
-def test_list_pages_with_cursors(scripted: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> None:
-    app = scripted(workers=0)
+def test_list_pages_with_cursors(scripted_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> None:
+    app = scripted_app(workers=0)
     monkeypatch.setattr(routes, "PAGE_SIZE", 2)
     api = client(app)
     made = [api.predictions.create(model=MODEL, input={"prompt": f"p{i}"}).id for i in range(5)]
@@ -254,8 +238,8 @@ def test_list_pages_with_cursors(scripted: Callable[..., App], monkeypatch: pyte
     assert api.predictions.list(first.next).results[0].id == made[2]
 
 
-def test_model_version_and_pinned_version_runs(scripted: Callable[..., App]) -> None:
-    app = scripted()
+def test_model_version_and_pinned_version_runs(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app()
     api = client(app)
     model = api.models.get(MODEL)
     assert model.owner == "bytedance" and model.name == "seedream-4" and model.latest_version is not None
@@ -270,15 +254,15 @@ def test_model_version_and_pinned_version_runs(scripted: Callable[..., App]) -> 
     assert refused.value.status == 404
 
 
-def test_a_failed_prediction_raises_model_error(scripted: Callable[..., App]) -> None:
-    app = scripted()
+def test_a_failed_prediction_raises_model_error(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app()
     with pytest.raises(ModelError) as failed:
         client(app).run(MODEL, input={"prompt": "please fail", "size": "1K"})
     assert failed.value.prediction.status == "failed" and failed.value.prediction.error
 
 
-def test_files_and_file_inputs(scripted: Callable[..., App], tmp_path: Path) -> None:
-    app = scripted()
+def test_files_and_file_inputs(scripted_app: Callable[..., App], tmp_path: Path) -> None:
+    app = scripted_app()
     api = client(app)
     wide = tmp_path / "wide.png"
     wide.write_bytes(png_bytes(160, 90))
@@ -314,8 +298,8 @@ def test_files_and_file_inputs(scripted: Callable[..., App], tmp_path: Path) -> 
     assert refused.value.status == 422
 
 
-def test_another_projects_file_is_not_an_input(scripted: Callable[..., App], tmp_path: Path) -> None:
-    app = scripted(workers=0)
+def test_another_projects_file_is_not_an_input(scripted_app: Callable[..., App], tmp_path: Path) -> None:
+    app = scripted_app(workers=0)
     other = new_project(app.settings, "other")
     theirs = client(app, f"{other.api_key}:{other.api_secret}").files.create(io.BytesIO(png_bytes()), filename="a.png")
     api = client(app)
@@ -327,8 +311,8 @@ def test_another_projects_file_is_not_an_input(scripted: Callable[..., App], tmp
     assert refused.value.status == 422
 
 
-def test_webhooks_are_signed_the_standard_webhooks_way(scripted: Callable[..., App], receiver: Receiver) -> None:
-    app = scripted()
+def test_webhooks_are_signed_the_standard_webhooks_way(scripted_app: Callable[..., App], receiver: Receiver) -> None:
+    app = scripted_app()
     api = client(app)
     secret = api.webhooks.default.secret()
     assert secret.key.startswith("whsec_")
@@ -380,8 +364,8 @@ def test_the_readme_example_runs(tiny: Server, tmp_path: Path, monkeypatch: pyte
     assert picture((tmp_path / "out-0.png").read_bytes()).size == (1280, 720)  # 1K at cat.png's 16:9
 
 
-def test_the_stream_sends_logs_outputs_and_done(scripted: Callable[..., App]) -> None:
-    app = scripted(steps=3)
+def test_the_stream_sends_logs_outputs_and_done(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app(steps=3)
     api = client(app)
     events = list(
         api.stream(
@@ -406,8 +390,8 @@ def test_the_stream_sends_logs_outputs_and_done(scripted: Callable[..., App]) ->
         list(prediction.stream())
 
 
-def test_a_prediction_is_a_task_like_any_other(scripted: Callable[..., App]) -> None:
-    app = scripted()
+def test_a_prediction_is_a_task_like_any_other(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app()
     prediction = client(app).predictions.create(model=MODEL, input={"prompt": "seen by Wiro", "size": "1K"})
     prediction.wait()
     task = app.detail(prediction.id)

@@ -1,4 +1,4 @@
-"""Replicate's files on S3: ``urls.get`` reads the bytes through the API (the client follows no redirect)."""
+"""Replicate's files and outputs on S3: read through the API with the token (the client follows no redirect)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import replicate
 from replicate.helpers import FileOutput
 
 from tests.conftest import App, png_bytes
-from tests.test_replicate import AppTransport
+from tests.test_replicate import AppTransport, picture
 
 S3 = os.environ.get("DREAMSERVE_TEST_S3")
 
@@ -33,3 +33,18 @@ def test_a_file_on_s3_reads_through_with_the_token(make_app: Callable[..., App])
     with pytest.raises(httpx.HTTPStatusError) as gone:
         FileOutput(file.urls["get"], api).read()  # raise_for_status
     assert gone.value.response.status_code == 404
+
+
+def test_outputs_on_s3_read_as_file_outputs(scripted_app: Callable[..., App]) -> None:
+    app = scripted_app(s3={"bucket": "dreamserve", "endpoint": S3})
+    assert app.creds is not None
+    api = replicate.Client(
+        api_token=f"{app.creds.api_key}:{app.creds.api_secret}", base_url=app.url, transport=AppTransport(app)
+    )
+    output = api.run("bytedance/seedream-4", input={"prompt": "on s3", "size": "1K", "aspect_ratio": "3:2"})
+    assert str(output[0]).startswith(f"{app.url}/v1/predictions/")
+    assert picture(output[0].read()).size == (1248, 832)
+    events = list(api.stream("bytedance/seedream-4", input={"prompt": "streamed", "size": "1K"}))
+    streamed = [event.data for event in events if event.event.value == "output"]
+    assert picture(streamed[0].read()).size == (1024, 1024)
+    assert app.http.get(str(output[0])).status_code == 401  # the token is needed

@@ -160,8 +160,17 @@ async def load_many(services: Services, tasks: Sequence[Task]) -> list[dict[str,
     return [_render(services, t, outputs.get(t.id, []), None) for t in tasks]
 
 
+def output_url(services: Services, task_id: int, file: File) -> str:
+    """The core's capability URL of an output on local disk; on a remote store (S3) this dialect's read-through
+    route (``outputs.py``), as the core's answers with a redirect the client's ``FileOutput`` does not follow."""
+    base_url = services.settings.base_url
+    if services.blobs.local_path(file.blob_key) is None:
+        return f"{base_url}/v1/predictions/{task_id}/output/{file.name}"
+    return file_url(base_url, file, services.keys)
+
+
 def _render(services: Services, task: Task, files: Sequence[File], events: Sequence[Event] | None) -> dict[str, Any]:
     base_url = services.settings.base_url
-    urls = [file_url(base_url, file, services.keys) for file in files]
+    urls = [output_url(services, task.id, file) for file in files]
     logs = None if events is None else logs_of(task, task.read_job(), events)
     return prediction(base_url, task, files, urls, logs)

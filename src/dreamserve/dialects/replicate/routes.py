@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from dreamserve.api.deps import ServicesDep, read_fields
 from dreamserve.dialects.common import BearerProject, error_route
-from dreamserve.dialects.replicate import files, stream
+from dreamserve.dialects.replicate import files, outputs, stream
 from dreamserve.dialects.replicate.decode import decode, served
 from dreamserve.dialects.replicate.render import TERMINAL, load, load_many, prediction_task, replicate_error
 from dreamserve.dialects.replicate.schema import VERSION, model_object, version_object
@@ -42,6 +42,7 @@ CANCEL_WAIT_SECONDS = 3.0
 router = APIRouter(route_class=error_route(replicate_error))
 router.include_router(files.router)
 router.include_router(stream.router)
+router.include_router(outputs.router)
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", status_code=201)

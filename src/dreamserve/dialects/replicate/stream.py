@@ -22,12 +22,11 @@ from starlette.types import Receive, Scope, Send
 
 from dreamserve.api.deps import ServicesDep
 from dreamserve.dialects.common import BearerProject, error_route
-from dreamserve.dialects.replicate.render import load, prediction_task, replicate_error, step_line
+from dreamserve.dialects.replicate.render import load, output_url, prediction_task, replicate_error, step_line
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.events import Event
 from dreamserve.services import Services
 from dreamserve.status import FINAL, Frame, TaskStatus
-from dreamserve.wiro.render import file_url
 
 router = APIRouter(route_class=error_route(replicate_error))
 
@@ -99,7 +98,7 @@ async def _translate(services: Services, task: Task, event: Event) -> AsyncItera
     elif event.type == Frame.OUTPUT_IMAGE and isinstance(event.message, dict) and "name" in event.message:
         file = await _file(services, task.id, str(event.message["name"]))
         if file is not None:
-            yield sse("output", str(event.id), file_url(services.settings.base_url, file, services.keys))
+            yield sse("output", str(event.id), output_url(services, task.id, file))
     elif event.type in FINAL:
         fresh = await services.store.get_by_id(task.id)
         prediction = await load(services, fresh, logs=False) if fresh is not None else None
