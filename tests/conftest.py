@@ -504,3 +504,21 @@ def receiver() -> Iterator[Receiver]:
     yield state
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def scripted_app(make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> Callable[..., App]:
+    """An in-process app at a public https URL (the TestClient looks at no scheme or host) whose worker runs the
+    scripted engine (``tests/scripted_engine.py``), ``steps`` steps of ``step_seconds`` each; ``workers=0``: none."""
+
+    def factory(steps: int = 4, step_seconds: float = 0.02, workers: int = 1, **overrides: Any) -> App:
+        monkeypatch.setenv("DREAMSERVE_SCRIPTED_STEP_SECONDS", str(step_seconds))
+        model = {"engine": "tests.scripted_engine:ScriptedEngine", "steps": steps, "workers": workers}
+        app = make_app(model=model, public_url="https://testserver", **overrides)
+        deadline = time.monotonic() + 30
+        while workers and app.workers()[0]["state"] != "ready":
+            assert time.monotonic() < deadline, "the scripted model process did not load in 30 s"
+            time.sleep(0.02)
+        return app
+
+    return factory

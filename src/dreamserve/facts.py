@@ -196,6 +196,10 @@ class FileMeta(Record):
     height: int | None = None
     seed: int | None = None
     url: str | None = None
+    #: An upload's digests (hex) and the metadata its client attached (Replicate's ``files.create``).
+    sha256: str | None = None
+    md5: str | None = None
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

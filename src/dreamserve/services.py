@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -33,7 +33,7 @@ from dreamserve.queue.store import StorageQuota, TaskStore
 from dreamserve.settings import Settings
 from dreamserve.status import FINAL, FileRole, StopKind, WorkerState
 from dreamserve.sweep import OrphanSweep, sweep_scratch
-from dreamserve.webhooks import Outbox, WebhookSender
+from dreamserve.webhooks import CallbackFormat, Outbox, WebhookSender
 from dreamserve.wiro.render import progress_object, task_object
 from dreamserve.worker.process import worker_alive
 from dreamserve.worker.supervisor import Supervisor
@@ -56,7 +56,14 @@ class Services:
     """``workers="poll"`` (embedded) runs supervisors that poll the tasks table; ``"dispatched"`` (a Celery
     worker) creates them idle, for ``Supervisor.run_one``; ``"none"`` (an API replica) creates none."""
 
-    def __init__(self, settings: Settings, workers: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        workers: str | None = None,
+        callback_formats: Mapping[str, Callable[[Services], CallbackFormat]] | None = None,
+    ) -> None:
+        """``callback_formats``: by dialect name, what builds that dialect's ``webhooks.CallbackFormat`` from
+        these services (the API passes them; a dialect's shape lives above this module)."""
         self.settings = settings
         self.workers = workers or ("poll" if settings.run_workers else "none")
         self.engine: AsyncEngine = make_engine(settings.db_url, settings.database_pool_size)
@@ -72,7 +79,8 @@ class Services:
         self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(progress_object), storage)
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
-        self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render)
+        formats = {name: build(self) for name, build in (callback_formats or {}).items()}
+        self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render, formats)
         #: Fetches queued tasks' URL inputs before they can be claimed (not in a dispatched GPU worker).
         self.preprocessor = Preprocessor(settings, self.store, self.blobs, self.wake_workers)
         #: Deletes what a crash left that no row names (run one page at a time by the reaper).

@@ -294,6 +294,9 @@ class Settings(BaseSettings):
             "doubao-seedream-4-0-250828": DEFAULT_MODEL,
         }
     )
+    #: Model names of Replicate's ``/v1/models/{owner}/{name}`` routes and the served model each stands for (served
+    #: slugs are taken as they are): code calling ``replicate.run("bytedance/seedream-4", ...)`` runs unchanged.
+    replicate_models: dict[str, str] = Field(default_factory=lambda: {"bytedance/seedream-4": DEFAULT_MODEL})
     #: Serve the web playground at ``/``.
     playground: bool = True
     #: Level of the ``dreamserve`` loggers (the model process's records included), set up by ``serve``/``worker``.

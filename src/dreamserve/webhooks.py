@@ -9,6 +9,12 @@ claimed before it is sent, so API replicas never deliver it twice; the rows are 
 ``WebhookSender`` sends concurrently under a global bound and one per project and receiver host, with a circuit
 breaker per project and receiver: one tenant's failing or slow receiver costs nobody else's callbacks to the same
 host their turn. One task's deliveries go one at a time, in order.
+
+A dialect with callbacks of its own shape (Replicate's prediction, signed the Standard Webhooks way) gives a
+``CallbackFormat``: the body of a delivery and the headers that sign it. ``Services`` takes them by dialect name
+from the API side (``dialects/mount.py``), so this module imports no dialect; each delivery is drawn by the format
+of its task's ``TaskJob.dialect``, and Wiro's (``WiroFormat``) for any other. Rows, retries, bounds, fairness and
+breakers are the same for every format.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from sqlalchemy import Select, func, select, update
@@ -46,6 +52,37 @@ ProgressRenderer = Callable[[Progress], Any]
 UNSENT = (DeliveryState.PENDING, DeliveryState.SENDING)
 #: (project, receiver) pairs whose failures are remembered at once (the oldest is forgotten first).
 MAX_BREAKERS = 10_000
+
+
+class CallbackFormat(Protocol):
+    """How one dialect's callbacks look: what a delivery POSTs and the headers that sign it."""
+
+    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
+        """The JSON value of a delivery of ``event`` (``start``, ``progress``, ``completed``); ``payload`` is the
+        small record the outbox stored with it."""
+        ...
+
+    def headers(self, delivery_id: int, event: str, timestamp: str, body: bytes, secret: str) -> dict[str, str]:
+        """Headers for ``body``, signed with the project's webhook ``secret``; ``timestamp`` is unix seconds."""
+        ...
+
+
+class WiroFormat:
+    """Wiro's callbacks: the task object on ``completed``, the outbox's record otherwise, ``x-dreamserve-*``."""
+
+    def __init__(self, render: TaskRenderer) -> None:
+        self.render = render
+
+    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
+        return await self.render(task_id) if event == "completed" else payload
+
+    def headers(self, delivery_id: int, event: str, timestamp: str, body: bytes, secret: str) -> dict[str, str]:
+        return {
+            "x-dreamserve-event": event,
+            "x-dreamserve-delivery": str(delivery_id),
+            "x-dreamserve-timestamp": timestamp,
+            "x-dreamserve-signature": sign_webhook(secret, timestamp, body),
+        }
 
 
 class _Flight(NamedTuple):
@@ -85,12 +122,19 @@ class WebhookSender:
     """
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], settings: Settings, keys: ServerKey, render: TaskRenderer
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        keys: ServerKey,
+        render: TaskRenderer,
+        formats: Mapping[str, CallbackFormat] | None = None,
     ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.keys = keys
         self.render = render
+        #: Callback formats by dialect name; Wiro's for every other task.
+        self.formats: dict[str, CallbackFormat] = {"wiro": WiroFormat(render), **(formats or {})}
         #: Delivery id -> whose it is, for the POSTs in flight.
         self._inflight: dict[int, _Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,7 +183,7 @@ class WebhookSender:
 
     async def _send(self, delivery: WebhookDelivery, receiver: _Receiver) -> None:
         try:
-            ok = await _attempt(self.sessions, self.settings, self.keys, self.render, delivery)
+            ok = await _attempt(self.sessions, self.settings, self.keys, self.formats, delivery)
             self._judge(receiver, ok)
         except Exception:
             log.exception(
@@ -292,39 +336,40 @@ async def _claim(
 
 
 async def _body(
-    sessions: async_sessionmaker[AsyncSession], keys: ServerKey, render: TaskRenderer, delivery: WebhookDelivery
-) -> tuple[bytes, str]:
+    sessions: async_sessionmaker[AsyncSession],
+    keys: ServerKey,
+    formats: Mapping[str, CallbackFormat],
+    delivery: WebhookDelivery,
+) -> tuple[bytes, str, CallbackFormat]:
+    """The delivery's body, its project's webhook secret, and the format of its task's dialect."""
     async with sessions() as session:
         query = (
-            select(Project.id, Project.webhook_secret_sealed)
+            select(Project.id, Project.webhook_secret_sealed, Task.job)
             .join(Task, Task.project_id == Project.id)
             .where(Task.id == delivery.task_id)
         )
         row = (await session.execute(query)).one_or_none()
     secret = keys.webhook_secret(row.id, row.webhook_secret_sealed) if row is not None else ""
-    payload = await render(delivery.task_id) if delivery.event == "completed" else delivery.payload
-    return json.dumps(payload).encode(), secret
+    dialect = str((row.job or {}).get("dialect", "wiro")) if row is not None else "wiro"
+    shape = formats.get(dialect, formats["wiro"])
+    payload = await shape.body(delivery.task_id, delivery.event, delivery.payload)
+    return json.dumps(payload).encode(), secret, shape
 
 
 async def _attempt(
     sessions: async_sessionmaker[AsyncSession],
     settings: Settings,
     keys: ServerKey,
-    render: TaskRenderer,
+    formats: Mapping[str, CallbackFormat],
     delivery: WebhookDelivery,
 ) -> bool:
     """One POST and its bookkeeping; True when the receiver acknowledged it."""
     status: int | None = None
     error = ""
     try:
-        body, secret = await _body(sessions, keys, render, delivery)
+        body, secret, shape = await _body(sessions, keys, formats, delivery)
         stamp = str(int(time.time()))
-        headers = {
-            "x-dreamserve-event": delivery.event,
-            "x-dreamserve-delivery": str(delivery.id),
-            "x-dreamserve-timestamp": stamp,
-            "x-dreamserve-signature": sign_webhook(secret, stamp, body),
-        }
+        headers = shape.headers(delivery.id, delivery.event, stamp, body, secret)
         status = await post_json(
             delivery.url,
             body,

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dreamserve import __version__
 from dreamserve.api import files, health, metrics, run, security, socket, tasks, tools, web
 from dreamserve.api.feeds import TaskFeeds
-from dreamserve.dialects.mount import mount
+from dreamserve.dialects.mount import CALLBACK_FORMATS, mount
 from dreamserve.dialects.wiro.errors import wiro_error
 from dreamserve.errors import (
     DreamError,
@@ -44,7 +44,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = Services(settings)
+        services = Services(settings, callback_formats=CALLBACK_FORMATS)
         await services.start()
         app.state.services = services
         app.state.socket_feeds = feeds = TaskFeeds(services)

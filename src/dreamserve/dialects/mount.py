@@ -7,9 +7,13 @@ from fastapi import FastAPI
 from dreamserve.dialects.ark.routes import router as ark
 from dreamserve.dialects.fal.routes import router as fal
 from dreamserve.dialects.openai.routes import router as openai
+from dreamserve.dialects.replicate.routes import router as replicate
+from dreamserve.dialects.replicate.webhook import ReplicateCallbacks
 
 #: Every dialect's router but Wiro's (whose routes are ``api/``'s, mounted before these).
-ROUTERS = (openai, ark, fal)
+ROUTERS = (openai, ark, replicate, fal)
+#: The dialects whose callbacks have a shape of their own (``webhooks.CallbackFormat``), by dialect name.
+CALLBACK_FORMATS = {"replicate": ReplicateCallbacks}
 
 
 def mount(app: FastAPI) -> None:

@@ -1,0 +1,1 @@
+"""Replicate's HTTP API (predictions, models, files, webhooks): decode, render, routes."""
