@@ -36,8 +36,8 @@ from dreamserve.api.app import create_app
 from dreamserve.dialects.fal.decode import NAMED_SIZES, fal_size
 from dreamserve.projects import Credentials, create_project
 from dreamserve.settings import Settings
-from dreamserve.signing import auth_headers
-from tests.conftest import Server, build_settings, certificates, png_bytes
+from dreamserve.signing import auth_headers, verify_webhook
+from tests.conftest import Receiver, Server, build_settings, certificates, png_bytes
 from tests.test_https import HTTPS
 
 SCRIPTED = "tests.scripted_engine:ScriptedEngine"
@@ -462,13 +462,55 @@ def test_readme_fal_example_runs_unchanged(
     assert lines[-1].isdigit()  # the seed
 
 
-def test_webhooks_are_refused_until_the_server_sends_them(server: FalServer) -> None:
+def _deliveries(receiver: Receiver, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while len(receiver.posts) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(receiver.posts) >= count, receiver.posts
+    return receiver.posts
+
+
+def test_fal_webhook_posts_fals_envelope_when_the_request_ends(server: FalServer, receiver: Receiver) -> None:
+    client = server.client()
+    done = client.submit(T2I, {"prompt": "a fox"}, webhook_url=receiver.url("/done"))
+    bad = client.submit(
+        EDIT, {"prompt": "a fox", "image_urls": [receiver.url("/missing.png")]}, webhook_url=receiver.url("/bad")
+    )
+    stopped = client.submit(T2I, {"prompt": "a fox never made"}, webhook_url=receiver.url("/stopped"))
+    stopped.cancel()
+    posts = {post["path"]: post for post in _deliveries(receiver, 3)}
+    assert set(posts) == {"/done", "/bad", "/stopped"}
+    for post in posts.values():  # signed as every callback of the server is
+        headers = post["headers"]
+        assert verify_webhook(
+            server.creds.webhook_secret,
+            headers["x-dreamserve-timestamp"],
+            post["raw"],
+            headers["x-dreamserve-signature"],
+        )
+        assert headers["x-fal-webhook-request-id"] == post["body"]["request_id"]
+    ok = posts["/done"]["body"]
+    assert ok["request_id"] == ok["gateway_request_id"] == done.request_id
+    assert ok["status"] == "OK" and ok["payload"] == done.get(interval=0.02)
+    failed = posts["/bad"]["body"]
+    assert (failed["request_id"], failed["status"], failed["error"]) == (
+        bad.request_id,
+        "ERROR",
+        "Invalid status code: 422",
+    )
+    assert failed["payload"]["detail"][0]["loc"] == ["body", "image_urls"]
+    cancelled = posts["/stopped"]["body"]
+    assert (cancelled["status"], cancelled["error"]) == ("ERROR", "Invalid status code: 400")
+    assert "cancelled" in cancelled["payload"]["detail"]
+
+
+def test_fal_webhook_must_be_an_http_url(server: FalServer) -> None:
     fal = server.fal
     with pytest.raises(fal.FalClientHTTPError) as refused:
-        server.client().submit(T2I, {"prompt": "x"}, webhook_url="https://example.com/hook")
+        server.client().submit(T2I, {"prompt": "x"}, webhook_url="ftp://example.com/hook")
     assert refused.value.status_code == 422
     [item] = refused.value.message
-    assert item["loc"] == ["body", "fal_webhook"] and "poll the status URL" in item["msg"]
+    assert item["loc"] == ["body", "fal_webhook"] and "http" in item["msg"]
 
 
 def test_rate_limits_and_quotas_hold_for_fal_routes(make_app: Any) -> None:

@@ -7,7 +7,8 @@ to ``max_images`` images each (a prompt that asks for a group, as Ark's ``auto``
 its images are independent (one seed each) and of one size, so they batch in the same pipeline calls; one
 request id is then one task to follow or cancel. All its images and references count against the 15 a task takes.
 ``enable_safety_checker`` and ``enhance_prompt_mode`` are accepted, and the task's log says they are not applied.
-Unknown fields are ignored, as fal's apps ignore them.
+Unknown fields are ignored, as fal's apps ignore them. The queue's ``fal_webhook`` is the task's callback, sent once
+it has ended (``webhook.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dreamserve.dialects.wire import decode_data_uri
+from dreamserve.dialects.wire import check_url_text, decode_data_uri
 from dreamserve.errors import InvalidField
 from dreamserve.groups import image_count
-from dreamserve.request import MAX_SEED, MAX_TOTAL_IMAGES, Field, RunRequest, Source
+from dreamserve.request import MAX_SEED, MAX_TOTAL_IMAGES, Callback, Field, RunRequest, Source
 from dreamserve.settings import DEFAULT_MODEL, Settings
 
 #: The app owner and alias, the part of an app id the queue's request URLs keep (``fal-ai/bytedance/requests/..``).
@@ -30,7 +31,7 @@ EDIT = f"{OWNER}/{ALIAS}/seedream/v4/edit"
 APPS = (TEXT_TO_IMAGE, EDIT)
 
 #: fal's names for the core's fields, in its error ``loc``.
-NAMES: dict[str, str] = {Field.REFERENCES: "image_urls", Field.SIZE: "image_size"}
+NAMES: dict[str, str] = {Field.REFERENCES: "image_urls", Field.SIZE: "image_size", Field.CALLBACK_URL: "fal_webhook"}
 #: fal's named sizes (its ``ImageSize`` enum), before the smallest area is applied.
 NAMED_SIZES = {
     "square_hd": (1024, 1024),
@@ -61,7 +62,9 @@ class FalRequest:
     sync_mode: bool
 
 
-def decode(settings: Settings, app: str, body: Mapping[str, Sequence[Any]]) -> FalRequest:
+def decode(settings: Settings, app: str, body: Mapping[str, Sequence[Any]], webhook: str | None = None) -> FalRequest:
+    """``webhook``: the queue's ``fal_webhook``, called when the request ends."""
+
     def one(name: str) -> Any:
         values = body.get(name)
         return values[-1] if values else None
@@ -94,6 +97,7 @@ def decode(settings: Settings, app: str, body: Mapping[str, Sequence[Any]]) -> F
         num_images=generations * per_generation,
         seed=None if seed is None else _integer(seed, Field.SEED, 0, MAX_SEED, default=0),
         notes=_notes(one),
+        callback=_callback(webhook),
         echo={"app": app, "sync_mode": sync_mode},
     )
     return FalRequest(app, _model(settings), run, sync_mode)
@@ -131,6 +135,15 @@ def _integer(value: Any, name: str, low: int, high: int, *, default: int) -> int
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise InvalidField(name, f"must be an integer from {low} to {high}.", limit=high)
     return value
+
+
+def _callback(url: str | None) -> Callback:
+    if url is None:
+        return Callback()
+    if not url.lower().startswith(("http://", "https://")):
+        raise InvalidField("fal_webhook", "must be an http:// or https:// URL.")
+    check_url_text(url, "fal_webhook")
+    return Callback(url=url)  # fal calls it once, when the request has ended
 
 
 def _flag(value: Any, name: str) -> bool:

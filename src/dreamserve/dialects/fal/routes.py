@@ -23,7 +23,7 @@ from dreamserve.api.deps import ServicesDep, read_fields
 from dreamserve.dialects.common import error_route, scheme_project, wait_for_task
 from dreamserve.dialects.fal.decode import ALIAS, APPS, OWNER, FalRequest, decode
 from dreamserve.dialects.fal.render import fal_error, request_urls, result, status_of
-from dreamserve.errors import InvalidField, NotFound
+from dreamserve.errors import NotFound
 from dreamserve.queue.db import Project, Task
 from dreamserve.services import Services
 from dreamserve.status import FINAL
@@ -55,7 +55,7 @@ async def run(app: str, request: Request, project: KeyProject, services: Service
 
 @router.post(f"{QUEUE}/{{app:path}}")
 async def enqueue(app: str, request: Request, project: KeyProject, services: ServicesDep) -> JSONResponse:
-    ask = await _decode(request, services, app)
+    ask = await _decode(request, services, app, request.query_params.get("fal_webhook"))
     task = await submit(services, project, ask.slug, ask.run)
     body = {
         "request_id": str(task.id),
@@ -128,12 +128,10 @@ async def _statuses(services: Services, task: Task, with_logs: bool) -> AsyncIte
         yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-async def _decode(request: Request, services: Services, app: str) -> FalRequest:
+async def _decode(request: Request, services: Services, app: str, webhook: str | None = None) -> FalRequest:
     if app not in APPS:
         raise NotFound(f"Application {app[:100]!r} not found. This server serves {' and '.join(APPS)}.")
-    if "fal_webhook" in request.query_params:  # refused rather than silently never called
-        raise InvalidField("fal_webhook", "is not supported by this server yet: poll the status URL instead.")
-    return decode(services.settings, app, await read_fields(request, 0))
+    return decode(services.settings, app, await read_fields(request, 0), webhook)
 
 
 async def _task(services: Services, project: Project, owner: str, alias: str, request_id: str) -> Task:
