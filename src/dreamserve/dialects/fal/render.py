@@ -70,9 +70,9 @@ async def status_of(services: Services, task: Task, with_logs: bool) -> dict[str
     """fal's status object: ``IN_QUEUE`` (with the position, 0 = next), ``IN_PROGRESS`` or ``COMPLETED`` (with
     ``metrics.inference_time``, and ``error`` when the request did not succeed)."""
     body: dict[str, Any] = {"request_id": str(task.id), **request_urls(services.settings.base_url, task.id)}
-    logs = await task_logs(services, task) if with_logs else None
     if task.status == TaskStatus.QUEUE:
         return {"status": "IN_QUEUE", "queue_position": await services.store.queue_position(task), **body}
+    logs = await task_logs(services, task) if with_logs else None
     if task.status not in FINAL:
         return {"status": "IN_PROGRESS", "logs": logs, **body}
     ran = (task.endtime or task.canceltime or 0) - task.starttime if task.starttime else 0.0
