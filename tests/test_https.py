@@ -139,3 +139,26 @@ def test_the_head_timeout_holds_after_the_handshake(shared_server: Any) -> None:
         except (ConnectionResetError, ssl.SSLEOFError):
             closed = True
         assert closed
+
+
+def test_replicate_client_over_https_reads_file_outputs(
+    shared_server: Any, monkeypatch: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Replicate's own client wraps outputs in ``FileOutput`` only for https URLs, and reads them with its token and
+    no redirects: the real client against the HTTPS server, trusting the session's CA through ``SSL_CERT_FILE``."""
+    import replicate
+    from replicate.helpers import FileOutput
+
+    server: Server = shared_server(**HTTPS)
+    certs = certificates(tmp_path_factory.getbasetemp() / "tls")
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca_file))
+    assert server.creds is not None
+    client = replicate.Client(api_token=f"{server.creds.api_key}:{server.creds.api_secret}", base_url=server.url)
+    try:
+        output = client.run("bytedance/seedream-4", input={"prompt": "a lighthouse at dusk", "size": "1K"})
+        [image] = output
+        assert isinstance(image, FileOutput) and image.url.startswith("https://127.0.0.1:")
+        with Image.open(io.BytesIO(image.read())) as picture:
+            assert picture.size == (1024, 1024)
+    finally:
+        client._client.close()  # the client keeps its connection pool open

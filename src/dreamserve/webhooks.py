@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, Update, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
@@ -300,17 +300,20 @@ def _due_query(now: float, limit: int) -> Select[int, int, int | None, str, str,
     return select(*columns).order_by(due.c.turn, due.c.id).limit(limit)
 
 
+def _as_seen(delivery_id: int, state: str, next_attempt: float) -> Update:
+    """An update of a delivery row that changes nothing if another replica moved it since it was read."""
+    return update(WebhookDelivery).where(
+        WebhookDelivery.id == delivery_id,
+        WebhookDelivery.state == state,
+        WebhookDelivery.next_attempt == next_attempt,
+    )
+
+
 async def _postpone(
     sessions: async_sessionmaker[AsyncSession], delivery_id: int, state: str, next_attempt: float, until: float
 ) -> None:
-    stmt = (
-        update(WebhookDelivery)
-        .where(
-            WebhookDelivery.id == delivery_id,
-            WebhookDelivery.state == state,
-            WebhookDelivery.next_attempt == next_attempt,
-        )
-        .values(next_attempt=until, last_error="Receiver paused: its last attempts failed (circuit breaker).")
+    stmt = _as_seen(delivery_id, state, next_attempt).values(
+        next_attempt=until, last_error="Receiver paused: its last attempts failed (circuit breaker)."
     )
     async with sessions.begin() as session:
         await session.execute(stmt)
@@ -320,12 +323,7 @@ async def _claim(
     sessions: async_sessionmaker[AsyncSession], delivery_id: int, state: str, next_attempt: float, hold: float
 ) -> WebhookDelivery | None:
     stmt = (
-        update(WebhookDelivery)
-        .where(
-            WebhookDelivery.id == delivery_id,
-            WebhookDelivery.state == state,
-            WebhookDelivery.next_attempt == next_attempt,
-        )
+        _as_seen(delivery_id, state, next_attempt)
         .values(state=DeliveryState.SENDING, next_attempt=time.time() + hold)
         .returning(WebhookDelivery.id)
     )

@@ -12,17 +12,72 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Coroutine
+from enum import Enum, auto
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from dreamserve.api.deps import ServicesDep, check_rate
-from dreamserve.errors import AuthError, DreamError
+from dreamserve.errors import (
+    AuthError,
+    DreamError,
+    InvalidField,
+    InvalidState,
+    NotFound,
+    RateLimited,
+    RequestTooLarge,
+    StorageFull,
+)
 from dreamserve.projects import find_project, unseal_secret
 from dreamserve.queue.db import Project, Task
 from dreamserve.services import Services
 from dreamserve.status import StopKind
+
+
+class ErrorKind(Enum):
+    """What a client must know of an error to react to it: the classes every dialect maps to its own statuses."""
+
+    AUTH = auto()
+    RATE = auto()
+    NOT_FOUND = auto()
+    SERVER = auto()
+    TOO_LARGE = auto()
+    STORAGE = auto()
+    STATE = auto()
+    FIELD = auto()
+    INVALID = auto()
+
+
+def error_kind(exc: DreamError) -> ErrorKind:
+    """The kind of one of our errors (the first that applies, in the order above)."""
+    for cls, kind in _KINDS:
+        if isinstance(exc, cls):
+            return kind
+    if exc.http_status >= 500:
+        return ErrorKind.SERVER
+    for cls, kind in _REQUEST_KINDS:
+        if isinstance(exc, cls):
+            return kind
+    return ErrorKind.INVALID
+
+
+_KINDS: tuple[tuple[type[DreamError], ErrorKind], ...] = (
+    (AuthError, ErrorKind.AUTH),
+    (RateLimited, ErrorKind.RATE),
+    (NotFound, ErrorKind.NOT_FOUND),
+)
+_REQUEST_KINDS: tuple[tuple[type[DreamError], ErrorKind], ...] = (
+    (RequestTooLarge, ErrorKind.TOO_LARGE),
+    (StorageFull, ErrorKind.STORAGE),
+    (InvalidState, ErrorKind.STATE),
+    (InvalidField, ErrorKind.FIELD),
+)
+
+
+def retry_after(exc: DreamError) -> dict[str, str] | None:
+    """The ``Retry-After`` header of a rate limit; None for any other error."""
+    return {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
 
 
 def error_route(render: Callable[[DreamError], Response]) -> type[APIRoute]:

@@ -17,7 +17,8 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from dreamserve.dialects.ark.decode import NAMES, ArkRequest
-from dreamserve.errors import AuthError, DreamError, InvalidField, InvalidState, NotFound, RateLimited, TaskFailed
+from dreamserve.dialects.common import ErrorKind, error_kind, retry_after
+from dreamserve.errors import DreamError, InvalidField, InvalidState, TaskFailed
 from dreamserve.fileurls import expires, file_url
 from dreamserve.queue.db import File, Task
 from dreamserve.request import Field
@@ -28,26 +29,27 @@ from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 PIXELS_PER_TOKEN = 256
 
 
+#: Ark's status, error code and type for each kind of error. Not 5xx for a task that did not complete: SDKs retry
+#: those, and a retry would queue a second task.
+_ARK = {
+    ErrorKind.AUTH: (401, "AuthenticationError", "Unauthorized"),
+    ErrorKind.RATE: (429, "RateLimitExceeded", "TooManyRequests"),
+    ErrorKind.NOT_FOUND: (404, "InvalidEndpointOrModel.NotFound", "NotFound"),
+    ErrorKind.STATE: (400, "TaskNotCompleted", "BadRequest"),
+    ErrorKind.TOO_LARGE: (413, "InvalidParameter", "BadRequest"),
+}
+
+
 def ark_error(exc: DreamError) -> JSONResponse:
     """The translation of our error tree into Ark's status codes and error body."""
     message, param = exc.named(NAMES)
-    headers = None
-    if isinstance(exc, AuthError):
-        status, code, kind = 401, "AuthenticationError", "Unauthorized"
-    elif isinstance(exc, RateLimited):
-        status, code, kind = 429, "RateLimitExceeded", "TooManyRequests"
-        headers = {"Retry-After": str(exc.retry_after)}
-    elif isinstance(exc, NotFound):
-        status, code, kind = 404, "InvalidEndpointOrModel.NotFound", "NotFound"
-    elif exc.http_status >= 500:
-        status, code, kind = exc.http_status, "InternalServiceError", "InternalServerError"
-    elif isinstance(exc, InvalidState):
-        # Not 5xx on purpose: SDKs retry those, and a retry would queue a second task.
-        status, code, kind = 400, "TaskNotCompleted", "BadRequest"
+    kind = error_kind(exc)
+    if kind is ErrorKind.SERVER:
+        status, code, kind_name = exc.http_status, "InternalServiceError", "InternalServerError"
     else:
-        status, code, kind = max(400, exc.http_status), "InvalidParameter", "BadRequest"
-    body = {"error": {"code": code, "message": message, "param": param or "", "type": kind}}
-    return JSONResponse(body, status_code=status, headers=headers)
+        status, code, kind_name = _ARK.get(kind, (max(400, exc.http_status), "InvalidParameter", "BadRequest"))
+    body = {"error": {"code": code, "message": message, "param": param or "", "type": kind_name}}
+    return JSONResponse(body, status_code=status, headers=retry_after(exc))
 
 
 async def answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, Any]:

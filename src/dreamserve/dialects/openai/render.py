@@ -11,14 +11,11 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from PIL import Image
 
+from dreamserve.dialects.common import ErrorKind, error_kind, retry_after
 from dreamserve.dialects.openai.decode import NAMES, OpenAIRequest
 from dreamserve.errors import (
-    AuthError,
     DreamError,
     InvalidState,
-    NotFound,
-    RateLimited,
-    RequestTooLarge,
     TaskFailed,
     TaskInputFailed,
 )
@@ -27,29 +24,27 @@ from dreamserve.queue.db import Task
 from dreamserve.services import Services
 from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 
+#: OpenAI's status, error type and code for each kind of error. Not 5xx for a task that did not complete: OpenAI
+#: clients retry those, and a retry would queue a second task.
+_OPENAI: dict[ErrorKind, tuple[int, str, str | None]] = {
+    ErrorKind.AUTH: (401, "invalid_request_error", "invalid_api_key"),
+    ErrorKind.RATE: (429, "requests", "rate_limit_exceeded"),
+    ErrorKind.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    ErrorKind.TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
+    ErrorKind.STATE: (400, "invalid_request_error", "task_not_completed"),
+}
+
 
 def openai_error(exc: DreamError) -> JSONResponse:
     """The translation of our error tree into OpenAI's status codes and error body."""
     message, param = exc.named(NAMES)
-    headers = None
-    if isinstance(exc, AuthError):
-        status, kind, code = 401, "invalid_request_error", "invalid_api_key"
-    elif isinstance(exc, RateLimited):
-        status, kind, code = 429, "requests", "rate_limit_exceeded"
-        headers = {"Retry-After": str(exc.retry_after)}
-    elif isinstance(exc, NotFound):
-        status, kind, code = 404, "invalid_request_error", "model_not_found"
-    elif exc.http_status >= 500:
-        status, kind, code = exc.http_status, "server_error", None
-    elif isinstance(exc, RequestTooLarge):
-        status, kind, code = 413, "invalid_request_error", "request_too_large"
-    elif isinstance(exc, InvalidState):
-        # Not 5xx on purpose: OpenAI clients retry those, and a retry would queue a second task.
-        status, kind, code = 400, "invalid_request_error", "task_not_completed"
+    kind = error_kind(exc)
+    if kind is ErrorKind.SERVER:
+        status, type_, code = exc.http_status, "server_error", None
     else:
-        status, kind, code = 400, "invalid_request_error", "invalid_value" if param else None
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+        status, type_, code = _OPENAI.get(kind, (400, "invalid_request_error", "invalid_value" if param else None))
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=retry_after(exc))
 
 
 async def answer(services: Services, task: Task, ask: OpenAIRequest) -> dict[str, Any]:

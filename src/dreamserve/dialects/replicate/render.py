@@ -14,17 +14,13 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from dreamserve.dialects.common import ErrorKind, error_kind, retry_after
 from dreamserve.dialects.replicate.decode import NAMES
 from dreamserve.dialects.replicate.schema import VERSION
 from dreamserve.errors import (
-    AuthError,
     DreamError,
     InvalidField,
-    InvalidState,
     NotFound,
-    RateLimited,
-    RequestTooLarge,
-    StorageFull,
 )
 from dreamserve.facts import Progress
 from dreamserve.fileurls import file_url
@@ -40,32 +36,31 @@ DEFAULT_MODEL_NAME = "bytedance/seedream-4"
 BAR_WIDTH = 10
 
 
+#: Replicate's status and problem title for each kind of error.
+_REPLICATE = {
+    ErrorKind.AUTH: (401, "Unauthenticated"),
+    ErrorKind.RATE: (429, "Too many requests"),
+    ErrorKind.NOT_FOUND: (404, "Not found"),
+    ErrorKind.TOO_LARGE: (413, "Request too large"),
+    ErrorKind.STORAGE: (507, "Insufficient storage"),
+    ErrorKind.STATE: (409, "Conflict"),
+    ErrorKind.FIELD: (422, "Input validation failed"),
+}
+
+
 def replicate_error(exc: DreamError) -> JSONResponse:
     """Our error tree as Replicate's problem details (``title``, ``detail``, ``status``), which its client raises
     as ``ReplicateError`` with those fields; a field error names the field first in ``detail``."""
     message, param = exc.named(NAMES)
-    headers = None
-    if isinstance(exc, InvalidField):
-        status, title, message = 422, "Input validation failed", f"{param}: {exc.reason}"
-    elif isinstance(exc, AuthError):
-        status, title = 401, "Unauthenticated"
-    elif isinstance(exc, RateLimited):
-        status, title = 429, "Too many requests"
-        headers = {"Retry-After": str(exc.retry_after)}
-    elif isinstance(exc, NotFound):
-        status, title = 404, "Not found"
-    elif isinstance(exc, RequestTooLarge):
-        status, title = 413, "Request too large"
-    elif isinstance(exc, StorageFull):
-        status, title = 507, "Insufficient storage"
-    elif exc.http_status >= 500:
+    kind = error_kind(exc)
+    if kind is ErrorKind.SERVER:
         status, title = exc.http_status, "Internal server error"
-    elif isinstance(exc, InvalidState):
-        status, title = 409, "Conflict"
     else:
-        status, title = 400, "Bad request"
+        status, title = _REPLICATE.get(kind, (400, "Bad request"))
+    if isinstance(exc, InvalidField):
+        message = f"{param}: {exc.reason}"
     body = {"title": title, "detail": message, "status": status}
-    return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
+    return JSONResponse(body, status_code=status, headers=retry_after(exc), media_type="application/problem+json")
 
 
 def status_of(task: Task) -> str:
