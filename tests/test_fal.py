@@ -155,6 +155,17 @@ def _wait_status(handle: Any, kind: type, timeout: float = 30) -> Any:
     raise AssertionError(f"{handle.request_id} never reached {kind.__name__}: {status}")
 
 
+def _wait_step(handle: Any, timeout: float = 30) -> None:
+    """Wait until the request has run a denoising step (its logs say so)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = handle.status(with_logs=True)
+        if any(log["message"].startswith("step ") for log in getattr(status, "logs", None) or ()):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{handle.request_id} ran no step: {status}")
+
+
 # -- sizes (pure) ----------------------------------------------------------------------------------------------
 
 
@@ -221,16 +232,19 @@ def test_subscribe_reports_queue_progress_and_completion_with_logs(server: FalSe
     assert ahead.get(interval=0.02)["images"][0]["width"] == 960
 
 
-def test_a_request_queued_behind_another_reports_its_position(server: FalServer) -> None:
+def test_requests_queued_behind_others_report_their_positions(server: FalServer) -> None:
     fal = server.fal
     client = server.client()
-    first = client.submit(T2I, {"prompt": "the first fox"})
-    second = client.submit(T2I, {"prompt": "the second fox"})
-    _wait_status(first, fal.InProgress)
-    queued = second.status()
-    assert isinstance(queued, fal.Queued) and queued.position == 0
-    assert isinstance(first.status(with_logs=False), fal.InProgress | fal.Completed)
-    assert second.get(interval=0.02)["images"]
+    handles = [client.submit(T2I, {"prompt": f"fox number {n}"}) for n in range(3)]
+    positions: list[int] = []
+    deadline = time.monotonic() + 60
+    while (status := handles[2].status()) and isinstance(status, fal.Queued) and time.monotonic() < deadline:
+        positions.append(status.position)
+        time.sleep(0.02)
+    # Two requests ahead of it on one worker: it waits behind them (at 2 until the first is claimed) and moves up.
+    assert positions and positions[0] >= 1 and positions[-1] == 0 and set(positions) <= {0, 1, 2}
+    assert positions == sorted(positions, reverse=True)
+    assert all(handle.get(interval=0.02)["images"] for handle in handles)
 
 
 def test_status_stream_sends_each_change_until_completed(server: FalServer) -> None:
@@ -251,9 +265,9 @@ def test_cancel_a_queued_and_a_running_request(server: FalServer) -> None:
     client = server.client()
     running = client.submit(T2I, {"prompt": "a fox that will be stopped"})
     queued = client.submit(T2I, {"prompt": "a fox that never starts"})
-    _wait_status(running, fal.InProgress)
-    queued.cancel()
+    _wait_step(running)  # its model process has it: the stop reaches it at the next step
     running.cancel()
+    queued.cancel()
     for handle in (queued, running):
         done = _wait_status(handle, fal.Completed)
         assert done.error == f"Request {handle.request_id} was cancelled."

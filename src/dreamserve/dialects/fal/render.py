@@ -16,18 +16,9 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
+from dreamserve.dialects.common import ErrorKind, error_kind, retry_after
 from dreamserve.dialects.fal.decode import ALIAS, NAMES, OWNER
-from dreamserve.errors import (
-    AuthError,
-    DreamError,
-    InvalidField,
-    InvalidRequest,
-    InvalidState,
-    NotFound,
-    RateLimited,
-    RequestTooLarge,
-    TaskFailed,
-)
+from dreamserve.errors import DreamError, InvalidField, InvalidRequest, InvalidState, TaskFailed
 from dreamserve.facts import ImageReport, Progress
 from dreamserve.fileurls import file_url
 from dreamserve.queue.db import File, Task, TaskEvent
@@ -36,28 +27,32 @@ from dreamserve.request import Field
 from dreamserve.services import Services
 from dreamserve.status import FINAL, LABELS, FileRole, Frame, Pexit, TaskStatus
 
+#: fal's status for each kind of error; a field error (and any other invalid request) is FastAPI's 422.
+_STATUS = {
+    ErrorKind.AUTH: 401,
+    ErrorKind.RATE: 429,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.STORAGE: 400,
+    ErrorKind.STATE: 400,
+}
+
 
 def fal_error(exc: DreamError) -> JSONResponse:
     """The translation of our error tree into fal's statuses and bodies."""
     message, param = exc.named(NAMES)
-    headers = None
+    kind = error_kind(exc)
     detail: Any = message
-    if isinstance(exc, RequestTooLarge):
-        status = 413
+    if kind is ErrorKind.SERVER:
+        status = exc.http_status
+    elif kind in _STATUS:
+        status = _STATUS[kind]
     elif isinstance(exc, InvalidRequest):
         status = 422
         detail = [{"loc": ["body", *([param] if param else [])], "msg": message, "type": "value_error"}]
-    elif isinstance(exc, AuthError):
-        status = 401
-    elif isinstance(exc, RateLimited):
-        status, headers = 429, {"Retry-After": str(exc.retry_after)}
-    elif isinstance(exc, NotFound):
-        status = 404
-    elif isinstance(exc, InvalidState):
-        status = 400
     else:
         status = max(400, exc.http_status)
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    return JSONResponse({"detail": detail}, status_code=status, headers=retry_after(exc))
 
 
 def request_urls(base_url: str, task_id: int) -> dict[str, str]:
