@@ -42,7 +42,7 @@ TIERS: dict[str, str] = {
     **dict.fromkeys(["wiro", "auth", "projects", "ratelimit", "fileurls"], "request"),  # wiro: render, tools
     "metrics": "metrics",
     **dict.fromkeys(["blobs", "fetch", "webhooks", "dispatch", "sweep"], "io"),
-    **dict.fromkeys(["presets", "submit", "preprocess", "weights"], "submit"),
+    **dict.fromkeys(["presets", "submit", "preprocess", "weights", "filerows"], "submit"),
     "engine": "engine",
     "worker": "worker",
     "services": "services",

@@ -24,16 +24,14 @@ from dreamserve.blobs import BlobStore
 from dreamserve.errors import InvalidRequest
 from dreamserve.facts import FileMeta
 from dreamserve.fetch import fetch
+from dreamserve.filerows import input_row
 from dreamserve.images import check_image
 from dreamserve.jobs import StoredReference, TaskJob
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.store import TaskStore, new_blob_folder
 from dreamserve.settings import Settings
-from dreamserve.status import FileRole
 
 log = logging.getLogger(__name__)
-
-CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
 class Preprocessor:
@@ -157,17 +155,8 @@ class Preprocessor:
         ext, width, height = await asyncio.to_thread(
             check_image, data, label, settings.max_upload_bytes, settings.max_input_pixels
         )
-        name = f"inputImage-{position}.{ext}"
-        file = File(
-            project_id=task.project_id,
-            role=FileRole.INPUT,
-            position=position,
-            name=name,
-            contenttype=CONTENT_TYPES.get(ext, f"image/{ext}"),
-            size=len(data),
-            blob_key=f"inputs/{folder}/{name}",
-            meta=FileMeta(width=width, height=height, url=url),
-            created=time.time(),
+        file = input_row(
+            task.project_id, folder, position, ext, len(data), FileMeta(width=width, height=height, url=url)
         )
         await asyncio.to_thread(self.blobs.put, file.blob_key, data)
         pending.pop(position, None)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from dreamserve.budget import ByteBudget
 from dreamserve.errors import InvalidField, InvalidRequest, NotFound
 from dreamserve.facts import FileMeta
 from dreamserve.fetch import FetchPolicy, check_url
+from dreamserve.filerows import CONTENT_TYPES, input_row
 from dreamserve.images import IMAGE_FORMATS, check_bytes, check_image
 from dreamserve.jobs import StoredReference, TaskJob
 from dreamserve.queue.db import File, Project, Task
@@ -37,9 +37,7 @@ from dreamserve.queue.store import Quota, TaskStore, new_blob_folder
 from dreamserve.request import Field, RunRequest, Source, StoredImage, Upload
 from dreamserve.settings import Settings
 from dreamserve.sizes import parse_size
-from dreamserve.status import FileRole
 
-CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 _FILE_ROUTE = re.compile(r"^/v1/File/([^/]+)/([^/]+)$")
 #: The checked format of a stored file, by the content type it was stored with.
 _EXTENSIONS = {CONTENT_TYPES.get(ext, f"image/{ext}"): ext for ext in IMAGE_FORMATS.values()}
@@ -133,19 +131,11 @@ def _job(request: RunRequest, size: tuple[int, int], references: tuple[StoredRef
     )
 
 
-def _input_file(project: Project, folder: str, position: int, reference: Reference, now: float) -> File:
-    name = f"inputImage-{position}.{reference.ext}"
+def _input_file(project: Project, folder: str, position: int, reference: Reference) -> File:
     stored_size = reference.stored.size if reference.stored is not None else 0
-    return File(
-        project_id=project.id,
-        role=FileRole.INPUT,
-        position=position,
-        name=name,
-        contenttype=CONTENT_TYPES.get(reference.ext, f"image/{reference.ext}"),
-        size=len(reference.upload.data) if reference.upload is not None else stored_size,
-        blob_key=f"inputs/{folder}/{name}",
-        meta=FileMeta(width=reference.width, height=reference.height),
-        created=now,
+    size = len(reference.upload.data) if reference.upload is not None else stored_size
+    return input_row(
+        project.id, folder, position, reference.ext, size, FileMeta(width=reference.width, height=reference.height)
     )
 
 
@@ -154,14 +144,13 @@ def _inputs(
 ) -> tuple[list[tuple[File, Reference]], tuple[StoredReference, ...]]:
     """The input rows to store (uploads and stored images), and the task's references in order."""
     folder = new_blob_folder()
-    now = time.time()
     inputs: list[tuple[File, Reference]] = []
     references: list[StoredReference] = []
     for position, reference in enumerate(checked):
         if reference.url is not None:
             references.append(StoredReference(url=reference.url))
             continue
-        file = _input_file(project, folder, position, reference, now)
+        file = _input_file(project, folder, position, reference)
         inputs.append((file, reference))
         references.append(StoredReference(blob_key=file.blob_key))
     return inputs, tuple(references)

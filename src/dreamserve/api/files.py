@@ -10,23 +10,22 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.dialects.wire import ascii_id
 from dreamserve.errors import FileNotFound, InvalidField, NotFound
 from dreamserve.facts import FileMeta
+from dreamserve.filerows import store_upload, upload_row
 from dreamserve.images import check_image
 from dreamserve.queue.db import File, Folder
 from dreamserve.queue.keyring import digest
-from dreamserve.queue.store import add_files, check_storage, new_blob_folder
 from dreamserve.request import Upload
-from dreamserve.status import FileRole
 from dreamserve.wiro.render import envelope, file_item, unix
 
 router = APIRouter()
 
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 #: Files are whatever clients uploaded: never sniffed into HTML, never run as a page if opened, and embeddable
 #: anywhere (output URLs are made to be shared, like Wiro's CDN links).
 USER_FILE_HEADERS = {
@@ -36,7 +35,6 @@ USER_FILE_HEADERS = {
     # Caches ask again each time (a cheap 304 while the ETag holds), so a deleted file answers 404 at once.
     "Cache-Control": "no-cache",
 }
-CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
 
 @router.post("/v1/File/FolderCreate")
@@ -76,31 +74,14 @@ async def upload(request: Request, project: ProjectDep, services: ServicesDep) -
         check_image, data.data, repr(data.filename), settings.max_upload_bytes, settings.max_input_pixels
     )
     folder_id = ascii_id(fields, "folderid")
-    stem = _SAFE_NAME.sub("_", data.filename.rsplit(".", 1)[0])[:80] or "upload"
-    folder = new_blob_folder()
-    file = File(
-        project_id=project.id,
-        folder_id=folder_id,
-        role=FileRole.UPLOAD,
-        name=f"{stem}.{ext}",
-        contenttype=CONTENT_TYPES.get(ext, f"image/{ext}"),
-        size=len(data.data),
-        blob_key=f"uploads/{folder}/{stem}.{ext}",
-        meta=FileMeta(width=width, height=height),
-        created=time.time(),
-    )
-    # Bytes first (no lock held while they are written), then the row, counted against the project's storage in
-    # the transaction that stores it; a refusal takes the bytes back.
-    await asyncio.to_thread(services.blobs.put, file.blob_key, data.data)
-    try:
-        async with services.sessions.begin() as session:
-            if folder_id is not None and await _folder(session, project.id, folder_id) is None:
-                raise NotFound(f"Folder {folder_id} does not exist in this project.")
-            await check_storage(session, project.id, services.store.storage, file.size, 1)
-            await add_files(session, services.keys, [file])
-    except BaseException:
-        await asyncio.to_thread(services.blobs.delete, file.blob_key)
-        raise
+    meta = FileMeta(width=width, height=height)
+    file = upload_row(project.id, data.filename, ext, len(data.data), meta, folder_id=folder_id, stem="upload")
+
+    async def in_folder(session: AsyncSession) -> None:
+        if folder_id is not None and await _folder(session, project.id, folder_id) is None:
+            raise NotFound(f"Folder {folder_id} does not exist in this project.")
+
+    await store_upload(services, file, data.data, in_folder)
     return envelope(list=[file_item(settings.base_url, file, services.keys, settings.retention_seconds)])
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,20 +27,17 @@ from dreamserve.dialects.common import BearerProject, error_route
 from dreamserve.dialects.replicate.render import iso, replicate_error
 from dreamserve.errors import InvalidField, NotFound
 from dreamserve.facts import FileMeta
+from dreamserve.filerows import CONTENT_TYPES, store_upload, upload_row
 from dreamserve.images import check_image
 from dreamserve.queue.db import File, Project
-from dreamserve.queue.store import add_files, check_storage, new_blob_folder
 from dreamserve.request import Field, RunRequest, Source, StoredImage, Upload
 from dreamserve.services import Services
-from dreamserve.status import FileRole
 
 router = APIRouter(route_class=error_route(replicate_error))
 
-CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 EXTENSIONS = {content_type: ext for ext, content_type in CONTENT_TYPES.items()}
 #: Files per page of ``GET /v1/files``.
 PAGE_SIZE = 100
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _OWN_FILE = re.compile(r"/v1/files/(\d{1,18})(?:/download)?$")
 MAX_METADATA_CHARS = 4096
 
@@ -59,32 +55,16 @@ async def create(request: Request, project: BearerProject, services: ServicesDep
     ext, width, height = await asyncio.to_thread(
         check_image, upload.data, repr(upload.filename), settings.max_upload_bytes, settings.max_input_pixels
     )
-    stem = _SAFE_NAME.sub("_", upload.filename.rsplit(".", 1)[0])[:80] or "file"
-    file = File(
-        project_id=project.id,
-        role=FileRole.UPLOAD,
-        name=f"{stem}.{ext}",
-        contenttype=CONTENT_TYPES.get(ext, f"image/{ext}"),
-        size=len(upload.data),
-        blob_key=f"uploads/{new_blob_folder()}/{stem}.{ext}",
-        meta=FileMeta(
-            width=width,
-            height=height,
-            metadata=metadata,
-            sha256=hashlib.sha256(upload.data).hexdigest(),
-            md5=hashlib.md5(upload.data, usedforsecurity=False).hexdigest(),
-        ),
-        created=time.time(),
+    meta = FileMeta(
+        width=width,
+        height=height,
+        metadata=metadata,
+        sha256=hashlib.sha256(upload.data).hexdigest(),
+        md5=hashlib.md5(upload.data, usedforsecurity=False).hexdigest(),
     )
-    # Bytes first, then the row, counted against the project's storage; a refusal takes the bytes back.
-    await asyncio.to_thread(services.blobs.put, file.blob_key, upload.data)
-    try:
-        async with services.sessions.begin() as session:
-            await check_storage(session, project.id, services.store.storage, file.size, 1)
-            await add_files(session, services.keys, [file])
-    except BaseException:
-        await asyncio.to_thread(services.blobs.delete, file.blob_key)
-        raise
+    file = await store_upload(
+        services, upload_row(project.id, upload.filename, ext, len(upload.data), meta, stem="file"), upload.data
+    )
     return file_object(services, file)
 
 
