@@ -358,8 +358,10 @@ def launch(
 ) -> Server:
     """A server with chosen settings, a data dir of its own and a signature project.
 
-    ``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production)."""
+    ``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production);
+    ``env`` adds variables to its environment (``SCRIPTED_SLOW``'s step time)."""
     data_dir = data_dir or tmp_path_factory.mktemp("data")
+    extra_env = overrides.pop("env", {})
     spec = ModelSpec(**overrides.get("model", {}))
     settings = build_settings(data_dir, allow_private, **overrides)
     overrides.pop("model", None)
@@ -373,6 +375,7 @@ def launch(
             f"DREAMSERVE_{k.upper()}": json.dumps(v) if isinstance(v, list | dict) else str(v)
             for k, v in overrides.items()
         },
+        **extra_env,
     }
     server = Server(settings=settings, env=env, log_path=data_dir / "server.log")
     server.creds = new_project(settings, "tests")
@@ -398,6 +401,9 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
+#: The scripted engine (``tests/scripted_engine.py``): a model process with no torch, real PNGs after a set delay
+#: per step; words in the prompt make it crash, fail or ignore stops.
+SCRIPTED = "tests.scripted_engine:ScriptedEngine"
 #: The tiny model generating at 64x64 (larger sizes are upscaled): what most end-to-end tests need (``tiny``).
 TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}}
 #: 384x384 in 60 steps: tasks long enough to cancel or kill while they run (test_service, test_openai); a task
@@ -405,6 +411,13 @@ TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}}
 SLOW: dict[str, Any] = {"model": {"max_pixels": 384 * 384, "steps": 60, "max_batch": 4}, "min_pixels": 64 * 64}
 #: 256x256 in 30 steps: a task runs for seconds, long enough to watch its progress (webhooks, the playground).
 PROGRESS: dict[str, Any] = {"model": {"max_pixels": 256 * 256, "steps": 30}}
+#: SLOW's shape on a server whose model process runs the scripted engine (no torch: it starts in a second): a task
+#: lasts 4 s (400 steps of 10 ms), long enough to stop while it runs, for the tests that need the server's socket.
+SCRIPTED_SLOW: dict[str, Any] = {
+    "model": {"engine": SCRIPTED, "max_pixels": 384 * 384, "steps": 400, "max_batch": 4},
+    "min_pixels": 64 * 64,
+    "env": {"DREAMSERVE_SCRIPTED_STEP_SECONDS": "0.01"},
+}
 
 
 class SharedServers:
@@ -479,6 +492,9 @@ class SharedApps:
         app = self.apps.pop(key, None)
         if app is None:
             app = open_app(self.tmp_path_factory.mktemp("shared-app"), **json.loads(key))  # a copy: options stay
+            # Ready as a started server is (``Server.start`` waits for /readyz): its model processes loaded.
+            ready = app  # bound for the lambda
+            until(lambda: ready.http.get("/readyz").status_code == 200, "the shared app's model processes", 300)
         self.apps[key] = app  # the most recently used last
         while len(self.apps) > self.keep:
             self.apps.pop(next(iter(self.apps))).close()
@@ -528,11 +544,6 @@ def tiny_server(shared_server: Callable[..., Server]) -> Server:
     """The session's ``TINY`` server, seen through a fresh project: for tests that need its socket (a CLI or
     curl in a subprocess, a raw WebSocket)."""
     return shared_server(**TINY)
-
-
-#: The scripted engine (``tests/scripted_engine.py``): a model process with no torch, real PNGs after a set delay
-#: per step; words in the prompt make it crash, fail or ignore stops.
-SCRIPTED = "tests.scripted_engine:ScriptedEngine"
 
 
 def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:

@@ -1,7 +1,9 @@
 """A scripted engine for the model process (``ModelSpec.engine="tests.scripted_engine:ScriptedEngine"``): no torch,
 no model, the real supervisor, pipe and queue around it. Each job takes ``steps`` steps of ``step_seconds`` each
 (``ModelSpec.steps``; ``DREAMSERVE_SCRIPTED_STEP_SECONDS``, read when the model process starts) and then writes real
-PNG files of the asked size, one seed each, as the diffusers engine does. So one machine can host many of them:
+PNG files of the asked size, one seed each, as the diffusers engine does. With ``DREAMSERVE_SCRIPTED_PER_CALL=1`` a
+group takes ``steps`` steps per pipeline call of ``ModelSpec.max_batch`` images, as diffusers' would (15 images at
+``max_batch`` 1 are 15 calls); otherwise one call whatever its images. So one machine can host many of them:
 the supervisor tier of the tests and the fleet simulations of bench/.
 
 Words in the prompt script what a real model process may do:
@@ -25,14 +27,18 @@ IMAGE = GeneratedImage | FailedImage
 
 
 class ScriptedEngine:
-    def __init__(self, steps: int, step_seconds: float, load_seconds: float) -> None:
+    def __init__(self, steps: int, step_seconds: float, load_seconds: float, per_call: int | None = None) -> None:
         self.steps, self.step_seconds, self.load_seconds = steps, step_seconds, load_seconds
+        #: Images per pipeline call when each call takes ``steps`` steps; ``None``: one call per group.
+        self.per_call = per_call
 
     @classmethod
     def load(cls, spec: ModelSpec) -> ScriptedEngine:
         load_seconds = float(os.environ.get("DREAMSERVE_SCRIPTED_LOAD_SECONDS", "0"))
         time.sleep(load_seconds)
-        return cls(spec.steps or 4, float(os.environ.get("DREAMSERVE_SCRIPTED_STEP_SECONDS", "0.05")), load_seconds)
+        step_seconds = float(os.environ.get("DREAMSERVE_SCRIPTED_STEP_SECONDS", "0.05"))
+        per_call = spec.max_batch if os.environ.get("DREAMSERVE_SCRIPTED_PER_CALL") == "1" else None
+        return cls(spec.steps or 4, step_seconds, load_seconds, per_call)
 
     def generate_group(
         self,
@@ -44,7 +50,10 @@ class ScriptedEngine:
         started = time.perf_counter()
         stubborn = any("stubborn" in job.prompt for job in jobs)
         stopped: set[int] = set()
-        for step in range(1, self.steps + 1):
+        images = sum(job.num_images for job in jobs)
+        calls = -(-images // self.per_call) if self.per_call else 1
+        total = self.steps * calls
+        for step in range(1, total + 1):
             time.sleep(self.step_seconds)
             if any("crash" in job.prompt for job in jobs):
                 os._exit(70)
@@ -52,7 +61,7 @@ class ScriptedEngine:
                 if index not in stopped and not stubborn and should_stop(index):
                     stopped.add(index)
                 if index not in stopped:
-                    on_step(index, StepInfo(step, self.steps, time.perf_counter() - started))
+                    on_step(index, StepInfo(step, total, time.perf_counter() - started))
             if len(stopped) == len(jobs):
                 break
         outcomes: list[GenerationResult | Exception] = []
