@@ -317,7 +317,7 @@ def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any)
         data_dir=data_dir,
         host="127.0.0.1",
         port=free_port(),
-        models={MODEL: spec},
+        models=overrides.pop("models", None) or {MODEL: spec},
         fetch_allow_private=allow_private,
         **overrides,
     )
