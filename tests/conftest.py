@@ -271,6 +271,11 @@ class App(Api):
     def log(self) -> str:
         return self.recorder.text()
 
+    def sdk_http(self) -> httpx.Client:
+        """An ``httpx.Client`` that reaches this app through its ``TestClient`` (which is an ``httpx2`` client, so
+        SDKs that insist on an ``httpx.Client`` refuse it). A streamed answer arrives whole, once it ended."""
+        return httpx.Client(base_url=self.url, transport=ViaTestClient(self.client))
+
     @property
     def services(self) -> Any:
         """The app's ``Services`` (store, hub, supervisors), for what a test reads or does behind the API."""
@@ -283,6 +288,19 @@ class App(Api):
     def close(self) -> None:
         self.recorder.detach()
         self.client.__exit__(None, None, None)
+
+
+class ViaTestClient(httpx.BaseTransport):
+    """Sends each request through a ``TestClient`` (the ASGI app in this process)."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        answer = self.client.request(
+            request.method, str(request.url), headers=request.headers.multi_items(), content=request.read()
+        )
+        return httpx.Response(answer.status_code, headers=answer.headers.multi_items(), content=answer.content)
 
 
 class LogRecorder(logging.Handler):
