@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from dreamserve.projects import Credentials, create_project
-from tests.conftest import MODEL, Server, free_port, launch
+from tests.conftest import MODEL, SCRIPTED, Server, free_port, launch
 
 #: The bomb: this many bytes of zeros, gzipped twice (about 12.6 kB on the wire).
 BOMB_BYTES = 1 << 30
@@ -128,7 +128,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, attacker: Attacker) -> Iter
         allow_private=False,
         fetch_allow_hosts=["127.0.0.2", "127.0.0.3"],
         callback_allow_hosts=["127.0.0.2", "127.0.0.3"],
-        model={"max_pixels": 64 * 64, "steps": 2},
+        # The scripted model process (no torch: no model load): these tests need tasks to run, not a pipeline.
+        model={"engine": SCRIPTED, "max_pixels": 64 * 64, "steps": 2},
         min_pixels=64 * 64,
         socket_max_per_address=6,
         socket_max_tasks=2,
@@ -143,7 +144,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, attacker: Attacker) -> Iter
         http_keepalive_seconds=1,
     )
     server.preexec = _low_nofile
-    server.start(timeout=240)  # a model load on a busy 2-core machine
+    server.start()
     yield server
     server.stop()
 
