@@ -1,16 +1,20 @@
 """Fixtures that run the real thing, in two tiers.
 
 * ``make_app``: ``create_app(settings)`` in this process behind Starlette's ``TestClient`` (the lifespan runs, so
-  the database, reaper and webhook loop are real), for tests that need no model process. Fast: no interpreter start.
-* ``make_server``: a uvicorn server in a subprocess, SQLite on disk, the tiny FLUX.2-klein pipeline in a spawned
-  model process, for end-to-end, fault, browser, CLI and raw-socket tests that need a server of their own (they
-  kill it, sabotage its data folder or count what the whole server did).
+  the database, reaper, webhook loop and supervisors are real), for every test that needs no socket of a server.
+  Fast: no interpreter start. ``shared_app`` keeps one per set of options for the session (``tiny``: the tiny
+  FLUX.2-klein pipeline in its spawned model process); ``scripted`` runs the scripted engine in the model process
+  (the supervisor tier: no torch, steps as long as the test needs).
+* ``make_server``: a uvicorn server in a subprocess, SQLite on disk, for the tests that need its socket or its
+  process (they kill it, sabotage its data folder, count its memory or descriptors, hang up on it, or drive it
+  from a browser, a CLI or curl).
 * ``shared_server``: the same servers, started once per session for all the tests that ask for the same options;
-  each test sees it through a project of its own, and what it leaves unfinished is cancelled when it ends.
-  ``tiny`` is the common case. A server start costs seconds of both cores (an interpreter, the model load).
+  ``tiny_server`` is the common case. A server start with the tiny pipeline costs seconds of both cores (an
+  interpreter, the model load); with the scripted engine (``SCRIPTED_SLOW``) a second.
 
-Both give the same helpers (``post``, ``run``, ``detail``, ``wait``; ``http`` for any other request), and a small
-HTTP server stands in for input URLs and callbacks."""
+Shared apps and servers are seen through a project of the test's own, and what it leaves unfinished is cancelled
+when it ends. Both tiers give the same helpers (``post``, ``run``, ``detail``, ``wait``, ``log``; ``http`` for any
+other request), and a small HTTP server stands in for input URLs and callbacks."""
 
 from __future__ import annotations
 
