@@ -50,9 +50,12 @@ class ScriptedEngine:
         started = time.perf_counter()
         stubborn = any("stubborn" in job.prompt for job in jobs)
         stopped: set[int] = set()
-        images = sum(job.num_images for job in jobs)
-        calls = -(-images // self.per_call) if self.per_call else 1
-        total = self.steps * calls
+        # The images (job, number) in pipeline calls: each call takes ``steps`` steps, then its images are saved.
+        slots = [(index, n) for index, job in enumerate(jobs) for n in range(job.num_images)]
+        size = self.per_call or max(len(slots), 1)
+        calls = [slots[at : at + size] for at in range(0, len(slots), size)] or [[]]
+        total = self.steps * len(calls)
+        saved: dict[int, list[GeneratedImage]] = {index: [] for index in range(len(jobs))}
         for step in range(1, total + 1):
             time.sleep(self.step_seconds)
             if any("crash" in job.prompt for job in jobs):
@@ -64,31 +67,35 @@ class ScriptedEngine:
                     on_step(index, StepInfo(step, total, time.perf_counter() - started))
             if len(stopped) == len(jobs):
                 break
-        outcomes: list[GenerationResult | Exception] = []
-        for index, job in enumerate(jobs):
-            if index in stopped:
-                outcomes.append(Interrupted())
-            elif "fail" in job.prompt:
-                outcomes.append(RuntimeError("the scripted job failed, as asked"))
-            else:
-                outcomes.append(self._save_all(index, job, on_image, started))
-        return outcomes
+            if step % self.steps == 0:
+                for index, n in calls[step // self.steps - 1]:
+                    if index not in stopped and "fail" not in jobs[index].prompt:
+                        saved[index].append(self._save(index, jobs[index], n, on_image))
+        return [self._outcome(index, job, stopped, saved[index], started) for index, job in enumerate(jobs)]
 
-    def _save_all(
-        self, index: int, job: GenerationJob, on_image: Callable[[int, IMAGE], None] | None, started: float
-    ) -> GenerationResult:
-        images = []
+    @staticmethod
+    def _outcome(
+        index: int, job: GenerationJob, stopped: set[int], images: list[GeneratedImage], started: float
+    ) -> GenerationResult | Exception:
+        if index in stopped:
+            return Interrupted()
+        if "fail" in job.prompt:
+            return RuntimeError("the scripted job failed, as asked")
+        width, height = job.output_size or (job.width, job.height)
+        return GenerationResult(images, f"scripted {width}x{height}", {"denoise": time.perf_counter() - started})
+
+    @staticmethod
+    def _save(index: int, job: GenerationJob, n: int, on_image: Callable[[int, IMAGE], None] | None) -> GeneratedImage:
+        """Image ``n`` of the job, written as the diffusers engine writes it (a temp file, then a rename)."""
         width, height = job.output_size or (job.width, job.height)
         folder = Path(job.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        for n in range(job.num_images):
-            seed = job.seed + n
-            path = folder / f"{n}.png"
-            tmp = folder / f".tmp-{n}.png"
-            Image.new("RGB", (width, height), (seed % 256, (seed // 256) % 256, 128)).save(tmp, format="PNG")
-            os.replace(tmp, path)
-            image = GeneratedImage(path.name, str(path), width, height, seed, path.stat().st_size, n)
-            images.append(image)
-            if on_image is not None:
-                on_image(index, image)
-        return GenerationResult(images, f"scripted {width}x{height}", {"denoise": time.perf_counter() - started})
+        seed = job.seed + n
+        path = folder / f"{n}.png"
+        tmp = folder / f".tmp-{n}.png"
+        Image.new("RGB", (width, height), (seed % 256, (seed // 256) % 256, 128)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        image = GeneratedImage(path.name, str(path), width, height, seed, path.stat().st_size, n)
+        if on_image is not None:
+            on_image(index, image)
+        return image

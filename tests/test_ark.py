@@ -32,7 +32,7 @@ from dreamserve.api.app import create_app
 from dreamserve.projects import create_project
 from dreamserve.queue.db import File
 from dreamserve.settings import ModelSpec, Settings
-from tests.conftest import MODEL, App, Receiver, Server, launch, open_app, png_bytes, until
+from tests.conftest import MODEL, SCRIPTED, App, Receiver, Server, launch, open_app, png_bytes, until
 
 MODEL_ID = "seedream-4-0-250828"
 RETENTION = 86400
@@ -57,8 +57,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
 
 @pytest.fixture(scope="module")
 def streaming(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The same options on a real server, for the clients that hang up on a stream (a socket closing)."""
-    server = launch(tmp_path_factory, start=False, **json.loads(json.dumps(OPTIONS)))
+    """A real server for the clients that hang up on a stream (a socket closing), its model process the scripted
+    engine (no model load): one image per call of 8 steps of 50 ms, saved (and streamed) one after another."""
+    model = {**OPTIONS["model"], "engine": SCRIPTED, "steps": 8}
+    env = {"DREAMSERVE_SCRIPTED_STEP_SECONDS": "0.05", "DREAMSERVE_SCRIPTED_PER_CALL": "1"}
+    server = launch(tmp_path_factory, start=False, model=model, retention_seconds=RETENTION, env=env)
     try:
         server.start()
         yield server
