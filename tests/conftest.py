@@ -1,22 +1,27 @@
 """Fixtures that run the real thing, in two tiers.
 
 * ``make_app``: ``create_app(settings)`` in this process behind Starlette's ``TestClient`` (the lifespan runs, so
-  the database, reaper and webhook loop are real), for tests that need no model process. Fast: no interpreter start.
-* ``make_server``: a uvicorn server in a subprocess, SQLite on disk, the tiny FLUX.2-klein pipeline in a spawned
-  model process, for end-to-end, fault, browser, CLI and raw-socket tests that need a server of their own (they
-  kill it, sabotage its data folder or count what the whole server did).
+  the database, reaper, webhook loop and supervisors are real), for every test that needs no socket of a server.
+  Fast: no interpreter start. ``shared_app`` keeps one per set of options for the session (``tiny``: the tiny
+  FLUX.2-klein pipeline in its spawned model process); ``scripted`` runs the scripted engine in the model process
+  (the supervisor tier: no torch, steps as long as the test needs).
+* ``make_server``: a uvicorn server in a subprocess, SQLite on disk, for the tests that need its socket or its
+  process (they kill it, sabotage its data folder, count its memory or descriptors, hang up on it, or drive it
+  from a browser, a CLI or curl).
 * ``shared_server``: the same servers, started once per session for all the tests that ask for the same options;
-  each test sees it through a project of its own, and what it leaves unfinished is cancelled when it ends.
-  ``tiny`` is the common case. A server start costs seconds of both cores (an interpreter, the model load).
+  ``tiny_server`` is the common case. A server start with the tiny pipeline costs seconds of both cores (an
+  interpreter, the model load); with the scripted engine (``SCRIPTED_SLOW``) a second.
 
-Both give the same helpers (``post``, ``run``, ``detail``, ``wait``; ``http`` for any other request), and a small
-HTTP server stands in for input URLs and callbacks."""
+Shared apps and servers are seen through a project of the test's own, and what it leaves unfinished is cancelled
+when it ends. Both tiers give the same helpers (``post``, ``run``, ``detail``, ``wait``, ``log``; ``http`` for any
+other request), and a small HTTP server stands in for input URLs and callbacks."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -42,11 +47,13 @@ from starlette.testclient import TestClient
 from dreamserve.projects import Credentials, create_project
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.signing import auth_headers
+from dreamserve.sizes import MIN_PIXELS
 from dreamserve.status import TaskStatus
 
 MODEL = "bytedance/seedream-v4"
-#: Fixtures that start a process of their own (a server, a browser): tests using them are not in the fast tier.
-PROCESS_FIXTURES = frozenset({"make_server", "shared_server", "fuzz_server", "browser", "klein"})
+#: Fixtures that start a process of their own (a server, a browser, the diffusers model process of a shared app):
+#: tests using them are not in the fast tier.
+PROCESS_FIXTURES = frozenset({"make_server", "shared_server", "shared_app", "fuzz_server", "browser", "klein"})
 #: Modules that run models in this process or kill processes on purpose.
 PROCESS_MODULES = frozenset({"test_engine.py", "test_faults.py", "test_scaleout.py", "test_cli.py"})
 
@@ -181,6 +188,21 @@ class Api:
         workers: list[dict[str, Any]] = self.http.get("/healthz").json()["workers"]
         return workers
 
+    def settle(self, timeout: float = 120) -> None:
+        """Cancel what this view's project left unfinished, then wait until every worker is ready again (a
+        killed model process reloading, say): the next test on a shared server or app starts from an idle one."""
+        tasks = self.post("/v1/Task/List", json={"limit": 100}).json()["tasklist"]
+        unfinished = [task["id"] for task in tasks if not TaskStatus(task["status"]).is_terminal]
+        for taskid in unfinished:
+            self.post("/v1/Task/Cancel", json={"taskid": taskid})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = [t for t in unfinished if not TaskStatus(self.detail(t)["status"]).is_terminal]
+            if not pending and all(worker["state"] == "ready" for worker in self.workers()):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the shared server did not settle in {timeout} s: {self.workers()}")
+
 
 @dataclass(kw_only=True)
 class Server(Api):
@@ -271,21 +293,9 @@ class Server(Api):
         return replace(self, creds=creds, _client=None, log_start=self.log_path.stat().st_size)
 
     def settle(self, timeout: float = 120) -> None:
-        """Cancel what this view's project left unfinished, then wait until every worker is ready again (a
-        killed model process reloading, say): the next test on a shared server starts from an idle one."""
         if self.process is None or self.process.poll() is not None:
             raise AssertionError(f"a shared server was stopped by a test:\n{self.log()[-3000:]}")
-        tasks = self.post("/v1/Task/List", json={"limit": 100}).json()["tasklist"]
-        unfinished = [task["id"] for task in tasks if not TaskStatus(task["status"]).is_terminal]
-        for taskid in unfinished:
-            self.post("/v1/Task/Cancel", json={"taskid": taskid})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pending = [t for t in unfinished if not TaskStatus(self.detail(t)["status"]).is_terminal]
-            if not pending and all(worker["state"] == "ready" for worker in self.workers()):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"the shared server did not settle in {timeout} s: {self.workers()}")
+        super().settle(timeout)
 
 
 @dataclass(kw_only=True)
@@ -294,10 +304,73 @@ class App(Api):
     background loops (reaper, webhooks) go on while a test sleeps. Full URLs work too: the host is not looked at."""
 
     client: TestClient
+    #: What the ``dreamserve`` loggers (the model process's replayed records included) logged since this view was
+    #: made, in ``serve``'s format without the time and level: what ``Server.log`` reads from the server's file.
+    recorder: LogRecorder = field(default_factory=lambda: LogRecorder.attach())
 
     @property
     def http(self) -> httpx.Client:
         return self.client
+
+    def log(self) -> str:
+        return self.recorder.text()
+
+    def sdk_http(self) -> httpx.Client:
+        """An ``httpx.Client`` that reaches this app through its ``TestClient`` (which is an ``httpx2`` client, so
+        SDKs that insist on an ``httpx.Client`` refuse it). A streamed answer arrives whole, once it ended."""
+        return httpx.Client(base_url=self.url, transport=ViaTestClient(self.client))
+
+    @property
+    def services(self) -> Any:
+        """The app's ``Services`` (store, hub, supervisors), for what a test reads or does behind the API."""
+        return self.client.app.state.services  # type: ignore[attr-defined]
+
+    def view(self) -> App:
+        """This app seen through a new project: the test sees only its own tasks, files and log lines."""
+        return replace(self, creds=new_project(self.settings, "test"), recorder=LogRecorder.attach())
+
+    def close(self) -> None:
+        self.recorder.detach()
+        self.client.__exit__(None, None, None)
+
+
+class ViaTestClient(httpx.BaseTransport):
+    """Sends each request through a ``TestClient`` (the ASGI app in this process)."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        answer = self.client.request(
+            request.method, str(request.url), headers=request.headers.multi_items(), content=request.read()
+        )
+        return httpx.Response(answer.status_code, headers=answer.headers.multi_items(), content=answer.content)
+
+
+class LogRecorder(logging.Handler):
+    """Keeps the formatted records of the ``dreamserve`` loggers from ``attach`` to ``detach``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(name)s%(task)s: %(message)s"))
+
+    @classmethod
+    def attach(cls) -> LogRecorder:
+        recorder = cls()
+        logging.getLogger("dreamserve").addHandler(recorder)
+        return recorder
+
+    def detach(self) -> None:
+        logging.getLogger("dreamserve").removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        task_id = getattr(record, "task_id", None)  # as serve prints it (logs.about)
+        record.task = f" [task {task_id}]" if task_id is not None else ""
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
 
 
 def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any) -> Settings:
@@ -306,7 +379,7 @@ def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any)
         data_dir=data_dir,
         host="127.0.0.1",
         port=free_port(),
-        models={MODEL: spec},
+        models=overrides.pop("models", None) or {MODEL: spec},
         fetch_allow_private=allow_private,
         **overrides,
     )
@@ -315,22 +388,27 @@ def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any)
 @pytest.fixture
 def make_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """In-process apps with chosen settings (``model={"workers": 0}`` for no model process at all)."""
-    from dreamserve.api.app import create_app
-
     apps: list[App] = []
 
     def factory(data_dir: Path | None = None, allow_private: bool = True, **overrides: Any) -> App:
-        settings = build_settings(data_dir or tmp_path_factory.mktemp("data"), allow_private, **overrides)
-        creds = create_project(settings, "tests", signature=True)
-        client = TestClient(create_app(settings), base_url=settings.base_url, raise_server_exceptions=False)
-        client.__enter__()  # runs the lifespan: migrations, services, background loops
-        app = App(settings=settings, creds=creds, client=client)
+        app = open_app(data_dir or tmp_path_factory.mktemp("data"), allow_private, **overrides)
         apps.append(app)
         return app
 
     yield factory
     for app in apps:
-        app.client.__exit__(None, None, None)
+        app.close()
+
+
+def open_app(data_dir: Path, allow_private: bool = True, **overrides: Any) -> App:
+    """``create_app`` behind an entered ``TestClient`` (the lifespan runs: migrations, services, background loops)."""
+    from dreamserve.api.app import create_app
+
+    settings = build_settings(data_dir, allow_private, **overrides)
+    creds = create_project(settings, "tests", signature=True)
+    client = TestClient(create_app(settings), base_url=settings.base_url, raise_server_exceptions=False)
+    client.__enter__()
+    return App(settings=settings, creds=creds, client=client)
 
 
 def launch(
@@ -344,8 +422,10 @@ def launch(
     """A server with chosen settings, a data dir of its own and a signature project.
 
     ``allow_private=False`` starts a server whose fetches refuse loopback and private addresses (production);
-    ``tls=True`` one that serves HTTPS with the session's certificate (``Server.verify`` trusts its CA)."""
+    ``tls=True`` one that serves HTTPS with the session's certificate (``Server.verify`` trusts its CA); ``env``
+    adds variables to its environment (``SCRIPTED_SLOW``'s step time)."""
     data_dir = data_dir or tmp_path_factory.mktemp("data")
+    extra_env = overrides.pop("env", {})
     certs = certificates(tmp_path_factory.getbasetemp() / "tls") if tls else None
     files = {"ssl_certfile": certs.certfile, "ssl_keyfile": certs.keyfile} if certs is not None else {}
     spec = ModelSpec(**overrides.get("model", {}))
@@ -361,6 +441,7 @@ def launch(
             f"DREAMSERVE_{k.upper()}": json.dumps(v) if isinstance(v, list | dict) else str(v)
             for k, v in overrides.items()
         },
+        **extra_env,
     }
     verify = certs.context() if certs is not None else True
     server = Server(settings=settings, env=env, log_path=data_dir / "server.log", verify=verify)
@@ -387,6 +468,9 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         server.stop()
 
 
+#: The scripted engine (``tests/scripted_engine.py``): a model process with no torch, real PNGs after a set delay
+#: per step; words in the prompt make it crash, fail or ignore stops.
+SCRIPTED = "tests.scripted_engine:ScriptedEngine"
 #: The tiny model generating at 64x64 (larger sizes are upscaled): what most end-to-end tests need (``tiny``).
 TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}}
 #: 384x384 in 60 steps: tasks long enough to cancel or kill while they run (test_service, test_openai); a task
@@ -394,6 +478,13 @@ TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}}
 SLOW: dict[str, Any] = {"model": {"max_pixels": 384 * 384, "steps": 60, "max_batch": 4}, "min_pixels": 64 * 64}
 #: 256x256 in 30 steps: a task runs for seconds, long enough to watch its progress (webhooks, the playground).
 PROGRESS: dict[str, Any] = {"model": {"max_pixels": 256 * 256, "steps": 30}}
+#: SLOW's shape on a server whose model process runs the scripted engine (no torch: it starts in a second): a task
+#: lasts 4 s (400 steps of 10 ms), long enough to stop while it runs, for the tests that need the server's socket.
+SCRIPTED_SLOW: dict[str, Any] = {
+    "model": {"engine": SCRIPTED, "max_pixels": 384 * 384, "steps": 400, "max_batch": 4},
+    "min_pixels": 64 * 64,
+    "env": {"DREAMSERVE_SCRIPTED_STEP_SECONDS": "0.01"},
+}
 
 
 class SharedServers:
@@ -454,10 +545,96 @@ def shared_server(shared_servers: SharedServers) -> Iterator[Callable[..., Serve
             view.close_client()
 
 
+class SharedApps:
+    """In-process apps (``open_app``) opened at first use and kept for the session, one per set of options, as
+    ``SharedServers`` keeps servers: what a model process costs to start is paid once per set."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, keep: int = 4) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.keep = keep
+        self.apps: dict[str, App] = {}
+
+    def get(self, options: dict[str, Any]) -> App:
+        key = json.dumps(options, sort_keys=True)
+        app = self.apps.pop(key, None)
+        if app is None:
+            app = open_app(self.tmp_path_factory.mktemp("shared-app"), **json.loads(key))  # a copy: options stay
+            # Ready as a started server is (``Server.start`` waits for /readyz): its model processes loaded.
+            ready = app  # bound for the lambda
+            until(lambda: ready.http.get("/readyz").status_code == 200, "the shared app's model processes", 300)
+        self.apps[key] = app  # the most recently used last
+        while len(self.apps) > self.keep:
+            self.apps.pop(next(iter(self.apps))).close()
+        return app
+
+    def close(self) -> None:
+        for app in self.apps.values():
+            app.close()
+
+
+@pytest.fixture(scope="session")
+def shared_apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedApps]:
+    apps = SharedApps(tmp_path_factory)
+    yield apps
+    apps.close()
+
+
 @pytest.fixture
-def tiny(shared_server: Callable[..., Server]) -> Server:
-    """The session's ``TINY`` server, seen through a fresh project."""
+def shared_app(shared_apps: SharedApps) -> Iterator[Callable[..., App]]:
+    """``shared_app(**options)``: the session's in-process app with those ``open_app`` options, seen through a
+    project of this test's own (``App.view``), left idle when the test ends (``Api.settle``)."""
+    views: list[App] = []
+
+    def factory(**options: Any) -> App:
+        view = shared_apps.get(options).view()
+        views.append(view)
+        return view
+
+    yield factory
+    try:
+        for view in views:
+            view.settle()
+    finally:
+        for view in views:
+            view.recorder.detach()
+
+
+@pytest.fixture
+def tiny(shared_app: Callable[..., App]) -> App:
+    """The session's in-process ``TINY`` app (the tiny FLUX.2-klein pipeline in its spawned model process, no
+    uvicorn), seen through a fresh project."""
+    return shared_app(**TINY)
+
+
+@pytest.fixture
+def tiny_server(shared_server: Callable[..., Server]) -> Server:
+    """The session's ``TINY`` server, seen through a fresh project: for tests that need its socket (a CLI or
+    curl in a subprocess, a raw WebSocket)."""
     return shared_server(**TINY)
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Wait for ``condition`` (polled every 20 ms), failing after ``timeout`` seconds with ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def scripted(make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> Callable[..., App]:
+    """An in-process app whose workers run the scripted engine, ``steps`` steps of ``step_seconds`` each: the
+    supervisor tier (the real supervisor, pipe protocol and spawned model process, no torch, no uvicorn)."""
+
+    def factory(steps: int = 4, step_seconds: float = 0.02, **overrides: Any) -> App:
+        monkeypatch.setenv("DREAMSERVE_SCRIPTED_STEP_SECONDS", str(step_seconds))
+        model = {"engine": SCRIPTED, "steps": steps, **overrides.pop("model", {})}
+        app = make_app(model=model, **{"min_pixels": 64 * 64, **overrides})
+        until(lambda: all(w["state"] == "ready" for w in app.workers()), "the scripted model process to load")
+        return app
+
+    return factory
 
 
 @dataclass
@@ -507,18 +684,12 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def scripted_app(make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> Callable[..., App]:
-    """An in-process app at a public https URL (the TestClient looks at no scheme or host) whose worker runs the
-    scripted engine (``tests/scripted_engine.py``), ``steps`` steps of ``step_seconds`` each; ``workers=0``: none."""
+def scripted_app(scripted: Callable[..., App]) -> Callable[..., App]:
+    """``scripted`` at a public https URL (the TestClient looks at no scheme or host) and the server's own size
+    floor (Replicate's clients wrap only https outputs as files); ``workers=0``: no model process."""
 
     def factory(steps: int = 4, step_seconds: float = 0.02, workers: int = 1, **overrides: Any) -> App:
-        monkeypatch.setenv("DREAMSERVE_SCRIPTED_STEP_SECONDS", str(step_seconds))
-        model = {"engine": "tests.scripted_engine:ScriptedEngine", "steps": steps, "workers": workers}
-        app = make_app(model=model, public_url="https://testserver", **overrides)
-        deadline = time.monotonic() + 30
-        while workers and app.workers()[0]["state"] != "ready":
-            assert time.monotonic() < deadline, "the scripted model process did not load in 30 s"
-            time.sleep(0.02)
-        return app
+        options = {"public_url": "https://testserver", "min_pixels": MIN_PIXELS, **overrides}
+        return scripted(steps, step_seconds, model={"workers": workers}, **options)
 
     return factory

@@ -1,5 +1,6 @@
 """ByteDance's Ark images API at ``/api/v3``, driven by ByteDance's own SDK (``volcengine-ark-runtime``) and the
-OpenAI SDK against a real server; the BytePlus SDK runs too when it is installed."""
+OpenAI SDK against the in-process app (the SDKs over its ASGI client) with the tiny pipeline, and against a real
+server where a client hangs up on a stream or holds one open; the BytePlus SDK runs too when it is installed."""
 
 from __future__ import annotations
 
@@ -31,24 +32,40 @@ from dreamserve.api.app import create_app
 from dreamserve.projects import create_project
 from dreamserve.queue.db import File
 from dreamserve.settings import ModelSpec, Settings
-from tests.conftest import MODEL, Receiver, Server, launch, png_bytes
+from tests.conftest import MODEL, SCRIPTED, App, Receiver, Server, launch, open_app, png_bytes, until
 
 MODEL_ID = "seedream-4-0-250828"
 RETENTION = 86400
 
 
+#: One image per pipeline call, so a group's images are saved (and streamed) one after another; files are kept a
+#: day, as long as Ark's links last, so URLs carry when they expire.
+OPTIONS: dict[str, Any] = {"model": {"max_pixels": 64 * 64, "max_batch": 1}, "retention_seconds": RETENTION}
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    # One image per pipeline call, so a group's images are saved (and streamed) one after another; files are
-    # kept a day, as long as Ark's links last, so URLs carry when they expire.
-    model = {"max_pixels": 64 * 64, "max_batch": 1}
-    server = launch(tmp_path_factory, start=False, model=model, retention_seconds=RETENTION)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    app = open_app(tmp_path_factory.mktemp("ark"), **json.loads(json.dumps(OPTIONS)))
+    try:
+        until(lambda: app.http.get("/readyz").status_code == 200, "the model process", 300)
+        yield app
+    finally:
+        for client in _CLIENTS:
+            client.close()
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def streaming(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real server for the clients that hang up on a stream (a socket closing), its model process the scripted
+    engine (no model load): one image per call of 8 steps of 50 ms, saved (and streamed) one after another."""
+    model = {**OPTIONS["model"], "engine": SCRIPTED, "steps": 8}
+    env = {"DREAMSERVE_SCRIPTED_STEP_SECONDS": "0.05", "DREAMSERVE_SCRIPTED_PER_CALL": "1"}
+    server = launch(tmp_path_factory, start=False, model=model, retention_seconds=RETENTION, env=env)
     try:
         server.start()
         yield server
     finally:
-        for client in _CLIENTS:
-            client.close()
         server.stop()
 
 
@@ -62,10 +79,11 @@ def _opened(client: Any) -> Any:
 
 
 def _ark(server: Any, key: str | None = None) -> Ark:
+    """Ark's SDK over the tier's own HTTP client: the ASGI app for an app, its own sockets for a server."""
     creds = server.creds
-    return _opened(
-        Ark(base_url=f"{server.url}/api/v3", api_key=key or f"{creds.api_key}:{creds.api_secret}", max_retries=0)
-    )
+    api_key = key or f"{creds.api_key}:{creds.api_secret}"
+    http = server.sdk_http() if isinstance(server, App) else None
+    return _opened(Ark(base_url=f"{server.url}/api/v3", api_key=api_key, max_retries=0, http_client=http))
 
 
 def _bearer(server: Any) -> dict[str, str]:
@@ -78,8 +96,8 @@ def _picture(data: bytes) -> Image.Image:
     return image
 
 
-def _fetched(url: str) -> Image.Image:
-    response = httpx.get(url, timeout=30)
+def _fetched(server: App, url: str) -> Image.Image:
+    response = server.http.get(url)
     assert response.status_code == 200
     return _picture(response.content)
 
@@ -89,7 +107,7 @@ def test_url_and_b64_at_2k_and_wxh(server: Any) -> None:
     result = client.images.generate(model=MODEL_ID, prompt="a lighthouse at dusk", size="2K", watermark=False)
     assert result.model == MODEL_ID and len(result.data) == 1
     assert result.data[0].size == "2048x2048"
-    jpeg = _fetched(result.data[0].url)
+    jpeg = _fetched(server, result.data[0].url)
     assert jpeg.format == "JPEG" and jpeg.size == (2048, 2048), "Ark's default output is a JPEG"
     assert result.usage.generated_images == 1 and result.usage.output_tokens == 16384
     assert result.usage.total_tokens == 16384
@@ -161,7 +179,7 @@ def test_edits_from_a_data_uri_and_a_url(server: Any, receiver: Receiver) -> Non
         size="1K",
     )
     # 1K follows the aspect of the first reference (16:9).
-    assert result.data[0].size == "1280x720" and _fetched(result.data[0].url).size == (1280, 720)
+    assert result.data[0].size == "1280x720" and _fetched(server, result.data[0].url).size == (1280, 720)
     task = server.detail((result.model_extra or {})["task_id"])
     inputs = task["parameters"]["inputImage"]
     assert len(inputs) == 2 and inputs[1] == receiver.url("/blue.png") and "/v1/File/" in inputs[0]
@@ -183,7 +201,7 @@ def test_stream_read_by_the_sdk_one_event_per_saved_image(server: Any) -> None:
     assert kinds == ["image_generation.partial_succeeded"] * 2 + ["image_generation.completed"]
     assert [event.image_index for event in events[:2]] == [0, 1]  # type: ignore[union-attr]
     for event in events[:2]:
-        assert event.size == "1280x720" and _fetched(event.url).format == "JPEG"  # type: ignore[union-attr]
+        assert event.size == "1280x720" and _fetched(server, event.url).format == "JPEG"  # type: ignore[union-attr]
     # Streamed while the task runs, an image already says when its file goes: as Task/Detail says once it ended.
     streamed = server.detail(str((events[2].model_extra or {})["task_id"]))
     expiry = {o["url"]: int(o["expiretime"]) for o in streamed["outputs"]}
@@ -197,7 +215,7 @@ def test_stream_read_by_the_sdk_one_event_per_saved_image(server: Any) -> None:
     body = {"model": MODEL_ID, "prompt": "two posters", "size": "1280x720", "sequential_image_generation": "auto"}
     body["response_format"] = "b64_json"
     url = f"{server.url}/api/v3/images/generations"
-    with httpx.stream("POST", url, headers=_bearer(server), json={**body, "stream": True}, timeout=120) as response:
+    with server.http.stream("POST", url, headers=_bearer(server), json={**body, "stream": True}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         task_id = int(response.headers["x-dreamserve-task-id"])
         text = "".join(response.iter_text())
@@ -217,7 +235,7 @@ def test_stream_read_by_the_sdk_one_event_per_saved_image(server: Any) -> None:
 
 
 def test_stream_checks_answer_400_json_before_the_stream(server: Any) -> None:
-    response = httpx.post(
+    response = server.http.post(
         f"{server.url}/api/v3/images/generations",
         headers=_bearer(server),
         json={"model": MODEL_ID, "prompt": "x", "size": "800x800", "stream": True},
@@ -228,7 +246,8 @@ def test_stream_checks_answer_400_json_before_the_stream(server: Any) -> None:
     assert "921,600" in error["message"], "the message says which sizes are allowed"
 
 
-def test_a_client_that_hangs_up_on_a_stream_cancels_its_task(server: Any) -> None:
+def test_a_client_that_hangs_up_on_a_stream_cancels_its_task(streaming: Server) -> None:
+    server = streaming
     body = {
         "model": MODEL_ID,
         "prompt": "15 images of a teapot",
@@ -251,9 +270,10 @@ def test_a_client_that_hangs_up_on_a_stream_cancels_its_task(server: Any) -> Non
     assert task["status"] == "task_cancel" and task["pexit"] == "130", "nobody is left to receive the images"
 
 
-def test_input_output_delete_takes_the_images_a_cancelled_stream_sent(server: Any) -> None:
+def test_input_output_delete_takes_the_images_a_cancelled_stream_sent(streaming: Server) -> None:
     """Issue 30 item 2: the partial image a stream sent before its client hung up (the task is cancelled) is a file of
     the task like its inputs and outputs: InputOutputDelete takes its row and bytes, and its URL answers 404 at once."""
+    server = streaming
     body = {"model": MODEL_ID, "prompt": "15 images of a kite", "size": "1280x720", "stream": True}
     body["sequential_image_generation"] = "auto"
     with httpx.stream(
@@ -283,8 +303,9 @@ def test_input_output_delete_takes_the_images_a_cancelled_stream_sent(server: An
 
 def test_openai_sdk_pointed_at_api_v3(server: Any) -> None:
     creds = server.creds
+    key = f"{creds.api_key}:{creds.api_secret}"
     client = _opened(
-        openai.OpenAI(base_url=f"{server.url}/api/v3", api_key=f"{creds.api_key}:{creds.api_secret}", max_retries=0)
+        openai.OpenAI(base_url=f"{server.url}/api/v3", api_key=key, max_retries=0, http_client=server.sdk_http())
     )
     result = client.images.generate(
         model=MODEL_ID,
@@ -294,7 +315,7 @@ def test_openai_sdk_pointed_at_api_v3(server: Any) -> None:
         extra_body={"watermark": False},
     )
     assert result.data and result.data[0].url
-    assert _fetched(result.data[0].url).size == (2048, 2048)
+    assert _fetched(server, result.data[0].url).size == (2048, 2048)
     task = server.detail((result.model_extra or {})["task_id"])
     assert task["parameters"]["watermark"] == "false"
     marked = client.images.generate(model=MODEL_ID, prompt="a red fox in snow", size="1280x720")
@@ -403,8 +424,9 @@ def byteplus() -> Any:
 
 def test_byteplus_sdk(byteplus: Any, server: Any) -> None:
     creds = server.creds
+    key = f"{creds.api_key}:{creds.api_secret}"
     client = _opened(
-        byteplus.Ark(base_url=f"{server.url}/api/v3", api_key=f"{creds.api_key}:{creds.api_secret}", max_retries=0)
+        byteplus.Ark(base_url=f"{server.url}/api/v3", api_key=key, max_retries=0, http_client=server.sdk_http())
     )
     result = client.images.generate(model=MODEL_ID, prompt="a lighthouse", size="1280x720", response_format="b64_json")
     assert _picture(base64.b64decode(result.data[0].b64_json)).size == (1280, 720)

@@ -22,7 +22,7 @@ from dreamserve.errors import RateLimited
 from dreamserve.projects import create_project
 from dreamserve.ratelimit import RateLimiter
 from dreamserve.signing import auth_headers, sign
-from tests.conftest import new_project, png_bytes
+from tests.conftest import App, new_project, png_bytes
 
 ACCESSKEY_URL = re.compile(r"/v1/File/[0-9a-f]{8}(?:-[0-9a-f]{8}){7}/0\.png$")
 
@@ -206,7 +206,7 @@ def test_rate_limit_per_project(make_app: Any) -> None:
     assert _post(server, server.headers()).status_code == 200
 
 
-def test_output_urls_reveal_nothing_about_other_projects(tiny: Any) -> None:
+def test_output_urls_reveal_nothing_about_other_projects(tiny: App) -> None:
     server = tiny
     other = create_project(server.settings, "other", signature=False)
     theirs = auth_headers(other.api_key, None)
@@ -220,7 +220,7 @@ def test_output_urls_reveal_nothing_about_other_projects(tiny: Any) -> None:
     assert str(server.creds.project_id) not in urls[0].split("/v1/File/")[1].replace("-", " ").split()
 
     base = f"{server.url}/v1/File/{keys[0]}"
-    assert httpx.get(f"{base}/0.png").status_code == 200
+    assert server.http.get(f"{base}/0.png").status_code == 200
     for probe in (
         f"{base}/",
         base,
@@ -232,31 +232,31 @@ def test_output_urls_reveal_nothing_about_other_projects(tiny: Any) -> None:
         f"{server.url}/v1/File/{keys[1]}/%2E%2E%2F{keys[0]}%2F0.png",
         f"{server.url}/v1/File",
     ):
-        response = httpx.get(probe)
+        response = server.http.get(probe)
         # Unknown files get the envelope with HTTP 404 (405 for a path no route takes), never a file.
         assert response.status_code in (404, 405), probe
         assert response.headers["content-type"] == "application/json", probe
         assert response.json()["result"] is False, probe
 
     # The other project sees none of these tasks, by id or by token.
-    listing = httpx.post(f"{server.url}/v1/Task/List", headers=theirs, json={}).json()
+    listing = server.http.post(f"{server.url}/v1/Task/List", headers=theirs, json={}).json()
     assert listing["total"] == "0" and listing["tasklist"] == []
     for field, value in (("taskid", runs[0]["taskid"]), ("socketaccesstoken", runs[0]["socketaccesstoken"])):
-        body = httpx.post(f"{server.url}/v1/Task/Detail", headers=theirs, json={field: value}).json()
+        body = server.http.post(f"{server.url}/v1/Task/Detail", headers=theirs, json={field: value}).json()
         assert body["result"] is False and body["errors"][0]["code"] == 1
-        body = httpx.post(f"{server.url}/v1/Task/Cancel", headers=theirs, json={field: value}).json()
+        body = server.http.post(f"{server.url}/v1/Task/Cancel", headers=theirs, json={field: value}).json()
         assert body["result"] is False and body["errors"][0]["code"] == 1
 
     # Folder ids of another project are refused for uploads and as parents.
     folder = server.post("/v1/File/FolderCreate", json={"name": "mine"}).json()["list"][0]["id"]
-    upload = httpx.post(
+    upload = server.http.post(
         f"{server.url}/v1/File/Upload",
         headers=theirs,
         data={"folderid": folder},
         files=[("file", ("x.png", png_bytes(), "image/png"))],
     ).json()
     assert upload["result"] is False and upload["errors"][0]["code"] == 1 and "does not exist" in json.dumps(upload)
-    nested = httpx.post(
+    nested = server.http.post(
         f"{server.url}/v1/File/FolderCreate", headers=theirs, json={"name": "sub", "parentid": folder}
     ).json()
     assert nested["result"] is False and nested["errors"][0]["code"] == 1

@@ -27,7 +27,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.conftest import MODEL, Server, png_bytes
+from tests.conftest import MODEL, Server, png_bytes, until
 
 LIFECYCLE = [
     "task_queue",
@@ -269,24 +269,25 @@ def test_kill_during_a_stream_of_200_tasks(make_server: Any) -> None:
     run_chaos(make_server, 200, server_kills=3, child_kills=5)
 
 
-#: One server for the two tests below (the kill test leaves it with a fresh model process, as it should be).
+#: The two tests below run on the scripted model process in-process (the real supervisor, pipe and heartbeats).
 BEATING = {"model": {"max_pixels": 64 * 64, "max_batch": 4}, "min_pixels": 64 * 64, "heartbeat_seconds": 0.02}
 
 
-def test_model_process_killed_while_idle_is_replaced(shared_server: Any) -> None:
-    server = shared_server(**BEATING)
+def test_model_process_killed_while_idle_is_replaced(scripted: Any) -> None:
+    server = scripted(**BEATING)
     pid = server.workers()[0]["pid"]
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    # Until the supervisor has seen it die (it is restarting, or already has a new one).
+    until(lambda: server.workers()[0]["state"] != "ready" or server.workers()[0]["pid"] != pid, "the death noticed")
     for index in range(2):
         task = server.wait(server.run({"prompt": f"after the kill {index}", "size": "64x64"})["taskid"])
         assert task["pexit"] == "0", task["debugerror"]
     assert server.workers()[0]["pid"] != pid
 
 
-def test_frequent_heartbeats_do_not_kill_a_batch(shared_server: Any) -> None:
+def test_frequent_heartbeats_do_not_kill_a_batch(scripted: Any) -> None:
     """Heartbeats every 20 ms make the race of 'task ended' and 'heartbeat' certain within a few batches."""
-    server = shared_server(**BEATING)
+    server = scripted(**BEATING)
     pid = server.workers()[0]["pid"]
     runs = [server.run({"prompt": f"batch {index}", "size": "64x64"}) for index in range(24)]
     tasks = [server.wait(run["taskid"]) for run in runs]

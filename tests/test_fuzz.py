@@ -8,7 +8,9 @@
   Task/Detail must still answer), and JSON nested up to 50,000 deep;
 * hypothesis checks the size parser and the signature check on their own.
 
-The server is real (uvicorn subprocess, SQLite) but runs no model worker, so generated tasks stay queued.
+The schema-driven run and the raw-header one go through a real server (uvicorn subprocess, SQLite: h11 and
+uvicorn parse what they send); the hand-written bodies go through the in-process app (the same routes, SQLite and
+error handling, no socket). Neither runs a model worker, so generated tasks stay queued.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.signing import sign, verify
 from dreamserve.sizes import MAX_ASPECT, MAX_PIXELS, MIN_PIXELS, parse_size
-from tests.conftest import MODEL, Server, free_port, png_bytes
+from tests.conftest import MODEL, App, Server, free_port, open_app, png_bytes
 
 FUZZ = settings(
     max_examples=int(os.environ.get("DREAMSERVE_FUZZ_EXAMPLES", 40)),
@@ -63,6 +65,16 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert " 500 Internal Server Error" not in log, log[-4000:]
 
 
+@pytest.fixture(scope="module")
+def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """``fuzz_server``'s settings in this process."""
+    app = open_app(tmp_path_factory.mktemp("fuzz-app"), model={"workers": 0}, min_pixels=64 * 64, sync_wait_seconds=0.5)
+    yield app
+    log = app.log()
+    app.close()
+    assert "unhandled error" not in log, log[-4000:]
+
+
 def test_openapi_operations_never_fail_with_500(fuzz_server: Server) -> None:
     """Every operation in /openapi.json, with schemathesis' generated paths, queries and bodies."""
     api = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
@@ -81,7 +93,7 @@ def test_openapi_operations_never_fail_with_500(fuzz_server: Server) -> None:
         check()
 
 
-def creds_of(server: Server) -> str:
+def creds_of(server: Server | App) -> str:
     assert server.creds is not None
     return server.creds.api_key
 
@@ -143,25 +155,25 @@ def _envelope(response: httpx.Response) -> None:
 
 @FUZZ
 @given(endpoint=endpoints, body=json_bodies)
-def test_wiro_endpoints_with_random_json(fuzz_server: Server, endpoint: str, body: dict[str, Any]) -> None:
+def test_wiro_endpoints_with_random_json(fuzz_app: App, endpoint: str, body: dict[str, Any]) -> None:
     content = json.dumps(body, allow_nan=True)
-    headers = {**fuzz_server.headers(), "content-type": "application/json"}
-    _envelope(httpx.post(f"{fuzz_server.url}{endpoint}", headers=headers, content=content, timeout=30))
+    headers = {**fuzz_app.headers(), "content-type": "application/json"}
+    _envelope(fuzz_app.http.post(endpoint, headers=headers, content=content))
 
 
 @FUZZ
 @given(endpoint=endpoints, form=multipart)
-def test_wiro_endpoints_with_random_multipart(fuzz_server: Server, endpoint: str, form: Any) -> None:
+def test_wiro_endpoints_with_random_multipart(fuzz_app: App, endpoint: str, form: Any) -> None:
     fields, uploads = form
     data: dict[str, list[str]] = {}
     for name, value in fields:
         data.setdefault(name, []).append(value)
     sent = [(name, (filename, content, "image/png")) for name, filename, content in uploads]
-    headers = fuzz_server.headers()
+    headers = fuzz_app.headers()
     if sent:
-        response = httpx.post(f"{fuzz_server.url}{endpoint}", headers=headers, data=data, files=sent, timeout=30)
+        response = fuzz_app.http.post(endpoint, headers=headers, data=data, files=sent)
     else:
-        response = httpx.post(f"{fuzz_server.url}{endpoint}", headers=headers, data=data, timeout=30)
+        response = fuzz_app.http.post(endpoint, headers=headers, data=data)
     _envelope(response)
 
 
@@ -178,9 +190,9 @@ def test_wiro_endpoints_with_random_multipart(fuzz_server: Server, endpoint: str
         ]
     ),
 )
-def test_wiro_endpoints_with_random_bytes(fuzz_server: Server, body: bytes, content_type: str) -> None:
-    headers = {**fuzz_server.headers(), "content-type": content_type}
-    _envelope(httpx.post(f"{fuzz_server.url}/v1/Run/{MODEL}", headers=headers, content=body, timeout=30))
+def test_wiro_endpoints_with_random_bytes(fuzz_app: App, body: bytes, content_type: str) -> None:
+    headers = {**fuzz_app.headers(), "content-type": content_type}
+    _envelope(fuzz_app.http.post(f"/v1/Run/{MODEL}", headers=headers, content=body))
 
 
 @FUZZ
@@ -251,21 +263,19 @@ hostile_endpoints = st.sampled_from(
 )
 
 
-def _post_json(server: Server, endpoint: str, content: str) -> httpx.Response:
+def _post_json(server: App, endpoint: str, content: str) -> httpx.Response:
     headers = {**server.headers(), "content-type": "application/json"}
     if endpoint.startswith("/v1/images/"):
         headers["authorization"] = f"Bearer {creds_of(server)}:{server.creds.api_secret if server.creds else ''}"
-    return httpx.post(f"{server.url}{endpoint}", headers=headers, content=content, timeout=30)
+    return server.http.post(endpoint, headers=headers, content=content)
 
 
-def _project_still_answers(server: Server) -> None:
+def _project_still_answers(server: App) -> None:
     """The failure mode of stored surrogates: every later Task/List and Task/Detail of the project was a 500."""
-    listing = httpx.post(f"{server.url}/v1/Task/List", headers=server.headers(), json={"limit": "5"}, timeout=30)
+    listing = server.http.post("/v1/Task/List", headers=server.headers(), json={"limit": "5"})
     assert listing.status_code == 200 and listing.json()["result"] is True, listing.text[:300]
     for task in listing.json()["tasklist"][:1]:
-        detail = httpx.post(
-            f"{server.url}/v1/Task/Detail", headers=server.headers(), json={"taskid": task["id"]}, timeout=30
-        )
+        detail = server.http.post("/v1/Task/Detail", headers=server.headers(), json={"taskid": task["id"]})
         assert detail.status_code == 200 and detail.json()["result"] is True, detail.text[:300]
 
 
@@ -276,18 +286,18 @@ def _project_still_answers(server: Server) -> None:
     value=st.one_of(unicode_digits, huge, surrogates),
     as_list=st.booleans(),
 )
-def test_hostile_value_classes(fuzz_server: Server, endpoint: str, name: str, value: Any, as_list: bool) -> None:
+def test_hostile_value_classes(fuzz_app: App, endpoint: str, name: str, value: Any, as_list: bool) -> None:
     body = {"prompt": "a fox", "size": "64x64", "name": "f", name: [value] if as_list else value}
-    _envelope_or_openai(_post_json(fuzz_server, endpoint, json.dumps(body)))  # ensure_ascii: \udXXX escapes
-    _project_still_answers(fuzz_server)
+    _envelope_or_openai(_post_json(fuzz_app, endpoint, json.dumps(body)))  # ensure_ascii: \udXXX escapes
+    _project_still_answers(fuzz_app)
 
 
 @FUZZ
 @given(endpoint=hostile_endpoints, depth=st.integers(1, 50_000), opener=st.sampled_from(["[", '{"a":']))
-def test_deep_nesting(fuzz_server: Server, endpoint: str, depth: int, opener: str) -> None:
+def test_deep_nesting(fuzz_app: App, endpoint: str, depth: int, opener: str) -> None:
     closer = "]" if opener == "[" else "}"
     nested = opener * depth + ("1" if opener != "[" else "") + closer * depth
-    _envelope_or_openai(_post_json(fuzz_server, endpoint, '{"prompt": ' + nested + ', "size": "64x64"}'))
+    _envelope_or_openai(_post_json(fuzz_app, endpoint, '{"prompt": ' + nested + ', "size": "64x64"}'))
 
 
 def _envelope_or_openai(response: httpx.Response) -> None:

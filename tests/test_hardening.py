@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from dreamserve.projects import Credentials, create_project
-from tests.conftest import MODEL, Server, free_port, launch
+from tests.conftest import MODEL, SCRIPTED, App, Server, free_port, launch, open_app
 
 #: The bomb: this many bytes of zeros, gzipped twice (about 12.6 kB on the wire).
 BOMB_BYTES = 1 << 30
@@ -128,7 +128,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, attacker: Attacker) -> Iter
         allow_private=False,
         fetch_allow_hosts=["127.0.0.2", "127.0.0.3"],
         callback_allow_hosts=["127.0.0.2", "127.0.0.3"],
-        model={"max_pixels": 64 * 64, "steps": 2},
+        # The scripted model process (no torch: no model load): these tests need tasks to run, not a pipeline.
+        model={"engine": SCRIPTED, "max_pixels": 64 * 64, "steps": 2},
         min_pixels=64 * 64,
         socket_max_per_address=6,
         socket_max_tasks=2,
@@ -143,9 +144,31 @@ def server(tmp_path_factory: pytest.TempPathFactory, attacker: Attacker) -> Iter
         http_keepalive_seconds=1,
     )
     server.preexec = _low_nofile
-    server.start(timeout=240)  # a model load on a busy 2-core machine
+    server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def hooks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """The server's callback settings on an in-process app, for the webhook test (no socket of its own needed)."""
+    app = open_app(
+        tmp_path_factory.mktemp("hooks"),
+        allow_private=False,
+        fetch_allow_hosts=["127.0.0.2", "127.0.0.3"],
+        callback_allow_hosts=["127.0.0.2", "127.0.0.3"],
+        model={"engine": SCRIPTED, "max_pixels": 64 * 64, "steps": 2},
+        min_pixels=64 * 64,
+        webhook_timeout_seconds=3,
+        webhook_per_host=2,
+        webhook_breaker_failures=3,
+        webhook_breaker_seconds=60,
+        webhook_attempts=10,
+        # A failed callback is not retried within the test: the breaker counts distinct deliveries.
+        webhook_backoff_seconds=60,
+    )
+    yield app
+    app.close()
 
 
 def rss(server: Server) -> int:
@@ -157,7 +180,7 @@ def ws_url(server: Server) -> str:
     return server.url.replace("http://", "ws://") + "/v1"
 
 
-def tiny(server: Server, creds: Credentials | None = None, **extra: Any) -> str:
+def tiny(server: Server | App, creds: Credentials | None = None, **extra: Any) -> str:
     body = server.post(f"/v1/Run/{MODEL}", creds, json={"prompt": "x", "size": "64x64", **extra}).json()
     assert body["result"] is True, body
     return str(body["taskid"])
@@ -321,13 +344,14 @@ def test_idle_and_half_open_connections_do_not_deny_service(server: Server) -> N
 # -- 6. webhooks ---------------------------------------------------------------------------------------------------
 
 
-def deliveries(server: Server, taskid: str, creds: Credentials | None = None) -> list[dict[str, Any]]:
+def deliveries(server: App, taskid: str, creds: Credentials | None = None) -> list[dict[str, Any]]:
     body = server.post("/v1/Task/Webhooks", creds, json={"taskid": taskid}).json()
     rows: list[dict[str, Any]] = body["deliveries"]
     return rows
 
 
-def test_slow_failing_receiver_delays_nobody_else(server: Server, attacker: Attacker) -> None:
+def test_slow_failing_receiver_delays_nobody_else(hooks: App, attacker: Attacker) -> None:
+    server = hooks
     other = create_project(server.settings, "other-tenant", signature=True)
     slow = [tiny(server, callbackUrl=attacker.url("127.0.0.2", "/slow")) for _ in range(8)]
     for taskid in slow:

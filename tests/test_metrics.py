@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
@@ -26,7 +25,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(server: Any) -> tuple[Samples, dict[str, str]]:
-    response = httpx.get(f"{server.url}/metrics", timeout=30)
+    response = server.http.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples: Samples = {}
     kinds: dict[str, str] = {}
@@ -56,7 +55,7 @@ def exposition(families: Iterable[Metric]) -> str:
 
 
 def test_finished_tasks_stage_histograms_workers_and_requests(tiny: Any, receiver: Receiver) -> None:
-    """On the session's shared server: what this test did is the difference between two scrapes."""
+    """On the session's shared app: what this test did is the difference between two scrapes."""
     server = tiny
     before, kinds = scrape(server)
     assert kinds["dreamserve_task_stage_seconds"] == "histogram"
@@ -70,8 +69,8 @@ def test_finished_tasks_stage_histograms_workers_and_requests(tiny: Any, receive
     # An input URL that answers 404 fails the task with pexit 2.
     bad = server.run({"prompt": "bad input", "size": "1K", "inputImage": receiver.url("/missing.png")})
     assert server.wait(bad["taskid"])["pexit"] == "2"
-    assert httpx.post(f"{server.url}/v1/Task/Detail", json={"taskid": "1"}).status_code == 401
-    assert httpx.get(f"{server.url}/no/such/path").status_code == 404
+    assert server.http.post("/v1/Task/Detail", json={"taskid": "1"}).status_code == 401
+    assert server.http.get("/no/such/path").status_code == 404
 
     after, _ = scrape(server)
 
@@ -99,7 +98,7 @@ def test_finished_tasks_stage_histograms_workers_and_requests(tiny: Any, receive
     # A scraper that asks for OpenMetrics gets it (the parser insists on its rules: "# EOF", counter suffixes),
     # with the same counts as the text format.
     accept = {"accept": "application/openmetrics-text; version=1.0.0"}
-    response = httpx.get(f"{server.url}/metrics", headers=accept, timeout=30)
+    response = server.http.get("/metrics", headers=accept)
     assert response.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
     families = {family.name: family for family in openmetrics_families(response.text)}
     finished = {

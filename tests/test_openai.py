@@ -25,7 +25,7 @@ from dreamserve.dialects.openai.decode import OPENAI_SIZES, generation_size
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.sizes import parse_size
-from tests.conftest import MODEL, SLOW, png_bytes
+from tests.conftest import MODEL, SCRIPTED_SLOW, png_bytes
 
 
 def _client(server: Any) -> openai.OpenAI:
@@ -45,7 +45,7 @@ def test_generate_url_and_b64(tiny: Any) -> None:
     result = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dusk", n=2, size="1024x1024")
     assert len(result.data or []) == 2 and all(item.url for item in result.data or [])
     assert result.created > 0 and result.size == "1024x1024"
-    image = Image.open(io.BytesIO(httpx.get(result.data[0].url or "").content))  # type: ignore[index]
+    image = Image.open(io.BytesIO(server.http.get(result.data[0].url or "").content))  # type: ignore[index]
     assert image.size == (1024, 1024)
     extra: dict[str, Any] = result.model_extra or {}
     # Beyond OpenAI: the task is an ordinary task of the project, listed, followed and detailed like any other.
@@ -151,13 +151,13 @@ def test_bearer_rules_and_errors_in_openai_shape(make_app: Any) -> None:
 def test_key_only_project_takes_the_bare_key(tiny: Any) -> None:
     server = tiny
     other = create_project(server.settings, "key-only", signature=False)
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=other.api_key, max_retries=0)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=other.api_key, max_retries=0, http_client=server.http)
     result = client.images.generate(prompt="a red kite", size="1K")
     assert result.data and result.data[0].url
 
 
 def test_client_that_hangs_up_cancels_its_task(shared_server: Any) -> None:
-    server = shared_server(**SLOW)
+    server = shared_server(**SCRIPTED_SLOW)  # a real socket to hang up on; no pipeline needed
     body = json.dumps({"prompt": "slow", "size": "1K"}).encode()
     head = (
         "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

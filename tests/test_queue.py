@@ -1,6 +1,7 @@
-"""The queue between tenants, through the real server: URL inputs fetched before a task takes the model
-process, per-project quotas, priority caps and round-robin claims, kills that stay inside a batch, and
-batch formation with a window."""
+"""The queue between tenants, through the in-process app and the real supervisor driving the scripted model process
+(``tests/scripted_engine.py``: no torch, a set time per step): URL inputs fetched before a task takes the model
+process, per-project quotas, priority caps and round-robin claims, kills that stay inside a batch, and batch
+formation with a window."""
 
 from __future__ import annotations
 
@@ -14,38 +15,35 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
 
 from dreamserve.projects import Credentials, create_project
 from dreamserve.status import TaskStatus
-from tests.conftest import MODEL, SLOW, Server, free_port, launch, png_bytes
+from tests.conftest import MODEL, SCRIPTED, App, free_port, open_app, png_bytes, until
 
 TERMINAL = ("task_postprocess_end", "task_cancel")
-#: The model process takes a minute to load on the shared 2-core machine: a longer wait than conftest's.
-START_SECONDS = 300
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory, attacker: str) -> Iterator[Server]:
-    """One server for the tests of URL inputs and batch formation (starting one costs a minute here): batches of
-    up to 15 images with a 3 s window, 16 steps, and the attacker host allow-listed with an 8 s deadline for a
-    task's URLs."""
-    server = launch(
-        tmp_path_factory,
-        start=False,
+def shared(tmp_path_factory: pytest.TempPathFactory, attacker: str) -> Iterator[App]:
+    """One app for the tests of URL inputs and batch formation: batches of up to 15 images with a 3 s window, 16
+    steps (of 50 ms), and the attacker host allow-listed with an 8 s deadline for a task's URLs."""
+    app = open_app(
+        tmp_path_factory.mktemp("queue"),
         allow_private=False,
-        model={"max_pixels": 64 * 64, "steps": 16, "max_batch": 15, "batch_window_ms": 3000},
+        model={"engine": SCRIPTED, "max_pixels": 64 * 64, "steps": 16, "max_batch": 15, "batch_window_ms": 3000},
         min_pixels=64 * 64,
         fetch_allow_hosts=["127.0.0.2"],
         fetch_timeout_seconds=8,
     )
-    server.start(timeout=START_SECONDS)
-    yield server
-    server.stop()
+    try:
+        until(lambda: app.http.get("/readyz").status_code == 200, "the scripted model process", 120)
+        yield app
+    finally:
+        app.close()
 
 
-def _run(server: Server, creds: Credentials, data: dict[str, Any], files: Any = None) -> dict[str, Any]:
+def _run(server: App, creds: Credentials, data: dict[str, Any], files: Any = None) -> dict[str, Any]:
     if files is None:
         response = server.post(f"/v1/Run/{MODEL}", creds, json=data)
     else:
@@ -54,7 +52,7 @@ def _run(server: Server, creds: Credentials, data: dict[str, Any], files: Any = 
     return body
 
 
-def _wait(server: Server, creds: Credentials, taskid: str, timeout: float = 120) -> dict[str, Any]:
+def _wait(server: App, creds: Credentials, taskid: str, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         task = server.detail(taskid, creds)
@@ -89,7 +87,7 @@ def attacker() -> Iterator[str]:
     httpd.server_close()
 
 
-def test_slow_urls_of_one_project_do_not_delay_another(shared: Server, attacker: str) -> None:
+def test_slow_urls_of_one_project_do_not_delay_another(shared: App, attacker: str) -> None:
     """Issue 11.5: 14 slow URLs were fetched one after another by the only model worker (14 x 1.5 s here)."""
     server = shared
     other = create_project(server.settings, "other", signature=True)
@@ -126,7 +124,7 @@ def test_slow_urls_of_one_project_do_not_delay_another(shared: Server, attacker:
     assert int(failed["endtime"]) - int(failed["createtime"]) < 25, failed
 
 
-def _keys_create(server: Server, *args: str) -> Credentials:
+def _keys_create(server: App, *args: str) -> Credentials:
     command = [
         sys.executable,
         "-m",
@@ -137,21 +135,21 @@ def _keys_create(server: Server, *args: str) -> Credentials:
         "--data-dir",
         str(server.settings.data_dir),
     ]
-    done = subprocess.run([*command, *args], env=server.env, capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60, check=True)
     keys = json.loads(done.stdout)
     return Credentials(api_key=keys["api_key"], api_secret=keys["api_secret"], project_id=keys["project_id"])
 
 
-def test_quotas_priority_caps_and_round_robin(make_server: Any) -> None:
+def test_quotas_priority_caps_and_round_robin(scripted: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 11.7: one tenant's flood of priority-9 tasks put another tenant last."""
-    server = make_server(
-        start=False,
-        model={"max_pixels": 96 * 96, "steps": 10, "max_batch": 1},
-        min_pixels=64 * 64,
+    monkeypatch.setenv("DREAMSERVE_SCRIPTED_PER_CALL", "1")  # 15 images at max_batch 1: 15 calls of 10 steps
+    server = scripted(
+        steps=10,
+        step_seconds=0.1,
+        model={"max_pixels": 96 * 96, "max_batch": 1},
         max_queued_tasks=5,
         max_queued_megapixels=20,
     )
-    server.start(timeout=START_SECONDS)
     flood = server.creds
     assert flood is not None
     other = _keys_create(server, "--max-priority", "3")
@@ -191,11 +189,11 @@ def test_quotas_priority_caps_and_round_robin(make_server: Any) -> None:
     assert order == [run["taskid"] for run in expected]
 
 
-def test_kill_of_a_batch_member_leaves_the_others_running(shared_server: Any) -> None:
+def test_kill_of_a_batch_member_leaves_the_others_running(scripted: Any) -> None:
     """Issue 11.8: a kill of one batched task SIGKILLed the shared model process and re-queued the others."""
-    # The session's SLOW server (4 images a call, 60 steps at 384x384): a batch that runs for seconds, so the kill
-    # lands while it denoises (16 steps at 64x64 were over in 0.12 s, sometimes before the kill arrived).
-    server = shared_server(**SLOW)
+    # SLOW's shape (4 images a call, 384x384) on the scripted engine: a batch that runs for 4 s, so the kill lands
+    # while it denoises (16 steps at 64x64 were over in 0.12 s, sometimes before the kill arrived).
+    server = scripted(steps=400, step_seconds=0.01, model={"max_pixels": 384 * 384, "max_batch": 4})
     own = server.creds
     assert own is not None
     other = create_project(server.settings, "other", signature=True)
@@ -221,7 +219,7 @@ def test_kill_of_a_batch_member_leaves_the_others_running(shared_server: Any) ->
     assert stranger["details"]["batched_with"] == []
 
 
-def test_batch_window_collects_same_shape_tasks(shared: Server) -> None:
+def test_batch_window_collects_same_shape_tasks(shared: App) -> None:
     """Issue 16.1: the worker claimed whatever was queued at the instant it woke (3 + 1 instead of 4)."""
     server = shared
     # An idle worker with its model loaded (the previous test may have left it reloading): it claims the first
@@ -261,4 +259,4 @@ def test_batch_window_collects_same_shape_tasks(shared: Server) -> None:
     assert waited < min(3.0, gap + 1.0), (waited, gap)
     assert first_done["details"]["batched_with"] == []
     assert edit_done["pexit"] == "0" and edit_done["details"]["timings"]["batch_wait"] == 0
-    assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    assert server.http.get("/readyz").status_code == 200

@@ -345,15 +345,19 @@ def test_webhooks_are_signed_the_standard_webhooks_way(scripted_app: Callable[..
         )
 
 
-def test_the_readme_example_runs(tiny: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_readme_example_runs(tiny_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's Replicate section, as written, against a real server (over http, so outputs are URLs)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = readme.split("## Use it like Replicate", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    assert tiny.creds is not None
+    assert tiny_server.creds is not None
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cat.png").write_bytes(png_bytes(160, 90))
-    namespace: dict[str, Any] = {"URL": tiny.url, "KEY": tiny.creds.api_key, "SECRET": tiny.creds.api_secret}
+    namespace: dict[str, Any] = {
+        "URL": tiny_server.url,
+        "KEY": tiny_server.creds.api_key,
+        "SECRET": tiny_server.creds.api_secret,
+    }
     try:
         exec(compile(code, "README.md", "exec"), namespace)
     finally:
@@ -401,10 +405,12 @@ def test_a_prediction_is_a_task_like_any_other(scripted_app: Callable[..., App])
     assert [item["id"] for item in listed] == [prediction.id]
 
 
-def test_the_async_client_against_a_real_server(tiny: Server) -> None:
+def test_the_async_client_against_a_real_server(tiny_server: Server) -> None:
     """``async_*`` calls go through the client's own ``httpx.AsyncClient``: over real HTTP, to a real server."""
-    assert tiny.creds is not None
-    api = replicate.Client(api_token=f"{tiny.creds.api_key}:{tiny.creds.api_secret}", base_url=tiny.url)
+    assert tiny_server.creds is not None
+    api = replicate.Client(
+        api_token=f"{tiny_server.creds.api_key}:{tiny_server.creds.api_secret}", base_url=tiny_server.url
+    )
 
     async def scenario() -> tuple[Any, Any]:
         try:
@@ -416,6 +422,6 @@ def test_the_async_client_against_a_real_server(tiny: Server) -> None:
             await api._async_client.aclose()
 
     output, prediction = asyncio.run(scenario())
-    assert isinstance(output[0], str) and output[0].startswith(tiny.url)  # plain http: URLs, not FileOutputs
+    assert isinstance(output[0], str) and output[0].startswith(tiny_server.url)  # plain http: URLs, not FileOutputs
     assert picture(httpx.get(output[0]).content).size == (1152, 864)  # the 1K preset at 4:3
     assert prediction.status == "succeeded" and TQDM.search(prediction.logs or "")

@@ -507,17 +507,16 @@ async def test_callbacks_have_their_own_allow_list(tmp_path: Path, receiver: Rec
         )
 
 
-# -- 4 and 8 through the real server: a model error, the PNGs, what Detail shows -------------------------------
+# -- 4 and 8 through the app and the tiny pipeline: a model error, the PNGs, what Detail shows -----------------
 
 
-def test_model_errors_output_pngs_and_details_through_the_server(make_server: Any) -> None:
-    server = make_server(model={"max_pixels": 64 * 64, "steps": 2}, min_pixels=64 * 64, start=False)
-    data = server.settings.data_dir
+def test_model_errors_output_pngs_and_details_through_the_server(make_app: Any, tmp_path: Path) -> None:
+    data = tmp_path / "data"
     # The model process cannot write its outputs (their folder is a file): a real error inside the model process.
     outputs = data / "files" / "outputs"
     outputs.parent.mkdir(parents=True)
     outputs.write_text("not a folder")
-    server.start()
+    server = make_app(data_dir=data, model={"max_pixels": 64 * 64, "steps": 2}, min_pixels=64 * 64)
 
     failed = server.wait(server.run({"prompt": "a secret prompt", "size": "64x64"})["taskid"])
     assert failed["pexit"] == "1", failed
@@ -530,8 +529,8 @@ def test_model_errors_output_pngs_and_details_through_the_server(make_server: An
         events = [row[0] or "" for row in db.execute("SELECT message FROM task_events")]
     assert events and not any("Traceback" in event or str(data) in event for event in events)
     assert any(error_id in event for event in events)
-    # The server log has it all, under the same id.
-    log = server.log_path.read_text()
+    # The log has it all, under the same id.
+    log = server.log()
     assert f"error id {error_id}" in log and "Traceback" in log
 
     outputs.unlink()
@@ -541,7 +540,7 @@ def test_model_errors_output_pngs_and_details_through_the_server(make_server: An
     # The worker id is "host:pid:model:slot"; look for that shape, since a short host name ("vm" in CI) can
     # occur by chance inside a random token.
     assert not re.search(re.escape(socket.gethostname()) + r":\d+:", json.dumps(done)), done
-    image = httpx.get(done["outputs"][0]["url"], timeout=30)
+    image = server.http.get(done["outputs"][0]["url"])
     assert (
         image.headers["x-content-type-options"] == "nosniff" and image.headers["content-security-policy"] == "sandbox"
     )

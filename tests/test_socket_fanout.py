@@ -126,8 +126,8 @@ def test_socket_caps_for_all_addresses_and_per_project_and_a_log_only_writer(mak
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
-def test_every_follower_of_a_running_task_gets_its_log_in_order(tiny: Server) -> None:
-    server = tiny
+def test_every_follower_of_a_running_task_gets_its_log_in_order(tiny_server: Server) -> None:
+    server = tiny_server
     run = server.run({"prompt": "fan-out", "size": "1K", "maxImages": 1})
     token = run["socketaccesstoken"]
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from dreamserve import fetch as fetch_module
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import BlockedAddress, FetchPolicy, blocked_reason, fetch, post_json
-from tests.conftest import Receiver, free_port, png_bytes
+from tests.conftest import SCRIPTED, Receiver, free_port, png_bytes
 
 #: Networks no server-side fetch may reach (IANA special-purpose registries), whatever Python's tables say.
 BLOCKED_V4 = [
@@ -307,13 +307,14 @@ def test_callbacks_are_checked_too(origin: Any) -> None:
     assert asyncio.run(allowed) == 204
 
 
-# -- end to end: a production server (fetch_allow_private off) -----------------------------------------------
+# -- end to end: a production app (fetch_allow_private off) --------------------------------------------------
 
 
-#: One production server (fetch_allow_private off) for both tests: 127.0.0.2 is allow-listed, 127.0.0.1 is not.
+#: One production app (fetch_allow_private off) for both tests: 127.0.0.2 is allow-listed, 127.0.0.1 is not. Its
+#: model process runs the scripted engine: the tests need tasks to run, not a pipeline.
 PRODUCTION = {
     "allow_private": False,
-    "model": {"max_pixels": 64 * 64, "steps": 2},
+    "model": {"engine": SCRIPTED, "max_pixels": 64 * 64, "steps": 2},
     "min_pixels": 64 * 64,
     "fetch_allow_hosts": ["127.0.0.2"],
     "webhook_attempts": 2,
@@ -321,8 +322,8 @@ PRODUCTION = {
 }
 
 
-def test_server_refuses_internal_urls_and_callbacks(shared_server: Any, receiver: Receiver) -> None:
-    server = shared_server(**PRODUCTION)
+def test_server_refuses_internal_urls_and_callbacks(shared_app: Any, receiver: Receiver) -> None:
+    server = shared_app(**PRODUCTION)
     receiver.files["/ref.png"] = png_bytes()
     port = receiver.port
     urls = {
@@ -360,11 +361,11 @@ def test_server_refuses_internal_urls_and_callbacks(shared_server: Any, receiver
     assert receiver.posts == [], "nothing was POSTed to the loopback receiver"
 
 
-def test_server_follows_allow_list_but_not_a_redirect_to_loopback(shared_server: Any, origin: Any) -> None:
+def test_server_follows_allow_list_but_not_a_redirect_to_loopback(shared_app: Any, origin: Any) -> None:
     _, port, routes, seen = origin
     routes["/ref.png"] = ("body", png_bytes())
     routes["/hop"] = ("redirect", f"http://127.0.0.1:{port}/ref.png")
-    server = shared_server(**PRODUCTION)
+    server = shared_app(**PRODUCTION)
     direct = server.run({"prompt": "x", "size": "64x64", "inputImage": f"http://127.0.0.2:{port}/ref.png"})
     hop = server.run({"prompt": "x", "size": "64x64", "inputImage": f"http://127.0.0.2:{port}/hop"})
     assert server.wait(direct["taskid"])["pexit"] == "0", "an allow-listed host is fetched"

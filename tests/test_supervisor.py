@@ -7,39 +7,13 @@ fraction of a second here instead of a server start and a model load.
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from PIL import Image
 
 from dreamserve.status import TaskStatus
-from tests.conftest import App, png_bytes
-
-SCRIPTED = "tests.scripted_engine:ScriptedEngine"
-
-
-@pytest.fixture
-def scripted(make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> Callable[..., App]:
-    """An in-process app whose one worker runs the scripted engine, ``steps`` steps of ``step_seconds`` each."""
-
-    def factory(steps: int = 4, step_seconds: float = 0.02, **overrides: Any) -> App:
-        monkeypatch.setenv("DREAMSERVE_SCRIPTED_STEP_SECONDS", str(step_seconds))
-        model = {"engine": SCRIPTED, "steps": steps, **overrides.pop("model", {})}
-        app = make_app(model=model, min_pixels=64 * 64, **overrides)
-        until(lambda: app.workers()[0]["state"] == "ready", "the scripted model process to load")
-        return app
-
-    return factory
-
-
-def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout} s for {what}")
-        time.sleep(0.02)
+from tests.conftest import App, png_bytes, until
 
 
 def run(app: App, prompt: str = "a fox", **fields: Any) -> str:

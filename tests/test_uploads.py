@@ -250,7 +250,7 @@ def test_every_image_mode_produces_an_image(tiny: Any) -> None:
     assert run["result"] is True, run
     task = server.wait(run["taskid"])
     assert task["pexit"] == "0", task["debugerror"]
-    image = Image.open(io.BytesIO(httpx.get(task["outputs"][0]["url"]).content))
+    image = Image.open(io.BytesIO(server.http.get(task["outputs"][0]["url"]).content))
     assert image.size == (720, 1280), "9:16, the 1K preset nearest the upright 1:2 reference"
 
 

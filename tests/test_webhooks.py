@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from dreamserve import cli
 from dreamserve.projects import Credentials, ensure_default_credentials
 from dreamserve.signing import sign_webhook, verify_webhook
-from tests.conftest import MODEL, PROGRESS, free_port, new_project
+from tests.conftest import MODEL, PROGRESS, SCRIPTED, free_port, new_project
 
 
 @dataclass
@@ -88,8 +88,9 @@ def deliveries(server: Any, taskid: str, creds: Credentials | None = None) -> li
     return rows
 
 
-def test_start_progress_completed_arrive_signed_in_order(shared_server: Any, hook: Hook) -> None:
-    server = shared_server(**PROGRESS)  # 30 steps
+def test_start_progress_completed_arrive_signed_in_order(shared_app: Any, hook: Hook) -> None:
+    # PROGRESS's 30 steps on the scripted model process (50 ms each): progress for 1.5 s, no pipeline needed.
+    server = shared_app(**{**PROGRESS, "model": {**PROGRESS["model"], "engine": SCRIPTED}})
     events = "start,progress,completed"
     run = server.run({"prompt": "followed", "size": "1K", "callbackUrl": hook.url, "callbackEvents": events})
     task = server.wait(run["taskid"])

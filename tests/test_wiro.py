@@ -1,7 +1,8 @@
-"""Wiro compatibility held to the published page and Wiro's own clients (issue 12), through real servers.
+"""Wiro compatibility held to the published page and Wiro's own clients (issue 12), through the in-process app.
 
-One server with no model worker is shared by the tests that only need queued tasks (shapes of Cancel and Kill,
-Tool/*, Task/List, checks at Run); the file tests run a task to the end on a server that refuses private fetches.
+One app with no model worker is shared by the tests that only need queued tasks (shapes of Cancel and Kill,
+Tool/*, Task/List, checks at Run); the file tests run a task to the end (on the scripted model process) on an app
+that refuses private fetches.
 """
 
 from __future__ import annotations
@@ -13,29 +14,25 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from dreamserve.services import Services
 from dreamserve.settings import ModelSpec
 from dreamserve.signing import sign, signature_hex
 from tests import wiro_samples
-from tests.conftest import MODEL, Server, launch, png_bytes
+from tests.conftest import MODEL, App, open_app, png_bytes
 from tests.wiro_samples import assert_like
 
 OTHER = "acme/sketch-v1"
 
 
 @pytest.fixture(scope="module")
-def queued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def queued(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """Two served models, no worker: every task stays queued until it is cancelled."""
     models = {MODEL: ModelSpec(workers=0), OTHER: ModelSpec(workers=0, max_references=3)}
-    server = launch(tmp_path_factory, start=False, allow_private=False, model={"workers": 0}, min_pixels=64 * 64)
-    server.settings.models = models
-    server.env["DREAMSERVE_MODELS"] = json.dumps({slug: spec.model_dump() for slug, spec in models.items()})
-    server.start()
-    yield server
-    server.stop()
+    app = open_app(tmp_path_factory.mktemp("queued"), allow_private=False, models=models, min_pixels=64 * 64)
+    yield app
+    app.close()
 
 
 def _error(body: dict[str, Any]) -> tuple[int, str]:
@@ -55,15 +52,15 @@ def test_openssl_output_lines_are_accepted_by_their_hex() -> None:
         assert signature_hex(wrong) != digest, wrong
 
 
-def test_signature_lines_through_the_server(queued: Server) -> None:
+def test_signature_lines_through_the_server(queued: App) -> None:
     creds = queued.creds
     assert creds is not None and creds.api_secret is not None
     nonce = str(int(time.time()))
     line = f"SHA2-256(stdin)= {sign(creds.api_key, creds.api_secret, nonce)}"
     headers = {"x-api-key": creds.api_key, "x-nonce": nonce, "x-signature": line}
-    assert httpx.post(f"{queued.url}/v1/Task/List", headers=headers, json={}).json()["result"] is True
+    assert queued.http.post("/v1/Task/List", headers=headers, json={}).json()["result"] is True
     bad = {**headers, "x-signature": f"SHA2-256(stdin)= {'0' * 64}"}
-    response = httpx.post(f"{queued.url}/v1/Task/List", headers=bad, json={})
+    response = queued.http.post("/v1/Task/List", headers=bad, json={})
     assert response.status_code == 401
     code, message = _error(response.json())
     assert code == 0 and "lowercase hex of HMAC-SHA256 keyed with the API key" in message
@@ -73,7 +70,7 @@ def test_signature_lines_through_the_server(queued: Server) -> None:
 # -- 3: shapes in the page's order --------------------------------------------------------------------------------
 
 
-def test_run_detail_cancel_kill_answer_like_the_page(queued: Server) -> None:
+def test_run_detail_cancel_kill_answer_like_the_page(queued: App) -> None:
     upload = png_bytes(80, 80)
     first = queued.run({"prompt": "one", "size": "64x64"}, files=[("inputImage", ("a.png", upload, "image/png"))])
     second = queued.run({"prompt": "two", "size": "64x64", "maxImages": "0"})
@@ -83,7 +80,7 @@ def test_run_detail_cancel_kill_answer_like_the_page(queued: Server) -> None:
     task = detail["tasklist"][0]
     assert task["status"] == "task_queue" and uuid.UUID(task["uuid"]).version == 5
     input_url = task["parameters"]["inputImage"]
-    assert isinstance(input_url, str) and httpx.get(input_url).status_code == 200, "one input is a string"
+    assert isinstance(input_url, str) and queued.http.get(input_url).status_code == 200, "one input is a string"
 
     cancelled = queued.post("/v1/Task/Cancel", json={"taskid": first["taskid"]}).json()
     killed = queued.post("/v1/Task/Kill", json={"socketaccesstoken": second["socketaccesstoken"]}).json()
@@ -93,11 +90,11 @@ def test_run_detail_cancel_kill_answer_like_the_page(queued: Server) -> None:
     # 9: maxImages 0 is the default, 1.
     assert killed["tasklist"][0]["parameters"]["maxImages"] == "1"
     # 11: a cancelled task's inputs are deleted when it ends.
-    assert httpx.get(input_url).status_code == 404
+    assert queued.http.get(input_url).status_code == 404
     assert cancelled["tasklist"][0]["uuid"] == task["uuid"]
 
 
-def test_cancel_and_kill_echo_the_input_urls_detail_showed(queued: Server) -> None:
+def test_cancel_and_kill_echo_the_input_urls_detail_showed(queued: App) -> None:
     """A task's inputs are facts: Cancel and Kill answer with the URLs of its uploaded inputs that Detail showed
     while it was queued, and so does Detail afterwards, though the files themselves are deleted as it ends."""
     uploads = [("inputImage", (f"{n}.png", png_bytes(64 + n, 64), "image/png")) for n in range(3)]
@@ -107,7 +104,7 @@ def test_cancel_and_kill_echo_the_input_urls_detail_showed(queued: Server) -> No
         (detail,) = queued.post("/v1/Task/Detail", json={"taskid": task["taskid"]}).json()["tasklist"]
         urls = detail["parameters"]["inputImage"]
         assert isinstance(urls, list) and len(set(urls)) == 3 and all(url.startswith("http") for url in urls), urls
-        assert [httpx.get(url).status_code for url in urls] == [200, 200, 200]
+        assert [queued.http.get(url).status_code for url in urls] == [200, 200, 200]
         shown.append(urls)
     cancelled = queued.post("/v1/Task/Cancel", json={"taskid": tasks[0]["taskid"]}).json()["tasklist"][0]
     killed = queued.post("/v1/Task/Kill", json={"taskid": tasks[1]["taskid"]}).json()["tasklist"][0]
@@ -115,10 +112,10 @@ def test_cancel_and_kill_echo_the_input_urls_detail_showed(queued: Server) -> No
         assert answer["status"] == "task_cancel" and answer["parameters"]["inputImage"] == urls
         (detail,) = queued.post("/v1/Task/Detail", json={"taskid": answer["id"]}).json()["tasklist"]
         assert detail["parameters"]["inputImage"] == urls and detail["details"] == {}, "what keeps them is private"
-        assert [httpx.get(url).status_code for url in urls] == [404, 404, 404], "deleted when the task ended"
+        assert [queued.http.get(url).status_code for url in urls] == [404, 404, 404], "deleted when the task ended"
 
 
-def test_detail_without_a_body_names_tasktoken(queued: Server) -> None:
+def test_detail_without_a_body_names_tasktoken(queued: App) -> None:
     code, message = _error(queued.post("/v1/Task/Detail").json())
     assert code == 0 and '"tasktoken"' in message and "taskid" in message
 
@@ -139,7 +136,7 @@ LIST_BODY = {
 }
 
 
-def _tool_list(server: Server, **changes: Any) -> dict[str, Any]:
+def _tool_list(server: App, **changes: Any) -> dict[str, Any]:
     body: dict[str, Any] = server.post("/v1/Tool/List", json={**LIST_BODY, **changes}).json()
     assert body["result"] is True, body
     assert_like(body, wiro_samples.TOOL_LIST)
@@ -150,7 +147,7 @@ def _slugs(body: dict[str, Any]) -> list[str]:
     return [f"{t['slugowner']}/{t['slugproject']}" for t in body["tool"]]
 
 
-def test_tool_list_filters_over_the_served_models(queued: Server) -> None:
+def test_tool_list_filters_over_the_served_models(queued: App) -> None:
     everything = _tool_list(queued)
     assert everything["total"] == "2" and _slugs(everything) == [OTHER, MODEL]
     seed = next(tool for tool in everything["tool"] if tool["slugproject"] == "seedream-v4")
@@ -174,7 +171,7 @@ def test_tool_list_filters_over_the_served_models(queued: Server) -> None:
     assert code == 0 and "relevance" in message
 
 
-def test_tool_detail_has_the_seedream_schema(queued: Server) -> None:
+def test_tool_detail_has_the_seedream_schema(queued: App) -> None:
     runs_before = int(_tool_list(queued, search="seedream-v4")["tool"][0]["taskstat"]["runcount"])
     queued.run({"prompt": "counted", "size": "64x64"})
     body = queued.post("/v1/Tool/Detail", json={"slugowner": "bytedance", "slugproject": "seedream-v4"}).json()
@@ -209,7 +206,7 @@ def test_tool_detail_has_the_seedream_schema(queued: Server) -> None:
     assert code == 1 and message.startswith("slug-owner-project-not-exist")
 
 
-def test_tool_explore(queued: Server) -> None:
+def test_tool_explore(queued: App) -> None:
     body = queued.post("/v1/Tool/Explore", json={}).json()
     assert_like(body, wiro_samples.TOOL_EXPLORE)
     assert sorted(f"{t['slugowner']}/{t['slugproject']}" for t in body["explore"][0]["tools"]) == [OTHER, MODEL]
@@ -218,7 +215,7 @@ def test_tool_explore(queued: Server) -> None:
 # -- 2, 6: what is checked at Run ---------------------------------------------------------------------------------
 
 
-def test_placeholder_callback_runs_without_one_and_urls_are_checked_at_run(queued: Server) -> None:
+def test_placeholder_callback_runs_without_one_and_urls_are_checked_at_run(queued: App) -> None:
     placeholder = "Optional: Webhook URL for task completion notifications"
     run = queued.run({"prompt": "x", "size": "64x64", "callbackUrl": placeholder})
     assert run["result"] is True, run
@@ -251,7 +248,7 @@ def test_placeholder_callback_runs_without_one_and_urls_are_checked_at_run(queue
 # -- 7: Task/List ------------------------------------------------------------------------------------------------
 
 
-def test_task_list_filters(queued: Server) -> None:
+def test_task_list_filters(queued: App) -> None:
     mine = [queued.post(f"/v1/Run/{slug}", json={"prompt": slug, "size": "64x64"}).json() for slug in (OTHER, MODEL)]
     ids = [int(run["taskid"]) for run in mine]
 
@@ -280,7 +277,7 @@ def test_task_list_filters(queued: Server) -> None:
 # -- 10: InputOutputDelete on tasks that have not ended ----------------------------------------------------------
 
 
-def test_input_output_delete_refuses_unfinished_and_unknown_tasks(queued: Server) -> None:
+def test_input_output_delete_refuses_unfinished_and_unknown_tasks(queued: App) -> None:
     run = queued.run({"prompt": "x", "size": "64x64"})
     token = {"tasktoken": run["socketaccesstoken"]}
     code, message = _error(queued.post("/v1/Task/InputOutputDelete", json=token).json())
@@ -295,9 +292,9 @@ def test_input_output_delete_refuses_unfinished_and_unknown_tasks(queued: Server
 # -- 5, 10, 11: the server's own file URLs as inputs, deleting files, retention ------------------------------------
 
 
-def test_uploaded_url_as_input_then_delete_and_retention(make_server: Any) -> None:
-    """On a server that refuses private fetches, File/Upload's URL (on 127.0.0.1) is a working input."""
-    server = make_server(allow_private=False, model={"max_pixels": 64 * 64}, min_pixels=64 * 64, retention_seconds=3600)
+def test_uploaded_url_as_input_then_delete_and_retention(scripted: Any) -> None:
+    """On an app that refuses private fetches, File/Upload's URL (on 127.0.0.1) is a working input."""
+    server = scripted(allow_private=False, model={"max_pixels": 64 * 64}, min_pixels=64 * 64, retention_seconds=3600)
     uploaded = server.post("/v1/File/Upload", files={"file": ("mine.png", png_bytes(80, 80), "image/png")}).json()
     upload_url = uploaded["list"][0]["url"]
     assert upload_url.startswith("http://127.0.0.1:")
@@ -320,15 +317,15 @@ def test_uploaded_url_as_input_then_delete_and_retention(make_server: Any) -> No
     # InputOutputDelete: rows and bytes of inputs and outputs; again is fine; the upload itself stays.
     token = runs[0]["socketaccesstoken"]
     input_url = tasks[0]["parameters"]["inputImage"]
-    assert httpx.get(output["url"]).status_code == 200 and httpx.get(input_url).status_code == 200
+    assert server.http.get(output["url"]).status_code == 200 and server.http.get(input_url).status_code == 200
     for _ in range(2):
         assert server.post("/v1/Task/InputOutputDelete", json={"tasktoken": token}).json() == {
             "errors": [],
             "result": True,
         }
     assert server.detail(runs[0]["taskid"])["outputs"] == []
-    assert httpx.get(output["url"]).status_code == 404 and httpx.get(input_url).status_code == 404
-    assert httpx.get(upload_url).status_code == 200
+    assert server.http.get(output["url"]).status_code == 404 and server.http.get(input_url).status_code == 404
+    assert server.http.get(upload_url).status_code == 200
 
     # Retention, with the clock moved past expiry instead of waiting: the reaper's own step, on the same database.
     kept = tasks[1]["outputs"][0]["url"]
@@ -341,8 +338,8 @@ def test_uploaded_url_as_input_then_delete_and_retention(make_server: Any) -> No
             await services.engine.dispose()
 
     assert asyncio.run(expire(time.time() + 60)) == 0, "nothing expires early"
-    assert httpx.get(kept).status_code == 200
+    assert server.http.get(kept).status_code == 200
     assert asyncio.run(expire(time.time() + 3601)) == 3, "the second task's input and output, and the upload"
-    assert server.detail(runs[1]["taskid"])["outputs"] == [] and httpx.get(kept).status_code == 404
-    assert httpx.get(upload_url).status_code == 404, "uploads are counted by retention too"
+    assert server.detail(runs[1]["taskid"])["outputs"] == [] and server.http.get(kept).status_code == 404
+    assert server.http.get(upload_url).status_code == 404, "uploads are counted by retention too"
     assert [p for p in server.settings.blob_dir.rglob("*") if p.is_file()] == []
