@@ -132,7 +132,7 @@ class _Runner:
         self.stopped: set[int] = set()
 
     def begin(self) -> None:
-        self.stop.clear()
+        # ``stop`` is the supervisor's to clear (before it sends the work): one set since then is this work's.
         self.stopped.clear()
         self.send(Started())
 

@@ -368,6 +368,9 @@ class Supervisor:
         """Hand the prepared tasks to the model process; False (and the tasks re-queued) if it had died."""
         assert self.child is not None
         jobs = tuple(entry.job for entry in live if entry.job is not None)
+        # The stop event is cleared here, before the work is sent, never by the child when it begins: a cancel
+        # that came between the send and the child's start would otherwise be wiped, and the task run to the end.
+        self.child.stop_event.clear()
         try:
             self.child.send(Run(jobs[0]) if len(jobs) == 1 else RunGroup(jobs))
         except OSError:
