@@ -1,11 +1,11 @@
-"""Where an API process's time goes on one route: the app in this process under cProfile, driven by a child.
-
-The database is seeded as ``bench/fleet.py`` seeds it (``--backlog`` queued tasks of a backlog project and the
-bench's project), the app runs API-only (no model workers: the API's own cost) under uvicorn in this process's
-main thread with cProfile on, and a child process (``--drive``) sends signed Runs or Task/Details (on random
-backlog tasks) from ``--connections`` keep-alive connections for ``--seconds``. Prints the rate, then the top
-entries by own time and by cumulative time. The database's own work runs in aiosqlite's thread, which cProfile
-does not see: it shows as the awaits of ``aiosqlite``'s calls. Not a test, e.g.
+"""Where an API process's time goes on one route: the app in this process under cProfile, driven by a child. The
+database is seeded as ``bench/fleet.py`` seeds it (``--backlog`` queued tasks, of the bench's project here), the
+app runs API-only (no model workers: the API's own cost; ``--gpus`` adds fleet.py's scripted ones) under uvicorn
+in this process's main thread with cProfile on, and a child process (``--drive``) sends signed Runs or
+Task/Details (on random backlog tasks) from ``--connections`` keep-alive connections for ``--seconds``. Prints
+the rate, then the top entries by own time and by cumulative time. The database's own work runs in aiosqlite's
+thread, which cProfile does not see: it shows as the awaits of ``aiosqlite``'s calls.
+Not a test, e.g.
 
     .venv/bin/python bench/profile_api.py --route detail --backlog 100000
     .venv/bin/python bench/profile_api.py --route run --backlog 100
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--gpus", type=int, default=0, help="Scripted model workers too (bench/fleet.py's).")
+    parser.add_argument("--gpus-per-process", type=int, default=4)
     parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--key", help=argparse.SUPPRESS)
     parser.add_argument("--secret", help=argparse.SUPPRESS)
@@ -66,6 +69,9 @@ def main() -> None:
     from dreamserve.api.app import create_app
     from dreamserve.settings import ModelSpec, Settings
 
+    per = args.gpus_per_process
+    workers = args.gpus // per if args.gpus else 0
+    os.environ.setdefault("DREAMSERVE_SCRIPTED_STEP_SECONDS", "0.25")
     data_dir = Path(tempfile.mkdtemp(prefix="dreamserve-profile-"))
     db_url = f"sqlite+aiosqlite:///{data_dir / 'dreamserve.db'}"
     port = fleet.free_port()
@@ -73,8 +79,8 @@ def main() -> None:
         data_dir=data_dir,
         database_url=db_url,
         port=port,
-        run_workers=False,
-        models={fleet.MODEL: ModelSpec(engine=fleet.SCRIPTED, workers=0)},
+        run_workers=bool(args.gpus),
+        models={fleet.MODEL: ModelSpec(engine=fleet.SCRIPTED, workers=workers, max_batch=per, steps=4)},
         min_pixels=64 * 64,
         max_queued_tasks=10**7,
         max_queued_megapixels=10**9,
@@ -92,12 +98,15 @@ def main() -> None:
     def load() -> None:
         while not server.started:
             time.sleep(0.1)
+        time.sleep(3 if args.gpus else 0)  # the model processes load
         subprocess.run(command, check=True)
         server.should_exit = True
 
     threading.Thread(target=load, daemon=True).start()
     profile = cProfile.Profile()
     profile.runcall(server.run)
+    profile.dump_stats(data_dir / "api.prof")
+    print(f"profile: {data_dir / 'api.prof'}", flush=True)
     stats = pstats.Stats(profile)
     stats.sort_stats("tottime").print_stats(args.top)
     stats.sort_stats("cumulative").print_stats(args.top)
