@@ -325,8 +325,6 @@ def start(args: argparse.Namespace, hook_port: int) -> Fleet:
     for index in range(args.api_processes):
         port = free_port()
         command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        if args.profile and not index:  # the first API process under cProfile, written when it stops
-            command[1:1] = ["-m", "cProfile", "-o", str(args.profile)]
         if index:
             command.append("--no-workers")
         with (data_dir / f"server-{index}.log").open("ab") as log:
@@ -627,7 +625,6 @@ def main() -> None:
     parser.add_argument("--webhook", type=float, default=0.5, help="Share of fleet tasks with a callbackUrl.")
     parser.add_argument("--phases", nargs="+", default=["fleet", "detail", "run"])
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--profile", type=Path, help="Run the first API process under cProfile, its stats here.")
     args = parser.parse_args()
     if args.api_processes > 1 and not args.redis:
         parser.error("several API processes need --redis (or DREAMSERVE_TEST_REDIS) for the sockets' events")
