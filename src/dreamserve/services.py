@@ -24,7 +24,7 @@ from dreamserve.errors import RateLimited
 from dreamserve.liveness import Liveness
 from dreamserve.preprocess import Preprocessor
 from dreamserve.projects import seal_webhook_secrets
-from dreamserve.queue.db import make_engine, make_sessionmaker
+from dreamserve.queue.db import Task, make_engine, make_sessionmaker
 from dreamserve.queue.events import Event, EventHub, Hub
 from dreamserve.queue.keyring import ServerKey, private_dir
 from dreamserve.queue.migrate import upgrade
@@ -157,9 +157,17 @@ class Services:
         self.wake_workers(model)
 
     def wake_workers(self, model: str) -> None:
+        """A task of ``model`` became claimable: wake one idle worker to claim it, and every worker forming a batch
+        (it may join theirs). Waking every idle worker made a fleet's worth of claims race for each new task."""
+        woke_idle = False
         for supervisor in self.supervisors:
-            if supervisor.slug == model:
+            if supervisor.slug != model:
+                continue
+            if supervisor.forming:
                 supervisor.wake()
+            elif supervisor.idle and not woke_idle:
+                supervisor.wake()
+                woke_idle = True
 
     async def stop_task(self, task_id: int, kind: StopKind) -> None:
         """Ask whichever worker runs the task to stop it: the DB flag reaches any host, the call is instant here."""
@@ -241,10 +249,13 @@ class Services:
 
     async def render(self, task_id: int) -> dict[str, Any] | None:
         task = await self.store.get_by_id(task_id)
-        if task is None:
-            return None
-        outputs = (await self.store.files([task.id], FileRole.OUTPUT))[task.id]
-        inputs = (await self.store.files([task.id], FileRole.INPUT))[task.id]
+        return None if task is None else await self.render_task(task)
+
+    async def render_task(self, task: Task) -> dict[str, Any]:
+        """The task object of a row just read (Task/Detail's): its files in one query, the row not read again."""
+        files = await self.store.files([task.id], (FileRole.OUTPUT, FileRole.INPUT))
+        outputs = [file for file in files[task.id] if file.role == FileRole.OUTPUT]
+        inputs = [file for file in files[task.id] if file.role == FileRole.INPUT]
         settings = self.settings
         return task_object(
             task,

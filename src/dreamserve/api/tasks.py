@@ -42,25 +42,30 @@ async def _find(request: Request, services: ServicesDep, project: Project, missi
     return task
 
 
-async def _render(services: ServicesDep, task_id: int) -> dict[str, Any] | None:
-    rendered = await services.render(task_id)
-    if rendered is not None and rendered["status"] == TaskStatus.QUEUE:
-        task = await services.store.get_by_id(task_id)
-        if task is not None and task.status == TaskStatus.QUEUE:
-            rendered["queueposition"] = str(await services.store.queue_position(task))
+async def _render(services: ServicesDep, task: Task) -> dict[str, Any]:
+    """The task object of a row as read, with its queue position while it is queued."""
+    rendered = await services.render_task(task)
+    if task.status == TaskStatus.QUEUE:
+        rendered["queueposition"] = str(await services.store.queue_position(task))
     return rendered
 
 
+async def _render_id(services: ServicesDep, task_id: int) -> dict[str, Any] | None:
+    task = await services.store.get_by_id(task_id)
+    return None if task is None else await _render(services, task)
+
+
 async def _tasklist(services: ServicesDep, task_id: int, *, with_total: bool) -> dict[str, Any]:
-    rendered = await _render(services, task_id)
+    rendered = await _render_id(services, task_id)
     tasks = [rendered] if rendered else []
     return tasklist(tasks, len(tasks) if with_total else None)
 
 
 @router.post("/v1/Task/Detail")
 async def detail(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
+    # The row _find read is the one rendered: one read of the task, one of its files.
     task = await _find(request, services, project)
-    return await _tasklist(services, task.id, with_total=True)
+    return tasklist([await _render(services, task)], 1)
 
 
 @router.post("/v1/Task/Cancel")
@@ -129,7 +134,7 @@ async def task_list(request: Request, project: ProjectDep, services: ServicesDep
         sort=page.sort,
         descending=page.descending,
     )
-    tasks = [await _render(services, task_id) for task_id in ids]
+    tasks = [await _render_id(services, task_id) for task_id in ids]
     return tasklist([t for t in tasks if t], total)
 
 

@@ -123,7 +123,8 @@ def serve(
         ),
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        # Uvicorn's own records (one access line per request at INFO) follow ``log_level`` like the rest.
+        log_level=settings.log_level.lower(),
         limit_concurrency=settings.http_limit_concurrency,
         timeout_keep_alive=settings.http_keepalive_seconds,
         ws_max_size=settings.ws_max_bytes,

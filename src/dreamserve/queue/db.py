@@ -102,7 +102,12 @@ class Project(Base):
 class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
-        Index("ix_tasks_queue", "status", "model", "priority", "id"),
+        # Claims, batches and queue positions are seeks and ranges of these (store.py), never a ranking of the queue.
+        Index("ix_tasks_claim", "status", "model", "inputs_ready", "priority", "project_id", "id"),
+        Index(
+            "ix_tasks_shape",
+            *("status", "model", "inputs_ready", "has_inputs", "width", "height", "priority", "project_id", "id"),
+        ),
         Index("ix_tasks_project_status", "project_id", "status"),
     )
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import BigInteger, Subquery, and_, case, cast, delete, func, or_, select, update
+from sqlalchemy import BigInteger, and_, case, cast, delete, false, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -261,12 +261,14 @@ class TaskStore:
         async with self.sessions() as session:
             return await session.get(Task, taskid)
 
-    async def files(self, task_ids: Iterable[int], role: FileRole) -> dict[int, list[File]]:
+    async def files(self, task_ids: Iterable[int], role: FileRole | Sequence[FileRole]) -> dict[int, list[File]]:
+        """The file rows of ``role`` (or of any of several roles, in one query) of each task, by position."""
         ids = list(task_ids)
         result: dict[int, list[File]] = {i: [] for i in ids}
         if not ids:
             return result
-        query = select(File).where(File.task_id.in_(ids), File.role == role).order_by(File.position)
+        roles = [role] if isinstance(role, str) else list(role)
+        query = select(File).where(File.task_id.in_(ids), File.role.in_(roles)).order_by(File.position)
         async with self.sessions() as session:
             for file in (await session.execute(query)).scalars():
                 result[file.task_id or 0].append(file)
@@ -302,17 +304,42 @@ class TaskStore:
         """How many queued tasks of the same model are claimed before this one (0 = next), in today's claim order.
 
         Exact within a priority; a claim at a higher one can move a project behind another on equal turns.
+        Counted on the claim index, never by ranking the queue: the tasks at higher priorities, this task's turn
+        ``t`` in its project, and per project its first ``t`` tasks at this priority (see ``_in_claim_order``), so the
+        cost follows the position, not the backlog behind it.
         """
-        ranked = self._ranked([task.model])
-        order = func.row_number().over(order_by=self._claim_order(ranked)) - 1
-        positions = select(ranked.c.id, order.label("position")).subquery()
-        query = select(positions.c.position).where(positions.c.id == task.id)
+        claimable = self._claimable([task.model])
         async with self.sessions() as session:
-            position = (await session.execute(query)).scalar_one_or_none()
-            if position is not None:
-                return int(position)
-            # Its URL inputs are still being fetched: every claimable task is ahead of it.
-            return int((await session.execute(select(func.count()).select_from(ranked))).scalar_one())
+            if task.status != TaskStatus.QUEUE or not task.inputs_ready:
+                # Its URL inputs are still being fetched: every claimable task is ahead of it.
+                return int((await session.execute(select(func.count()).where(*claimable))).scalar_one())
+            higher = select(func.count()).where(*claimable, Task.priority > task.priority)
+            ahead = int((await session.execute(higher)).scalar_one())
+            level = (*claimable, Task.priority == task.priority)
+            earlier = select(func.count()).where(*level, Task.project_id == task.project_id, Task.id < task.id)
+            turn = int((await session.execute(earlier)).scalar_one()) + 1
+            rows = (await session.execute(self._turn_counts(level, turn))).all()
+        served = {project_id: last for project_id, last, _, _ in rows}.get(task.project_id, 0.0)
+        for project_id, last, nth, before in rows:
+            ahead += int(before)  # its tasks on earlier turns
+            if project_id != task.project_id and nth is not None and (last, nth) < (served, task.id):
+                ahead += 1  # its task on the same turn goes first
+        return ahead
+
+    @staticmethod
+    def _turn_counts(level: Sequence[Any], turn: int) -> Any:
+        """Per project with claimable tasks (``level``: one priority): its last claim, the id of its task on
+        ``turn`` (None when it has fewer), and how many of its tasks come on earlier turns."""
+        mine = (*level, Task.project_id == Project.id)
+        nth = select(Task.id).where(*mine).order_by(Task.id).offset(turn - 1).limit(1).scalar_subquery()
+        fewer = select(func.count()).where(*mine).scalar_subquery()  # evaluated only when it has fewer than turn
+        before = case((nth.is_not(None), turn - 1), else_=fewer)
+        first = select(Task.id).where(*mine).order_by(Task.id).limit(1).scalar_subquery()
+        rows = select(Project.id, Project.last_claimed, nth.label("nth"), before.label("before"), first.label("first"))
+        ranked = rows.subquery()
+        return select(ranked.c.id, ranked.c.last_claimed, ranked.c.nth, ranked.c.before).where(
+            ranked.c.first.is_not(None)
+        )
 
     # -- transitions of a claimed task (the worker's) -----------------------------------------------
 
@@ -482,45 +509,74 @@ class TaskStore:
             await change.close_failed(Pexit.BAD_INPUT, message)
         return True
 
-    def _ranked(self, models: Sequence[str], *conditions: Any) -> Subquery:
-        """Claimable tasks of ``models`` with what orders them: priority first, then projects in turn.
+    @staticmethod
+    def _claimable(models: Sequence[str], *conditions: Any) -> tuple[Any, ...]:
+        """Queued tasks of ``models`` a worker may claim (their inputs are stored): the claim index's prefix."""
+        return (Task.status == TaskStatus.QUEUE, Task.model.in_(list(models)), Task.inputs_ready == true(), *conditions)
 
-        ``turn`` numbers each project's tasks of one priority oldest-first; between projects on the same
-        turn, the one a worker served least recently goes first. So a project with 300 queued tasks and
-        one with 1 alternate, instead of the second waiting for all 300.
+    async def _in_claim_order(self, session: AsyncSession, where: Sequence[Any], room: int) -> list[tuple[int, int]]:
+        """The first claimable tasks (``where``) in claim order, ``(id, num_images)``, while their images fit in
+        ``room``: priority first, then projects in turn.
+
+        Each project's tasks of one priority are numbered oldest-first (its turns); between projects on the same
+        turn, the one a worker served least recently goes first. So a project with 300 queued tasks and one
+        with 1 alternate, instead of the second waiting for all 300. Read from the claim index, a priority at a
+        time, at most ``room`` tasks of each project: never a ranking of the whole queue.
         """
-        turn = func.row_number().over(partition_by=(Task.project_id, Task.priority), order_by=Task.id)
-        return (
-            select(
-                Task.id,
-                Task.num_images,
-                Task.priority,
-                turn.label("turn"),
-                Project.last_claimed.label("served"),
-            )
-            .join(Project, Project.id == Task.project_id)
-            .where(
-                Task.status == TaskStatus.QUEUE,
-                Task.model.in_(list(models)),
-                Task.inputs_ready.is_(True),
-                *conditions,
-            )
-            .subquery()
-        )
+        chosen: list[tuple[int, int]] = []
+        taken = 0
+        below: int | None = None
+        while taken < room:
+            priority = await self._top_priority(session, where, below)
+            if priority is None:
+                break
+            level = (*where, Task.priority == priority)
+            for task_id, images in await self._turns(session, level, room):
+                if taken + images > room:
+                    return chosen
+                taken += images
+                chosen.append((task_id, images))
+            below = priority
+        return chosen
 
     @staticmethod
-    def _claim_order(ranked: Subquery) -> tuple[Any, ...]:
-        return (ranked.c.priority.desc(), ranked.c.turn, ranked.c.served, ranked.c.id)
+    async def _heads(session: AsyncSession, level: Sequence[Any]) -> list[tuple[int, float, int]]:
+        """Every project with claimable tasks at one priority (``level``): its id, its last claim and the id of its
+        oldest such task (its first turn), one seek of the claim index each."""
+        first = select(Task.id).where(*level, Task.project_id == Project.id).order_by(Task.id).limit(1)
+        heads = select(Project.id, Project.last_claimed, first.scalar_subquery().label("first")).subquery()
+        rows = (await session.execute(select(heads).where(heads.c.first.is_not(None)))).all()
+        return [(int(project_id), float(served), int(first_id)) for project_id, served, first_id in rows]
+
+    async def _turns(self, session: AsyncSession, level: Sequence[Any], depth: int) -> list[tuple[int, int]]:
+        """The first ``depth`` turns of every project at one priority (``level``), in claim order."""
+        ranked: list[tuple[int, float, int, int]] = []
+        for project_id, served, _ in await self._heads(session, level):
+            query = select(Task.id, Task.num_images).where(*level, Task.project_id == project_id)
+            for turn, (task_id, images) in enumerate(await session.execute(query.order_by(Task.id).limit(depth))):
+                ranked.append((turn, served, int(task_id), int(images)))
+        return [(task_id, images) for _, _, task_id, images in sorted(ranked)]
+
+    @staticmethod
+    async def _top_priority(session: AsyncSession, where: Sequence[Any], below: int | None = None) -> int | None:
+        top = select(func.max(Task.priority)).where(*where)
+        if below is not None:
+            top = top.where(Task.priority < below)
+        priority: int | None = (await session.execute(top)).scalar_one_or_none()
+        return priority
 
     async def claim_next(self, worker_id: str, models: Sequence[str], lease_seconds: float) -> Task | None:
-        """Take the next claimable task of one of ``models`` (see ``_ranked``); None if there is none."""
+        """Take the next claimable task of one of ``models`` (see ``_in_claim_order``); None if there is none."""
         for _ in range(5):
-            ranked = self._ranked(models)
-            candidate = select(ranked.c.id).order_by(*self._claim_order(ranked)).limit(1)
+            claimable = self._claimable(models)
             async with self.sessions() as session:
-                task_id = (await session.execute(candidate)).scalar_one_or_none()
-            if task_id is None:
+                priority = await self._top_priority(session, claimable)
+                if priority is None:
+                    return None
+                heads = await self._heads(session, (*claimable, Task.priority == priority))
+            if not heads:
                 return None
+            _, _, task_id = min(heads, key=lambda head: (head[1], head[2]))  # the least recently served first
             task = await self._claim(task_id, worker_id, lease_seconds)
             if task is not None:
                 return task
@@ -533,28 +589,37 @@ class TaskStore:
         """Claim queued text-to-image tasks of ``model`` at ``width`` x ``height``, up to ``room`` images in all.
 
         They run in the same pipeline calls as a task this worker already holds (batching across requests,
-        and across projects, which take turns as in ``claim_next``). One conditional UPDATE: the candidates
-        in claim order whose running sum of images fits in ``room``.
+        and across projects, which take turns as in ``claim_next``): the candidates in claim order whose
+        running sum of images fits in ``room``, claimed in one conditional UPDATE.
         """
         if room <= 0:
             return []
-        ranked = self._ranked([model], Task.width == width, Task.height == height, Task.has_inputs.is_(False))
-        taken = func.sum(ranked.c.num_images).over(order_by=self._claim_order(ranked))
-        running = select(ranked.c.id, taken.label("taken")).subquery()
-        fitting = select(running.c.id).where(running.c.taken <= room)
+        same = self._claimable([model], *_same_shape(width, height))
+        async with self.sessions() as session:
+            fitting = [task_id for task_id, _ in await self._in_claim_order(session, same, room)]
+        if not fitting:
+            return []
         return await self._claim_where(Task.id.in_(fitting), worker_id, lease_seconds)
 
-    async def waiting_for(self, model: str, width: int, height: int) -> tuple[int, bool]:
-        """Claimable work of ``model``: the images of text-to-image tasks at ``width`` x ``height``, and whether
-        any other task (another shape, or with references) is waiting. Read while a batch is being formed."""
-        same = (Task.width == width) & (Task.height == height) & Task.has_inputs.is_(False)
-        query = select(
-            func.coalesce(func.sum(case((same, Task.num_images), else_=0)), 0),
-            func.count(Task.id).filter(~same),
-        ).where(Task.status == TaskStatus.QUEUE, Task.model == model, Task.inputs_ready.is_(True))
+    async def waiting_for(self, model: str, width: int, height: int, room: int | None = None) -> tuple[int, bool]:
+        """Claimable work of ``model``: the images of text-to-image tasks at ``width`` x ``height`` (counted up to
+        ``room`` tasks: enough to fill a batch of ``room`` images), and whether any other task (another shape,
+        or with references) is waiting. Read while a batch is being formed, on the shape index: seeks only."""
+        claimable = self._claimable([model])
+        same = select(Task.num_images).where(*claimable, *_same_shape(width, height))
+        counted = same.limit(room).subquery() if room is not None else same.subquery()
+        images = select(func.coalesce(func.sum(counted.c.num_images), 0)).scalar_subquery()
+        text = (*claimable, Task.has_inputs == false())
+        others = or_(
+            select(Task.id).where(*claimable, Task.has_inputs == true()).exists(),
+            select(Task.id).where(*text, Task.width < width).exists(),
+            select(Task.id).where(*text, Task.width > width).exists(),
+            select(Task.id).where(*text, Task.width == width, Task.height < height).exists(),
+            select(Task.id).where(*text, Task.width == width, Task.height > height).exists(),
+        )
         async with self.sessions() as session:
-            images, others = (await session.execute(query)).one()
-        return int(images), int(others) > 0
+            found, other = (await session.execute(select(images, others))).one()
+        return int(found), bool(other)
 
     async def _claim(self, task_id: int, worker_id: str, lease_seconds: float) -> Task | None:
         claimed = await self._claim_where(Task.id == task_id, worker_id, lease_seconds)
@@ -900,6 +965,11 @@ class _Change:
 
 def _stored_event(row: TaskEvent) -> Event:
     return Event(row.id, row.task_id, row.type, load_message(row.type, row.message))
+
+
+def _same_shape(width: int, height: int) -> tuple[Any, ...]:
+    """Text-to-image tasks of one size: what may share a pipeline call."""
+    return (Task.has_inputs == false(), Task.width == width, Task.height == height)
 
 
 _TIMESTAMP = {

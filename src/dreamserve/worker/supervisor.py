@@ -105,6 +105,8 @@ class Supervisor:
         self._lone_until: float | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        #: Where the claim loop waits for ``wake``: idle (its last claim found nothing) or forming a batch.
+        self._waiting: str | None = None
         self._closing = False
 
     def _become(self, state: WorkerState) -> None:
@@ -116,6 +118,16 @@ class Supervisor:
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a task (its last claim found none), and not woken yet."""
+        return self._waiting == "idle" and not self._wake.is_set()
+
+    @property
+    def forming(self) -> bool:
+        """Waiting for same-shape tasks to join the batch it holds (``_companions``)."""
+        return self._waiting == "batch"
 
     async def stop(self, task_id: int, kind: StopKind) -> bool:
         """Stop a running task: ``cancel`` at the next denoising step, ``kill`` at once.
@@ -218,8 +230,7 @@ class Supervisor:
         task = await self.store.claim_next(self.worker_id, [self.slug], self.settings.lease_seconds)
         if task is None:
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            await self._wait("idle", 1.0)
             return
         await self._guarded([task, *await self._companions(task)])
 
@@ -245,19 +256,26 @@ class Supervisor:
         seen = -1
         while not self._closing:
             self._wake.clear()  # before the count: a task queued after it wakes the wait below
-            same, others = await self.store.waiting_for(self.slug, task.width, task.height)
+            same, others = await self.store.waiting_for(self.slug, task.width, task.height, room)
             now = time.monotonic()
             if serial and same != seen:
                 seen, deadline = same, min(limit, now + window / 2000)
             remaining = deadline - now
             if same >= room or others or remaining <= 0:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+            await self._wait("batch", remaining)
         self._batch_wait = time.monotonic() - started
         return await self.store.claim_similar(
             self.worker_id, self.slug, task.width, task.height, room, self.settings.lease_seconds
         )
+
+    async def _wait(self, why: str, timeout: float) -> None:
+        self._waiting = why
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+        finally:
+            self._waiting = None
 
     async def run_one(self, task_id: int) -> bool:
         """Dispatched mode: a queue message is a turn of this model's queue. It runs what the embedded claim

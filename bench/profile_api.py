@@ -1,0 +1,116 @@
+"""Where an API process's time goes on one route: the app in this process under cProfile, driven by a child. The
+database is seeded as ``bench/fleet.py`` seeds it (``--backlog`` queued tasks, of the bench's project here), the
+app runs API-only (no model workers: the API's own cost; ``--gpus`` adds fleet.py's scripted ones) under uvicorn
+in this process's main thread with cProfile on, and a child process (``--drive``) sends signed Runs or
+Task/Details (on random backlog tasks) from ``--connections`` keep-alive connections for ``--seconds``. Prints
+the rate, then the top entries by own time and by cumulative time. The database's own work runs in aiosqlite's
+thread, which cProfile does not see: it shows as the awaits of ``aiosqlite``'s calls.
+Not a test, e.g.
+
+    .venv/bin/python bench/profile_api.py --route detail --backlog 100000
+    .venv/bin/python bench/profile_api.py --route run --backlog 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent)]
+
+import fleet  # noqa: E402
+
+
+async def drive(args: argparse.Namespace) -> None:
+    bench = fleet.Project(args.key, args.secret, 0)
+    clients = fleet.Clients([args.drive], args.connections)
+    ids = json.loads(args.ids)
+
+    async def call(n: int) -> None:
+        if args.route == "run":
+            body = {"prompt": f"profile {n}", "size": "64x64", "maxImages": "1", "priority": "1"}
+            await clients.post("Run", f"/v1/Run/{fleet.MODEL}", bench, body)
+        else:
+            await clients.post("Detail", "/v1/Task/Detail", bench, {"taskid": str(ids[n % len(ids)])})
+
+    seconds = await fleet.closed_loop(args.seconds, args.connections, call)
+    fleet.report(args.route, clients, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--route", choices=("detail", "run"), default="detail")
+    parser.add_argument("--backlog", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--gpus", type=int, default=0, help="Scripted model workers too (bench/fleet.py's).")
+    parser.add_argument("--gpus-per-process", type=int, default=4)
+    parser.add_argument("--drive", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--key", help=argparse.SUPPRESS)
+    parser.add_argument("--secret", help=argparse.SUPPRESS)
+    parser.add_argument("--ids", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.drive:
+        asyncio.run(drive(args))
+        return
+    import uvicorn
+
+    from dreamserve.api.app import create_app
+    from dreamserve.settings import ModelSpec, Settings
+
+    per = args.gpus_per_process
+    workers = args.gpus // per if args.gpus else 0
+    os.environ.setdefault("DREAMSERVE_SCRIPTED_STEP_SECONDS", "0.25")
+    data_dir = Path(tempfile.mkdtemp(prefix="dreamserve-profile-"))
+    db_url = f"sqlite+aiosqlite:///{data_dir / 'dreamserve.db'}"
+    port = fleet.free_port()
+    settings = Settings(
+        data_dir=data_dir,
+        database_url=db_url,
+        port=port,
+        run_workers=bool(args.gpus),
+        models={fleet.MODEL: ModelSpec(engine=fleet.SCRIPTED, workers=workers, max_batch=per, steps=4)},
+        min_pixels=64 * 64,
+        max_queued_tasks=10**7,
+        max_queued_megapixels=10**9,
+        rate_limit_per_minute=10**8,
+        log_level="WARNING",
+    )
+    # The backlog tasks are read by the bench's project: Detail finds a project's own tasks only.
+    bench, _, ids = asyncio.run(fleet.seed(db_url, settings, args.backlog, same_project=True))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    sample = json.dumps(ids[:: max(1, len(ids) // 2000)])
+    command = [sys.executable, __file__, "--route", args.route, "--seconds", str(args.seconds)]
+    command += ["--connections", str(args.connections), "--drive", str(port), "--key", bench.key]
+    command += ["--secret", bench.secret, "--ids", sample]
+
+    def load() -> None:
+        while not server.started:
+            time.sleep(0.1)
+        time.sleep(3 if args.gpus else 0)  # the model processes load
+        subprocess.run(command, check=True)
+        server.should_exit = True
+
+    threading.Thread(target=load, daemon=True).start()
+    profile = cProfile.Profile()
+    profile.runcall(server.run)
+    profile.dump_stats(data_dir / "api.prof")
+    print(f"profile: {data_dir / 'api.prof'}", flush=True)
+    stats = pstats.Stats(profile)
+    stats.sort_stats("tottime").print_stats(args.top)
+    stats.sort_stats("cumulative").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
