@@ -455,9 +455,11 @@ class Supervisor:
                 await self.stop(task_id, beat.stop)
 
     async def _follow(self, live: list[RunningTask]) -> None:
-        assert self.child is not None
+        # The process this work was sent to: ``close`` may drop ``self.child`` while its last messages are read.
+        child = self.child
+        assert child is not None
         while True:
-            match await self.child.messages.get():
+            match await child.messages.get():
                 case Started():
                     for entry in live:
                         await self.store.start(entry.id, self.worker_id)
