@@ -35,17 +35,31 @@ def check_image(data: bytes, label: str, max_bytes: int, max_pixels: int) -> tup
         raise InvalidField(
             REFERENCES, f"{label} is {len(data):,} bytes; the limit is {max_bytes:,}.", limit=max_bytes, files=True
         )
+    fmt, width, height = _decode(data, label, max_pixels)
+    if fmt not in IMAGE_FORMATS:
+        raise InvalidField(REFERENCES, f"{label} is {fmt}; send PNG, JPEG, WebP, GIF, BMP or TIFF.", files=True)
+    if min(width, height) < 14 or max(width, height) / min(width, height) > 16:
+        raise InvalidField(
+            REFERENCES,
+            f"{label} is {width}x{height}; each side must be over 14 px and the aspect ratio within 1:16 to 16:1.",
+            files=True,
+        )
+    return IMAGE_FORMATS[fmt], width, height
 
-    def too_many(pixels: str) -> InvalidField:
-        reason = f"{label} has {pixels} pixels; the limit is {max_pixels:,}. Send a smaller image."
-        return InvalidField(REFERENCES, reason, limit=max_pixels, files=True)
 
+def _too_many(label: str, pixels: str, max_pixels: int) -> InvalidField:
+    reason = f"{label} has {pixels} pixels; the limit is {max_pixels:,}. Send a smaller image."
+    return InvalidField(REFERENCES, reason, limit=max_pixels, files=True)
+
+
+def _decode(data: bytes, label: str, max_pixels: int) -> tuple[str, int, int]:
+    """The format and upright size of an image, the pixel count checked from its header before it is decoded."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt = image.format or ""
             width, height = image.size
             if width * height > max_pixels:
-                raise too_many(f"{width}x{height}")
+                raise _too_many(label, f"{width}x{height}", max_pixels)
             if _orientation(image) in (5, 6, 7, 8):
                 width, height = height, width
             image.verify()
@@ -57,22 +71,14 @@ def check_image(data: bytes, label: str, max_bytes: int, max_pixels: int) -> tup
             image.load()
     except Image.DecompressionBombError as exc:  # Pillow refuses to open it at all (over twice its own limit)
         counted = re.search(r"\((\d+) pixels\)", str(exc))
-        raise too_many(f"{int(counted.group(1)):,}" if counted else "far too many") from None
+        raise _too_many(label, f"{int(counted.group(1)):,}" if counted else "far too many", max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
         raise InvalidField(
             REFERENCES,
             f"{label} is not an image this service can read. Send PNG, JPEG, WebP, GIF, BMP or TIFF.",
             files=True,
         ) from None
-    if fmt not in IMAGE_FORMATS:
-        raise InvalidField(REFERENCES, f"{label} is {fmt}; send PNG, JPEG, WebP, GIF, BMP or TIFF.", files=True)
-    if min(width, height) < 14 or max(width, height) / min(width, height) > 16:
-        raise InvalidField(
-            REFERENCES,
-            f"{label} is {width}x{height}; each side must be over 14 px and the aspect ratio within 1:16 to 16:1.",
-            files=True,
-        )
-    return IMAGE_FORMATS[fmt], width, height
+    return fmt, width, height
 
 
 def check_bytes(uploads: Sequence[Upload], max_pixels: int) -> int:

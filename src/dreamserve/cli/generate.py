@@ -73,14 +73,23 @@ def generate(
                 prompt, model=model, images=refs, size=size, max_images=max_images, watermark=watermark, seed=seed
             )
             task = _follow(client, run)
-            # Never overwrite the outputs of an earlier task that had the same names (0.png, ...).
-            names = [_free_name(out, str(o.get("name") or ""), task.id) for o in task.outputs]
-            paths = [client.download(o, out, filename=n) for o, n in zip(task.outputs, names, strict=True)]
+            paths = _save(client, task, out)
         except (DreamError, TimeoutError) as exc:
             error(f"[red]{type(exc).__name__}:[/] {escape(str(getattr(exc, 'message', None) or exc))}")
             sys.exit(1)
         except KeyboardInterrupt:
             sys.exit(130)
+    _report(task, paths, as_json)
+
+
+def _save(client: Client, task: Task, out: Path) -> list[Path]:
+    # Never overwrite the outputs of an earlier task that had the same names (0.png, ...).
+    names = [_free_name(out, str(o.get("name") or ""), task.id) for o in task.outputs]
+    return [client.download(o, out, filename=n) for o, n in zip(task.outputs, names, strict=True)]
+
+
+def _report(task: Task, paths: list[Path], as_json: bool) -> None:
+    """The saved files (or the JSON), and exit 1 for a task that did not succeed."""
     if as_json:
         click.echo(json.dumps({"task": task.data, "files": [str(p) for p in paths]}, indent=2))
     for path in [] if as_json else paths:
@@ -186,6 +195,25 @@ def _free_name(folder: Path, name: str, taskid: str) -> str | None:
     return f"{taskid}-{name}"
 
 
+def _credential_files(data_dir: Path | None) -> list[Path]:
+    """Where ``serve`` saved its credentials: ``--data-dir`` (or ``DREAMSERVE_DATA_DIR``), else the user's config
+    folder, then ``./dreamserve-data``."""
+    from dreamserve import userconfig
+
+    folder = data_dir or (Path(os.environ["DREAMSERVE_DATA_DIR"]) if os.environ.get("DREAMSERVE_DATA_DIR") else None)
+    if folder:
+        return [folder / userconfig.FILENAME]
+    return [userconfig.credentials_path(), Path(DEFAULT_DATA_DIR) / userconfig.FILENAME]
+
+
+def _secret_for(api_key: str, sources: list[dict[str, Any]]) -> str | None:
+    """The first secret from a source that names no key or this key."""
+    for source in sources:
+        if source.get("api_secret") and source.get("api_key") in (None, "", api_key):
+            return str(source["api_secret"])
+    return None
+
+
 def _credentials(
     server: str | None, key: str | None, secret: str | None, data_dir: Path | None
 ) -> tuple[str, str, str | None]:
@@ -195,15 +223,8 @@ def _credentials(
     A secret is taken only from a source that names no key or the same key, so a key given as a flag
     is never signed with the secret of another project found in the environment or the file.
     """
-    from dreamserve import userconfig
-
     env = os.environ
-    folder = data_dir or (Path(env["DREAMSERVE_DATA_DIR"]) if env.get("DREAMSERVE_DATA_DIR") else None)
-    files = (
-        [folder / userconfig.FILENAME]
-        if folder
-        else [userconfig.credentials_path(), Path(DEFAULT_DATA_DIR) / userconfig.FILENAME]
-    )
+    files = _credential_files(data_dir)
     sources: list[dict[str, Any]] = [
         {"server": server, "api_key": key, "api_secret": secret},
         {
@@ -221,8 +242,6 @@ def _credentials(
             f"No API key: pass --key, set DREAMSERVE_API_KEY, or start `dreamserve serve` once, which saves its "
             f"credentials (looked for {looked})."
         )
-    api_secret = next(
-        (s["api_secret"] for s in sources if s.get("api_secret") and s.get("api_key") in (None, "", api_key)), None
-    )
+    api_secret = _secret_for(str(api_key), sources)
     url = str(next((s["server"] for s in sources if s.get("server")), DEFAULT_SERVER))
     return (url if "://" in url else f"http://{url}"), str(api_key), api_secret

@@ -40,9 +40,12 @@ def error_from(body: Mapping[str, Any], response: httpx.Response) -> DreamError:
     message = str(first.get("message") or body.get("message") or f"HTTP {status} with result: false")
     code = to_int(first.get("code")) or 0
     typed = typed_error(first, message, response)
-    if typed is not None:
-        return typed
-    # A server that sends no ``type`` (Wiro itself): tell the classes apart by status, code and wording.
+    return typed if typed is not None else untyped_error(message, code, response)
+
+
+def untyped_error(message: str, code: int, response: httpx.Response) -> DreamError:
+    """A server that sends no ``type`` (Wiro itself): the classes told apart by status, code and wording."""
+    status = response.status_code
     lowered = message.lower()
     if status in (401, 403) or code == 99 or lowered.startswith(("project authorization", "project requires sign")):
         return AuthError(message)
