@@ -298,6 +298,23 @@ async def check_url(url: str, policy: FetchPolicy, timeout: float) -> None:
         policy.check(host, address)
 
 
+def _check_answer(response: httpx.Response, url: str, max_bytes: int) -> None:
+    """Refuse an answer that is not the image before its body is read: a status, an encoding, a length."""
+    if response.status_code != 200:
+        raise InvalidRequest(f"Fetching {url[:80]!r} answered HTTP {response.status_code}.")
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        # We asked for identity. Decoding would let a few kB expand to gigabytes (gzip of gzip) before any cap
+        # could see it, so the body is refused unread.
+        raise InvalidRequest(
+            f"{url[:80]!r} was sent with Content-Encoding {encoding[:40]!r}; this server asks for and accepts only "
+            "uncompressed (identity) bodies. Serve the image file as it is."
+        )
+    declared = response.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
+        raise InvalidRequest(f"{url[:80]!r} is {int(declared):,} bytes; the limit is {max_bytes:,}.")
+
+
 async def fetch(
     url: str, *, max_bytes: int, timeout: float, allow_private: bool, allow_hosts: Sequence[str] = ()
 ) -> bytes:
@@ -312,19 +329,7 @@ async def fetch(
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
-                    if response.status_code != 200:
-                        raise InvalidRequest(f"Fetching {url[:80]!r} answered HTTP {response.status_code}.")
-                    encoding = response.headers.get("content-encoding", "").strip().lower()
-                    if encoding not in ("", "identity"):
-                        # We asked for identity. Decoding would let a few kB expand to gigabytes (gzip of gzip)
-                        # before any cap could see it, so the body is refused unread.
-                        raise InvalidRequest(
-                            f"{url[:80]!r} was sent with Content-Encoding {encoding[:40]!r}; this server asks for "
-                            "and accepts only uncompressed (identity) bodies. Serve the image file as it is."
-                        )
-                    declared = response.headers.get("content-length", "")
-                    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
-                        raise InvalidRequest(f"{url[:80]!r} is {int(declared):,} bytes; the limit is {max_bytes:,}.")
+                    _check_answer(response, url, max_bytes)
                     data = bytearray()
                     # Raw bytes, never decoded: what is counted is what arrived.
                     async for chunk in response.aiter_raw():

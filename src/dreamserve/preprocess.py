@@ -116,25 +116,32 @@ class Preprocessor:
             async with asyncio.timeout(self.settings.fetch_timeout_seconds):
                 files = await asyncio.gather(*fetches)
         except BaseException as exc:
-            for fetching in fetches:
-                fetching.cancel()
-            await asyncio.gather(*fetches, return_exceptions=True)
-            for fetching in fetches:
-                if not fetching.cancelled() and fetching.exception() is None:
-                    await asyncio.to_thread(self.blobs.delete, fetching.result().blob_key)
+            await self._undo(fetches)
             if not isinstance(exc, TimeoutError):
                 raise
-            late = ", ".join(repr(url[:60]) for url in list(pending.values())[:3])
-            more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
-            limit = self.settings.fetch_timeout_seconds
-            raise InvalidRequest(
-                f"The inputImage URLs of this task did not all arrive within {limit:.0f} s (fetch_timeout_seconds, "
-                f"one deadline for all of a task's URLs): still waiting for {late}{more}. "
-                "Upload the images instead, or serve them from a faster host."
-            ) from None
+            raise self._late(pending) from None
         for (position, url), file in zip(wanted, files, strict=True):
             references[position] = StoredReference(blob_key=file.blob_key, url=url)
         return job.model_copy(update={"references": tuple(references)}), list(files)
+
+    async def _undo(self, fetches: list[asyncio.Task[File]]) -> None:
+        """Stop the fetches still running and delete the blobs of those that were done."""
+        for fetching in fetches:
+            fetching.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
+        for fetching in fetches:
+            if not fetching.cancelled() and fetching.exception() is None:
+                await asyncio.to_thread(self.blobs.delete, fetching.result().blob_key)
+
+    def _late(self, pending: dict[int, str]) -> InvalidRequest:
+        late = ", ".join(repr(url[:60]) for url in list(pending.values())[:3])
+        more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
+        limit = self.settings.fetch_timeout_seconds
+        return InvalidRequest(
+            f"The inputImage URLs of this task did not all arrive within {limit:.0f} s (fetch_timeout_seconds, "
+            f"one deadline for all of a task's URLs): still waiting for {late}{more}. "
+            "Upload the images instead, or serve them from a faster host."
+        )
 
     async def _fetch_one(
         self, task: Task, position: int, url: str, folder: str, deadline: float, pending: dict[int, str]

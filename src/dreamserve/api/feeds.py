@@ -234,12 +234,15 @@ class TaskFeeds:
         behind = {task_id for id_, task_id in written if (feed := self._feeds.get(task_id)) and id_ > feed.last}
         feeds = [self._feeds[task_id] for task_id in behind if task_id in self._feeds]
         for start in range(0, len(feeds), POLL_CHUNK):
-            chunk = feeds[start : start + POLL_CHUNK]
-            events = await self.services.store.events_after({feed.task_id: feed.last for feed in chunk})
-            by_task: dict[int, list[Event]] = defaultdict(list)
-            for event in events:
-                by_task[event.task_id].append(event)
-            for feed in chunk:
-                if by_task.get(feed.task_id) and not feed.ended:
-                    await feed.deliver(by_task[feed.task_id])
+            await self._deliver(feeds[start : start + POLL_CHUNK])
         return max([mark, *(id_ for id_, _ in written)])
+
+    async def _deliver(self, chunk: list[TaskFeed]) -> None:
+        """The new events of these feeds' tasks, read in one query, each delivered to its feed."""
+        events = await self.services.store.events_after({feed.task_id: feed.last for feed in chunk})
+        by_task: dict[int, list[Event]] = defaultdict(list)
+        for event in events:
+            by_task[event.task_id].append(event)
+        for feed in chunk:
+            if by_task.get(feed.task_id) and not feed.ended:
+                await feed.deliver(by_task[feed.task_id])

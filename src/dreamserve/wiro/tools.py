@@ -225,20 +225,26 @@ def select_tools(
 ) -> list[Tool]:
     """Tool/List's filters: search text, owner, any of the categories, any of the tags; then its order."""
     owner = slugowner.strip().lower()
-    wanted = {c.strip().lower() for c in categories if c.strip()}
-    wanted_tags = {t.strip().lower() for t in tags if t.strip()}
+    wanted, wanted_tags = _words(categories), _words(tags)
     chosen = [
         tool
         for tool in tools
-        if tool.matches(search)
-        and (not owner or tool.slugowner == owner)
-        and (not wanted or wanted & set(tool.categories))
-        and (not wanted_tags or wanted_tags & set(tool.tags))
+        if tool.matches(search) and (not owner or tool.slugowner == owner) and _any_of(wanted, tool.categories)
+        if _any_of(wanted_tags, tool.tags)
     ]
     if sort == "relevance":
         chosen.sort(key=lambda tool: (-tool.matches(search), tool.id))
         return chosen[::-1] if descending else chosen
     return sorted(chosen, key=lambda tool: tool.id, reverse=descending)
+
+
+def _words(values: Sequence[str]) -> set[str]:
+    return {value.strip().lower() for value in values if value.strip()}
+
+
+def _any_of(wanted: set[str], have: Sequence[str]) -> bool:
+    """No filter, or one of ``have`` is wanted."""
+    return not wanted or bool(wanted & set(have))
 
 
 def find_tool(tools: Sequence[Tool], slugowner: str, slugproject: str) -> Tool | None:
