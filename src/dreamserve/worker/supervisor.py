@@ -40,6 +40,7 @@ from dreamserve.worker.protocol import (
     Done,
     Error,
     Fatal,
+    FromChild,
     Gone,
     GroupDone,
     ImageFailed,
@@ -365,22 +366,24 @@ class Supervisor:
         # One folder per claim: an attempt given back (``requeue(refund=True)``) repeats the attempt number.
         scratches = [self.settings.data_dir / "scratch" / f"{task.id}-{new_blob_folder()}" for task in group]
         try:
-            for entry, scratch in zip(list(self.running.values()), scratches, strict=True):
-                if not await self._prepare(entry, scratch):
-                    entry.settle()  # failed its inputs, or was cancelled, before the model ran
-            for entry in self.running.values():
-                if entry.stop and entry.settle():  # stopped after its inputs were ready, before the model got it
-                    await self._record_stopped(entry)
-            live = [entry for entry in self.running.values() if not entry.settled]
-            if not live:
-                return
-            if await self._send(live):
+            live = await self._prepare_all(scratches)
+            if live and await self._send(live):
                 await self._follow(live)
         finally:
             heartbeat.cancel()
             for scratch in scratches:
                 await asyncio.to_thread(shutil.rmtree, scratch, ignore_errors=True)
             self.running = {}
+
+    async def _prepare_all(self, scratches: list[Path]) -> list[RunningTask]:
+        """Prepare every claimed task in its scratch folder; the ones still to run (not failed nor stopped)."""
+        for entry, scratch in zip(list(self.running.values()), scratches, strict=True):
+            if not await self._prepare(entry, scratch):
+                entry.settle()  # failed its inputs, or was cancelled, before the model ran
+        for entry in self.running.values():
+            if entry.stop and entry.settle():  # stopped after its inputs were ready, before the model got it
+                await self._record_stopped(entry)
+        return [entry for entry in self.running.values() if not entry.settled]
 
     async def _send(self, live: list[RunningTask]) -> bool:
         """Hand the prepared tasks to the model process; False (and the tasks re-queued) if it had died."""
@@ -458,35 +461,37 @@ class Supervisor:
         # The process this work was sent to: ``close`` may drop ``self.child`` while its last messages are read.
         child = self.child
         assert child is not None
-        while True:
-            match await child.messages.get():
-                case Started():
-                    for entry in live:
-                        await self.store.start(entry.id, self.worker_id)
-                case Step(job=job, step=step, total=total, elapsed=elapsed, preview=preview):
-                    entry = live[job]
-                    entry.log.append(f"step {step}/{total}")
-                    step_done = Progress(step=step, total=total, elapsed=elapsed, preview=preview)
-                    await self.store.progress(entry.id, self.worker_id, step_done)
-                case ImageSaved(job=job) | ImageFailed(job=job) as saved:
-                    await self._saved(live[job], saved)
-                case JobCanceled(job=job):
-                    # A cancelled member of a group: the shared pipeline call goes on for the others, but this
-                    # task's images will be dropped, so it ends now rather than when the call ends.
-                    await self._settle(live[job], Canceled())
-                case GroupDone(outcomes=outcomes):
-                    for entry, outcome in zip(live, outcomes, strict=True):
-                        await self._settle(entry, outcome)
-                    return
-                case Done() | Canceled() | Error() as outcome:
-                    for entry in live:
-                        await self._settle(entry, outcome)
-                    return
-                case Gone():
-                    await self._child_exited(live)
-                    return
-                case other:
-                    log.warning("unexpected message from the model process: %r", other)
+        while not await self._on_message(live, await child.messages.get()):
+            pass
+
+    async def _on_message(self, live: list[RunningTask], message: FromChild) -> bool:
+        """Record one message of the model process about the running work; True once the work has ended."""
+        match message:
+            case Started():
+                for entry in live:
+                    await self.store.start(entry.id, self.worker_id)
+            case Step(job=job, step=step, total=total, elapsed=elapsed, preview=preview):
+                entry = live[job]
+                entry.log.append(f"step {step}/{total}")
+                step_done = Progress(step=step, total=total, elapsed=elapsed, preview=preview)
+                await self.store.progress(entry.id, self.worker_id, step_done)
+            case ImageSaved(job=job) | ImageFailed(job=job) as saved:
+                await self._saved(live[job], saved)
+            case JobCanceled(job=job):
+                # A cancelled member of a group: the shared pipeline call goes on for the others, but this task's
+                # images will be dropped, so it ends now rather than when the call ends.
+                await self._settle(live[job], Canceled())
+            case GroupDone() | Done() | Canceled() | Error() as outcome:
+                outcomes = outcome.outcomes if isinstance(outcome, GroupDone) else (outcome,) * len(live)
+                for entry, each in zip(live, outcomes, strict=True):
+                    await self._settle(entry, each)
+                return True
+            case Gone():
+                await self._child_exited(live)
+                return True
+            case other:
+                log.warning("unexpected message from the model process: %r", other)
+        return False
 
     async def _settle(self, entry: RunningTask, outcome: Outcome) -> None:
         """End one task from what the child reported for it (once: a cancelled group member ends early)."""
