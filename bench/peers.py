@@ -286,8 +286,13 @@ def noise_check(figures: Figures) -> Iterator[Callable[[Tree], None]]:
 
 
 def environment(config: Config, **more: str) -> dict[str, str]:
-    """This process's environment for a system's tree, with ``ALLOCATOR`` unless ``--glibc-defaults``."""
-    return {**os.environ, **(ALLOCATOR if config.same_allocator else {}), **more}
+    """This process's environment for a system's tree, with ``ALLOCATOR`` on a CPU unless ``--glibc-defaults`` (on
+    a GPU the model process gives host memory back: ``malloc.py``)."""
+    return {**os.environ, **(ALLOCATOR if same_allocator(config) else {}), **more}
+
+
+def same_allocator(config: Config) -> bool:
+    return config.same_allocator and config.device == "cpu"
 
 
 def measure_raw(config: Config, figures: Figures, batched: bool, scratch: Path) -> None:
@@ -561,8 +566,8 @@ def main() -> None:
         same_allocator=not args.glibc_defaults,
     )
     allocator = (
-        "glibc's defaults for the peers (dreamserve's model process sets its own)"
-        if args.glibc_defaults
+        "glibc's defaults for the peers (dreamserve's model process sets its own on a CPU)"
+        if not same_allocator(config)
         else "every system's processes with " + " ".join(f"{k}={v}" for k, v in ALLOCATOR.items())
     )
     print(
