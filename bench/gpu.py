@@ -128,7 +128,9 @@ def service(model: str, device: str, config: str, size: int, steps: int, images:
     figures = Figures("dreamserve", 0)
     options = CONFIGS[config]
     measure_dreamserve(
-        Config(model, steps, size, "bfloat16", device, images, clients, ready_timeout=1800, options=options),
+        Config(
+            model, steps, size, "bfloat16", device, images, clients, 1800, same_allocator=False, options=options
+        ),  # the raw rows ran in this process, with glibc's defaults
         figures,
         Path(tempfile.mkdtemp(prefix="dreamserve-gpu-")),
     )

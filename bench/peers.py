@@ -17,6 +17,13 @@ wall time minus the server's own stage timings, one-client run), the peak RSS of
 polled), and the CPU seconds that *other* processes used during its run (a noise check: near 0 on a quiet
 machine). The summary gives min/median/max over rounds and the ratios to the raw floors of the same round.
 Needs ``dreamserve[bench]`` (litserve, psutil).
+
+Every system's process tree runs with the same glibc allocator settings by default (``ALLOCATOR``: those that
+dreamserve's model process sets for itself on a CPU, ``dreamserve/malloc.py``, as environment variables), so that
+no system is ahead by its allocator alone; ``--glibc-defaults`` runs the peers with glibc's defaults instead
+(dreamserve's model process still sets its own). The table says which. For dreamserve, one task of the
+throughput run (the first of its largest batch) is laid out as a timeline from the client's Run to its PNG on
+disk: the client's clock, the task's event log and its ``details.timings`` (one machine, one clock).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import base64
 import json
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -46,6 +54,9 @@ from overhead import PROMPT, free_port, machine
 SYSTEMS = ("raw", "raw-batched", "dreamserve", "litserve", "litserve-batched")
 #: LitServe's batching as the issue measured it: collect up to ``--clients`` requests for at most 100 ms.
 LITSERVE_BATCH_TIMEOUT = 0.1
+#: What ``malloc.keep_freed_memory`` sets with ``mallopt``, as glibc's environment variables: every block from the
+#: heap (no mmap), and a trim threshold no heap reaches (the variable takes no -1).
+ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 62)}
 
 
 @dataclass
@@ -58,6 +69,8 @@ class Config:
     images: int
     clients: int
     ready_timeout: float
+    #: Every system's processes get ``ALLOCATOR`` (else the peers run with glibc's defaults).
+    same_allocator: bool = True
     #: More ModelSpec fields for every system (``compile``, ``quantize``: bench/gpu.py).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -76,6 +89,8 @@ class Figures:
     other_cpu_s: float = 0.0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: dreamserve only: one batched task of the throughput run, moment by moment (``timeline``).
+    timeline: list[tuple[float, str]] = field(default_factory=list)
 
 
 # -- the model, as every system loads and calls it ---------------------------------------------------------------
@@ -270,10 +285,20 @@ def noise_check(figures: Figures) -> Iterator[Callable[[Tree], None]]:
     figures.other_cpu_s = max(0.0, busy_cpu_seconds() - busy_start - ours)
 
 
+def environment(config: Config, **more: str) -> dict[str, str]:
+    """This process's environment for a system's tree, with ``ALLOCATOR`` on a CPU unless ``--glibc-defaults`` (on
+    a GPU the model process gives host memory back: ``malloc.py``)."""
+    return {**os.environ, **(ALLOCATOR if same_allocator(config) else {}), **more}
+
+
+def same_allocator(config: Config) -> bool:
+    return config.same_allocator and config.device == "cpu"
+
+
 def measure_raw(config: Config, figures: Figures, batched: bool, scratch: Path) -> None:
     command = [sys.executable, __file__, "_raw", json.dumps(asdict(config)), "1" if batched else "0"]
     with noise_check(figures) as watch:
-        tree = Tree(command, scratch / "raw.log")
+        tree = Tree(command, scratch / "raw.log", environment(config))
         watch(tree)
         try:
             figures.ready_s, _ = tree.wait_line("ready", config.ready_timeout)
@@ -289,12 +314,12 @@ def measure_dreamserve(config: Config, figures: Figures, scratch: Path) -> None:
     from dreamserve.client import Client
 
     port = free_port()
-    env = {
-        **os.environ,
-        "DREAMSERVE_DATA_DIR": str(scratch / "data"),
-        "DREAMSERVE_MIN_PIXELS": str(min(config.size * config.size, 1280 * 720)),
-        "DREAMSERVE_MODELS": json.dumps({"bytedance/seedream-v4": model_spec(config)}),
-    }
+    env = environment(
+        config,
+        DREAMSERVE_DATA_DIR=str(scratch / "data"),
+        DREAMSERVE_MIN_PIXELS=str(min(config.size * config.size, 1280 * 720)),
+        DREAMSERVE_MODELS=json.dumps({"bytedance/seedream-v4": model_spec(config)}),
+    )
     command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with noise_check(figures) as watch:
@@ -307,22 +332,48 @@ def measure_dreamserve(config: Config, figures: Figures, scratch: Path) -> None:
             def session() -> Client:
                 return Client(url, creds["api_key"], creds["api_secret"])
 
+            clocks: dict[str, dict[str, float]] = {}
+
             def one(client: Client, name: str) -> tuple[float, float]:
                 started = time.perf_counter()
+                sent = time.time()
                 run = client.run(PROMPT, size=f"{config.size}x{config.size}")
+                answered = time.time()
                 task = client.wait(tasktoken=run.socketaccesstoken)
                 if not task.succeeded:
                     raise RuntimeError(f"dreamserve task failed: {task.data.get('debugerror')}")
+                seen = time.time()
                 client.download(task.outputs[0], scratch / name)
+                if name.startswith("tp"):  # the throughput run's
+                    clocks[run.taskid] = {"run sent": sent, "run answered": answered, "final seen": seen}
+                    clocks[run.taskid]["png on disk"] = time.time()
                 timings = (task.data.get("details") or {}).get("timings", {})
                 # The model's own work (encode, denoise, decode, upscale, PNG save); the rest is the service's.
                 stages = sum(v for k, v in timings.items() if k not in ("queue", "preprocess", "load"))
                 return time.perf_counter() - started, stages
 
             _measure_client_side(config, figures, tree, session, one)
+            figures.timeline = timeline(scratch / "data" / "dreamserve.db", clocks)
         finally:
             figures.peak_rss_gib = tree.peak_rss / 2**30
             tree.stop()
+
+
+def timeline(database: Path, clocks: dict[str, dict[str, float]]) -> list[tuple[float, str]]:
+    """The first task of the largest batch of the throughput run, as (seconds since its Run was sent, what):
+    the client's moments, the task's events and the stages its ``details.timings`` reports, in order."""
+    with sqlite3.connect(database) as db:
+        tasks = {str(id_): json.loads(details or "{}") for id_, details in db.execute("SELECT id, details FROM tasks")}
+        taskid = max(clocks, key=lambda t: (len(tasks.get(t, {}).get("batched_with") or []), -int(t)))
+        events = db.execute("SELECT type, created FROM task_events WHERE task_id = ? ORDER BY id", (int(taskid),))
+        moments = [(created, f"event {kind}") for kind, created in events]
+    moments += [(at, f"client: {what}") for what, at in clocks[taskid].items()]
+    start = clocks[taskid]["run sent"]
+    lines = sorted((at - start, what) for at, what in moments)
+    details = tasks.get(taskid, {})
+    stages = ", ".join(f"{name} {seconds:.3f}" for name, seconds in (details.get("timings") or {}).items())
+    batch = len(details.get("batched_with") or []) + 1
+    return [*lines, (lines[-1][0], f"task {taskid}, batch of {batch}; details.timings (s): {stages}")]
 
 
 def measure_litserve(config: Config, figures: Figures, batched: bool, scratch: Path) -> None:
@@ -330,7 +381,7 @@ def measure_litserve(config: Config, figures: Figures, batched: bool, scratch: P
     command = [sys.executable, __file__, "_litserve", json.dumps(asdict(config)), str(port), "1" if batched else "0"]
     url = f"http://127.0.0.1:{port}"
     with noise_check(figures) as watch:
-        tree = Tree(command, scratch / "litserve.log")
+        tree = Tree(command, scratch / "litserve.log", environment(config))
         watch(tree)
         try:
             figures.ready_s = _wait_http(f"{url}/health", tree, config.ready_timeout)
@@ -430,7 +481,7 @@ def spread(values: list[float], digits: int = 3) -> str:
     return "/".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
 
 
-def summary(results: list[Figures], systems: list[str]) -> None:
+def summary(results: list[Figures], systems: list[str], allocator: str) -> None:
     by_round: dict[int, dict[str, Figures]] = {}
     for figures in results:
         by_round.setdefault(figures.round, {})[figures.system] = figures
@@ -454,7 +505,7 @@ def summary(results: list[Figures], systems: list[str]) -> None:
     def minus_raw(f: Figures, row: dict[str, Figures]) -> float | None:
         return f.first_image_s - row["raw"].first_image_s if "raw" in row else None
 
-    print("\nmin/median/max over rounds; ratios are to the raw floors of the same round")
+    print("\nmin/median/max over rounds; ratios are to the raw floors of the same round; allocator: " + allocator)
     head = (
         "| system | throughput / raw batched | throughput / raw 1-by-1 | latency / raw | overhead s/image | "
         "images/s | latency s | ready s | first image s | first image - raw s | peak RSS GiB | other CPU s |"
@@ -494,18 +545,36 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--ready-timeout", type=float, default=1800)
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="run the peers with glibc's default allocator, not dreamserve's CPU settings (ALLOCATOR)",
+    )
     args = parser.parse_args()
 
     folder = args.weights or Path(tempfile.gettempdir()) / f"dreamserve-peers-{args.model.split(':')[-1]}-{args.dtype}"
     build_folder(args.model, args.dtype, args.device, folder)
     config = Config(
-        str(folder), args.steps, args.size, args.dtype, args.device, args.images, args.clients, args.ready_timeout
+        str(folder),
+        args.steps,
+        args.size,
+        args.dtype,
+        args.device,
+        args.images,
+        args.clients,
+        args.ready_timeout,
+        same_allocator=not args.glibc_defaults,
+    )
+    allocator = (
+        "glibc's defaults for the peers (dreamserve's model process sets its own on a CPU)"
+        if not same_allocator(config)
+        else "every system's processes with " + " ".join(f"{k}={v}" for k, v in ALLOCATOR.items())
     )
     print(
         f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model {args.model} "
         f"({folder}), {args.size}x{args.size}, {args.steps} step(s), {args.dtype} on {args.device}; "
         f"{args.images} image(s) for latency, {args.images * args.clients} for throughput with {args.clients} "
-        f"clients; {args.rounds} round(s)",
+        f"clients; {args.rounds} round(s); allocator: {allocator}",
         flush=True,
     )
     results: list[Figures] = []
@@ -522,7 +591,9 @@ def main() -> None:
                 f"{figures.peak_rss_gib:.2f} GiB, other CPU {figures.other_cpu_s:.1f} s (wall {figures.wall_s:.0f} s)",
                 flush=True,
             )
-    summary(results, args.systems)
+            for seconds, what in figures.timeline:
+                print(f"  {seconds:8.3f} s  {what}", flush=True)
+    summary(results, args.systems, allocator)
     if args.json:
         args.json.write_text(json.dumps([asdict(f) for f in results], indent=1))
 
