@@ -146,32 +146,41 @@ def resolve(spec: ModelSpec, family: str | None = None) -> ResolvedModel:
     preset = PRESETS.get(spec.source)
     family = family or (preset.family if preset else None)
     defaults = FAMILY_DEFAULTS.get(family or "other", FAMILY_DEFAULTS["other"])
+    limits = preset or defaults  # what the preset says, else the family's defaults
+    steps, call_kwargs, scheduler = _sampling(spec, family, limits.steps, dict(defaults.call_kwargs))
     options = dict(preset.options) if preset else {}
-    call_kwargs = dict(defaults.call_kwargs)
+    preset_name, source, licence = (spec.source, preset.source, preset.licence) if preset else _own_source(spec)
+    return ResolvedModel(
+        preset=preset_name,
+        source=source,
+        family=family,
+        steps=spec.steps or steps,
+        max_pixels=spec.max_pixels or limits.max_pixels,
+        max_references=limits.max_references if spec.max_references is None else spec.max_references,
+        call_kwargs=call_kwargs,
+        scheduler_overrides=scheduler,
+        reference_kv_cache=spec.reference_kv_cache or bool(options.get("reference_kv_cache")),
+        licence=licence,
+    )
+
+
+def _own_source(spec: ModelSpec) -> tuple[None, str, str]:
+    """A source that names no preset: its own source, and its model card's licence."""
+    return None, spec.source, "see the model card"
+
+
+def _sampling(
+    spec: ModelSpec, family: str | None, steps: int, call_kwargs: dict[str, Any]
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Steps, pipeline call arguments and scheduler overrides, a step-distilled LoRA's included."""
     scheduler: dict[str, Any] = {}
-    steps = preset.steps if preset else defaults.steps
     if spec.lora and family in LIGHTNING_FAMILIES:
         steps = lora_steps(spec.lora, spec.lora_steps)
         call_kwargs.update(LIGHTNING_CALL_KWARGS)
         scheduler.update(LIGHTNING_SCHEDULER)
     elif spec.lora and spec.lora_steps:
         steps = spec.lora_steps
-    return ResolvedModel(
-        preset=spec.source if preset else None,
-        source=preset.source if preset else spec.source,
-        family=family,
-        steps=spec.steps or steps,
-        max_pixels=spec.max_pixels or (preset.max_pixels if preset else defaults.max_pixels),
-        max_references=(
-            spec.max_references
-            if spec.max_references is not None
-            else (preset.max_references if preset else defaults.max_references)
-        ),
-        call_kwargs=call_kwargs,
-        scheduler_overrides=scheduler,
-        reference_kv_cache=spec.reference_kv_cache or bool(options.get("reference_kv_cache")),
-        licence=preset.licence if preset else "see the model card",
-    )
+    return steps, call_kwargs, scheduler
 
 
 def lora_steps(lora: str, given: int | None) -> int:
