@@ -75,26 +75,39 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     dtype = resolve_dtype(spec, device)
     # Checked before the weights load: a setting this machine cannot honour fails in a second, not minutes.
     quantize = fp8_quantizer(device) if spec.quantize == "fp8" else None
-    source = resolve(spec).source
+    pipeline = _weights(spec, resolve(spec).source, dtype, device)
+    # from_pretrained already loaded in ``dtype``; the tiny builds are float32 unless asked otherwise.
+    pipeline = pipeline.to(device) if pipeline.dtype == dtype else pipeline.to(device=device, dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline = _adapted(spec, pipeline)
+    if quantize is not None:
+        quantize(getattr(pipeline, "transformer", None) or pipeline.unet)
+    if spec.compile:
+        _compile(getattr(pipeline, "transformer", None) or pipeline.unet)
+    return pipeline, family_of(pipeline)
+
+
+def _weights(spec: ModelSpec, source: str, dtype: torch.dtype, device: str) -> Any:
+    """The pipeline ``source`` names: a built one (tiny, random-weight), a folder, a checkpoint file, a hub id."""
     if source in BUILDERS:
         module, builder = BUILDERS[source]
         build = getattr(importlib.import_module(module), builder)
         # Random real-size models are created on their device, in their dtype: seconds on a GPU, not minutes.
-        pipeline = build() if source.startswith("tiny") else build(dtype=dtype, device=device)
-    elif Path(source).is_dir():
-        pipeline = _from_pretrained(source, dtype, local_only=True)
-    elif Path(source).suffix in (".safetensors", ".ckpt"):
-        pipeline = _from_single_file(Path(source), dtype, local_only=not spec.allow_download)
-    elif _looks_like_path(source):
+        return build() if source.startswith("tiny") else build(dtype=dtype, device=device)
+    if Path(source).is_dir():
+        return _from_pretrained(source, dtype, local_only=True)
+    if Path(source).suffix in (".safetensors", ".ckpt"):
+        return _from_single_file(Path(source), dtype, local_only=not spec.allow_download)
+    if _looks_like_path(source):
         raise WeightsNotFound(
             f"{source} does not exist. --model takes a preset ({', '.join(sorted(PRESETS))}), a diffusers folder, "
             "a .safetensors/.ckpt checkpoint or a hub id (owner/name)."
         )
-    else:
-        pipeline = _from_pretrained(source, dtype, local_only=not spec.allow_download)
-    # from_pretrained already loaded in ``dtype``; the tiny builds are float32 unless asked otherwise.
-    pipeline = pipeline.to(device) if pipeline.dtype == dtype else pipeline.to(device=device, dtype=dtype)
-    pipeline.set_progress_bar_config(disable=True)
+    return _from_pretrained(source, dtype, local_only=not spec.allow_download)
+
+
+def _adapted(spec: ModelSpec, pipeline: Any) -> Any:
+    """The LoRA fused in, its scheduler overrides, the reference KV cache: what the spec adds to the weights."""
     if spec.lora:
         # Needs ``peft``. Fused, then the adapter dropped: no per-step LoRA cost, and torch.compile sees plain weights.
         pipeline.load_lora_weights(spec.lora, local_files_only=not spec.allow_download)
@@ -105,17 +118,16 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
     if spec.reference_kv_cache:
         pipeline = _with_reference_kv_cache(pipeline)
-    if quantize is not None:
-        quantize(getattr(pipeline, "transformer", None) or pipeline.unet)
-    if spec.compile:
-        denoiser = getattr(pipeline, "transformer", None) or pipeline.unet
-        # Regional compilation compiles one repeated block and reuses it: far shorter compile times.
-        compile_blocks = getattr(denoiser, "compile_repeated_blocks", None)
-        if compile_blocks is not None and getattr(denoiser, "_repeated_blocks", None):
-            compile_blocks(fullgraph=True)
-        else:
-            denoiser.compile()
-    return pipeline, family_of(pipeline)
+    return pipeline
+
+
+def _compile(denoiser: Any) -> None:
+    # Regional compilation compiles one repeated block and reuses it: far shorter compile times.
+    compile_blocks = getattr(denoiser, "compile_repeated_blocks", None)
+    if compile_blocks is not None and getattr(denoiser, "_repeated_blocks", None):
+        compile_blocks(fullgraph=True)
+    else:
+        denoiser.compile()
 
 
 #: FP8 matmuls (``torch._scaled_mm``) need FP8 tensor cores: compute capability 8.9 (Ada) or newer.

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,43 @@ class _Call:
     steps: int
     reported_steps: int
     method: str
+
+
+@dataclass
+class _Group:
+    """A group's state while its batches run: each job's outcome once it ended, its finished images, its steps."""
+
+    jobs: list[GenerationJob]
+    batches: list[list[tuple[int, int]]]
+    steps_per_batch: int
+    outcome: list[GenerationResult | Exception | None] = field(init=False)
+    done: dict[int, list[GeneratedImage | FailedImage]] = field(init=False)
+    steps_of: dict[int, int] = field(init=False)
+    steps_done: dict[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.outcome = [None] * len(self.jobs)
+        self.done = {index: [] for index in range(len(self.jobs))}
+        self.steps_of = {index: self.steps_per_batch * self._batches_of(index) for index in self.done}
+        self.steps_done = dict.fromkeys(self.done, 0)
+
+    def _batches_of(self, index: int) -> int:
+        return sum(any(i == index for i, _ in batch) for batch in self.batches)
+
+    def live(
+        self, batch: list[tuple[int, int]], should_stop: Callable[[int], bool]
+    ) -> tuple[list[tuple[int, int]], list[int]]:
+        """The images of a batch still wanted (their job neither ended nor stopped), and those jobs."""
+        live = [(i, seed) for i, seed in batch if self.outcome[i] is None and not should_stop(i)]
+        return live, sorted({i for i, _ in live})
+
+    def advance(self, members: list[int], should_stop: Callable[[int], bool]) -> None:
+        """A batch is done: its jobs' steps move on, and a job asked to stop is interrupted."""
+        for index in members:
+            self.steps_done[index] += self.steps_per_batch
+        for index in range(len(self.jobs)):
+            if self.outcome[index] is None and should_stop(index):
+                self.outcome[index] = Interrupted()
 
 
 class Engine:
@@ -132,53 +169,59 @@ class Engine:
         started = time.perf_counter()
 
         # 2. Plan sizes and batches: every image of every job, max_batch per pipeline call.
-        gen_width, gen_height = native_size(first.width, first.height, self.model.max_pixels)
+        size = native_size(first.width, first.height, self.model.max_pixels)
         images = [(index, job.seed + n) for index, job in enumerate(jobs) for n in range(job.num_images)]
         batches = [images[i : i + self.spec.max_batch] for i in range(0, len(images), self.spec.max_batch)]
-        method = describe(gen_width, gen_height, first.width, first.height, self.upscaler)
+        method = describe(size[0], size[1], first.width, first.height, self.upscaler)
 
         # 3. Load references (the first max_references of them; shrunk when there are many).
-        used = first.references[: self.model.max_references]
-        references = [load_reference(path, len(used)) for path in used]
-        call = self._plan_call(references, gen_width, gen_height, method)
-        if len(used) < len(first.references):
-            call.method += f" ({len(first.references) - len(used)} of {len(first.references)} references not used)"
+        call = self._reference_call(first, size, method)
 
         # 4. Denoise, batch by batch, one seed per image.
         timings = {"encode": time.perf_counter() - started, "denoise": 0.0, "decode": 0.0, "upscale": 0.0, "save": 0.0}
-        outcome: list[GenerationResult | Exception | None] = [None] * len(jobs)
-        done: dict[int, list[GeneratedImage | FailedImage]] = {index: [] for index in range(len(jobs))}
-        steps_of = {index: call.reported_steps * sum(any(i == index for i, _ in b) for b in batches) for index in done}
-        steps_done = dict.fromkeys(done, 0)
+        group = _Group(jobs, batches, call.reported_steps)
         for batch in batches:
-            batch = [(i, seed) for i, seed in batch if outcome[i] is None and not should_stop(i)]
-            members = sorted({i for i, _ in batch})
-            # Each job's preview shows its first image in this batch.
-            rows = {index: next(row for row, (i, _) in enumerate(batch) if i == index) for index in members}
-
-            def report(
-                step: int, elapsed: float, grids: Any, members: list[int] = members, rows: dict[int, int] = rows
-            ) -> None:
-                for index in members:
-                    preview = None
-                    if grids is not None and self.previewer is not None:
-                        preview = self.previewer.render(grids[rows[index]], gen_width, gen_height)
-                    on_step(index, StepInfo(steps_done[index] + step, steps_of[index], elapsed, preview))
-
-            if batch:
-                prompts = [jobs[i].prompt for i, _ in batch]
-                seeds = [seed for _, seed in batch]
+            live, members = group.live(batch, should_stop)
+            if live:
+                report = self._reporter(group, live, members, size, on_step)
                 stop_all = lambda members=members: all(should_stop(i) for i in members)  # noqa: E731
-                output = self._denoise(call, prompts, gen_width, gen_height, seeds, timings, started, report, stop_all)
-                self._finish_batch(jobs, list(zip(batch, output, strict=True)), done, timings, should_stop, on_image)
-            for index in members:
-                steps_done[index] += call.reported_steps
-            for index in range(len(jobs)):
-                if outcome[index] is None and should_stop(index):
-                    outcome[index] = Interrupted()
+                prompts, seeds = [jobs[i].prompt for i, _ in live], [seed for _, seed in live]
+                output = self._denoise(call, prompts, size[0], size[1], seeds, timings, started, report, stop_all)
+                self._finish_batch(
+                    jobs, list(zip(live, output, strict=True)), group.done, timings, should_stop, on_image
+                )
+            group.advance(members, should_stop)
 
         # 5. Each job's result: its saved images, and those that failed.
-        return self._finish_all(jobs, outcome, done, call.method, timings)
+        return self._finish_all(jobs, group.outcome, group.done, call.method, timings)
+
+    def _reference_call(self, first: GenerationJob, size: tuple[int, int], method: str) -> _Call:
+        used = first.references[: self.model.max_references]
+        references = [load_reference(path, len(used)) for path in used]
+        call = self._plan_call(references, size[0], size[1], method)
+        if len(used) < len(first.references):
+            call.method += f" ({len(first.references) - len(used)} of {len(first.references)} references not used)"
+        return call
+
+    def _reporter(
+        self,
+        group: _Group,
+        batch: list[tuple[int, int]],
+        members: list[int],
+        size: tuple[int, int],
+        on_step: Callable[[int, StepInfo], None],
+    ) -> Callable[[int, float, Any], None]:
+        """What reports a step of this batch to each of its jobs; each job's preview shows its first image in it."""
+        rows = {index: next(row for row, (i, _) in enumerate(batch) if i == index) for index in members}
+
+        def report(step: int, elapsed: float, grids: Any) -> None:
+            for index in members:
+                preview = None
+                if grids is not None and self.previewer is not None:
+                    preview = self.previewer.render(grids[rows[index]], size[0], size[1])
+                on_step(index, StepInfo(group.steps_done[index] + step, group.steps_of[index], elapsed, preview))
+
+        return report
 
     def _finish_batch(
         self,
@@ -207,23 +250,29 @@ class Engine:
         timings: dict[str, float],
     ) -> list[GenerationResult | Exception]:
         for index in range(len(outcome)):
-            if outcome[index] is not None:
-                continue
-            saved = [image for image in done[index] if isinstance(image, GeneratedImage)]
-            failed = [image for image in done[index] if isinstance(image, FailedImage)]
-            if not saved:
-                outcome[index] = RuntimeError("no image could be saved: " + "; ".join(f.message for f in failed))
-                continue
-            job_timings = dict(timings)
-            if index == 0 and not self._load_reported:
-                job_timings = {"load": self.load_seconds, **job_timings}
-                self._load_reported = True
-            job = jobs[index]
-            job_method = method + (
-                f", downscaled to {job.output_size[0]}x{job.output_size[1]}" if job.output_size else ""
-            )
-            outcome[index] = GenerationResult(images=saved, method=job_method, timings=job_timings, failed=failed)
+            if outcome[index] is None:
+                outcome[index] = self._result(index, jobs[index], done[index], method, timings)
         return [result for result in outcome if result is not None]
+
+    def _result(
+        self,
+        index: int,
+        job: GenerationJob,
+        done: list[GeneratedImage | FailedImage],
+        method: str,
+        timings: dict[str, float],
+    ) -> GenerationResult | Exception:
+        """One job's result: its saved images and those that failed (an error when none was saved)."""
+        saved = [image for image in done if isinstance(image, GeneratedImage)]
+        failed = [image for image in done if isinstance(image, FailedImage)]
+        if not saved:
+            return RuntimeError("no image could be saved: " + "; ".join(f.message for f in failed))
+        job_timings = dict(timings)
+        if index == 0 and not self._load_reported:
+            job_timings = {"load": self.load_seconds, **job_timings}
+            self._load_reported = True
+        job_method = method + (f", downscaled to {job.output_size[0]}x{job.output_size[1]}" if job.output_size else "")
+        return GenerationResult(images=saved, method=job_method, timings=job_timings, failed=failed)
 
     def _finish(
         self, job: GenerationJob, index: int, image: Image.Image, seed: int, timings: dict[str, float]
@@ -320,18 +369,7 @@ class Engine:
             return kwargs
 
         generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
-        vae = getattr(self.pipeline, "vae", None)
-        if vae is not None and hasattr(vae, "enable_tiling"):
-            if max(width, height) > TILED_DECODE_ABOVE:
-                vae.enable_tiling()
-            elif getattr(vae, "use_tiling", False):
-                vae.disable_tiling()
-        if vae is not None and hasattr(vae, "enable_slicing"):
-            # A batch of large images is decoded one image at a time: same speed, a quarter of the peak memory.
-            if len(prompts) > 1 and width * height >= SLICED_DECODE_FROM:
-                vae.enable_slicing()
-            elif getattr(vae, "use_slicing", False):
-                vae.disable_slicing()
+        _configure_decode(getattr(self.pipeline, "vae", None), width, height, len(prompts))
         hook = denoiser.register_forward_pre_hook(first_forward)
         begin = time.perf_counter()
         try:
@@ -504,3 +542,18 @@ def _check_group(jobs: list[GenerationJob]) -> None:
         raise ValueError("a group needs jobs of one size, each asking for at least one image")
     if len(jobs) > 1 and any(j.references for j in jobs):
         raise ValueError("jobs with references run alone")
+
+
+def _configure_decode(vae: Any, width: int, height: int, images: int) -> None:
+    """Tiled decoding for large images, sliced (one image at a time) for a batch of large ones; off otherwise."""
+    if vae is not None and hasattr(vae, "enable_tiling"):
+        if max(width, height) > TILED_DECODE_ABOVE:
+            vae.enable_tiling()
+        elif getattr(vae, "use_tiling", False):
+            vae.disable_tiling()
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        # A batch of large images is decoded one image at a time: same speed, a quarter of the peak memory.
+        if images > 1 and width * height >= SLICED_DECODE_FROM:
+            vae.enable_slicing()
+        elif getattr(vae, "use_slicing", False):
+            vae.disable_slicing()
