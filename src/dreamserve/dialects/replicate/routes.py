@@ -4,15 +4,17 @@ task queue as every other dialect.
 Code using the ``replicate`` client runs with only ``base_url`` (or ``REPLICATE_BASE_URL``) changed; the token is
 ``<api key>:<api secret>`` (the key alone for key-only projects), bearer auth being ``dialects/common.py``'s.
 A prediction is a task of the authenticated project (its id is the task's id; another project's is 404).
-``Prefer: wait`` (60 s) or ``Prefer: wait=N`` holds the create's answer until the task ends or N seconds pass,
-in one of the project's ``sync_max_per_project`` slots (none free: answered at once, as without ``Prefer``); an
-answer the wait ran out on says ``starting``, as Replicate's does, so ``replicate.run`` goes on polling. A client
-that hangs up does not cancel the prediction: it can be read, and cancelled, later.
+``Prefer: wait`` (60 s) or ``Prefer: wait=N`` holds the create's answer until the task ends or N seconds pass
+(less ``WAIT_MARGIN_SECONDS``: the client stops reading at N + 0.5 s), in one of the project's
+``sync_max_per_project`` slots (none free: answered at once, as without ``Prefer``); an answer the wait ran out on
+says ``starting``, as Replicate's does, so ``replicate.run`` goes on polling. A client that hangs up does not
+cancel the prediction: it can be read, and cancelled, later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -34,6 +36,9 @@ from dreamserve.submit import submit
 
 #: ``Prefer: wait`` without a number, and the most ``wait=N`` may ask (Replicate's bounds).
 MAX_WAIT_SECONDS = 60
+#: How long before the client's read timeout (``wait`` + 0.5 s in the replicate package) a held answer is sent: time
+#: to read the task and render the prediction on a loaded server.
+WAIT_MARGIN_SECONDS = 2.0
 #: Predictions per page of ``GET /v1/predictions``.
 PAGE_SIZE = 100
 #: How long a cancel waits for a running task to stop before answering it as it stands.
@@ -71,11 +76,13 @@ async def _create(
     request: Request, services: Services, project: Project, model: str, slug: str, body: dict[str, list[Any]]
 ) -> JSONResponse:
     wait = prefer_wait(request.headers.get("prefer", ""))
+    # The client reads for ``wait`` + 0.5 s: the answer is due a margin before that, submitting included.
+    due = time.monotonic() + wait - WAIT_MARGIN_SECONDS
     ask = decode(services.settings, model, slug, body)
     run = await files.resolve(services, project, request, ask.run)
     task = await submit(services, project, ask.slug, run)
-    if wait:
-        await _hold(request, services, project, task, wait)
+    if wait and (left := due - time.monotonic()) > 0:
+        await _hold(request, services, project, task, left)
     fresh = await services.store.get_by_id(task.id) or task
     answer = await load(services, fresh)
     if wait and answer["status"] not in TERMINAL:
@@ -98,7 +105,7 @@ def prefer_wait(header: str) -> int:
     return 0
 
 
-async def _hold(request: Request, services: Services, project: Project, task: Task, seconds: int) -> None:
+async def _hold(request: Request, services: Services, project: Project, task: Task, seconds: float) -> None:
     """Wait for the task in one of the project's synchronous slots; with none free, answer at once."""
     with contextlib.suppress(RateLimited):
         async with services.sync_slot(project.id):
