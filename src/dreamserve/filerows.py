@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.blobs import BlobStore
+from dreamserve.errors import InvalidField
 from dreamserve.facts import FileMeta
+from dreamserve.images import IMAGE_FORMATS, check_image
 from dreamserve.queue.db import File
 from dreamserve.queue.keyring import ServerKey
 from dreamserve.queue.store import TaskStore, add_files, check_storage, new_blob_folder
+from dreamserve.request import StoredImage, Upload
 from dreamserve.status import FileRole
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
@@ -24,6 +27,41 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 def content_type(ext: str) -> str:
     return CONTENT_TYPES.get(ext, f"image/{ext}")
+
+
+#: The checked format of a stored file, by the content type it was stored with.
+EXTENSIONS = {content_type(ext): ext for ext in IMAGE_FORMATS.values()}
+
+
+def stored_reference(blobs: BlobStore, file: File, url: str) -> StoredImage | Upload | None:
+    """A stored file given as a reference (one of this server's own URLs): a ``StoredImage`` when its row says
+    what it is, so its facts stand for it and its bytes are linked, never read; else its bytes (a row of an older
+    server, checked like an upload); None when its bytes are gone."""
+    meta = file.meta or FileMeta()
+    ext = EXTENSIONS.get(file.contenttype)
+    if meta.width is not None and meta.height is not None and ext is not None:
+        if not blobs.exists(file.blob_key):
+            return None
+        return StoredImage(
+            blob_key=file.blob_key, url=url, size=file.size, ext=ext, width=meta.width, height=meta.height
+        )
+    try:
+        return Upload(filename=file.name, data=blobs.read(file.blob_key))
+    except FileNotFoundError:
+        return None
+
+
+async def one_image(
+    fields: Mapping[str, Sequence[Any]], name: str, required: str, max_bytes: int, max_pixels: int
+) -> tuple[Upload, str, int, int]:
+    """The one file of the form field ``name`` (``required``: what the error says when there is not exactly one),
+    checked as an image off the event loop: the upload, its format's extension, its width and height."""
+    uploads = [value for value in fields.get(name, []) if isinstance(value, Upload)]
+    if len(uploads) != 1:
+        raise InvalidField(name, required, files=True)
+    upload = uploads[0]
+    ext, width, height = await asyncio.to_thread(check_image, upload.data, repr(upload.filename), max_bytes, max_pixels)
+    return upload, ext, width, height
 
 
 def input_row(project_id: int, folder: str, position: int, ext: str, size: int, meta: FileMeta) -> File:

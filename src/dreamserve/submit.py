@@ -28,8 +28,8 @@ from dreamserve.budget import ByteBudget
 from dreamserve.errors import InvalidField, InvalidRequest, NotFound
 from dreamserve.facts import FileMeta
 from dreamserve.fetch import FetchPolicy, check_url
-from dreamserve.filerows import CONTENT_TYPES, input_row
-from dreamserve.images import IMAGE_FORMATS, check_bytes, check_image
+from dreamserve.filerows import input_row, stored_reference
+from dreamserve.images import check_bytes, check_image
 from dreamserve.jobs import StoredReference, TaskJob
 from dreamserve.queue.db import File, Project, Task
 from dreamserve.queue.keyring import digest
@@ -39,8 +39,6 @@ from dreamserve.settings import Settings
 from dreamserve.sizes import parse_size
 
 _FILE_ROUTE = re.compile(r"^/v1/File/([^/]+)/([^/]+)$")
-#: The checked format of a stored file, by the content type it was stored with.
-_EXTENSIONS = {CONTENT_TYPES.get(ext, f"image/{ext}"): ext for ext in IMAGE_FORMATS.values()}
 REFERENCES = Field.REFERENCES
 
 
@@ -255,26 +253,12 @@ async def _own_file(services: Services, url: str, number: int) -> StoredImage | 
     if file is not None and file.size > limit:
         reason = f"{number} ({url[:80]}) is {file.size:,} bytes; the limit is {limit:,}."
         raise InvalidField(REFERENCES, reason, limit=limit, files=True)
-    found = await asyncio.to_thread(_stored, services.blobs, file, url) if file is not None else None
+    found = await asyncio.to_thread(stored_reference, services.blobs, file, url) if file is not None else None
     if found is not None:
         return found
     if parts.netloc.lower() in _own_hosts(services):
         raise _gone(url, number)
     return None  # another server's URL that only looks like ours: fetched like any URL
-
-
-def _stored(blobs: BlobStore, file: File, url: str) -> StoredImage | Upload | None:
-    """The stored file as a ``StoredImage`` when its row says what it is, else its bytes (a row of an older
-    server without them, checked like an upload); None when its bytes are gone."""
-    width, height, ext = file.meta.width, file.meta.height, _EXTENSIONS.get(file.contenttype)
-    if width is not None and height is not None and ext is not None:
-        if not blobs.exists(file.blob_key):
-            return None
-        return StoredImage(blob_key=file.blob_key, url=url, size=file.size, ext=ext, width=width, height=height)
-    try:
-        return Upload(filename=file.name, data=blobs.read(file.blob_key))
-    except FileNotFoundError:
-        return None
 
 
 def _gone(url: str, number: int) -> InvalidField:

@@ -16,11 +16,9 @@ from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.dialects.wire import ascii_id
 from dreamserve.errors import FileNotFound, InvalidField, NotFound
 from dreamserve.facts import FileMeta
-from dreamserve.filerows import store_upload, upload_row
-from dreamserve.images import check_image
+from dreamserve.filerows import one_image, store_upload, upload_row
 from dreamserve.queue.db import File, Folder
 from dreamserve.queue.keyring import digest
-from dreamserve.request import Upload
 from dreamserve.wiro.render import envelope, file_item, unix
 
 router = APIRouter()
@@ -66,12 +64,9 @@ async def folder_create(request: Request, project: ProjectDep, services: Service
 async def upload(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     settings = services.settings
     fields = await read_fields(request, settings.max_upload_bytes)
-    uploads = [value for value in fields.get("file", []) if isinstance(value, Upload)]
-    if len(uploads) != 1:
-        raise InvalidField("file", "required: send one file as multipart field 'file'.", files=True)
-    data = uploads[0]
-    ext, width, height = await asyncio.to_thread(
-        check_image, data.data, repr(data.filename), settings.max_upload_bytes, settings.max_input_pixels
+    required = "required: send one file as multipart field 'file'."
+    data, ext, width, height = await one_image(
+        fields, "file", required, settings.max_upload_bytes, settings.max_input_pixels
     )
     folder_id = ascii_id(fields, "folderid")
     meta = FileMeta(width=width, height=height)

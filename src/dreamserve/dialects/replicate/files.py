@@ -27,15 +27,13 @@ from dreamserve.dialects.common import BearerProject, error_route
 from dreamserve.dialects.replicate.render import iso, replicate_error
 from dreamserve.errors import InvalidField, NotFound
 from dreamserve.facts import FileMeta
-from dreamserve.filerows import CONTENT_TYPES, store_upload, upload_row
-from dreamserve.images import check_image
+from dreamserve.filerows import one_image, store_upload, stored_reference, upload_row
 from dreamserve.queue.db import File, Project
 from dreamserve.request import Field, RunRequest, Source, StoredImage, Upload
 from dreamserve.services import Services
 
 router = APIRouter(route_class=error_route(replicate_error))
 
-EXTENSIONS = {content_type: ext for ext, content_type in CONTENT_TYPES.items()}
 #: Files per page of ``GET /v1/files``.
 PAGE_SIZE = 100
 _OWN_FILE = re.compile(r"/v1/files/(\d{1,18})(?:/download)?$")
@@ -47,14 +45,11 @@ async def create(request: Request, project: BearerProject, services: ServicesDep
     """Multipart, the file in the field ``content`` (what ``client.files.create`` sends), ``metadata`` JSON."""
     settings = services.settings
     fields = await read_fields(request, settings.max_upload_bytes)
-    uploads = [value for value in fields.get("content", []) if isinstance(value, Upload)]
-    if len(uploads) != 1:
-        raise InvalidField("content", "is required: send one file as the multipart field 'content'.", files=True)
-    upload = uploads[0]
-    metadata = _metadata(fields.get("metadata", [None])[-1])
-    ext, width, height = await asyncio.to_thread(
-        check_image, upload.data, repr(upload.filename), settings.max_upload_bytes, settings.max_input_pixels
+    required = "is required: send one file as the multipart field 'content'."
+    upload, ext, width, height = await one_image(
+        fields, "content", required, settings.max_upload_bytes, settings.max_input_pixels
     )
+    metadata = _metadata(fields.get("metadata", [None])[-1])
     meta = FileMeta(
         width=width,
         height=height,
@@ -174,15 +169,15 @@ def _own_id(url: str, own_hosts: set[str]) -> str | None:
     return match.group(1) if match is not None and parts.netloc.lower() in own_hosts else None
 
 
-async def _stored(services: Services, project: Project, url: str, file_id: str, number: int) -> StoredImage:
+async def _stored(services: Services, project: Project, url: str, file_id: str, number: int) -> StoredImage | Upload:
+    gone = InvalidField(
+        Field.REFERENCES, f"entry {number} ({url[:120]}) names no file of this project: upload it again."
+    )
     try:
         file = await _file(services, project, file_id)
     except NotFound:
-        raise InvalidField(
-            Field.REFERENCES, f"entry {number} ({url[:120]}) names no file of this project: upload it again."
-        ) from None
-    ext = EXTENSIONS.get(file.contenttype, file.name.rsplit(".", 1)[-1])
-    meta = file.meta or FileMeta()
-    return StoredImage(
-        blob_key=file.blob_key, url=url, size=file.size, ext=ext, width=meta.width or 0, height=meta.height or 0
-    )
+        raise gone from None
+    stored = await asyncio.to_thread(stored_reference, services.blobs, file, url)
+    if stored is None:
+        raise gone
+    return stored
