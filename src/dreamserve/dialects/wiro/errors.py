@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
+from dreamserve.dialects.common import retry_after
 from dreamserve.dialects.wiro.decode import NAMES
-from dreamserve.errors import DreamError, RateLimited
+from dreamserve.errors import DreamError
 
 
 def envelope_of(exc: DreamError) -> dict[str, object]:
@@ -22,5 +23,4 @@ def envelope_of(exc: DreamError) -> dict[str, object]:
 
 
 def wiro_error(exc: DreamError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
-    return JSONResponse(envelope_of(exc), status_code=exc.http_status, headers=headers)
+    return JSONResponse(envelope_of(exc), status_code=exc.http_status, headers=retry_after(exc))
