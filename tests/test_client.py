@@ -359,6 +359,37 @@ def test_wait_falls_back_to_polling_detail_when_the_socket_fails() -> None:
     assert [e.type for e in seen] == ["task_start", "task_output", "task_postprocess_end"]
 
 
+def flaky_detail(*answers: dict[str, Any]) -> Handler:
+    """Detail that first refuses the connection, then answers ``answers`` in turn: a restarting server."""
+    replies: list[dict[str, Any] | None] = [None, *answers]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = replies.pop(0)
+        if answer is None:
+            raise httpx.ConnectError("connection refused", request=request)
+        return ok(tasklist=[answer])
+
+    return handler
+
+
+def test_wait_polls_on_through_a_transport_failure_and_a_run_raises_it() -> None:
+    with make_client(flaky_detail(task("task_postprocess_end", "0")), socket_url=closed_port_url()) as client:
+        assert client.wait(tasktoken="tok", poll=(0.0,)).succeeded
+    with make_client(flaky_detail(), socket_url=closed_port_url()) as client:
+        with pytest.raises(TransportError, match="POST http://server/v1/Run/.* failed: ConnectError") as info:
+            client.run("x")
+        assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+async def test_async_wait_polls_on_through_a_transport_failure() -> None:
+    transport = httpx.MockTransport(flaky_detail(task("task_start"), task("task_cancel", "130")))
+    async with AsyncClient("http://server", "k", None, transport=transport, socket_url=closed_port_url()) as c:
+        assert (await c.wait(tasktoken="tok", poll=(0.0,))).status == "task_cancel"
+    async with AsyncClient("http://server", "k", None, transport=httpx.MockTransport(flaky_detail())) as c:
+        with pytest.raises(TransportError, match="ConnectError"):
+            await c.detail(7)
+
+
 def test_wait_gives_up_at_its_timeout() -> None:
     client = make_client(lambda r: ok(tasklist=[task("task_queue")]), socket_url=closed_port_url())
     with client, pytest.raises(TimeoutError, match="task_queue"):

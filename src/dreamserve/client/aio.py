@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -15,6 +14,7 @@ from dreamserve.client.base import (
     DEFAULT_TIMEOUT,
     SOCKET_ERRORS,
     BaseClient,
+    EventReader,
     Finished,
     Flow,
     Follow,
@@ -26,7 +26,7 @@ from dreamserve.client.base import (
     awaiting,
     resume,
     saving,
-    transport_errors,
+    transport_error,
 )
 from dreamserve.client.errors import maybe_error, raise_download_error
 from dreamserve.client.records import Event
@@ -67,36 +67,26 @@ class AsyncClient(BaseClient):
 
     async def events(self, tasktoken: str, *, timeout: float | None = None) -> AsyncGenerator[Event, None]:
         """As ``Client.events``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         async with async_connect(self.socket_url, **self._connect_kwargs()) as socket:
             await socket.send(self._register(tasktoken))
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"No terminal event for the task within {timeout} s.")
-                event = self._event(await asyncio.wait_for(socket.recv(), left))
-                if event is None:
-                    continue
-                yield event
-                if event.is_terminal:
-                    return
+            reader = EventReader(timeout)
+            while not reader.done:
+                if (event := reader.read(await asyncio.wait_for(socket.recv(), reader.left()))) is not None:
+                    yield event
 
     async def _drive(self, flow: Flow[T]) -> T:
         step = resume(flow)
         while not isinstance(step, Finished):
-            try:
-                reply = await self._perform(step)
-            except Exception as exc:  # handed to the flow, which may handle it (a poll retries)
-                step = resume(flow, error=exc)
-            else:
-                step = resume(flow, reply)
+            step = resume(flow, await self._perform(step))
         return step.value
 
     async def _perform(self, operation: Operation) -> Any:
         match operation:
             case Send(method, url, options):
-                with transport_errors(method, url):
+                try:
                     return await self._http.request(method, url, **options)
+                except httpx.HTTPError as exc:
+                    return transport_error(method, url, exc)
             case Sleep(seconds):
                 await asyncio.sleep(seconds)
             case Follow(tasktoken, timeout, watch):

@@ -48,7 +48,8 @@ P = ParamSpec("P")
 
 @dataclass(frozen=True)
 class Send:
-    """Send an HTTP request (``options`` are httpx's keyword arguments); the flow gets the ``httpx.Response``."""
+    """Send an HTTP request (``options`` are httpx's keyword arguments); the flow gets the ``httpx.Response``, or
+    the ``TransportError`` that stood in its place (``sent``): a poll retries it, any other call raises it."""
 
     method: str
     url: str
@@ -88,11 +89,11 @@ class Finished(Generic[T]):
     value: T
 
 
-def resume(flow: Flow[T], reply: Any = None, error: Exception | None = None) -> Operation | Finished[T]:
-    """Give the flow the outcome of its last operation (a reply, or the error it raised in its place); its next
-    operation, or its result."""
+def resume(flow: Flow[T], reply: Any = None) -> Operation | Finished[T]:
+    """Give the flow the outcome of its last operation; its next operation, or its result. An operation that
+    raises ends the call with its error: only a ``Send``'s failure is an outcome the flow sees (``sent``)."""
     try:
-        return flow.throw(error) if error is not None else flow.send(reply)
+        return flow.send(reply)
     except StopIteration as stop:
         return Finished(stop.value)
 
@@ -134,13 +135,50 @@ def named_after(method: F, flow: Callable[..., Any]) -> F:
     return method
 
 
+def transport_error(method: str, url: str, exc: httpx.HTTPError) -> TransportError:
+    """httpx's failure (refused, reset, timed out) as a ``TransportError`` naming the request."""
+    error = TransportError(f"{method} {url} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 @contextlib.contextmanager
 def transport_errors(method: str, url: str) -> Iterator[None]:
-    """httpx's failures (refused, reset, timed out) as ``TransportError``, naming the request."""
+    """httpx's failures within the block raised as ``TransportError``."""
     try:
         yield
     except httpx.HTTPError as exc:
-        raise TransportError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from exc
+        raise transport_error(method, url, exc) from exc
+
+
+def sent(reply: httpx.Response | TransportError) -> httpx.Response:
+    """A ``Send``'s outcome in the flow: the response, or its failure raised here, where a poll can retry it."""
+    if isinstance(reply, TransportError):
+        raise reply
+    return reply
+
+
+class EventReader:
+    """The socket's frames as the task's events until a terminal one, within ``timeout`` seconds: what both
+    faces' ``events`` do between receiving frames."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.done = False
+
+    def left(self) -> float | None:
+        """How long to wait for the next frame; raises ``TimeoutError`` once the deadline has passed."""
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(f"No terminal event for the task within {self.timeout} s.")
+        return left
+
+    def read(self, raw: str | bytes) -> Event | None:
+        """The frame as an event (``None`` for one that is not, see ``BaseClient._event``)."""
+        event = BaseClient._event(raw)
+        self.done = event is not None and event.is_terminal
+        return event
 
 
 @contextlib.contextmanager
@@ -177,39 +215,6 @@ class BaseClient:
 
     def _url(self, path: str) -> str:
         return f"{self.base_url}{path}"
-
-    def _run_request(
-        self,
-        prompt: str,
-        *,
-        model: str,
-        images: Sequence[ImageInput],
-        size: str | None,
-        max_images: int,
-        watermark: bool,
-        callback_url: str | None,
-        seed: int | None,
-        extra: Mapping[str, Any],
-    ) -> tuple[str, dict[str, Any]]:
-        """The URL and httpx keyword arguments of a Run request."""
-        # Wiro's canonical JSON body: maxImages a number, watermark the string "true"/"false".
-        fields: dict[str, Any] = {"prompt": prompt, "maxImages": max_images, "watermark": str(watermark).lower()}
-        if size:
-            fields["size"] = size
-        if callback_url:
-            fields["callbackUrl"] = callback_url
-        if seed is not None:
-            fields["seed"] = seed
-        fields.update(extra)
-        url = self._url(f"/v1/Run/{model.strip('/')}")
-        if all(is_url(image) for image in images):
-            return url, {"json": {**fields, **({"inputImage": [str(i) for i in images]} if images else {})}}
-        # Files and URLs go in one repeated multipart field (Wiro's combinefileinput), in the caller's
-        # order: the order of references matters to the model. A (None, value) part is a plain field.
-        parts: list[tuple[str, Any]] = [
-            ("inputImage", (None, image) if is_url(image) else file_part(image, n)) for n, image in enumerate(images)
-        ]
-        return url, {"data": {k: form_value(v) for k, v in fields.items()}, "files": parts}
 
     @staticmethod
     def _parse(response: httpx.Response) -> dict[str, Any]:
@@ -282,7 +287,7 @@ class BaseClient:
 
     def _post(self, path: str, **options: Any) -> Flow[dict[str, Any]]:
         response = yield Send("POST", self._url(path), {"headers": self._headers(), **options})
-        return self._parse(response)
+        return self._parse(sent(response))
 
     def _run(
         self,
@@ -299,19 +304,18 @@ class BaseClient:
         **extra: Any,
     ) -> Flow[RunResult]:
         """Queue a task. Not retried on failure: a repeated Run would queue (and bill) a second task."""
-        url, options = self._run_request(
-            prompt,
-            model=model,
-            images=images,
-            size=size,
-            max_images=max_images,
-            watermark=watermark,
-            callback_url=callback_url,
-            seed=seed,
-            extra=extra,
-        )
-        response = yield Send("POST", url, {"headers": self._headers(), **options})
-        return self._run_result(self._parse(response))
+        # Wiro's canonical JSON body: maxImages a number, watermark the string "true"/"false".
+        fields: dict[str, Any] = {"prompt": prompt, "maxImages": max_images, "watermark": str(watermark).lower()}
+        if size:
+            fields["size"] = size
+        if callback_url:
+            fields["callbackUrl"] = callback_url
+        if seed is not None:
+            fields["seed"] = seed
+        fields.update(extra)
+        url = self._url(f"/v1/Run/{model.strip('/')}")
+        response = yield Send("POST", url, {"headers": self._headers(), **run_body(fields, images)})
+        return self._run_result(self._parse(sent(response)))
 
     def _detail(self, taskid: str | int | None = None, tasktoken: str | None = None) -> Flow[Task]:
         task = self._task((yield from self._post("/v1/Task/Detail", json=self._task_key(taskid, tasktoken))))
@@ -412,6 +416,18 @@ class Watch:
         if progress and progress != self.progress and not task.is_terminal:
             self.progress = progress
             self.seen(Event(Frame.OUTPUT, task.id, self.tasktoken, decode_message(progress)))
+
+
+def run_body(fields: dict[str, Any], images: Sequence[ImageInput]) -> dict[str, Any]:
+    """The httpx keyword arguments that carry a Run's fields and reference images."""
+    if all(is_url(image) for image in images):
+        return {"json": {**fields, **({"inputImage": [str(i) for i in images]} if images else {})}}
+    # Files and URLs go in one repeated multipart field (Wiro's combinefileinput), in the caller's
+    # order: the order of references matters to the model. A (None, value) part is a plain field.
+    parts: list[tuple[str, Any]] = [
+        ("inputImage", (None, image) if is_url(image) else file_part(image, n)) for n, image in enumerate(images)
+    ]
+    return {"data": {k: form_value(v) for k, v in fields.items()}, "files": parts}
 
 
 def to_ws(url: str) -> str:

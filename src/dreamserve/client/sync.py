@@ -14,6 +14,7 @@ from dreamserve.client.base import (
     DEFAULT_TIMEOUT,
     SOCKET_ERRORS,
     BaseClient,
+    EventReader,
     Finished,
     Flow,
     Follow,
@@ -25,7 +26,7 @@ from dreamserve.client.base import (
     blocking,
     resume,
     saving,
-    transport_errors,
+    transport_error,
 )
 from dreamserve.client.errors import maybe_error, raise_download_error
 from dreamserve.client.records import Event
@@ -70,36 +71,26 @@ class Client(BaseClient):
         Raises ``TimeoutError`` after ``timeout`` seconds, websockets/OS errors if the socket fails,
         and ``NotFound`` if the server does not know the token.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         with sync_connect(self.socket_url, **self._connect_kwargs()) as socket:
             socket.send(self._register(tasktoken))
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"No terminal event for the task within {timeout} s.")
-                event = self._event(socket.recv(timeout=left))
-                if event is None:
-                    continue
-                yield event
-                if event.is_terminal:
-                    return
+            reader = EventReader(timeout)
+            while not reader.done:
+                if (event := reader.read(socket.recv(timeout=reader.left()))) is not None:
+                    yield event
 
     def _drive(self, flow: Flow[T]) -> T:
         step = resume(flow)
         while not isinstance(step, Finished):
-            try:
-                reply = self._perform(step)
-            except Exception as exc:  # handed to the flow, which may handle it (a poll retries)
-                step = resume(flow, error=exc)
-            else:
-                step = resume(flow, reply)
+            step = resume(flow, self._perform(step))
         return step.value
 
     def _perform(self, operation: Operation) -> Any:
         match operation:
             case Send(method, url, options):
-                with transport_errors(method, url):
+                try:
                     return self._http.request(method, url, **options)
+                except httpx.HTTPError as exc:
+                    return transport_error(method, url, exc)
             case Sleep(seconds):
                 time.sleep(seconds)
             case Follow(tasktoken, timeout, watch):
