@@ -20,6 +20,16 @@ OutputRef = Mapping[str, Any] | str
 EventHandler = Callable[["Event"], None]
 
 
+class WireText:
+    """A read-only text field of the task object, named as on the wire: its value as text, ``""`` when absent."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, task: Task | None, owner: type | None = None) -> str:
+        return "" if task is None else str(task.data.get(self.key) or "")
+
+
 @dataclass(frozen=True)
 class RunResult:
     taskid: str
@@ -37,21 +47,10 @@ class Task:
     def id(self) -> str:
         return str(self.data.get("id", ""))
 
-    @property
-    def socketaccesstoken(self) -> str:
-        return str(self.data.get("socketaccesstoken") or "")
-
-    @property
-    def status(self) -> str:
-        return str(self.data.get("status") or "")
-
-    @property
-    def pexit(self) -> str:
-        return str(self.data.get("pexit") or "")
-
-    @property
-    def debugerror(self) -> str:
-        return str(self.data.get("debugerror") or "")
+    socketaccesstoken = WireText()
+    status = WireText()
+    pexit = WireText()
+    debugerror = WireText()
 
     @property
     def outputs(self) -> list[dict[str, Any]]:
