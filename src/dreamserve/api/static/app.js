@@ -450,20 +450,21 @@ function taskRow(task) {
   }
   const actions = document.createElement("td");
   actions.className = "actions";
+  // Task/Cancel or Task/Kill of this task; the button is disabled while the request is out.
+  const stopButton = (verb, className, title) => {
+    const button = document.createElement("button");
+    button.className = className;
+    button.textContent = verb;
+    button.title = title;
+    button.addEventListener("click", () => stopTask(verb, task.id, button));
+    return button;
+  };
   if (!TERMINAL.has(task.status)) {
-    const cancel = document.createElement("button");
-    cancel.className = "small quiet cancel";
-    cancel.textContent = "Cancel";
-    cancel.title = "Queued: removed at once. Running: stops at the next step; the model stays loaded.";
-    cancel.addEventListener("click", () => stopTask("Cancel", task.id, cancel));
-    actions.append(cancel);
+    actions.append(stopButton("Cancel", "small quiet cancel",
+      "Queued: removed at once. Running: stops at the next step; the model stays loaded."));
     if (task.status !== S.QUEUE) {
-      const kill = document.createElement("button");
-      kill.className = "small danger kill";
-      kill.textContent = "Kill";
-      kill.title = "Terminates the model process at once (it reloads for the next task).";
-      kill.addEventListener("click", () => stopTask("Kill", task.id, kill));
-      actions.append(kill);
+      actions.append(stopButton("Kill", "small danger kill",
+        "Terminates the model process at once (it reloads for the next task)."));
     }
   }
   const td = (value, className = "") => {
