@@ -256,9 +256,12 @@ def guarded_client(policy: FetchPolicy, timeout: float) -> httpx.AsyncClient:
     )
 
 
-def fetch_failed(doing: str, url: str, exc: BaseException) -> InvalidRequest:
-    """Any other failure of a fetch (a URL httpx refuses, such as ``http://0177.0.0.3/`` or port 99999, a refused
-    connection, a TLS error), said as the input's problem: the task fails with pexit 2, never as a worker error."""
+def fetch_failed(doing: str, url: str, exc: BaseException, *, timeout: float, asked: str = "") -> InvalidRequest:
+    """Any other failure of a fetch (its deadline, a URL httpx refuses, such as ``http://0177.0.0.3/`` or port
+    99999, a refused connection, a TLS error), said as the input's problem: the task fails with pexit 2, never as a
+    worker error. The deadline names the URL ``asked`` for (before redirects), the rest the one that failed."""
+    if isinstance(exc, TimeoutError):
+        return InvalidRequest(f"{doing} {(asked or url)[:80]!r} took longer than {timeout:.0f} s.")
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     if isinstance(exc, httpx.InvalidURL | ValueError | UnicodeError | OverflowError):
@@ -339,10 +342,8 @@ async def fetch(
                     return bytes(data)
     except InvalidRequest:
         raise
-    except TimeoutError:
-        raise InvalidRequest(f"Fetching {first[:80]!r} took longer than {timeout:.0f} s.") from None
     except Exception as exc:
-        raise fetch_failed("Fetching", url, exc) from None
+        raise fetch_failed("Fetching", url, exc, timeout=timeout, asked=first) from None
     raise InvalidRequest(f"{first[:80]!r} redirected more than {MAX_REDIRECTS} times.")
 
 
@@ -373,7 +374,5 @@ async def post_json(
                 return response.status_code
     except InvalidRequest:
         raise
-    except TimeoutError:
-        raise InvalidRequest(f"Posting to {url[:80]!r} took longer than {timeout:.0f} s.") from None
     except Exception as exc:
-        raise fetch_failed("Posting to", url, exc) from None
+        raise fetch_failed("Posting to", url, exc, timeout=timeout) from None
