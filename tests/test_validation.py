@@ -112,3 +112,26 @@ def test_auth_failures(make_app: Any, headers: Any, status: int, message: str) -
     assert response.status_code == status
     body = response.json()
     assert body["result"] is False and message in body["errors"][0]["message"]
+
+
+def test_ark_and_replicate_name_the_served_model_or_answer_their_404(tmp_path: Path) -> None:
+    from dreamserve.dialects.ark.decode import served as ark_served
+    from dreamserve.dialects.replicate.decode import served as replicate_served
+    from dreamserve.errors import NotFound
+    from dreamserve.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    assert ark_served(settings, "Doubao-Seedream-4-0-250828") == "bytedance/seedream-v4"
+    assert ark_served(settings, "BYTEDANCE/seedream-v4") == "bytedance/seedream-v4"
+    assert replicate_served(settings, "ByteDance/Seedream-4") == "bytedance/seedream-v4"
+    with pytest.raises(NotFound) as ark:
+        ark_served(settings, "x" * 120)
+    assert str(ark.value) == (
+        f"The model or endpoint {'x' * 100} does not exist or you do not have access to it. Use one of: "
+        "bytedance/seedream-v4, doubao-seedream-4-0-250828, seedream-4-0-250828."
+    )
+    with pytest.raises(NotFound) as replicate:
+        replicate_served(settings, "{model}/{known}")
+    assert str(replicate.value) == (
+        "The model {model}/{known} does not exist here. Use one of: bytedance/seedream-4, bytedance/seedream-v4."
+    )

@@ -7,10 +7,10 @@ import base64
 import binascii
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from dreamserve.errors import InvalidField, InvalidRequest
+from dreamserve.errors import InvalidField, InvalidRequest, NotFound
 from dreamserve.request import Field, Upload
 
 #: Largest id a row can have: SQLite and PostgreSQL integers are 64-bit.
@@ -108,3 +108,15 @@ def decode_data_uri(entry: str, number: int, max_bytes: int) -> Upload:
     except (binascii.Error, ValueError):
         raise InvalidField(Field.REFERENCES, f"entry {number} is not valid base64.") from None
     return Upload(filename=f"image-{number}.{match.group(1).lower()}", data=data)
+
+
+def served_model(model: str, models: Collection[str], aliases: Mapping[str, str], missing: str) -> str:
+    """The served slug a dialect's model name stands for: a served slug as given, else the target of the dialect's
+    own name for it (``aliases``; both case-insensitive). Anything else is the dialect's 404, ``missing`` with
+    ``{model}`` and ``{known}`` (the names it takes) filled in."""
+    slug = model.lower()
+    if slug not in models:
+        slug = {name.lower(): target.lower() for name, target in aliases.items()}.get(slug, "")
+    if slug not in models:
+        raise NotFound(missing.format(model=model[:100], known=", ".join(sorted({*aliases, *models}))))
+    return slug

@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from dreamserve.dialects.wire import decode_data_uri
-from dreamserve.errors import InvalidField, NotFound
+from dreamserve.dialects.wire import decode_data_uri, served_model
+from dreamserve.errors import InvalidField
 from dreamserve.groups import image_count
 from dreamserve.request import MAX_TOTAL_IMAGES, Field, RunRequest, Source
 from dreamserve.settings import Settings
@@ -80,16 +80,8 @@ def _answer_options(one: Callable[[str], Any]) -> tuple[str, Literal["png", "jpe
 
 def served(settings: Settings, model: str) -> str:
     """A served slug as given, else an Ark model id through ``ark_models``; anything else is Ark's 404."""
-    slug = model.lower()
-    if slug not in settings.models:
-        slug = {name.lower(): target.lower() for name, target in settings.ark_models.items()}.get(slug, "")
-    if slug not in settings.models:
-        known = sorted({*settings.ark_models, *settings.models})
-        raise NotFound(
-            f"The model or endpoint {model[:100]} does not exist or you do not have access to it. "
-            f"Use one of: {', '.join(known)}."
-        )
-    return slug
+    missing = "The model or endpoint {model} does not exist or you do not have access to it. Use one of: {known}."
+    return served_model(model, settings.models, settings.ark_models, missing)
 
 
 def _seed(seed: Any) -> int | None:

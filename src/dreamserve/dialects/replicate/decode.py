@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dreamserve.dialects.wire import check_url_text, decode_data_uri
-from dreamserve.errors import InvalidField, NotFound
+from dreamserve.dialects.wire import check_url_text, decode_data_uri, served_model
+from dreamserve.errors import InvalidField
 from dreamserve.groups import image_count
 from dreamserve.request import MAX_TOTAL_IMAGES, Callback, Field, RunRequest, Source
 from dreamserve.settings import Settings
@@ -81,13 +81,8 @@ def decode(settings: Settings, model: str, slug: str, body: Mapping[str, Sequenc
 
 def served(settings: Settings, model: str) -> str:
     """A served slug as given, else a Replicate model name through ``replicate_models``; anything else is 404."""
-    slug = model.lower()
-    if slug not in settings.models:
-        slug = {name.lower(): target.lower() for name, target in settings.replicate_models.items()}.get(slug, "")
-    if slug not in settings.models:
-        known = sorted({*settings.replicate_models, *settings.models})
-        raise NotFound(f"The model {model[:100]} does not exist here. Use one of: {', '.join(known)}.")
-    return slug
+    missing = "The model {model} does not exist here. Use one of: {known}."
+    return served_model(model, settings.models, settings.replicate_models, missing)
 
 
 def _choice(raw: Mapping[str, Any], name: str, choices: Sequence[str], default: str) -> str:
