@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dreamserve.engine.tiny import QWEN_CHAT_TEMPLATE, byte_level_vocab, clip_vocab, sd_turbo_pipeline
+from dreamserve.engine.tiny import clip_vocab, klein_pipeline, sd_turbo_pipeline
 
 
 @contextlib.contextmanager
@@ -87,13 +87,8 @@ def build_random_klein_4b(
     The transformer reads the hidden states of 3 text-encoder layers (9, 18, 27 of 36; evenly spaced ones of a
     smaller ``text_layers``, see ``runner._klein_text_layers``), concatenated: 3 x 2560 = ``joint_attention_dim``.
     """
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     with _created_in(dtype, seed, device):
         transformer = Flux2Transformer2DModel(
@@ -117,14 +112,4 @@ def build_random_klein_4b(
             )
         )
         vae = AutoencoderKLFlux2()
-    vocab = byte_level_vocab()
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", eos_token="<|endoftext|>")
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        vae=vae,
-        is_distilled=True,
-    )
+    return klein_pipeline(text_encoder, transformer, vae)

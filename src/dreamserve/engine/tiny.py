@@ -33,21 +33,13 @@ def clip_vocab() -> dict[str, int]:
 
 def build_tiny_klein(seed: int = 0) -> Any:
     """FLUX.2 [klein]: Flux2Transformer2DModel + AutoencoderKLFlux2 + a Qwen3 text encoder."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    vocab = byte_level_vocab()
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", eos_token="<|endoftext|>")
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     torch.manual_seed(seed)
     text_encoder = Qwen3ForCausalLM(
         Qwen3Config(
-            vocab_size=len(vocab),
+            vocab_size=len(byte_level_vocab()),
             hidden_size=16,
             intermediate_size=16,
             num_hidden_layers=2,
@@ -79,13 +71,26 @@ def build_tiny_klein(seed: int = 0) -> Any:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
+    return klein_pipeline(text_encoder, transformer, vae)
+
+
+def klein_pipeline(text_encoder: Any, transformer: Any, vae: Any) -> Any:
+    """A distilled Flux2KleinPipeline (like klein-4B: one transformer pass per step, no guidance) with a
+    byte-level Qwen tokenizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer(
+        vocab=byte_level_vocab(), merges=[], pad_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
         vae=vae,
-        is_distilled=True,  # like klein-4B: one transformer pass per step, no guidance
+        is_distilled=True,
     )
 
 
