@@ -7,38 +7,24 @@ import re
 from dreamserve.errors import InvalidField
 from dreamserve.request import Field
 
+Size = tuple[int, int]
+#: Seedream's presets by aspect ratio, the 1K, 2K and 4K sizes of each.
+_PRESETS: dict[str, tuple[Size, Size, Size]] = {
+    "1:1": ((1024, 1024), (2048, 2048), (4096, 4096)),
+    "4:3": ((1152, 864), (2304, 1728), (4704, 3520)),
+    "3:4": ((864, 1152), (1728, 2304), (3520, 4704)),
+    "16:9": ((1280, 720), (2560, 1440), (5504, 3040)),
+    "9:16": ((720, 1280), (1440, 2560), (3040, 5504)),
+    "3:2": ((1248, 832), (2496, 1664), (4992, 3328)),
+    "2:3": ((832, 1248), (1664, 2496), (3328, 4992)),
+    "21:9": ((1512, 648), (3024, 1296), (6240, 2656)),
+}
+#: Each tier's presets by aspect ratio.
+TIERS: dict[str, dict[str, Size]] = {
+    tier: {ratio: sizes[n] for ratio, sizes in _PRESETS.items()} for n, tier in enumerate(("1K", "2K", "4K"))
+}
 #: Wiro's eight presets for bytedance/seedream-v4 (2K class), by aspect ratio.
-PRESETS_2K = {
-    "1:1": (2048, 2048),
-    "4:3": (2304, 1728),
-    "3:4": (1728, 2304),
-    "16:9": (2560, 1440),
-    "9:16": (1440, 2560),
-    "3:2": (2496, 1664),
-    "2:3": (1664, 2496),
-    "21:9": (3024, 1296),
-}
-PRESETS_1K = {
-    "1:1": (1024, 1024),
-    "4:3": (1152, 864),
-    "3:4": (864, 1152),
-    "16:9": (1280, 720),
-    "9:16": (720, 1280),
-    "3:2": (1248, 832),
-    "2:3": (832, 1248),
-    "21:9": (1512, 648),
-}
-PRESETS_4K = {
-    "1:1": (4096, 4096),
-    "4:3": (4704, 3520),
-    "3:4": (3520, 4704),
-    "16:9": (5504, 3040),
-    "9:16": (3040, 5504),
-    "3:2": (4992, 3328),
-    "2:3": (3328, 4992),
-    "21:9": (6240, 2656),
-}
-TIERS = {"1K": PRESETS_1K, "2K": PRESETS_2K, "4K": PRESETS_4K}
+PRESETS_2K = TIERS["2K"]
 
 #: Seedream 4.0 bounds for explicit sizes: 1280x720 to 4096x4096 pixels, aspect ratio 1:16 to 16:1.
 MIN_PIXELS = 1280 * 720
