@@ -67,9 +67,9 @@ class AsyncClient(BaseClient):
 
     async def events(self, tasktoken: str, *, timeout: float | None = None) -> AsyncGenerator[Event, None]:
         """As ``Client.events``."""
+        reader = EventReader(timeout)  # the deadline counts the connection too
         async with async_connect(self.socket_url, **self._connect_kwargs()) as socket:
             await socket.send(self._register(tasktoken))
-            reader = EventReader(timeout)
             while not reader.done:
                 if (event := reader.read(await asyncio.wait_for(socket.recv(), reader.left()))) is not None:
                     yield event

@@ -71,9 +71,9 @@ class Client(BaseClient):
         Raises ``TimeoutError`` after ``timeout`` seconds, websockets/OS errors if the socket fails,
         and ``NotFound`` if the server does not know the token.
         """
+        reader = EventReader(timeout)  # the deadline counts the connection too
         with sync_connect(self.socket_url, **self._connect_kwargs()) as socket:
             socket.send(self._register(tasktoken))
-            reader = EventReader(timeout)
             while not reader.done:
                 if (event := reader.read(socket.recv(timeout=reader.left()))) is not None:
                     yield event
