@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dreamserve.dialects.wiro.render import progress_object
 from dreamserve.facts import ImageReport, LogText, Progress, TaskDetails
 from dreamserve.jobs import TaskJob
 from dreamserve.queue.db import Project, Task
@@ -20,7 +21,6 @@ from dreamserve.queue.redis_events import RedisEventHub
 from dreamserve.services import Services
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import Frame, TaskStatus
-from dreamserve.wiro.render import progress_object
 
 MODEL = "bytedance/seedream-v4"
 WORKER = "test-host:1:model:0"

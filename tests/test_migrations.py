@@ -19,6 +19,8 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dreamserve.dialects.ark.render import image_error
+from dreamserve.dialects.wiro.render import event_message, file_item, input_marker, request_parameters
+from dreamserve.dialects.wiro.tasks import task_object_of
 from dreamserve.facts import FileMeta, ImageReport, LogText, Progress, TaskDetails
 from dreamserve.projects import hash_key
 from dreamserve.queue.db import Base, File, Task
@@ -26,7 +28,6 @@ from dreamserve.queue.migrate import alembic_config, upgrade
 from dreamserve.services import Services
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import FileRole, Frame, TaskStatus
-from dreamserve.wiro.render import event_message, file_item, input_marker, request_parameters
 from tests.conftest import png_bytes
 
 URLS = ["sqlite"]
@@ -257,8 +258,8 @@ async def test_facts_stored_as_dicts_by_earlier_versions_read_as_records(tmp_pat
         assert (task.progress.step, task.progress.total, task.progress.elapsed) == (7, 20, 3.0)
         assert task.details.timings is not None and task.details.timings.stages()["my_stage"] == 0.5
         assert json.dumps(task.details.dump()) == json.dumps(OLD_DETAILS), "same keys, same order, kept extras"
-        rendered = await services.render(1)
-        assert rendered is not None and json.dumps(rendered["progress"]) == json.dumps(OLD_PROGRESS)
+        rendered = await task_object_of(services, task)
+        assert json.dumps(rendered["progress"]) == json.dumps(OLD_PROGRESS)
         assert rendered["details"] == {name: value for name, value in OLD_DETAILS.items() if name != "worker"}
 
         events = await services.store.events(1)

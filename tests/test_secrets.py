@@ -30,6 +30,7 @@ from PIL import Image
 from sqlalchemy import select, text
 
 from dreamserve.api.app import create_app
+from dreamserve.dialects.wiro.tasks import task_object_of
 from dreamserve.errors import InvalidRequest
 from dreamserve.fetch import fetch
 from dreamserve.projects import Credentials, add_project
@@ -250,8 +251,8 @@ async def test_rows_from_before_the_upgrade_keep_working_and_webhook_secrets_get
     async with running(tmp_path) as app:
         task = await app.services.store.get_by_token("LegacyToken0123456789abcdefghi")
         assert task is not None and task.id == 3
-        rendered = await app.services.render(3)
-        assert rendered is not None and rendered["socketaccesstoken"] == "LegacyToken0123456789abcdefghi"
+        rendered = await task_object_of(app.services, task)
+        assert rendered["socketaccesstoken"] == "LegacyToken0123456789abcdefghi"
         assert rendered["outputs"][0]["accesskey"] == "legacy-key"
         assert "worker" not in rendered["details"]  # hidden from clients, old rows included
         assert (await app.client.get("/v1/File/legacy-key/0.png")).status_code == 200

@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from dreamserve.api.feeds import Follower
+from dreamserve.dialects.wiro.feeds import Follower
 from dreamserve.projects import create_project
 from dreamserve.queue.events import Event
 from dreamserve.services import Services

@@ -13,9 +13,14 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import select
 
 from dreamserve import cli
+from dreamserve.dialects.wiro.render import progress_object
+from dreamserve.dialects.wiro.webhook import progress_record
+from dreamserve.facts import Progress
 from dreamserve.projects import Credentials, ensure_default_credentials
+from dreamserve.queue.db import WebhookDelivery
 from dreamserve.signing import sign_webhook, verify_webhook
 from tests.conftest import MODEL, PROGRESS, SCRIPTED, free_port, new_project
 
@@ -114,6 +119,64 @@ def test_start_progress_completed_arrive_signed_in_order(shared_app: Any, hook: 
         ("completed", "delivered", "1", "200"),
     ]
     assert [post["headers"]["x-dreamserve-delivery"] for post in hook.posts] == [row["id"] for row in log]
+
+    # A progress delivery is Wiro's progress object, every value a string, in its key order: rendered when sent from
+    # the fact its outbox row stores (a ``Progress`` dump, no wire shape).
+    assert list(bodies[1]) == ["event", "taskid", "status", "progress"]
+    assert list(bodies[1]["progress"]) == WIRO_PROGRESS_KEYS
+    assert all(isinstance(value, str) for value in bodies[1]["progress"].values())
+    stored = server.client.portal.call(stored_payloads, server.services, int(run["taskid"]))
+    assert set(stored[1]["progress"]) <= {"step", "total", "elapsed"}, stored[1]
+    assert progress_object(Progress.read(stored[1]["progress"])) == bodies[1]["progress"]
+    assert {**stored[1], "progress": bodies[1]["progress"]} == bodies[1]
+
+
+#: Wiro's progress object, as its socket and its progress callbacks send it.
+WIRO_PROGRESS_KEYS = [
+    "type",
+    "task",
+    "percentage",
+    "stepCurrent",
+    "stepTotal",
+    "speed",
+    "speedType",
+    "elapsedTime",
+    "remainingTime",
+]
+
+
+async def stored_payloads(services: Any, task_id: int) -> list[dict[str, Any]]:
+    """The payloads the outbox stored for a task's deliveries, in order."""
+    query = select(WebhookDelivery.payload).where(WebhookDelivery.task_id == task_id).order_by(WebhookDelivery.id)
+    async with services.sessions() as session:
+        return list((await session.execute(query)).scalars())
+
+
+def test_progress_callbacks_render_the_stored_fact_and_send_earlier_rows_as_stored() -> None:
+    step = Progress(step=3, total=30, elapsed=1.5)
+    fact = {"event": "progress", "taskid": "7", "status": "task_output", "progress": step.dump()}
+    rendered = progress_record(fact)
+    assert rendered == {**fact, "progress": progress_object(step)} and list(rendered["progress"]) == WIRO_PROGRESS_KEYS
+    assert rendered["progress"]["stepCurrent"] == "3" and rendered["progress"]["speed"] == "2.00"
+    # A row an earlier version wrote stored Wiro's object itself: it is sent byte for byte as stored.
+    legacy = {
+        **fact,
+        "progress": {
+            "type": "progressGenerate",
+            "task": "Generate",
+            "percentage": "10",
+            "stepCurrent": "3",
+            "stepTotal": "30",
+            "speed": "1.97",
+            "speedType": "it/s",
+            "elapsedTime": "2s",
+            "remainingTime": "14s",
+        },
+    }
+    assert json.dumps(progress_record(legacy)) == json.dumps(legacy)
+    # No step yet (a start delivery), or a record of an earlier version without one: sent as stored.
+    assert progress_record({**fact, "progress": None}) == {**fact, "progress": None}
+    assert progress_record({"event": "start", "taskid": "7"}) == {"event": "start", "taskid": "7"}
 
 
 def test_retries_back_off_then_give_up_and_the_log_says_why(make_app: Any, hook: Hook) -> None:

@@ -1,7 +1,7 @@
 """What the core records and reports, as typed records: a step's progress, a task's details (method, seeds, stage
 timings, failed images, deleted inputs), a file's metadata, one image's report and a worker's status.
 
-They hold facts, never a wire shape: the dialects' renderers (``wiro/render.py``, ``dialects/*/``) turn them into
+They hold facts, never a wire shape: the dialects' renderers (``dialects/*/render.py``) turn them into
 their clients' strings. The pydantic ones are stored as JSON (``queue/db.py``'s ``RecordJSON`` columns, the event
 log, Redis streams) and read back with ``read``, which also validates what earlier versions stored there (Wiro's
 progress object, Ark's image error) into the same record.

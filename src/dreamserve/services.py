@@ -13,7 +13,6 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -24,17 +23,16 @@ from dreamserve.errors import RateLimited
 from dreamserve.liveness import Liveness
 from dreamserve.preprocess import Preprocessor
 from dreamserve.projects import seal_webhook_secrets
-from dreamserve.queue.db import Task, make_engine, make_sessionmaker
+from dreamserve.queue.db import make_engine, make_sessionmaker
 from dreamserve.queue.events import Event, EventHub, Hub
 from dreamserve.queue.keyring import ServerKey, private_dir
 from dreamserve.queue.migrate import upgrade
 from dreamserve.queue.sealing import scrub_freed_pages, seal_legacy_capabilities
 from dreamserve.queue.store import StorageQuota, TaskStore
 from dreamserve.settings import Settings
-from dreamserve.status import FINAL, FileRole, StopKind, WorkerState
+from dreamserve.status import FINAL, StopKind, WorkerState
 from dreamserve.sweep import OrphanSweep, sweep_scratch
 from dreamserve.webhooks import CallbackFormat, Outbox, WebhookSender
-from dreamserve.wiro.render import progress_object, task_object
 from dreamserve.worker.process import worker_alive
 from dreamserve.worker.supervisor import Supervisor
 
@@ -63,7 +61,8 @@ class Services:
         callback_formats: Mapping[str, Callable[[Services], CallbackFormat]] | None = None,
     ) -> None:
         """``callback_formats``: by dialect name, what builds that dialect's ``webhooks.CallbackFormat`` from
-        these services (the API passes them; a dialect's shape lives above this module)."""
+        these services (the API passes them, ``dialects/mount.py``: a dialect's shape lives above this module;
+        without them no callback can be sent)."""
         self.settings = settings
         self.workers = workers or ("poll" if settings.run_workers else "none")
         self.engine: AsyncEngine = make_engine(settings.db_url, settings.database_pool_size)
@@ -76,11 +75,11 @@ class Services:
         #: Bytes in flight for checking uploaded references, per process (``reference_budget_bytes``).
         self.reference_budget = ByteBudget(settings.reference_budget_bytes)
         storage = StorageQuota(settings.max_project_bytes, settings.max_project_files)
-        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(progress_object), storage)
+        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(), storage)
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
         formats = {name: build(self) for name, build in (callback_formats or {}).items()}
-        self.webhooks = WebhookSender(self.sessions, settings, self.keys, self.render, formats)
+        self.webhooks = WebhookSender(self.sessions, settings, self.keys, formats)
         #: Fetches queued tasks' URL inputs before they can be claimed (not in a dispatched GPU worker).
         self.preprocessor = Preprocessor(settings, self.store, self.blobs, self.wake_workers)
         #: Deletes what a crash left that no row names (run one page at a time by the reaper).
@@ -246,27 +245,6 @@ class Services:
         """Cancel the task of a client that went away, queued or running: nobody could fetch its images."""
         if await self.store.cancel_queued(task_id) is None:
             await self.stop_task(task_id, StopKind.CANCEL)
-
-    async def render(self, task_id: int) -> dict[str, Any] | None:
-        task = await self.store.get_by_id(task_id)
-        return None if task is None else await self.render_task(task)
-
-    async def render_task(self, task: Task) -> dict[str, Any]:
-        """The task object of a row just read (Task/Detail's): its files in one query, the row not read again."""
-        files = await self.store.files([task.id], (FileRole.OUTPUT, FileRole.INPUT))
-        outputs = [file for file in files[task.id] if file.role == FileRole.OUTPUT]
-        inputs = [file for file in files[task.id] if file.role == FileRole.INPUT]
-        settings = self.settings
-        return task_object(
-            task,
-            outputs,
-            inputs=inputs,
-            keys=self.keys,
-            base_url=settings.base_url,
-            cps=settings.cost_per_second,
-            now=time.time(),
-            retention_seconds=settings.retention_seconds,
-        )
 
     # -- background loops ------------------------------------------------------------------------
 

@@ -1,20 +1,21 @@
 """Callback delivery (``callbackUrl``) from the outbox rows that each chosen event writes with it.
 
-``completed`` deliveries carry the final task object (what Wiro POSTs); ``start`` and ``progress``
-(ours, chosen with ``callbackEvents``) carry a small event record. Every delivery is signed:
-``x-dreamserve-timestamp`` and ``x-dreamserve-signature`` = HMAC-SHA256 with the project's webhook
-secret over ``timestamp + "." + body`` (``signing.verify_webhook`` checks it). Any 2xx acknowledges;
-anything else is retried with exponential backoff until ``webhook_attempts`` is spent. A row is
+Each row stores the event (``start``, ``progress``, ``completed``: ``progress`` and ``start`` chosen with
+``callbackEvents``) as a small record of facts: the task's id, status and last step (``facts.Progress``'s dump).
+What is POSTed and how it is signed is the task's dialect's ``CallbackFormat`` (Wiro's: the final task object
+on ``completed``, the record otherwise; ``x-dreamserve-timestamp`` and ``x-dreamserve-signature`` = HMAC-SHA256
+with the project's webhook secret over ``timestamp + "." + body``, which ``signing.verify_webhook`` checks). Any
+2xx acknowledges; anything else is retried with exponential backoff until ``webhook_attempts`` is spent. A row is
 claimed before it is sent, so API replicas never deliver it twice; the rows are the delivery log.
 ``WebhookSender`` sends concurrently under a global bound and one per project and receiver host, with a circuit
 breaker per project and receiver: one tenant's failing or slow receiver costs nobody else's callbacks to the same
 host their turn. One task's deliveries go one at a time, in order.
 
-A dialect with callbacks of its own shape (Replicate's prediction, signed the Standard Webhooks way) gives a
-``CallbackFormat``: the body of a delivery and the headers that sign it. ``Services`` takes them by dialect name
-from the API side (``dialects/mount.py``), so this module imports no dialect; each delivery is drawn by the format
-of its task's ``TaskJob.dialect``, and Wiro's (``WiroFormat``) for any other. Rows, retries, bounds, fairness and
-breakers are the same for every format.
+Every dialect's ``CallbackFormat`` (Wiro's; Replicate's prediction, signed the Standard Webhooks way; fal's) gives
+the body of a delivery and the headers that sign it. ``Services`` takes them by dialect name from the API side
+(``dialects/mount.py``), so this module imports no dialect; each delivery is drawn by the format of its task's
+``TaskJob.dialect``, and the default dialect's (``DEFAULT_FORMAT``) for a dialect without one. Rows, retries, bounds,
+fairness and breakers are the same for every format.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
@@ -34,20 +35,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from dreamserve.errors import InvalidRequest
-from dreamserve.facts import Progress
 from dreamserve.fetch import post_json
 from dreamserve.logs import about
 from dreamserve.queue.db import Project, Task, WebhookDelivery
 from dreamserve.queue.keyring import ServerKey
 from dreamserve.settings import Settings
-from dreamserve.signing import sign_webhook
 from dreamserve.status import DeliveryState, Frame, TaskStatus
 
 log = logging.getLogger(__name__)
 
-TaskRenderer = Callable[[int], Awaitable[dict[str, Any] | None]]
-#: How a ``progress`` callback shows the task's last step (the API's dialect renders it: Wiro's progress object).
-ProgressRenderer = Callable[[Progress], Any]
+#: The dialect whose callback format serves a task of a dialect without one (``TaskJob.dialect``'s default).
+DEFAULT_FORMAT = "wiro"
 #: The states a delivery is still to be sent in.
 UNSENT = (DeliveryState.PENDING, DeliveryState.SENDING)
 #: (project, receiver) pairs whose failures are remembered at once (the oldest is forgotten first).
@@ -59,30 +57,13 @@ class CallbackFormat(Protocol):
 
     async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
         """The JSON value of a delivery of ``event`` (``start``, ``progress``, ``completed``); ``payload`` is the
-        small record the outbox stored with it."""
+        small record the outbox stored with it (``Outbox.event``: the step in it a ``facts.Progress`` dump, or what
+        an earlier version stored)."""
         ...
 
     def headers(self, delivery_id: int, event: str, timestamp: str, body: bytes, secret: str) -> dict[str, str]:
         """Headers for ``body``, signed with the project's webhook ``secret``; ``timestamp`` is unix seconds."""
         ...
-
-
-class WiroFormat:
-    """Wiro's callbacks: the task object on ``completed``, the outbox's record otherwise, ``x-dreamserve-*``."""
-
-    def __init__(self, render: TaskRenderer) -> None:
-        self.render = render
-
-    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
-        return await self.render(task_id) if event == "completed" else payload
-
-    def headers(self, delivery_id: int, event: str, timestamp: str, body: bytes, secret: str) -> dict[str, str]:
-        return {
-            "x-dreamserve-event": event,
-            "x-dreamserve-delivery": str(delivery_id),
-            "x-dreamserve-timestamp": timestamp,
-            "x-dreamserve-signature": sign_webhook(secret, timestamp, body),
-        }
 
 
 class _Flight(NamedTuple):
@@ -126,15 +107,13 @@ class WebhookSender:
         sessions: async_sessionmaker[AsyncSession],
         settings: Settings,
         keys: ServerKey,
-        render: TaskRenderer,
         formats: Mapping[str, CallbackFormat] | None = None,
     ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.keys = keys
-        self.render = render
-        #: Callback formats by dialect name; Wiro's for every other task.
-        self.formats: dict[str, CallbackFormat] = {"wiro": WiroFormat(render), **(formats or {})}
+        #: Callback formats by dialect name; ``DEFAULT_FORMAT``'s for a task of any other.
+        self.formats: dict[str, CallbackFormat] = dict(formats or {})
         #: Delivery id -> whose it is, for the POSTs in flight.
         self._inflight: dict[int, _Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -233,11 +212,9 @@ PROGRESS_WEBHOOK_SECONDS = 1.0
 
 class Outbox:
     """Writes the deliveries of a task's events as outbox rows, inside the store's transaction of each event
-    (``TaskStore`` calls it, passed in by ``Services``): a delivery exists exactly when its event does.
-    ``progress`` renders the task's last step as the payload shows it."""
-
-    def __init__(self, progress: ProgressRenderer) -> None:
-        self.progress = progress
+    (``TaskStore`` calls it, passed in by ``Services``): a delivery exists exactly when its event does. Its
+    payload holds facts (the task's last step as ``Progress``'s dump); the task's dialect renders them when the
+    delivery is sent (``CallbackFormat.body``)."""
 
     async def event(self, session: AsyncSession, task: Task, event_type: str, now: float) -> None:
         """The delivery an event of ``task`` (as it stands after the event) owes its receiver, if any."""
@@ -246,7 +223,7 @@ class Outbox:
             return
         if hook == "progress" and not await _progress_due(session, task.id, now):
             return
-        step = None if task.progress is None else self.progress(task.progress)
+        step = None if task.progress is None else task.progress.dump()
         payload = {"event": hook, "taskid": str(task.id), "status": task.status, "progress": step}
         delivery = WebhookDelivery(
             task_id=task.id, url=task.callback_url, event=hook, payload=payload, next_attempt=now, created=now
@@ -348,8 +325,10 @@ async def _body(
         )
         row = (await session.execute(query)).one_or_none()
     secret = keys.webhook_secret(row.id, row.webhook_secret_sealed) if row is not None else ""
-    dialect = str((row.job or {}).get("dialect", "wiro")) if row is not None else "wiro"
-    shape = formats.get(dialect, formats["wiro"])
+    dialect = str((row.job or {}).get("dialect", DEFAULT_FORMAT)) if row is not None else DEFAULT_FORMAT
+    shape = formats.get(dialect) or formats.get(DEFAULT_FORMAT)
+    if shape is None:  # a process built without the API's formats (they are registered by dialects/mount.py)
+        raise LookupError(f"no callback format for dialect {dialect!r} nor {DEFAULT_FORMAT!r}")
     payload = await shape.body(delivery.task_id, delivery.event, delivery.payload)
     return json.dumps(payload).encode(), secret, shape
 

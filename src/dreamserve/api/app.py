@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,9 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dreamserve import __version__
-from dreamserve.api import files, health, metrics, run, security, socket, tasks, tools, web
-from dreamserve.api.feeds import TaskFeeds
-from dreamserve.dialects.mount import CALLBACK_FORMATS, mount
+from dreamserve.api import files, health, metrics, security, web
+from dreamserve.dialects.mount import CALLBACK_FORMATS, mount, running
 from dreamserve.dialects.wiro.errors import wiro_error
 from dreamserve.errors import (
     DreamError,
@@ -47,25 +45,24 @@ def create_app(
         services = Services(settings, callback_formats=CALLBACK_FORMATS)
         await services.start()
         app.state.services = services
-        app.state.socket_feeds = feeds = TaskFeeds(services)
         await monitor.tasks.begin(services.sessions)
-        hook = asyncio.create_task(on_start(services), name="on_start") if on_start else None
         try:
-            yield
+            async with running(app, services):
+                hook = asyncio.create_task(on_start(services), name="on_start") if on_start else None
+                try:
+                    yield
+                finally:
+                    if hook is not None:
+                        hook.cancel()
         finally:
-            if hook is not None:
-                hook.cancel()
-            await feeds.close()
             await services.close()
 
     app = FastAPI(title="dreamserve", version=__version__, lifespan=lifespan)
     app.state.monitor = monitor
-    #: Open task sockets per client address (``api/socket.py``).
-    app.state.socket_addresses = Counter()
-    for module in (run, tasks, tools, files):
-        app.include_router(module.router)
+    # The server's file URLs, which every dialect hands out; then each dialect's routes.
+    app.include_router(files.router)
     mount(app)
-    for module in (socket, health, metrics):
+    for module in (health, metrics):
         app.include_router(module.router)
     web.install(app, playground=settings.playground)
     app.add_middleware(metrics.RequestCounter, stats=monitor.requests)

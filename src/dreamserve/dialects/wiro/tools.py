@@ -1,4 +1,4 @@
-"""``/v1/Tool/*``: List, Detail and Explore over the models this server serves (``dreamserve.tools``)."""
+"""``/v1/Tool/*``: List, Detail and Explore over the models this server serves (``catalogue.py``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields, read_page, text_field
+from dreamserve.dialects.wiro import render
+from dreamserve.dialects.wiro.catalogue import SORTS, ModelFacts, Tool, catalogue, find_tool, select_tools, task_stats
 from dreamserve.errors import NotFound
 from dreamserve.presets import resolve
-from dreamserve.wiro import render
-from dreamserve.wiro.tools import SORTS, ModelFacts, Tool, catalogue, find_tool, select_tools, task_stats
 
 router = APIRouter()
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields
 from dreamserve.dialects.wiro.decode import decode
+from dreamserve.dialects.wiro.render import envelope
 from dreamserve.submit import served_model, submit
-from dreamserve.wiro.render import envelope
 
 router = APIRouter()
 

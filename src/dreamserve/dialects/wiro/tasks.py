@@ -1,20 +1,22 @@
-"""``/v1/Task/*``: Detail, List, Cancel (queued, or running at the next step), Kill (running, at once) and
+"""Wiro's ``/v1/Task/*``: Detail, List, Cancel (queued, or running at the next step), Kill (running, at once) and
 InputOutputDelete (a finished task's files)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from dreamserve.api.deps import ProjectDep, ServicesDep, read_fields, read_page, text_field
 from dreamserve.dialects.wire import MAX_ID, ascii_int
+from dreamserve.dialects.wiro.render import envelope, task_object, tasklist
 from dreamserve.errors import InvalidRequest, InvalidState, NotFound
 from dreamserve.queue.db import Project, Task
 from dreamserve.queue.store import LIST_SORTS
-from dreamserve.status import FINAL, RUNNING, StopKind, TaskStatus
+from dreamserve.services import Services
+from dreamserve.status import FINAL, RUNNING, FileRole, StopKind, TaskStatus
 from dreamserve.webhooks import delivery_log
-from dreamserve.wiro.render import envelope, tasklist
 
 NO_TASK = "There is no task yet. No task of this project has that taskid or tasktoken."
 
@@ -42,9 +44,28 @@ async def _find(request: Request, services: ServicesDep, project: Project, missi
     return task
 
 
+async def task_object_of(services: Services, task: Task) -> dict[str, Any]:
+    """The task object of a row just read (Task/Detail's, a ``completed`` callback's): its files in one query,
+    the row not read again."""
+    files = await services.store.files([task.id], (FileRole.OUTPUT, FileRole.INPUT))
+    outputs = [file for file in files[task.id] if file.role == FileRole.OUTPUT]
+    inputs = [file for file in files[task.id] if file.role == FileRole.INPUT]
+    settings = services.settings
+    return task_object(
+        task,
+        outputs,
+        inputs=inputs,
+        keys=services.keys,
+        base_url=settings.base_url,
+        cps=settings.cost_per_second,
+        now=time.time(),
+        retention_seconds=settings.retention_seconds,
+    )
+
+
 async def _render(services: ServicesDep, task: Task) -> dict[str, Any]:
     """The task object of a row as read, with its queue position while it is queued."""
-    rendered = await services.render_task(task)
+    rendered = await task_object_of(services, task)
     if task.status == TaskStatus.QUEUE:
         rendered["queueposition"] = str(await services.store.queue_position(task))
     return rendered

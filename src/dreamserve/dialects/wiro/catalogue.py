@@ -2,7 +2,7 @@
 
 Wiro's MCP server and WiroKit read a model's parameter schema before they run it, so each served slug is
 described here with the parameters ``Run`` takes (api-spec.md §1.4) and this server's own task counts.
-The records are typed; ``wire.py`` renders them in Wiro's shapes.
+The records are typed; ``render.py`` renders them in Wiro's shapes.
 """
 
 from __future__ import annotations

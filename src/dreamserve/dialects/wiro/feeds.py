@@ -16,12 +16,12 @@ import logging
 from collections import Counter, defaultdict, deque
 from typing import Any
 
+from dreamserve.dialects.wiro.render import event_message, file_item, socket_frame
 from dreamserve.facts import Progress
 from dreamserve.queue.db import Task
 from dreamserve.queue.events import Event
 from dreamserve.services import Services
 from dreamserve.status import FINAL, FileRole, Frame, TaskStatus
-from dreamserve.wiro.render import event_message, file_item, socket_frame
 
 log = logging.getLogger(__name__)
 

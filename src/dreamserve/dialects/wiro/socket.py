@@ -6,7 +6,7 @@ it has, makes the server spend more than the caps allow: this process holds at m
 sockets, one address opens at most ``socket_max_per_address``, a socket follows at most
 ``socket_max_tasks`` tasks, one project's tasks have at most ``socket_max_per_project`` follows, and a
 socket that keeps sending frames that register nothing, or stops reading its frames, is closed with 1008
-(policy violation). The frames come from the task's shared feed (``api/feeds.py``), never from a read per
+(policy violation). The frames come from the task's shared feed (``feeds.py``), never from a read per
 socket.
 """
 
@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, FastAPI, WebSocket, WebSocketDisconnect
 
-from dreamserve.api.feeds import Follower, Refused, TaskFeeds
+from dreamserve.dialects.wiro.feeds import Follower, Refused, TaskFeeds
 from dreamserve.services import Services
 from dreamserve.settings import Settings
 from dreamserve.status import Frame
@@ -30,6 +31,18 @@ router = APIRouter()
 POLICY_VIOLATION = 1008
 #: Seconds a closing handshake may take; a client that does not read has it cut short.
 CLOSE_SECONDS = 1.0
+
+
+@contextlib.asynccontextmanager
+async def sockets(app: FastAPI, services: Services) -> AsyncIterator[None]:
+    """The sockets' state while the app runs (``dialects/mount.py``): the shared feeds, the open sockets by
+    address."""
+    app.state.socket_feeds = feeds = TaskFeeds(services)
+    app.state.socket_addresses = Counter()
+    try:
+        yield
+    finally:
+        await feeds.close()
 
 
 @router.websocket("/v1")

@@ -13,12 +13,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dreamserve.dialects.wiro.catalogue import CATEGORIES, DESCRIPTION, Tool
 from dreamserve.facts import DeletedInput, LogText, Progress
 from dreamserve.fileurls import expires, file_url
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.keyring import ServerKey
 from dreamserve.status import FINAL, Pexit, TaskStatus
-from dreamserve.wiro.tools import CATEGORIES, DESCRIPTION, Tool
 
 #: Namespace of the per-project ``uuid`` Wiro shows on tasks and their outputs (its owner's id).
 _PROJECT_UUIDS = uuid.UUID("6f1c3c2e-2b8e-5d55-9a8c-4f0d2c6d7e10")
@@ -45,7 +45,7 @@ def unix(value: float | None) -> str:
 
 def file_item(base_url: str, file: File, keys: ServerKey | None, retention_seconds: float = 0.0) -> dict[str, Any]:
     """A file as Wiro lists it. ``keys=None`` gives the stored form (event log, Redis streams): no access key and
-    no URL, which ``api/socket.py`` fills in when it sends the event."""
+    no URL, which ``feeds.py`` fills in when it sends the event."""
     accesskey = keys.accesskey(file) if keys is not None else ""
     expiry = expires(file, retention_seconds)
     item: dict[str, Any] = {
