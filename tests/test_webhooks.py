@@ -101,6 +101,9 @@ def test_start_progress_completed_arrive_signed_in_order(shared_app: Any, hook: 
     progress = kinds.count("progress")
     assert kinds == ["start", *["progress"] * progress, "completed"] and progress >= 1, kinds
     assert bodies[0] == {"event": "start", "taskid": run["taskid"], "status": "task_start", "progress": None}
+    # Byte for byte, key order included: the outbox's record is POSTed as it was stored.
+    start = f'{{"event": "start", "taskid": "{run["taskid"]}", "status": "task_start", "progress": null}}'
+    assert hook.posts[0]["raw"] == start.encode()
     assert bodies[1]["event"] == "progress" and bodies[1]["progress"]["stepTotal"] == "30"
     # The completed delivery is the final task object, as Wiro posts it.
     assert bodies[-1]["status"] == "task_postprocess_end" and bodies[-1]["outputs"] == task["outputs"]

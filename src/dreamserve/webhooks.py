@@ -54,10 +54,35 @@ UNSENT = (DeliveryState.PENDING, DeliveryState.SENDING)
 MAX_BREAKERS = 10_000
 
 
+@dataclass(frozen=True)
+class CallbackEvent:
+    """What the outbox stores with a delivery (its ``payload`` column): the event, the task, its status as the
+    event left it, and its last step as the API's dialect renders it. Wiro's ``start`` and ``progress`` callbacks
+    POST it as it is."""
+
+    event: str
+    taskid: str
+    status: str
+    progress: Any = None
+
+    @classmethod
+    def read(cls, stored: Mapping[str, Any]) -> CallbackEvent:
+        """The stored record (a refused callbackUrl's row, never sent, stores none)."""
+        return cls(
+            event=str(stored.get("event", "")),
+            taskid=str(stored.get("taskid", "")),
+            status=str(stored.get("status", "")),
+            progress=stored.get("progress"),
+        )
+
+    def dump(self) -> dict[str, Any]:
+        return {"event": self.event, "taskid": self.taskid, "status": self.status, "progress": self.progress}
+
+
 class CallbackFormat(Protocol):
     """How one dialect's callbacks look: what a delivery POSTs and the headers that sign it."""
 
-    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
+    async def body(self, task_id: int, event: str, payload: CallbackEvent) -> Any:
         """The JSON value of a delivery of ``event`` (``start``, ``progress``, ``completed``); ``payload`` is the
         small record the outbox stored with it."""
         ...
@@ -73,8 +98,8 @@ class WiroFormat:
     def __init__(self, render: TaskRenderer) -> None:
         self.render = render
 
-    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
-        return await self.render(task_id) if event == "completed" else payload
+    async def body(self, task_id: int, event: str, payload: CallbackEvent) -> Any:
+        return await self.render(task_id) if event == "completed" else payload.dump()
 
     def headers(self, delivery_id: int, event: str, timestamp: str, body: bytes, secret: str) -> dict[str, str]:
         return {
@@ -247,9 +272,9 @@ class Outbox:
         if hook == "progress" and not await _progress_due(session, task.id, now):
             return
         step = None if task.progress is None else self.progress(task.progress)
-        payload = {"event": hook, "taskid": str(task.id), "status": task.status, "progress": step}
+        payload = CallbackEvent(event=hook, taskid=str(task.id), status=task.status, progress=step)
         delivery = WebhookDelivery(
-            task_id=task.id, url=task.callback_url, event=hook, payload=payload, next_attempt=now, created=now
+            task_id=task.id, url=task.callback_url, event=hook, payload=payload.dump(), next_attempt=now, created=now
         )
         session.add(delivery)
 
@@ -350,7 +375,7 @@ async def _body(
     secret = keys.webhook_secret(row.id, row.webhook_secret_sealed) if row is not None else ""
     dialect = str((row.job or {}).get("dialect", "wiro")) if row is not None else "wiro"
     shape = formats.get(dialect, formats["wiro"])
-    payload = await shape.body(delivery.task_id, delivery.event, delivery.payload)
+    payload = await shape.body(delivery.task_id, delivery.event, CallbackEvent.read(delivery.payload))
     return json.dumps(payload).encode(), secret, shape
 
 
