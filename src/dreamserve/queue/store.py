@@ -19,17 +19,16 @@ from __future__ import annotations
 from dreamserve.queue.base import Blobs, Outbox
 from dreamserve.queue.claims import Claims
 from dreamserve.queue.eventlog import EventLog
-from dreamserve.queue.files import TASK_ROLES, Files, add_files, new_blob_folder
+from dreamserve.queue.files import Files, add_files, new_blob_folder
 from dreamserve.queue.inputs import Inputs
 from dreamserve.queue.leases import Beat, Leases
 from dreamserve.queue.order import Positions
-from dreamserve.queue.quotas import Quota, StorageQuota, check_storage, lock_project
+from dreamserve.queue.quotas import Quota, StorageQuota, check_storage
 from dreamserve.queue.tasks import LIST_SORTS, Tasks
 
 # The names the rest of the server imports from here, wherever their concern's module defines them.
 __all__ = [
     "LIST_SORTS",
-    "TASK_ROLES",
     "Beat",
     "Blobs",
     "Outbox",
@@ -38,7 +37,6 @@ __all__ = [
     "TaskStore",
     "add_files",
     "check_storage",
-    "lock_project",
     "new_blob_folder",
 ]
 
