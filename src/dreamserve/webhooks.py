@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Select, Update, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
@@ -54,29 +55,18 @@ UNSENT = (DeliveryState.PENDING, DeliveryState.SENDING)
 MAX_BREAKERS = 10_000
 
 
-@dataclass(frozen=True)
-class CallbackEvent:
+class CallbackEvent(BaseModel):
     """What the outbox stores with a delivery (its ``payload`` column): the event, the task, its status as the
     event left it, and its last step as the API's dialect renders it. Wiro's ``start`` and ``progress`` callbacks
-    POST it as it is."""
+    POST it as it is (``model_dump``: every field, in this order). A refused callbackUrl's row, never sent,
+    stores none of it."""
 
-    event: str
-    taskid: str
-    status: str
+    model_config = ConfigDict(frozen=True)
+
+    event: str = ""
+    taskid: str = ""
+    status: str = ""
     progress: Any = None
-
-    @classmethod
-    def read(cls, stored: Mapping[str, Any]) -> CallbackEvent:
-        """The stored record (a refused callbackUrl's row, never sent, stores none)."""
-        return cls(
-            event=str(stored.get("event", "")),
-            taskid=str(stored.get("taskid", "")),
-            status=str(stored.get("status", "")),
-            progress=stored.get("progress"),
-        )
-
-    def dump(self) -> dict[str, Any]:
-        return {"event": self.event, "taskid": self.taskid, "status": self.status, "progress": self.progress}
 
 
 class CallbackFormat(Protocol):
@@ -99,7 +89,7 @@ class WiroFormat:
         self.render = render
 
     async def body(self, task_id: int, event: str, payload: CallbackEvent) -> Any:
-        return await self.render(task_id) if event == "completed" else payload.dump()
+        return await self.render(task_id) if event == "completed" else payload.model_dump(mode="json")
 
     def headers(self, delivery_id: int, event: str, timestamp: str, body: bytes, secret: str) -> dict[str, str]:
         return {
@@ -274,7 +264,12 @@ class Outbox:
         step = None if task.progress is None else self.progress(task.progress)
         payload = CallbackEvent(event=hook, taskid=str(task.id), status=task.status, progress=step)
         delivery = WebhookDelivery(
-            task_id=task.id, url=task.callback_url, event=hook, payload=payload.dump(), next_attempt=now, created=now
+            task_id=task.id,
+            url=task.callback_url,
+            event=hook,
+            payload=payload.model_dump(mode="json"),
+            next_attempt=now,
+            created=now,
         )
         session.add(delivery)
 
@@ -375,7 +370,7 @@ async def _body(
     secret = keys.webhook_secret(row.id, row.webhook_secret_sealed) if row is not None else ""
     dialect = str((row.job or {}).get("dialect", "wiro")) if row is not None else "wiro"
     shape = formats.get(dialect, formats["wiro"])
-    payload = await shape.body(delivery.task_id, delivery.event, CallbackEvent.read(delivery.payload))
+    payload = await shape.body(delivery.task_id, delivery.event, CallbackEvent.model_validate(delivery.payload))
     return json.dumps(payload).encode(), secret, shape
 
 
