@@ -39,6 +39,8 @@ class Outbox(Protocol):
 
 
 class StoreBase:
+    """The state every part of the store reads; each part adds the methods of its concern."""
+
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],

@@ -1,6 +1,7 @@
 """Reads of the task event log (``task_events``): one task's events, several tasks' after their own cursors, and
-the ids of all of them after a point (what the feeds and the Redis hub follow). Events are written by the
-transitions (``change.Change``) and the claims, in the transaction of the change they report."""
+the ids of every event after a point (the socket feeds' poller, for writers that could not reach this hub).
+Events are written by ``tasks.create``, the claims and the transitions (``change.Change``), in the transaction
+of the change they report."""
 
 from __future__ import annotations
 
