@@ -22,6 +22,7 @@ from dreamserve.facts import Progress
 from dreamserve.projects import Credentials, ensure_default_credentials
 from dreamserve.queue.db import WebhookDelivery
 from dreamserve.signing import sign_webhook, verify_webhook
+from dreamserve.webhooks import CallbackEvent
 from tests.conftest import MODEL, PROGRESS, SCRIPTED, free_port, new_project
 
 
@@ -106,6 +107,9 @@ def test_start_progress_completed_arrive_signed_in_order(shared_app: Any, hook: 
     progress = kinds.count("progress")
     assert kinds == ["start", *["progress"] * progress, "completed"] and progress >= 1, kinds
     assert bodies[0] == {"event": "start", "taskid": run["taskid"], "status": "task_start", "progress": None}
+    # Byte for byte, key order included: the outbox's record is POSTed as it was stored.
+    start = f'{{"event": "start", "taskid": "{run["taskid"]}", "status": "task_start", "progress": null}}'
+    assert hook.posts[0]["raw"] == start.encode()
     assert bodies[1]["event"] == "progress" and bodies[1]["progress"]["stepTotal"] == "30"
     # The completed delivery is the final task object, as Wiro posts it.
     assert bodies[-1]["status"] == "task_postprocess_end" and bodies[-1]["outputs"] == task["outputs"]
@@ -155,7 +159,7 @@ async def stored_payloads(services: Any, task_id: int) -> list[dict[str, Any]]:
 def test_progress_callbacks_render_the_stored_fact_and_send_earlier_rows_as_stored() -> None:
     step = Progress(step=3, total=30, elapsed=1.5)
     fact = {"event": "progress", "taskid": "7", "status": "task_output", "progress": step.dump()}
-    rendered = progress_record(fact)
+    rendered = progress_record(CallbackEvent.model_validate(fact))
     assert rendered == {**fact, "progress": progress_object(step)} and list(rendered["progress"]) == WIRO_PROGRESS_KEYS
     assert rendered["progress"]["stepCurrent"] == "3" and rendered["progress"]["speed"] == "2.00"
     # A row an earlier version wrote stored Wiro's object itself: it is sent byte for byte as stored.
@@ -173,10 +177,10 @@ def test_progress_callbacks_render_the_stored_fact_and_send_earlier_rows_as_stor
             "remainingTime": "14s",
         },
     }
-    assert json.dumps(progress_record(legacy)) == json.dumps(legacy)
-    # No step yet (a start delivery), or a record of an earlier version without one: sent as stored.
-    assert progress_record({**fact, "progress": None}) == {**fact, "progress": None}
-    assert progress_record({"event": "start", "taskid": "7"}) == {"event": "start", "taskid": "7"}
+    assert json.dumps(progress_record(CallbackEvent.model_validate(legacy))) == json.dumps(legacy)
+    # No step yet (a start delivery): sent as stored.
+    start = {**fact, "event": "start", "progress": None}
+    assert json.dumps(progress_record(CallbackEvent.model_validate(start))) == json.dumps(start)
 
 
 def test_retries_back_off_then_give_up_and_the_log_says_why(make_app: Any, hook: Hook) -> None:

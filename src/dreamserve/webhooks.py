@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import Select, Update, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
@@ -52,10 +53,24 @@ UNSENT = (DeliveryState.PENDING, DeliveryState.SENDING)
 MAX_BREAKERS = 10_000
 
 
+class CallbackEvent(BaseModel):
+    """What the outbox stores with a delivery (its ``payload`` column): the event, the task, its status as the
+    event left it, and its last step as the API's dialect renders it. Wiro's ``start`` and ``progress`` callbacks
+    POST it as it is (``model_dump``: every field, in this order). A refused callbackUrl's row, never sent,
+    stores none of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: str = ""
+    taskid: str = ""
+    status: str = ""
+    progress: Any = None
+
+
 class CallbackFormat(Protocol):
     """How one dialect's callbacks look: what a delivery POSTs and the headers that sign it."""
 
-    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
+    async def body(self, task_id: int, event: str, payload: CallbackEvent) -> Any:
         """The JSON value of a delivery of ``event`` (``start``, ``progress``, ``completed``); ``payload`` is the
         small record the outbox stored with it (``Outbox.event``: the step in it a ``facts.Progress`` dump, or what
         an earlier version stored)."""
@@ -224,9 +239,14 @@ class Outbox:
         if hook == "progress" and not await _progress_due(session, task.id, now):
             return
         step = None if task.progress is None else task.progress.dump()
-        payload = {"event": hook, "taskid": str(task.id), "status": task.status, "progress": step}
+        payload = CallbackEvent(event=hook, taskid=str(task.id), status=task.status, progress=step)
         delivery = WebhookDelivery(
-            task_id=task.id, url=task.callback_url, event=hook, payload=payload, next_attempt=now, created=now
+            task_id=task.id,
+            url=task.callback_url,
+            event=hook,
+            payload=payload.model_dump(mode="json"),
+            next_attempt=now,
+            created=now,
         )
         session.add(delivery)
 
@@ -329,7 +349,7 @@ async def _body(
     shape = formats.get(dialect) or formats.get(DEFAULT_FORMAT)
     if shape is None:  # a process built without the API's formats (they are registered by dialects/mount.py)
         raise LookupError(f"no callback format for dialect {dialect!r} nor {DEFAULT_FORMAT!r}")
-    payload = await shape.body(delivery.task_id, delivery.event, delivery.payload)
+    payload = await shape.body(delivery.task_id, delivery.event, CallbackEvent.model_validate(delivery.payload))
     return json.dumps(payload).encode(), secret, shape
 
 

@@ -16,13 +16,14 @@ from dreamserve.dialects.fal.render import fal_error, result
 from dreamserve.errors import DreamError, NotFound
 from dreamserve.services import Services
 from dreamserve.signing import sign_webhook
+from dreamserve.webhooks import CallbackEvent
 
 
 class FalCallbacks:
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
+    async def body(self, task_id: int, event: str, payload: CallbackEvent) -> Any:
         envelope: dict[str, Any] = {"request_id": str(task_id), "gateway_request_id": str(task_id)}
         try:
             task = await self.services.store.get_by_id(task_id)

@@ -15,6 +15,7 @@ from typing import Any
 
 from dreamserve.dialects.replicate.render import load
 from dreamserve.services import Services
+from dreamserve.webhooks import CallbackEvent
 
 
 def signing_key(secret: str) -> str:
@@ -33,7 +34,7 @@ class ReplicateCallbacks:
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
+    async def body(self, task_id: int, event: str, payload: CallbackEvent) -> Any:
         task = await self.services.store.get_by_id(task_id)
         return None if task is None else await load(self.services, task)
 

@@ -11,13 +11,14 @@ from dreamserve.dialects.wiro.tasks import task_object_of
 from dreamserve.facts import Progress
 from dreamserve.services import Services
 from dreamserve.signing import sign_webhook
+from dreamserve.webhooks import CallbackEvent
 
 
 class WiroCallbacks:
     def __init__(self, services: Services) -> None:
         self.services = services
 
-    async def body(self, task_id: int, event: str, payload: dict[str, Any]) -> Any:
+    async def body(self, task_id: int, event: str, payload: CallbackEvent) -> Any:
         if event == "completed":
             task = await self.services.store.get_by_id(task_id)
             return None if task is None else await task_object_of(self.services, task)
@@ -32,10 +33,11 @@ class WiroCallbacks:
         }
 
 
-def progress_record(payload: dict[str, Any]) -> dict[str, Any]:
+def progress_record(payload: CallbackEvent) -> dict[str, Any]:
     """The outbox's record with its step (a ``Progress`` dump) as Wiro's progress object. Rows of earlier versions
     stored the progress object itself: they are sent as stored."""
-    step = payload.get("progress")
+    record = payload.model_dump(mode="json")
+    step = payload.progress
     if not isinstance(step, dict) or "stepCurrent" in step:
-        return payload
-    return {**payload, "progress": progress_object(Progress.read(step))}
+        return record
+    return {**record, "progress": progress_object(Progress.read(step))}

@@ -1,0 +1,82 @@
+"""What a project may queue and store: the caps, counted under the project's lock in the transaction that adds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import BigInteger, cast, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dreamserve.errors import QuotaExceeded, StorageFull
+from dreamserve.queue.db import File, Project, Task
+from dreamserve.status import FINAL
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Caps on one project's unfinished tasks (0 = none): their number, and their work in megapixels."""
+
+    max_tasks: int = 0
+    max_megapixels: float = 0.0
+
+
+@dataclass(frozen=True)
+class StorageQuota:
+    """Caps on what one project stores (0 = none): the bytes of all its files (uploads, task inputs and outputs,
+    partial images), and their number. Checked where a client adds files (File/Upload, Run's uploaded inputs);
+    a task's outputs are never refused, they count against the next upload."""
+
+    max_bytes: int = 0
+    max_files: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.max_bytes or self.max_files)
+
+
+async def lock_project(session: AsyncSession, project_id: int) -> None:
+    """A no-op write: it locks the project's row (PostgreSQL) or the database (SQLite) until the transaction ends,
+    so that concurrent requests of one project are counted against its quotas one after another."""
+    await session.execute(update(Project).where(Project.id == project_id).values(last_claimed=Project.last_claimed))
+
+
+async def check_storage(session: AsyncSession, project_id: int, quota: StorageQuota, size: int, count: int) -> None:
+    """``StorageFull`` if ``count`` more files of ``size`` bytes in all would take the project past ``quota``;
+    counted in the caller's transaction, which stores the rows, under the project's lock."""
+    if not quota.active:
+        return
+    await lock_project(session, project_id)
+    query = select(func.count(File.id), func.coalesce(func.sum(cast(File.size, BigInteger)), 0))
+    files, stored = (await session.execute(query.where(File.project_id == project_id))).one()
+    if quota.max_files and files + count > quota.max_files:
+        raise StorageFull(
+            f"Storage full: this project stores {files:,} files and may store {quota.max_files:,} "
+            "(max_project_files). Delete some (File/Delete, File/FolderDelete, Task/InputOutputDelete) first."
+        )
+    if quota.max_bytes and int(stored) + size > quota.max_bytes:
+        raise StorageFull(
+            f"Storage full: this project stores {int(stored):,} bytes, this adds {size:,} and the limit is "
+            f"{quota.max_bytes:,} (max_project_bytes). Delete some files (File/Delete, File/FolderDelete, "
+            "Task/InputOutputDelete) first."
+        )
+
+
+async def check_tasks(session: AsyncSession, project_id: int, quota: Quota, pixels: int) -> None:
+    """``QuotaExceeded`` if one more task of ``pixels`` work would take the project past ``quota``; counted in the
+    caller's transaction, which stores the task, under the project's lock."""
+    await lock_project(session, project_id)
+    work = func.coalesce(func.sum(cast(Task.num_images, BigInteger) * Task.width * Task.height), 0)
+    query = select(func.count(Task.id), work).where(Task.project_id == project_id, Task.status.not_in(sorted(FINAL)))
+    count, queued = (await session.execute(query)).one()
+    if quota.max_tasks and count + 1 > quota.max_tasks:
+        raise QuotaExceeded(
+            f"Concurrency limit reached: this project has {count} unfinished tasks and may have "
+            f"{quota.max_tasks} (max_queued_tasks). Send this task again when some of them have ended."
+        )
+    if quota.max_megapixels and (int(queued) + pixels) / 1e6 > quota.max_megapixels:
+        raise QuotaExceeded(
+            f"Concurrency limit reached: this project's unfinished tasks add up to {int(queued) / 1e6:,.0f} "
+            f"megapixels (images x width x height) and this one to {pixels / 1e6:,.0f}; the limit is "
+            f"{quota.max_megapixels:,.0f} (max_queued_megapixels). Ask for fewer or smaller images, or send "
+            "it again when some of them have ended."
+        )

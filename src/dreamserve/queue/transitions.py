@@ -1,0 +1,200 @@
+"""The named transitions of a task: one guarded transaction each.
+
+Every change of a task is one named transition (``accept`` by the claims, ``begin_preprocess``, ``assign``,
+``start``, ``progress``, ``image_saved``, ``begin_postprocess``, ``succeed``, ``cancel``, ``requeue``, ``fail``, ...):
+one transaction that updates the row, appends its events to ``task_events`` and writes the callback outbox
+rows they owe (``webhooks.Outbox``), then wakes live sockets. Each is guarded (the statuses the task may be
+in, the worker that must hold its lease), so racing transitions (a cancel and a claim, say) are safe: the
+loser changes nothing and learns so from what it gets back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+
+from sqlalchemy import update
+
+from dreamserve.facts import ImageReport, LogText, Progress, TaskDetails
+from dreamserve.queue.base import StoreBase
+from dreamserve.queue.change import Change
+from dreamserve.queue.db import File, Task
+from dreamserve.queue.files import add_files
+from dreamserve.status import RUNNING, FileRole, Frame, Pexit, StopKind, TaskStatus
+
+
+class Transitions(StoreBase):
+    @contextlib.asynccontextmanager
+    async def _transition(
+        self, task_id: int, *, expect: Iterable[str] | None = None, worker_id: str | None = None
+    ) -> AsyncIterator[Change | None]:
+        """One transaction on one task, if it passes the guard (else ``None``): ``expect`` the statuses it may be
+        in, ``worker_id`` the worker that must hold its lease. Once it commits, the blobs of the file rows it
+        deleted go (rows first: a crash leaves bytes without a row, never a row without bytes) and its events
+        are published."""
+        async with self.sessions.begin() as session:
+            conditions = [Task.id == task_id]
+            if expect is not None:
+                conditions.append(Task.status.in_(list(expect)))
+            if worker_id is not None:
+                conditions.append(Task.worker_id == worker_id)
+            # A write that changes nothing, to lock the row (the database, on SQLite) for the rest of the transaction.
+            lock = update(Task).where(*conditions).values(lease_until=Task.lease_until).returning(Task.id)
+            found = (await session.execute(lock)).scalar_one_or_none() is not None
+            task = await session.get(Task, task_id) if found else None
+            change = None if task is None else Change(self.outbox, session, task, time.time())
+            yield change
+            if change is not None:
+                await session.flush()
+        if change is not None:
+            await self._delete_blobs(change.dropped)
+            for event in change.published():
+                await self.hub.publish(event)
+
+    async def _apply(
+        self,
+        task_id: int,
+        step: Callable[[Change], Awaitable[None]],
+        *,
+        expect: Iterable[str] | None = None,
+        worker_id: str | None = None,
+    ) -> bool:
+        """A transition of one step (``_transition``'s guard, then ``step``); False if the guard failed."""
+        async with self._transition(task_id, expect=expect, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await step(change)
+        return True
+
+    async def _advance(self, task_id: int, status: TaskStatus, worker_id: str) -> bool:
+        return await self._apply(task_id, lambda change: change.advance(status), worker_id=worker_id)
+
+    async def begin_preprocess(self, task_id: int, worker_id: str) -> bool:
+        """The worker puts the task's references on local disk (``task_preprocess_start``)."""
+        return await self._advance(task_id, TaskStatus.PREPROCESS_START, worker_id)
+
+    async def end_preprocess(self, task_id: int, worker_id: str) -> bool:
+        return await self._advance(task_id, TaskStatus.PREPROCESS_END, worker_id)
+
+    async def assign(self, task_id: int, worker_id: str) -> bool:
+        """The task's job is built and about to be handed to the model process (``task_assign``)."""
+        return await self._advance(task_id, TaskStatus.ASSIGN, worker_id)
+
+    async def start(self, task_id: int, worker_id: str) -> bool:
+        """The model process took the job (``task_start``; the ``start`` callback)."""
+        return await self._advance(task_id, TaskStatus.START, worker_id)
+
+    async def progress(self, task_id: int, worker_id: str, progress: Progress) -> bool:
+        """A denoising step (``task_output``): it is kept on the row and in the log without its preview (large,
+        short-lived), which only goes to live subscribers."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            change.task.progress = progress.stored()
+            await change.event(Frame.OUTPUT, progress.stored(), live=progress if progress.preview else None)
+        return True
+
+    async def image_saved(self, task_id: int, worker_id: str, file: File) -> bool:
+        """One image of the running attempt is stored: its ``partial`` row makes its URL work at once; the event
+        (``Frame.OUTPUT_IMAGE``, no URL nor key: the API renders them from the row) tells followers (Ark's stream)."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await add_files(change.session, self.keys, [file])
+            await change.event(Frame.OUTPUT_IMAGE, ImageReport(index=file.position, name=file.name))
+        return True
+
+    async def image_failed(self, task_id: int, worker_id: str, index: int, failure: str) -> bool:
+        """One image could not be finished (``failure``: what the client is told); the task's other images go on."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            # Validated, not built: a caller that still hands Ark's error object gets its message read.
+            await change.event(Frame.OUTPUT_IMAGE, ImageReport.model_validate({"index": index, "failure": failure}))
+        return True
+
+    async def begin_postprocess(self, task_id: int, worker_id: str, output: str) -> bool:
+        """The model is done: its log (``task_output_full``), ``task_end``, then ``task_postprocess_start`` while
+        the worker stores the images."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await change.event(Frame.OUTPUT_FULL, LogText(raw=output))
+            await change.advance(TaskStatus.END)
+            await change.advance(TaskStatus.POSTPROCESS_START)
+        return True
+
+    async def succeed(
+        self, task_id: int, worker_id: str, outputs: Sequence[File], output: str, details: TaskDetails
+    ) -> bool:
+        """The task's end (``task_postprocess_end``, pexit 0) with its output rows (the attempt's ``partial`` rows
+        become outputs here) and its details; the ``completed`` callback."""
+        async with self._transition(task_id, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            await add_files(change.session, self.keys, outputs)
+            change.task.pexit, change.task.debugoutput, change.task.details = Pexit.OK, output, details
+            await change.advance(TaskStatus.POSTPROCESS_END)
+        return True
+
+    async def cancel(self, task_id: int, kind: StopKind, worker_id: str) -> bool:
+        """A running task stopped as asked: ``task_cancel`` with pexit 130 (cancel) or 137 (kill)."""
+        return await self._apply(task_id, lambda change: change.cancel(kind), worker_id=worker_id)
+
+    async def cancel_queued(self, task_id: int) -> Task | None:
+        """Task/Cancel (or Kill) of a task still queued; None if it is not queued any more."""
+        async with self._transition(task_id, expect=[TaskStatus.QUEUE]) as change:
+            if change is None:
+                return None
+            await change.cancel(StopKind.CANCEL)
+        return change.task
+
+    async def requeue(self, task_id: int, note: str, worker_id: str | None, *, refund: bool = False) -> bool:
+        """Put a claimed task back in the queue (its worker was lost, or its model process died before or while
+        it ran): the note says why (``debugerror``). The attempt's images (``partial`` rows and their bytes) go,
+        so the next attempt's are the only ones. ``refund``: the attempt was not the task's own (the model
+        process was gone before the task reached it, or another task's kill took it down) and does not count
+        against ``max_attempts``."""
+        async with self._transition(task_id, expect=RUNNING, worker_id=worker_id) as change:
+            if change is None:
+                return False
+            task = change.task
+            task.debugerror, task.stop_requested, task.dispatched_at = note, "", None
+            if refund:
+                task.attempts = max(0, task.attempts - 1)
+            await change.drop_files(FileRole.PARTIAL)
+            await change.advance(TaskStatus.QUEUE)
+        return True
+
+    async def fail(
+        self,
+        task_id: int,
+        pexit: Pexit,
+        message: str,
+        *,
+        raw: str = "",
+        output: str = "",
+        expect: Iterable[str] | None = None,
+        worker_id: str | None = None,
+    ) -> bool:
+        """End a task as failed, with Wiro's closing sequence in one transaction: the error, the logs, the statuses
+        the task has not passed yet, then ``task_postprocess_end`` with ``pexit``. False if the guard failed."""
+        return await self._apply(
+            task_id,
+            lambda change: change.close_failed(pexit, message, raw=raw, output=output),
+            expect=expect,
+            worker_id=worker_id,
+        )
+
+    async def fail_inputs(self, task_id: int, message: str) -> bool:
+        """End a queued task whose URL inputs could not be had: ``task_preprocess_start`` takes it out of the
+        queue (in the same transaction, so neither a cancel nor a claim can interleave), then Wiro's closing
+        sequence with pexit 2."""
+        async with self._transition(task_id, expect=[TaskStatus.QUEUE]) as change:
+            if change is None:
+                return False
+            change.task.inputs_lease_until = None
+            await change.advance(TaskStatus.PREPROCESS_START)
+            await change.close_failed(Pexit.BAD_INPUT, message)
+        return True
