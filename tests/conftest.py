@@ -20,11 +20,13 @@ other request), and a small HTTP server stands in for input URLs and callbacks."
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -521,9 +523,33 @@ def make_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...
         server.stop()
 
 
+@cache
+def migrated_database() -> Path:
+    """An empty SQLite database at the head revision, migrated once per session (Alembic takes some 0.2 s of CPU
+    per new database): each data folder of a test starts from a copy of it (``build_settings``)."""
+    from dreamserve.queue.db import make_engine
+    from dreamserve.queue.migrate import upgrade
+
+    path = Path(tempfile.mkdtemp(prefix="dreamserve-test-schema-")) / "dreamserve.db"
+
+    async def migrate() -> None:
+        engine = make_engine(f"sqlite+aiosqlite:///{path}", 1)
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the caller may be running an event loop
+        pool.submit(asyncio.run, migrate()).result()
+    assert not path.with_name(path.name + "-wal").exists(), "the last close checkpoints the WAL into the file"
+    return path
+
+
 def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any) -> Settings:
+    """Settings for a test's server or app in ``data_dir``; a folder with no database yet gets a copy of the
+    migrated one (a test that brings its own database, an older schema say, keeps it)."""
     spec = ModelSpec(**overrides.pop("model", {}))
-    return Settings(
+    settings = Settings(
         data_dir=data_dir,
         host="127.0.0.1",
         port=free_port(),
@@ -531,6 +557,11 @@ def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any)
         fetch_allow_private=allow_private,
         **overrides,
     )
+    database = data_dir / "dreamserve.db"
+    if settings.database_url is None and not database.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(migrated_database(), database)  # its mode (0600) with it
+    return settings
 
 
 @pytest.fixture
