@@ -744,8 +744,9 @@ class SharedApps:
         return app
 
     def close(self) -> None:
-        for app in self.apps.values():
-            app.close()
+        # All at once: each waits for its model processes to exit (up to ``ChildProcess.close``'s timeout).
+        with concurrent.futures.ThreadPoolExecutor(max(len(self.apps), 1)) as pool:
+            list(pool.map(App.close, self.apps.values()))
 
 
 @pytest.fixture(scope="session")
