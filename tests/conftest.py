@@ -15,7 +15,7 @@
   interpreter's imports on top.
 
 Shared apps and servers are seen through a project of the test's own, and what it leaves unfinished is cancelled
-when it ends. Both tiers give the same helpers (``post``, ``run``, ``detail``, ``wait``, ``log``; ``http`` for any
+when it ends. Every tier gives the same helpers (``post``, ``run``, ``detail``, ``wait``, ``log``; ``http`` for any
 other request), and a small HTTP server stands in for input URLs and callbacks."""
 
 from __future__ import annotations
