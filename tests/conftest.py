@@ -5,24 +5,28 @@
   Fast: no interpreter start. ``shared_app`` keeps one per set of options for the session (``tiny``: the tiny
   FLUX.2-klein pipeline in its spawned model process); ``scripted`` runs the scripted engine in the model process
   (the supervisor tier: no torch, steps as long as the test needs).
-* ``make_server``: a uvicorn server in a subprocess, SQLite on disk, for the tests that need its socket or its
-  process (they kill it, sabotage its data folder, count its memory or descriptors, hang up on it, or drive it
-  from a browser, a CLI or curl).
-* ``shared_server``: the same servers, started once per session for all the tests that ask for the same options;
-  ``tiny_server`` is the common case. A server start with the tiny pipeline costs seconds of both cores (an
-  interpreter, the model load); with the scripted engine (``SCRIPTED_SLOW``) a second.
+* ``make_live``: the same app served by uvicorn on a thread of this process, configured as ``serve`` configures it
+  (``LiveServer``), for the tests that need a real socket (raw HTTP, WebSockets, hang-ups, TLS, write stalls, a
+  browser, a CLI or curl in another process). No interpreter to start: a start costs what the app's lifespan and
+  its model processes cost. ``shared_server`` starts one per set of options for the session, for all the tests
+  that ask for the same; ``tiny_server`` is the common case.
+* ``make_server``: ``dreamserve serve`` in a subprocess, SQLite on disk, only for the tests that need its process
+  (they kill it, restart it, sabotage its data folder or lower its descriptor limit). A start costs an
+  interpreter's imports on top.
 
 Shared apps and servers are seen through a project of the test's own, and what it leaves unfinished is cancelled
-when it ends. Both tiers give the same helpers (``post``, ``run``, ``detail``, ``wait``, ``log``; ``http`` for any
+when it ends. Every tier gives the same helpers (``post``, ``run``, ``detail``, ``wait``, ``log``; ``http`` for any
 other request), and a small HTTP server stands in for input URLs and callbacks."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -53,7 +57,9 @@ from dreamserve.status import TaskStatus
 MODEL = "bytedance/seedream-v4"
 #: Fixtures that start a process of their own (a server, a browser, the diffusers model process of a shared app):
 #: tests using them are not in the fast tier.
-PROCESS_FIXTURES = frozenset({"make_server", "shared_server", "shared_app", "fuzz_server", "browser", "klein"})
+PROCESS_FIXTURES = frozenset(
+    {"make_server", "make_live", "shared_server", "shared_app", "fuzz_server", "browser", "klein"}
+)
 #: Modules that run models in this process or kill processes on purpose.
 PROCESS_MODULES = frozenset({"test_engine.py", "test_faults.py", "test_scaleout.py", "test_cli.py"})
 
@@ -373,9 +379,177 @@ class LogRecorder(logging.Handler):
         return "\n".join(self.lines)
 
 
+@dataclass(kw_only=True)
+class LiveServer(Api):
+    """``create_app(settings)`` served by uvicorn on a thread of this process, configured as ``serve`` configures
+    it (``cli.server.uvicorn_config``: the guarded protocol, its bounds, TLS): a real socket (raw HTTP, WebSockets,
+    hang-ups, TLS, clients and browsers in other processes) without an interpreter of its own to start."""
+
+    web: Any  # uvicorn.Server
+    thread: threading.Thread
+    app: Any  # the FastAPI app it serves
+    #: The status of every HTTP answer, uvicorn's own 500 for an app that raised included.
+    statuses: list[int]
+    recorder: LogRecorder = field(default_factory=lambda: LogRecorder.attach())
+    verify: ssl.SSLContext | bool = True
+    _client: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(base_url=self.url, timeout=60, verify=self.verify)
+        return self._client
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def services(self) -> Any:
+        """The app's ``Services``, for what a test reads or does behind the API (as ``App.services``)."""
+        return self.app.state.services
+
+    def log(self) -> str:
+        return self.recorder.text()
+
+    def view(self) -> LiveServer:
+        """This server seen through a new project: the test sees only its own tasks, files and log lines."""
+        return replace(self, creds=new_project(self.settings, "test"), _client=None, recorder=LogRecorder.attach())
+
+    def settle(self, timeout: float = 120) -> None:
+        if not self.thread.is_alive():
+            raise AssertionError(f"a shared server stopped:\n{self.log()[-3000:]}")
+        super().settle(timeout)
+
+    def close_client(self) -> None:
+        self.recorder.detach()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def stop(self) -> None:
+        self.web.should_exit = True
+        self.thread.join(30)
+        if self.thread.is_alive():  # a connection that never ends (a held stream) holds a graceful shutdown
+            self.web.force_exit = True
+            self.thread.join(30)
+        self.close_client()
+
+
+def recording_statuses(app: Any, statuses: list[int]) -> Any:
+    """``app`` as an ASGI app that appends the status of each HTTP answer to ``statuses``."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        except Exception:
+            statuses.append(500)  # what uvicorn answers for it
+            raise
+
+    return asgi
+
+
+def start_live(
+    tmp_path_factory: pytest.TempPathFactory,
+    data_dir: Path | None = None,
+    allow_private: bool = True,
+    tls: bool = False,
+    timeout: float = 300,
+    **overrides: Any,
+) -> LiveServer:
+    """A ``LiveServer`` with ``launch``'s options, started and ready (its model processes loaded). ``env`` is set
+    in this process while it starts: its model processes are spawned with it."""
+    import uvicorn
+
+    from dreamserve.api.app import create_app
+    from dreamserve.cli.server import uvicorn_config
+
+    data_dir = data_dir or tmp_path_factory.mktemp("data")
+    env = overrides.pop("env", {})
+    certs = certificates(tmp_path_factory.getbasetemp() / "tls") if tls else None
+    files = {"ssl_certfile": certs.certfile, "ssl_keyfile": certs.keyfile} if certs is not None else {}
+    settings = build_settings(data_dir, allow_private, **overrides, **files)
+    creds = new_project(settings, "tests")
+    statuses: list[int] = []
+    certfile, keyfile = (str(certs.certfile), str(certs.keyfile)) if certs is not None else (None, None)
+    app = create_app(settings)
+    web = uvicorn.Server(uvicorn_config(recording_statuses(app, statuses), settings, certfile, keyfile))
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        thread = threading.Thread(target=web.run, name=f"live-server-{settings.port}", daemon=True)
+        verify = certs.context() if certs is not None else True
+        server = LiveServer(
+            settings=settings, creds=creds, web=web, thread=thread, app=app, statuses=statuses, verify=verify
+        )
+        thread.start()
+        try:
+            until(lambda: web.started or not thread.is_alive(), "the live server to start", timeout)
+            assert thread.is_alive(), f"the live server did not start:\n{server.log()[-4000:]}"
+            ready = server.http  # bound for the lambda
+            until(lambda: ready.get("/readyz").status_code == 200, "the live server's model processes", timeout)
+        except BaseException:
+            server.stop()  # not left running behind a failed start
+            raise
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return server
+
+
+@pytest.fixture
+def make_live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LiveServer]]:
+    """Start ``LiveServer``s with chosen settings (``start_live``); they stop after the test."""
+    servers: list[LiveServer] = []
+
+    def factory(**options: Any) -> LiveServer:
+        server = start_live(tmp_path_factory, **options)
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@cache
+def migrated_database() -> Path:
+    """An empty SQLite database at the head revision, migrated once per session (Alembic takes some 0.2 s of CPU
+    per new database): each data folder of a test starts from a copy of it (``build_settings``)."""
+    from dreamserve.queue.db import make_engine
+    from dreamserve.queue.migrate import upgrade
+
+    path = Path(tempfile.mkdtemp(prefix="dreamserve-test-schema-")) / "dreamserve.db"
+
+    async def migrate() -> None:
+        engine = make_engine(f"sqlite+aiosqlite:///{path}", 1)
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the caller may be running an event loop
+        pool.submit(asyncio.run, migrate()).result()
+    assert not path.with_name(path.name + "-wal").exists(), "the last close checkpoints the WAL into the file"
+    return path
+
+
 def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any) -> Settings:
+    """Settings for a test's server or app in ``data_dir``; a folder with no database yet gets a copy of the
+    migrated one (a test that brings its own database, an older schema say, keeps it)."""
     spec = ModelSpec(**overrides.pop("model", {}))
-    return Settings(
+    settings = Settings(
         data_dir=data_dir,
         host="127.0.0.1",
         port=free_port(),
@@ -383,6 +557,11 @@ def build_settings(data_dir: Path, allow_private: bool = True, **overrides: Any)
         fetch_allow_private=allow_private,
         **overrides,
     )
+    database = data_dir / "dreamserve.db"
+    if settings.database_url is None and not database.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(migrated_database(), database)  # its mode (0600) with it
+    return settings
 
 
 @pytest.fixture
@@ -488,32 +667,29 @@ SCRIPTED_SLOW: dict[str, Any] = {
 
 
 class SharedServers:
-    """Servers started at first use and kept for the session, one per set of options; the ``keep`` used last
-    stay running (each holds a model process in memory)."""
+    """``LiveServer``s started at first use and kept for the session, one per set of options; the ``keep`` used
+    last stay running (each may hold a model process in memory)."""
 
     def __init__(self, tmp_path_factory: pytest.TempPathFactory, keep: int = 6) -> None:
         self.tmp_path_factory = tmp_path_factory
         self.keep = keep
-        self.servers: dict[str, Server] = {}
+        self.servers: dict[str, LiveServer] = {}
 
-    def get(self, options: dict[str, Any]) -> Server:
+    def get(self, options: dict[str, Any]) -> LiveServer:
         key = json.dumps(options, sort_keys=True)
         server = self.servers.pop(key, None)
-        if server is None or server.process is None or server.process.poll() is not None:
+        if server is None or not server.thread.is_alive():
             if server is not None:
                 server.stop()
-            server = launch(self.tmp_path_factory, start=False, **options)
-            self.servers[key] = server  # stopped at the end even if it fails to start
-            server.start()
+            server = start_live(self.tmp_path_factory, **json.loads(key))  # a copy: the options stay as given
         self.servers[key] = server  # the most recently used last
         while len(self.servers) > self.keep:
             self.servers.pop(next(iter(self.servers))).stop()
         return server
 
     def close(self) -> None:
-        for server in self.servers.values():  # all asked at once: each takes a second or two to shut down
-            if server.process is not None and server.process.poll() is None:
-                server.process.send_signal(signal.SIGTERM)
+        for server in self.servers.values():  # all asked at once: each waits for its connections to close
+            server.web.should_exit = True
         for server in self.servers.values():
             server.stop()
 
@@ -526,12 +702,12 @@ def shared_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedS
 
 
 @pytest.fixture
-def shared_server(shared_servers: SharedServers) -> Iterator[Callable[..., Server]]:
-    """``shared_server(**options)``: the session's server with those ``launch`` options, seen through a project of
-    this test's own (``Server.view``). Left idle when the test ends (``Server.settle``)."""
-    views: list[Server] = []
+def shared_server(shared_servers: SharedServers) -> Iterator[Callable[..., LiveServer]]:
+    """``shared_server(**options)``: the session's ``LiveServer`` with those ``start_live`` options, seen through a
+    project of this test's own (``LiveServer.view``). Left idle when the test ends (``LiveServer.settle``)."""
+    views: list[LiveServer] = []
 
-    def factory(**options: Any) -> Server:
+    def factory(**options: Any) -> LiveServer:
         view = shared_servers.get(options).view()
         views.append(view)
         return view
@@ -568,8 +744,9 @@ class SharedApps:
         return app
 
     def close(self) -> None:
-        for app in self.apps.values():
-            app.close()
+        # All at once: each waits for its model processes to exit (up to ``ChildProcess.close``'s timeout).
+        with concurrent.futures.ThreadPoolExecutor(max(len(self.apps), 1)) as pool:
+            list(pool.map(App.close, self.apps.values()))
 
 
 @pytest.fixture(scope="session")
@@ -607,8 +784,8 @@ def tiny(shared_app: Callable[..., App]) -> App:
 
 
 @pytest.fixture
-def tiny_server(shared_server: Callable[..., Server]) -> Server:
-    """The session's ``TINY`` server, seen through a fresh project: for tests that need its socket (a CLI or
+def tiny_server(shared_server: Callable[..., LiveServer]) -> LiveServer:
+    """The session's ``TINY`` live server, seen through a fresh project: for tests that need its socket (a CLI or
     curl in a subprocess, a raw WebSocket)."""
     return shared_server(**TINY)
 

@@ -32,7 +32,7 @@ from dreamserve.api.app import create_app
 from dreamserve.projects import create_project
 from dreamserve.queue.db import File
 from dreamserve.settings import ModelSpec, Settings
-from tests.conftest import MODEL, SCRIPTED, App, Receiver, Server, launch, open_app, png_bytes, until
+from tests.conftest import MODEL, SCRIPTED, App, LiveServer, Receiver, open_app, png_bytes, start_live, until
 
 MODEL_ID = "seedream-4-0-250828"
 RETENTION = 86400
@@ -56,14 +56,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
 
 
 @pytest.fixture(scope="module")
-def streaming(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A real server for the clients that hang up on a stream (a socket closing), its model process the scripted
+def streaming(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A real socket for the clients that hang up on a stream (a socket closing), its model process the scripted
     engine (no model load): one image per call of 8 steps of 50 ms, saved (and streamed) one after another."""
     model = {**OPTIONS["model"], "engine": SCRIPTED, "steps": 8}
     env = {"DREAMSERVE_SCRIPTED_STEP_SECONDS": "0.05", "DREAMSERVE_SCRIPTED_PER_CALL": "1"}
-    server = launch(tmp_path_factory, start=False, model=model, retention_seconds=RETENTION, env=env)
+    server = start_live(tmp_path_factory, model=model, retention_seconds=RETENTION, env=env)
     try:
-        server.start()
         yield server
     finally:
         server.stop()
@@ -246,7 +245,7 @@ def test_stream_checks_answer_400_json_before_the_stream(server: Any) -> None:
     assert "921,600" in error["message"], "the message says which sizes are allowed"
 
 
-def test_a_client_that_hangs_up_on_a_stream_cancels_its_task(streaming: Server) -> None:
+def test_a_client_that_hangs_up_on_a_stream_cancels_its_task(streaming: LiveServer) -> None:
     server = streaming
     body = {
         "model": MODEL_ID,
@@ -270,7 +269,7 @@ def test_a_client_that_hangs_up_on_a_stream_cancels_its_task(streaming: Server) 
     assert task["status"] == "task_cancel" and task["pexit"] == "130", "nobody is left to receive the images"
 
 
-def test_input_output_delete_takes_the_images_a_cancelled_stream_sent(streaming: Server) -> None:
+def test_input_output_delete_takes_the_images_a_cancelled_stream_sent(streaming: LiveServer) -> None:
     """Issue 30 item 2: the partial image a stream sent before its client hung up (the task is cancelled) is a file of
     the task like its inputs and outputs: InputOutputDelete takes its row and bytes, and its URL answers 404 at once."""
     server = streaming
@@ -336,9 +335,9 @@ def test_key_only_project_and_optimize_prompt_reported(server: Any) -> None:
     assert "not applied" in (result.model_extra or {})["warnings"][0]
 
 
-def test_every_error_class_the_sdk_raises(make_server: Any) -> None:
+def test_every_error_class_the_sdk_raises(make_live: Any) -> None:
     # No model worker: a task stays queued, so a stream stays open until its client hangs up.
-    server = make_server(model={"workers": 0}, rate_limit_per_minute=60, rate_limit_burst=30, sync_max_per_project=1)
+    server = make_live(model={"workers": 0}, rate_limit_per_minute=60, rate_limit_burst=30, sync_max_per_project=1)
     client = _ark(server)
     with pytest.raises(ArkAuthenticationError) as denied:
         _ark(server, "nope").images.generate(model=MODEL_ID, prompt="x")

@@ -52,9 +52,9 @@ def test_half_open_connections_past_the_fd_limit_do_not_deny_service(make_server
         assert lone.recv(65536) == b""
 
 
-def test_never_read_ark_stream_frees_its_sync_slot_after_the_write_stall(make_server: Any) -> None:
+def test_never_read_ark_stream_frees_its_sync_slot_after_the_write_stall(make_live: Any) -> None:
     model = {"max_pixels": 64 * 64, "max_batch": 1}
-    server = make_server(model=model, sync_max_per_project=1, http_write_stall_seconds=2)
+    server = make_live(model=model, sync_max_per_project=1, http_write_stall_seconds=2)
     creds = server.creds
     body = json.dumps(
         {

@@ -37,7 +37,7 @@ from dreamserve.dialects.fal.decode import NAMED_SIZES, fal_size
 from dreamserve.projects import Credentials, create_project
 from dreamserve.settings import Settings
 from dreamserve.signing import auth_headers, verify_webhook
-from tests.conftest import Receiver, Server, build_settings, certificates, png_bytes
+from tests.conftest import LiveServer, Receiver, build_settings, certificates, png_bytes
 from tests.test_https import HTTPS
 
 SCRIPTED = "tests.scripted_engine:ScriptedEngine"
@@ -444,7 +444,7 @@ def test_another_projects_request_cannot_be_read_or_cancelled(server: FalServer)
 
 
 def test_readme_fal_example_runs_unchanged(
-    shared_server: Callable[..., Server], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    shared_server: Callable[..., LiveServer], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
     """The README's example, in a program of its own with only the variables set, against ``dreamserve serve``
     serving HTTPS itself (the session's HTTPS server, shared with test_https)."""

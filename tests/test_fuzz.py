@@ -8,9 +8,10 @@
   Task/Detail must still answer), and JSON nested up to 50,000 deep;
 * hypothesis checks the size parser and the signature check on their own.
 
-The schema-driven run and the raw-header one go through a real server (uvicorn subprocess, SQLite: h11 and
-uvicorn parse what they send); the hand-written bodies go through the in-process app (the same routes, SQLite and
-error handling, no socket). Neither runs a model worker, so generated tasks stay queued.
+The schema-driven run and the raw-header one go through a real server (uvicorn as ``serve`` configures it, on a
+thread of this process, SQLite: h11 and uvicorn parse what they send); the hand-written bodies go through the
+in-process app (the same routes, SQLite and error handling, no socket). Neither runs a model worker, so generated
+tasks stay queued.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,11 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dreamserve.errors import InvalidRequest
-from dreamserve.projects import create_project
-from dreamserve.settings import ModelSpec, Settings
 from dreamserve.signing import sign, verify
 from dreamserve.sizes import MAX_ASPECT, MAX_PIXELS, MIN_PIXELS, parse_size
-from tests.conftest import MODEL, App, Server, free_port, open_app, png_bytes
+from tests.conftest import MODEL, App, LiveServer, open_app, png_bytes, start_live
 
 FUZZ = settings(
     max_examples=int(os.environ.get("DREAMSERVE_FUZZ_EXAMPLES", 40)),
@@ -42,27 +40,15 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    data_dir = tmp_path_factory.mktemp("fuzz")
-    spec = ModelSpec(workers=0)
-    config = Settings(data_dir=data_dir, port=free_port(), models={MODEL: spec}, min_pixels=64 * 64)
-    env = {
-        **os.environ,
-        "DREAMSERVE_DATA_DIR": str(data_dir),
-        "DREAMSERVE_MODELS": json.dumps({MODEL: spec.model_dump()}),
-        "DREAMSERVE_MIN_PIXELS": str(64 * 64),
-        # The OpenAI-style calls wait for their task; with no worker, not for long.
-        "DREAMSERVE_SYNC_WAIT_SECONDS": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    }
-    server = Server(settings=config, env=env, log_path=data_dir / "server.log")
-    server.creds = create_project(config, "fuzz", signature=True)
-    server.start()
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    # The OpenAI-style calls wait for their task; with no worker, not for long.
+    options: dict[str, Any] = {"model": {"workers": 0}, "min_pixels": 64 * 64, "sync_wait_seconds": 0.5}
+    server = start_live(tmp_path_factory, tmp_path_factory.mktemp("fuzz"), allow_private=False, **options)
     yield server
     server.stop()
-    log = Path(server.log_path).read_text()
+    log = server.log()
     assert "unhandled error" not in log, log[-4000:]
-    assert " 500 Internal Server Error" not in log, log[-4000:]
+    assert 500 not in server.statuses, "an answer was 500 Internal Server Error"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +61,7 @@ def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     assert "unhandled error" not in log, log[-4000:]
 
 
-def test_openapi_operations_never_fail_with_500(fuzz_server: Server) -> None:
+def test_openapi_operations_never_fail_with_500(fuzz_server: LiveServer) -> None:
     """Every operation in /openapi.json, with schemathesis' generated paths, queries and bodies."""
     api = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
     operations = [result.ok() for result in api.get_all_operations()]
@@ -93,7 +79,7 @@ def test_openapi_operations_never_fail_with_500(fuzz_server: Server) -> None:
         check()
 
 
-def creds_of(server: Server | App) -> str:
+def creds_of(server: LiveServer | App) -> str:
     assert server.creds is not None
     return server.creds.api_key
 
@@ -197,7 +183,7 @@ def test_wiro_endpoints_with_random_bytes(fuzz_app: App, body: bytes, content_ty
 
 @FUZZ
 @given(nonce=st.text(max_size=70), signature=st.text(max_size=70), key=st.text(max_size=40))
-def test_random_credentials_are_refused_cleanly(fuzz_server: Server, nonce: str, signature: str, key: str) -> None:
+def test_random_credentials_are_refused_cleanly(fuzz_server: LiveServer, nonce: str, signature: str, key: str) -> None:
     headers = {
         "x-api-key": key.encode("utf-8", "replace"),
         "x-nonce": nonce.encode("utf-8", "replace"),

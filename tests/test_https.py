@@ -19,7 +19,7 @@ from websockets.sync.client import connect
 from dreamserve.cli.server import _tls_files
 from dreamserve.client import Client
 from dreamserve.settings import Settings
-from tests.conftest import MODEL, TINY, Server, certificates
+from tests.conftest import MODEL, TINY, LiveServer, certificates
 
 #: The session's HTTPS server: the tiny model, and a short head timeout for the guard's test below.
 HTTPS: dict[str, Any] = {**TINY, "tls": True, "http_header_timeout_seconds": 2}
@@ -60,7 +60,7 @@ def test_serve_refuses_a_certificate_it_cannot_load(tmp_path_factory: pytest.Tem
         _tls_files(Settings(ssl_certfile=certs.ca_file, ssl_keyfile=certs.keyfile))
 
 
-def socket_frames(server: Server, token: str) -> list[dict[str, Any]]:
+def socket_frames(server: LiveServer, token: str) -> list[dict[str, Any]]:
     """The task's frames over wss, up to the final one."""
     assert isinstance(server.verify, ssl.SSLContext)
     frames: list[dict[str, Any]] = []
@@ -73,7 +73,7 @@ def socket_frames(server: Server, token: str) -> list[dict[str, Any]]:
 
 
 def test_https_api_wss_socket_and_https_file_urls(shared_server: Any) -> None:
-    server: Server = shared_server(**HTTPS)
+    server: LiveServer = shared_server(**HTTPS)
     assert server.url.startswith("https://127.0.0.1:")
     run = server.run({"prompt": "a lighthouse at dusk", "size": "1K"})
     assert run["result"] is True, run
@@ -97,7 +97,7 @@ def test_https_api_wss_socket_and_https_file_urls(shared_server: Any) -> None:
 
 
 def test_https_refuses_plain_http_and_an_unknown_ca(shared_server: Any) -> None:
-    server: Server = shared_server(**HTTPS)
+    server: LiveServer = shared_server(**HTTPS)
     with pytest.raises(httpx.TransportError):  # the port speaks TLS only
         httpx.get(server.url.replace("https://", "http://") + "/readyz", timeout=10)
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # certifi's roots do not sign it
@@ -109,7 +109,7 @@ def test_the_sdk_over_https_and_wss_with_ssl_cert_file(
     shared_server: Any, monkeypatch: Any, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The SDK as users run it: its httpx client and websockets both read the CA from ``SSL_CERT_FILE``."""
-    server: Server = shared_server(**HTTPS)
+    server: LiveServer = shared_server(**HTTPS)
     certs = certificates(tmp_path_factory.getbasetemp() / "tls")
     monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca_file))
     assert server.creds is not None
@@ -127,7 +127,7 @@ def test_the_sdk_over_https_and_wss_with_ssl_cert_file(
 def test_the_head_timeout_holds_after_the_handshake(shared_server: Any) -> None:
     """The guarded protocol runs inside the TLS transport: a connection that completes the handshake and sends no
     request head is closed after ``http_header_timeout_seconds`` (2 s here), one that sends its head is served."""
-    server: Server = shared_server(**HTTPS)
+    server: LiveServer = shared_server(**HTTPS)
     assert isinstance(server.verify, ssl.SSLContext)
     address = ("127.0.0.1", server.settings.port)
     with server.verify.wrap_socket(socket.create_connection(address, timeout=30), server_hostname="127.0.0.1") as tls:
@@ -149,7 +149,7 @@ def test_replicate_client_over_https_reads_file_outputs(
     import replicate
     from replicate.helpers import FileOutput
 
-    server: Server = shared_server(**HTTPS)
+    server: LiveServer = shared_server(**HTTPS)
     certs = certificates(tmp_path_factory.getbasetemp() / "tls")
     monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca_file))
     assert server.creds is not None

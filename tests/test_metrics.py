@@ -114,9 +114,9 @@ def test_finished_tasks_stage_histograms_workers_and_requests(tiny: Any, receive
     assert finished == in_text and {(MODEL, "0"), (MODEL, "2")} <= set(finished), (finished, in_text)
 
 
-def test_queue_depth_positions_and_cancelled_tasks(make_server: Any) -> None:
+def test_queue_depth_positions_and_cancelled_tasks(make_live: Any) -> None:
     """The queue seen whole (metrics) and from each task (``queueposition`` in Detail, List and the CLI)."""
-    server = make_server(model={"workers": 0})
+    server = make_live(model={"workers": 0})
     runs = [server.run({"prompt": f"waiting {i}", "size": "1K"}) for i in range(3)]
     samples, _ = scrape(server)
     assert value(samples, "dreamserve_queue_depth", model=MODEL) == 3

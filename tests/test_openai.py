@@ -25,7 +25,7 @@ from dreamserve.dialects.openai.decode import OPENAI_SIZES, generation_size
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.sizes import parse_size
-from tests.conftest import MODEL, SCRIPTED_SLOW, png_bytes
+from tests.conftest import MODEL, SCRIPTED_SLOW, png_bytes, until
 
 
 def _client(server: Any) -> openai.OpenAI:
@@ -175,9 +175,9 @@ def test_client_that_hangs_up_cancels_its_task(shared_server: Any) -> None:
     assert task["status"] == "task_cancel" and task["pexit"] == "130", "nobody can fetch its images"
 
 
-def test_synchronous_waits_are_capped_per_project(make_server: Any) -> None:
+def test_synchronous_waits_are_capped_per_project(make_live: Any) -> None:
     # No model worker: every task stays queued, so each request waits until its client hangs up.
-    server = make_server(model={"workers": 0}, sync_max_per_project=2, sync_wait_seconds=60)
+    server = make_live(model={"workers": 0}, sync_max_per_project=2, sync_wait_seconds=60)
     other = create_project(server.settings, "other", signature=True)
 
     def post(creds: Any, timeout: float) -> httpx.Response | None:
@@ -201,7 +201,10 @@ def test_synchronous_waits_are_capped_per_project(make_server: Any) -> None:
         assert post(other, 1.5) is None, "another project has its own places"
         assert [future.result() for future in waiting] == [None, None]
     # The clients hung up: their tasks are cancelled and their places free again.
-    time.sleep(1.5)
+    project = server.creds.project_id
+    until(lambda: project not in server.services._sync_waiting, "the hung-up requests' places to free", 30)
+    listed = server.post("/v1/Task/List", json={}).json()["tasklist"]
+    assert [task["status"] for task in listed] == ["task_cancel", "task_cancel"], listed
     assert post(server.creds, 1.5) is None
 
 

@@ -28,7 +28,7 @@ from replicate.webhook import InvalidSignatureError
 from dreamserve.dialects.replicate import routes
 from dreamserve.dialects.replicate.schema import VERSION
 from dreamserve.projects import create_project
-from tests.conftest import App, Receiver, Server, new_project, png_bytes
+from tests.conftest import App, LiveServer, Receiver, new_project, png_bytes
 
 MODEL = "bytedance/seedream-4"
 TQDM = re.compile(r"^\s*(\d+)%\s*\|.+?\|\s*(\d+)/(\d+)", re.MULTILINE)
@@ -345,7 +345,7 @@ def test_webhooks_are_signed_the_standard_webhooks_way(scripted_app: Callable[..
         )
 
 
-def test_the_readme_example_runs(tiny_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_readme_example_runs(tiny_server: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's Replicate section, as written, against a real server (over http, so outputs are URLs)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     section = readme.split("## Use it like Replicate", 1)[1].split("\n## ", 1)[0]
@@ -405,7 +405,7 @@ def test_a_prediction_is_a_task_like_any_other(scripted_app: Callable[..., App])
     assert [item["id"] for item in listed] == [prediction.id]
 
 
-def test_the_async_client_against_a_real_server(tiny_server: Server) -> None:
+def test_the_async_client_against_a_real_server(tiny_server: LiveServer) -> None:
     """``async_*`` calls go through the client's own ``httpx.AsyncClient``: over real HTTP, to a real server."""
     assert tiny_server.creds is not None
     api = replicate.Client(

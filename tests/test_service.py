@@ -21,7 +21,7 @@ from PIL import Image
 from websockets.sync.client import connect
 
 from tests import wiro_samples
-from tests.conftest import SCRIPTED, App, Receiver, Server, png_bytes
+from tests.conftest import SCRIPTED, App, LiveServer, Receiver, png_bytes
 from tests.wiro_samples import assert_like
 
 ORDER = [
@@ -39,7 +39,7 @@ ORDER = [
 ]
 
 
-def socket_events(server: Server | App, token: str, timeout: float = 120) -> list[dict[str, Any]]:
+def socket_events(server: LiveServer | App, token: str, timeout: float = 120) -> list[dict[str, Any]]:
     """The task's frames until its end, from a WebSocket over TCP (a server) or through the ASGI app (an app)."""
     if isinstance(server, App):
         return _app_socket_events(server, token)
@@ -73,7 +73,7 @@ def scripted_slow(scripted: Callable[..., App], monkeypatch: pytest.MonkeyPatch)
     return scripted(steps=400, step_seconds=0.01, model={"max_pixels": 384 * 384, "max_batch": 4})
 
 
-def test_seed_flow_files_url_socket_detail_output(tiny_server: Server, receiver: Receiver) -> None:
+def test_seed_flow_files_url_socket_detail_output(tiny_server: LiveServer, receiver: Receiver) -> None:
     server = tiny_server
     receiver.files["/ref.png"] = png_bytes(80, 80, (10, 200, 10))
     files = [("inputImage", (f"ref{i}.png", png_bytes(96, 64), "image/png")) for i in range(3)]
@@ -253,7 +253,7 @@ def test_callback_is_posted_signed_and_retried(tiny: App, receiver: Receiver) ->
     assert log["deliveries"][0]["laststatus"] == "200"
 
 
-def test_cli_generate_downloads_outputs(tiny_server: Server, tmp_path: Any) -> None:
+def test_cli_generate_downloads_outputs(tiny_server: LiveServer, tmp_path: Any) -> None:
     import subprocess
     import sys
 
@@ -292,7 +292,7 @@ def test_same_size_requests_share_pipeline_calls(scripted_slow: App) -> None:
     assert Image.open(io.BytesIO(server.http.get(done[1]["outputs"][0]["url"]).content)).size == (192, 192)
 
 
-def test_literal_curl_commands_from_the_readme(tiny_server: Server, receiver: Receiver, tmp_path: Any) -> None:
+def test_literal_curl_commands_from_the_readme(tiny_server: LiveServer, receiver: Receiver, tmp_path: Any) -> None:
     """Wiro's sample as a shell runs it: openssl's whole output line in x-signature (``SHA2-256(stdin)= ...`` on
     OpenSSL 3), the page's placeholder callbackUrl, curl for Run and Detail; answers compared with the page's."""
     import shutil

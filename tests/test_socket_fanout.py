@@ -18,14 +18,14 @@ from dreamserve.queue.events import Event
 from dreamserve.services import Services
 from dreamserve.settings import Settings
 from dreamserve.status import Frame
-from tests.conftest import MODEL, Server
+from tests.conftest import MODEL, LiveServer
 
 
-def ws_url(server: Server) -> str:
+def ws_url(server: LiveServer) -> str:
     return server.url.replace("http://", "ws://") + "/v1"
 
 
-async def follow(server: Server, address: str, *tokens: str) -> ClientConnection:
+async def follow(server: LiveServer, address: str, *tokens: str) -> ClientConnection:
     """A socket from source ``address`` (any 127.x.y.z reaches a server on 127.0.0.1) following ``tokens``."""
     ws = await connect(ws_url(server), local_addr=(address, 0))
     for token in tokens:
@@ -46,7 +46,7 @@ async def refusal(ws: ClientConnection) -> str:
     return closed.value.rcvd.reason
 
 
-async def reopen(server: Server, address: str, token: str) -> list[dict[str, Any]]:
+async def reopen(server: LiveServer, address: str, token: str) -> list[dict[str, Any]]:
     """``follow``'s first frame, once the server has counted out a socket just closed (its handler ends a moment
     after the closing handshake)."""
     for _ in range(50):
@@ -73,8 +73,8 @@ async def stored(settings: Settings, task_id: int, write: bool = False) -> list[
         await services.engine.dispose()
 
 
-def test_socket_caps_for_all_addresses_and_per_project_and_a_log_only_writer(make_server: Any) -> None:
-    server: Server = make_server(
+def test_socket_caps_for_all_addresses_and_per_project_and_a_log_only_writer(make_live: Any) -> None:
+    server: LiveServer = make_live(
         model={"max_pixels": 64 * 64},
         min_pixels=64 * 64,
         run_workers=False,
@@ -126,7 +126,7 @@ def test_socket_caps_for_all_addresses_and_per_project_and_a_log_only_writer(mak
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
-def test_every_follower_of_a_running_task_gets_its_log_in_order(tiny_server: Server) -> None:
+def test_every_follower_of_a_running_task_gets_its_log_in_order(tiny_server: LiveServer) -> None:
     server = tiny_server
     run = server.run({"prompt": "fan-out", "size": "1K", "maxImages": 1})
     token = run["socketaccesstoken"]

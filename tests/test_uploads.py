@@ -191,9 +191,9 @@ def _head(server: Any, extra: str) -> str:
     return f"POST /v1/Run/{MODEL} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}{extra}\r\n"
 
 
-def test_request_limits_are_enforced_before_and_while_reading(make_server: Any) -> None:
-    server = make_server(model={"workers": 0}, max_upload_bytes=100_000, max_request_bytes=300_000, min_pixels=64 * 64)
-    rss = psutil.Process(server.process.pid).memory_info().rss
+def test_request_limits_are_enforced_before_and_while_reading(make_live: Any) -> None:
+    server = make_live(model={"workers": 0}, max_upload_bytes=100_000, max_request_bytes=300_000, min_pixels=64 * 64)
+    rss = psutil.Process(server.pid).memory_info().rss
 
     # A declared body over the limit is refused at once: nothing of it was sent, so none was read.
     answer, seconds = _raw(
@@ -231,7 +231,7 @@ def test_request_limits_are_enforced_before_and_while_reading(make_server: Any) 
         assert time.monotonic() - started < 2
         assert response.json()["result"] is False
         assert "400,000,000 pixels; the limit is 36,000,000" in response.json()["errors"][0]["message"]
-    assert psutil.Process(server.process.pid).memory_info().rss < rss + 100 * 1024 * 1024
+    assert psutil.Process(server.pid).memory_info().rss < rss + 100 * 1024 * 1024
 
     # Formats are told by content: a PNG named .jpg is stored as PNG; nothing above stored a task.
     response = server.post("/v1/File/Upload", files=[("file", ("photo.jpg", png_bytes(), "image/jpeg"))]).json()

@@ -1,5 +1,7 @@
 """Scale-out mode against real servers: PostgreSQL, Redis (Celery broker + event streams), SeaweedFS S3,
-two API replicas and two GPU workers, all separate processes on 127.0.0.1.
+two API replicas and two GPU workers, all separate processes on 127.0.0.1. The workers' model processes run the
+scripted engine (``tests/scripted_engine.py``: real PNGs after 0.1 s a step, no torch to load): what is under test
+here is the distribution, not the pipeline.
 
 Run through ``scripts/scaleout-env`` (``scripts/test`` does so), which starts the servers and sets
 DREAMSERVE_TEST_*. Without them these tests are skipped locally; in CI they are required.
@@ -28,7 +30,7 @@ from websockets.sync.client import connect
 from dreamserve.projects import Credentials, create_project
 from dreamserve.settings import ModelSpec, S3Settings, Settings
 from dreamserve.signing import auth_headers
-from tests.conftest import free_port
+from tests.conftest import SCRIPTED, free_port
 
 REDIS = os.environ.get("DREAMSERVE_TEST_REDIS")
 POSTGRES = os.environ.get("DREAMSERVE_TEST_POSTGRES")
@@ -144,6 +146,8 @@ def _env(tmp: Path, models: dict[str, ModelSpec], name: str) -> dict[str, str]:
         "DREAMSERVE_MAX_PRIORITY": "9",
         # Tokens, file keys and sealed webhook secrets derive from it: one secret for the whole deployment.
         "DREAMSERVE_SERVER_SECRET": SERVER_SECRET,
+        # 40 steps of 0.1 s: a task runs for 4 s, long enough to cancel or kill while it runs.
+        "DREAMSERVE_SCRIPTED_STEP_SECONDS": "0.1",
     }
 
 
@@ -169,8 +173,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if not (REDIS and POSTGRES and S3):
         pytest.fail("CI must run the scale-out tests: start the servers with scripts/scaleout-env")
     tmp = tmp_path_factory.mktemp("cluster")
-    slow = ModelSpec(max_pixels=320 * 320, steps=40)
-    models = {MODEL: slow, PRIORITY_MODEL: ModelSpec(max_pixels=64 * 64, steps=2)}
+    slow = ModelSpec(engine=SCRIPTED, max_pixels=320 * 320, steps=40)
+    models = {MODEL: slow, PRIORITY_MODEL: ModelSpec(engine=SCRIPTED, max_pixels=64 * 64, steps=2)}
     settings = Settings(
         data_dir=tmp / "cli",
         database_url=POSTGRES,
@@ -268,7 +272,7 @@ def test_priority_then_projects_in_turn_in_batches(cluster: Cluster) -> None:
     others = [cluster.run(0, model=PRIORITY_MODEL, prompt=f"other {i}", creds=other) for i in range(2)]
     high = cluster.run(1, model=PRIORITY_MODEL, prompt="high", priority=9)
     time.sleep(1.0)  # let a replica dispatch them all
-    spec = ModelSpec(max_pixels=64 * 64, steps=2, max_batch=2)
+    spec = ModelSpec(engine=SCRIPTED, max_pixels=64 * 64, steps=2, max_batch=2)
     worker = _worker(cluster.tmp, "prio", PRIORITY_MODEL, spec)
     try:
         _wait_worker(worker)
@@ -302,7 +306,8 @@ def test_a_worker_killed_mid_task_is_replaced_by_the_other(cluster: Cluster) -> 
     # before the second attempt, so the other worker finished it.
     assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE
     # Bring the worker back for any test that follows.
-    cluster.workers[victim.name] = _worker(cluster.tmp, victim.name, MODEL, ModelSpec(max_pixels=320 * 320, steps=40))
+    spec = ModelSpec(engine=SCRIPTED, max_pixels=320 * 320, steps=40)
+    cluster.workers[victim.name] = _worker(cluster.tmp, victim.name, MODEL, spec)
     _wait_worker(cluster.workers[victim.name])
 
 

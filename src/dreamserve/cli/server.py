@@ -28,6 +28,10 @@ from dreamserve.cli.main import (
 from dreamserve.client import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # the server's settings need pydantic-settings, a server extra: never import it here
+    from collections.abc import Callable
+
+    from uvicorn import Config
+
     from dreamserve.services import Services
     from dreamserve.settings import Settings
 
@@ -114,9 +118,18 @@ def serve(
     _raise_open_file_limit()
     # The hook runs from the app's startup, inside server.run(): ``server`` is bound by then.
     app = create_app(settings, on_start=lambda services: _announce(services, server, started))
+    server = uvicorn.Server(uvicorn_config(app, settings, certfile, keyfile))
+    server.run()
+
+
+def uvicorn_config(app: Callable[..., Any], settings: Settings, certfile: str | None, keyfile: str | None) -> Config:
+    """How ``serve`` has uvicorn serve ``app``: the guarded HTTP protocol and the settings' bounds. The tests'
+    in-process servers (tests/conftest.py's ``LiveServer``) are configured by this same function."""
+    import uvicorn
+
     from dreamserve.api.http_guard import guarded_protocol
 
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         http=guarded_protocol(
             settings.http_header_timeout_seconds, settings.http_max_connections, settings.http_write_stall_seconds
@@ -133,8 +146,6 @@ def serve(
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
     )
-    server = uvicorn.Server(config)
-    server.run()
 
 
 def _tls_files(settings: Settings) -> tuple[str | None, str | None]:
