@@ -257,6 +257,25 @@ def test_references_beyond_the_models_limit_are_left_out(tmp_path: Path) -> None
     assert result.method.endswith("; 2 references (1 of 3 references not used)")
 
 
+def test_a_batch_is_decoded_one_image_at_a_time_on_a_cpu(klein: Engine, tmp_path: Path) -> None:
+    # On a CPU one image keeps the cores busy: decoding the batch at once only holds more memory.
+    decoded: list[int] = []
+    hook = klein.pipeline.vae.decoder.register_forward_pre_hook(lambda _m, args: decoded.append(args[0].shape[0]))
+    try:
+        result = klein.generate(job(tmp_path, num_images=2), lambda s: None, lambda: False)
+    finally:
+        hook.remove()
+    assert len(result.images) == 2 and decoded == [1, 1]
+    vae = klein.pipeline.vae
+    # On an accelerator a batch of small images is decoded at once; of large ones, image by image.
+    runner._configure_decode(vae, 256, 256, 4, "cuda")
+    assert not vae.use_slicing
+    runner._configure_decode(vae, 1024, 1024, 4, "cuda")
+    assert vae.use_slicing
+    runner._configure_decode(vae, 256, 256, 1, "cpu")
+    assert not vae.use_slicing
+
+
 def test_tiled_vae_decode_above_2048_px(tmp_path: Path) -> None:
     engine = Engine.load(ModelSpec(source="tiny", max_pixels=4096 * 4096))
     wide = engine.generate(job(tmp_path, width=2080, height=64), lambda s: None, lambda: False)
