@@ -87,6 +87,8 @@ class Figures:
     overhead_s: float | None = None
     peak_rss_gib: float = 0.0
     other_cpu_s: float = 0.0
+    #: The machine's 1-minute load average when the system's run ended (a second noise check).
+    load_average: float = 0.0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     #: dreamserve only: one batched task of the throughput run, moment by moment (``timeline``).
@@ -466,6 +468,7 @@ def measure(system: str, config: Config, round_: int) -> Figures:
     else:
         measure_litserve(config, figures, system == "litserve-batched", scratch)
     figures.wall_s = time.perf_counter() - started
+    figures.load_average = os.getloadavg()[0]
     return figures
 
 
@@ -531,6 +534,32 @@ def summary(results: list[Figures], systems: list[str], allocator: str) -> None:
         print(f"| {system} | " + " | ".join(cells) + " |")
 
 
+#: Issue 28's targets for dreamserve, each against a peer of the same round: (what, peer, the figure, target).
+TARGETS: tuple[tuple[str, str, Callable[[Figures, Figures], float], str], ...] = (
+    ("throughput / LitServe batched's", "litserve-batched", lambda d, p: d.throughput / p.throughput, ">= 1.05"),
+    ("latency / raw's", "raw", lambda d, p: d.latency_s / p.latency_s, "<= 1.02"),
+    ("first image - LitServe batched's, s", "litserve-batched", lambda d, p: d.first_image_s - p.first_image_s, "<= 0"),
+    ("first image - LitServe's, s", "litserve", lambda d, p: d.first_image_s - p.first_image_s, "<= 0"),
+    ("peak RSS - raw's, GiB", "raw", lambda d, p: d.peak_rss_gib - p.peak_rss_gib, "<= 0.5"),
+)
+
+
+def targets(results: list[Figures]) -> None:
+    """dreamserve against its peers, round by round, as issue 28 states its targets."""
+    by_round: dict[int, dict[str, Figures]] = {}
+    for figures in results:
+        by_round.setdefault(figures.round, {})[figures.system] = figures
+    print("\nissue 28's figures (dreamserve against a peer of the same round):")
+    print("| figure | target | " + " | ".join(f"round {r}" for r in sorted(by_round)) + " |")
+    print("|---|---|" + "---|" * len(by_round))
+    for what, peer, figure, target in TARGETS:
+        cells = []
+        for round_ in sorted(by_round):
+            row = by_round[round_]
+            cells.append(f"{figure(row['dreamserve'], row[peer]):.3f}" if {"dreamserve", peer} <= set(row) else "-")
+        print(f"| {what} | {target} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:sd-turbo", help="a random-weight builder (loader.BUILDERS)")
@@ -588,12 +617,14 @@ def main() -> None:
                 f"round {round_} {system}: latency {figures.latency_s:.2f} s, throughput {figures.throughput:.4f} "
                 f"images/s, overhead {overhead}"
                 f" s/image, ready {figures.ready_s:.1f} s, first image {figures.first_image_s:.1f} s, peak RSS "
-                f"{figures.peak_rss_gib:.2f} GiB, other CPU {figures.other_cpu_s:.1f} s (wall {figures.wall_s:.0f} s)",
+                f"{figures.peak_rss_gib:.2f} GiB, other CPU {figures.other_cpu_s:.1f} s, load average "
+                f"{figures.load_average:.2f} (wall {figures.wall_s:.0f} s)",
                 flush=True,
             )
             for seconds, what in figures.timeline:
                 print(f"  {seconds:8.3f} s  {what}", flush=True)
     summary(results, args.systems, allocator)
+    targets(results)
     if args.json:
         args.json.write_text(json.dumps([asdict(f) for f in results], indent=1))
 

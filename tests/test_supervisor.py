@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from dreamserve.status import TaskStatus
-from tests.conftest import App, png_bytes, until
+from dreamserve.worker.process import adopt, child_name, prestart
+from tests.conftest import SCRIPTED, App, build_settings, open_app, png_bytes, until
 
 
 def run(app: App, prompt: str = "a fox", **fields: Any) -> str:
@@ -30,6 +33,30 @@ def test_a_task_runs_through_the_real_pipe_and_its_pngs_are_served(scripted: Cal
     served = app.http.get(task["outputs"][1]["url"])
     image = Image.open(io.BytesIO(served.content))
     assert served.status_code == 200 and image.size == (96, 64) and image.getpixel((0, 0))[0] == 6  # seed 5 + 1
+
+
+def test_the_model_process_spawned_before_the_app_is_the_one_its_worker_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``serve`` spawns the model process before it imports the API (``process.prestart``); the supervisor adopts
+    that process, loaded or still loading, instead of spawning a second one."""
+    monkeypatch.setenv("DREAMSERVE_SCRIPTED_STEP_SECONDS", "0.02")
+    overrides: dict[str, Any] = {"model": {"engine": SCRIPTED, "steps": 2}, "min_pixels": 64 * 64}
+    ((slug, spec),) = build_settings(tmp_path, **overrides).models.items()
+    early = prestart(spec, f"{slug}:0", child_name(slug))
+    app = open_app(tmp_path, **overrides)
+    try:
+        until(lambda: app.workers()[0]["state"] == "ready", "the early model process to be adopted")
+        assert app.workers()[0]["pid"] == early.pid
+        assert app.wait(run(app), timeout=30)["pexit"] == "0"
+    finally:
+        app.close()
+    assert not early.process.is_alive(), "the adopted process is closed with its supervisor"
+    # One spawned for other settings is not adopted: it is stopped, and the supervisor spawns its own.
+    stale = prestart(spec.model_copy(update={"steps": 3}), f"{slug}:0", child_name(slug))
+    assert adopt(spec, f"{slug}:0") is None and adopt(spec, f"{slug}:0") is None
+    stale.process.join(10)
+    assert stale.process.exitcode is not None
 
 
 def test_same_shape_tasks_share_one_call_of_the_model_process(scripted: Callable[..., App]) -> None:

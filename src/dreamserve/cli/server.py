@@ -92,11 +92,7 @@ def serve(
 
     malloc.limit_arenas()  # first: it applies to the threads started after it
     malloc.map_large_blocks()
-    import uvicorn
-
     from dreamserve import logs
-    from dreamserve.api.app import create_app
-    from dreamserve.projects import ensure_default_credentials
 
     started = time.monotonic()
     model = {"source": source, "steps": steps, "max_pixels": max_pixels, "workers": workers}
@@ -113,6 +109,12 @@ def serve(
     settings = _settings(given, model)
     certfile, keyfile = _tls_files(settings)  # before anything starts: a bad certificate is a usage error
     logs.configure(settings.log_level)
+    _prestart_models(settings)
+    import uvicorn
+
+    from dreamserve.api.app import create_app
+    from dreamserve.projects import ensure_default_credentials
+
     creds, created = ensure_default_credentials(settings)
     _banner(settings, creds.api_key, creds.api_secret if created else None, creds.api_secret is None)
     _raise_open_file_limit()
@@ -146,6 +148,18 @@ def uvicorn_config(app: Callable[..., Any], settings: Settings, certfile: str | 
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
     )
+
+
+def _prestart_models(settings: Settings) -> None:
+    """Spawn the model processes before the API's modules are even imported: each loads its model while the API
+    starts (seconds of imports, migrations), and its supervisor takes it over (``worker/process.py``)."""
+    if not settings.run_workers:
+        return
+    from dreamserve.worker.process import child_name, prestart
+
+    for slug, spec in settings.models.items():
+        for index in range(spec.workers):
+            prestart(spec, f"{slug}:{index}", child_name(slug))
 
 
 def _tls_files(settings: Settings) -> tuple[str | None, str | None]:

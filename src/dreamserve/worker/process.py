@@ -1,5 +1,9 @@
 """The model process as its supervisor holds it: spawned, its pipe read by a thread into an asyncio queue,
-killed or closed. Whether a worker id's process still lives (``worker_alive``) is read here too."""
+killed or closed. Whether a worker id's process still lives (``worker_alive``) is read here too.
+
+``serve`` spawns the model processes first of all (``prestart``), so that they load the model while the API
+imports its modules, migrates the database and starts; each supervisor takes its own (``adopt``) when it would
+spawn one."""
 
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from dreamserve.worker.child import child_main
 from dreamserve.worker.protocol import Exit, FromChild, Gone, ToChild
 
 log = logging.getLogger(__name__)
+
+#: Model processes spawned by ``prestart``, by worker (``slug:index``), until their supervisor adopts them.
+_prestarted: dict[str, ChildProcess] = {}
 
 
 def worker_alive(worker_id: str) -> bool | None:
@@ -41,6 +48,7 @@ class ChildProcess:
 
     def __init__(self, spec: ModelSpec, name: str) -> None:
         context = multiprocessing.get_context("spawn")
+        self.spec = spec
         self.conn, self._child_conn = context.Pipe()
         self.stop_event = context.Event()
         self.process = context.Process(
@@ -55,9 +63,14 @@ class ChildProcess:
     def pid(self) -> int | None:
         return self.process.pid
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self.process.start)
+    def spawn(self) -> None:
+        """Start the process (it loads the model); nothing reads its pipe until ``start``."""
+        self.process.start()
         self._child_conn.close()
+
+    async def start(self) -> None:
+        if self.process.pid is None:
+            await asyncio.to_thread(self.spawn)
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(loop, self.conn), daemon=True).start()
 
@@ -91,3 +104,27 @@ class ChildProcess:
         self.kill()
         await asyncio.to_thread(self.process.join, timeout)
         self.conn.close()
+
+
+def child_name(slug: str) -> str:
+    """The model process's name (``ps``, logs)."""
+    return f"dreamserve-model-{slug}"
+
+
+def prestart(spec: ModelSpec, worker: str, name: str) -> ChildProcess:
+    """Spawn the model process of ``worker`` now, before its supervisor exists (``serve``, at its start)."""
+    child = ChildProcess(spec, name)
+    child.spawn()
+    _prestarted[worker] = child
+    return child
+
+
+def adopt(spec: ModelSpec, worker: str) -> ChildProcess | None:
+    """The process ``prestart`` spawned for ``worker``, once, if it loads this very spec and still lives."""
+    child = _prestarted.pop(worker, None)
+    if child is None:
+        return None
+    if child.spec == spec and child.process.is_alive():
+        return child
+    child.kill()  # settings changed since (a test's) or it died: a fresh spawn says why
+    return None

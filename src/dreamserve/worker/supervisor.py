@@ -34,7 +34,7 @@ from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import RUNNING, FileRole, Pexit, StopKind, WorkerState
 from dreamserve.worker.inputs import local_references
 from dreamserve.worker.outputs import output_file, success_details
-from dreamserve.worker.process import ChildProcess
+from dreamserve.worker.process import ChildProcess, adopt, child_name
 from dreamserve.worker.protocol import (
     Canceled,
     Done,
@@ -90,6 +90,8 @@ class Supervisor:
         self.store = store
         self.blobs = blobs
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{slug}:{index}"
+        #: This worker among its model's on this host (``process.prestart``'s key).
+        self.worker = f"{slug}:{index}"
         self.liveness = liveness or Liveness(settings.loop_stale_seconds)
         #: This worker's entry in ``liveness``: ticked by the claim loop when idle, by the heartbeat while busy.
         self.loop_name = f"worker {self.worker_id}"
@@ -329,7 +331,9 @@ class Supervisor:
 
     async def _spawn(self, state: WorkerState = WorkerState.STARTING) -> bool:
         self._become(state)
-        child = ChildProcess(self.spec, name=f"dreamserve-model-{self.slug}")
+        # The first spawn of ``serve``'s workers was made at its start (``prestart``); a restart is fresh.
+        early = adopt(self.spec, self.worker) if state is WorkerState.STARTING else None
+        child = early or ChildProcess(self.spec, name=child_name(self.slug))
         await child.start()
         message = await child.messages.get()
         if not isinstance(message, Ready):
