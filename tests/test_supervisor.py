@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dreamserve.status import TaskStatus
-from dreamserve.worker.process import adopt, child_name, prestart
+from dreamserve.worker.process import adopt, prestart
 from tests.conftest import SCRIPTED, App, build_settings, open_app, png_bytes, until
 
 
@@ -43,7 +43,7 @@ def test_the_model_process_spawned_before_the_app_is_the_one_its_worker_runs(
     monkeypatch.setenv("DREAMSERVE_SCRIPTED_STEP_SECONDS", "0.02")
     overrides: dict[str, Any] = {"model": {"engine": SCRIPTED, "steps": 2}, "min_pixels": 64 * 64}
     ((slug, spec),) = build_settings(tmp_path, **overrides).models.items()
-    early = prestart(spec, f"{slug}:0", child_name(slug))
+    early = prestart(spec, slug, 0)
     app = open_app(tmp_path, **overrides)
     try:
         until(lambda: app.workers()[0]["state"] == "ready", "the early model process to be adopted")
@@ -53,7 +53,7 @@ def test_the_model_process_spawned_before_the_app_is_the_one_its_worker_runs(
         app.close()
     assert not early.process.is_alive(), "the adopted process is closed with its supervisor"
     # One spawned for other settings is not adopted: it is stopped, and the supervisor spawns its own.
-    stale = prestart(spec.model_copy(update={"steps": 3}), f"{slug}:0", child_name(slug))
+    stale = prestart(spec.model_copy(update={"steps": 3}), slug, 0)
     assert adopt(spec, f"{slug}:0") is None and adopt(spec, f"{slug}:0") is None
     stale.process.join(10)
     assert stale.process.exitcode is not None

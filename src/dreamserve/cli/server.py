@@ -155,11 +155,11 @@ def _prestart_models(settings: Settings) -> None:
     starts (seconds of imports, migrations), and its supervisor takes it over (``worker/process.py``)."""
     if not settings.run_workers:
         return
-    from dreamserve.worker.process import child_name, prestart
+    from dreamserve.worker.process import prestart
 
     for slug, spec in settings.models.items():
         for index in range(spec.workers):
-            prestart(spec, f"{slug}:{index}", child_name(slug))
+            prestart(spec, slug, index)
 
 
 def _tls_files(settings: Settings) -> tuple[str | None, str | None]:

@@ -111,11 +111,17 @@ def child_name(slug: str) -> str:
     return f"dreamserve-model-{slug}"
 
 
-def prestart(spec: ModelSpec, worker: str, name: str) -> ChildProcess:
-    """Spawn the model process of ``worker`` now, before its supervisor exists (``serve``, at its start)."""
-    child = ChildProcess(spec, name)
+def worker_key(slug: str, index: int) -> str:
+    """A worker among its model's on this host (``slug:index``): what ``prestart`` and ``adopt`` match on."""
+    return f"{slug}:{index}"
+
+
+def prestart(spec: ModelSpec, slug: str, index: int) -> ChildProcess:
+    """Spawn the model process of worker ``index`` of ``slug`` now, before its supervisor exists (``serve``, at its
+    start)."""
+    child = ChildProcess(spec, child_name(slug))
     child.spawn()
-    _prestarted[worker] = child
+    _prestarted[worker_key(slug, index)] = child
     return child
 
 

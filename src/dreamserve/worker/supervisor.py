@@ -34,7 +34,7 @@ from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import RUNNING, FileRole, Pexit, StopKind, WorkerState
 from dreamserve.worker.inputs import local_references
 from dreamserve.worker.outputs import output_file, success_details
-from dreamserve.worker.process import ChildProcess, adopt, child_name
+from dreamserve.worker.process import ChildProcess, adopt, child_name, worker_key
 from dreamserve.worker.protocol import (
     Canceled,
     Done,
@@ -91,7 +91,7 @@ class Supervisor:
         self.blobs = blobs
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{slug}:{index}"
         #: This worker among its model's on this host (``process.prestart``'s key).
-        self.worker = f"{slug}:{index}"
+        self.worker = worker_key(slug, index)
         self.liveness = liveness or Liveness(settings.loop_stale_seconds)
         #: This worker's entry in ``liveness``: ticked by the claim loop when idle, by the heartbeat while busy.
         self.loop_name = f"worker {self.worker_id}"
