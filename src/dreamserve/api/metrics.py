@@ -9,27 +9,25 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client.exposition import choose_encoder
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dreamserve.api.asgi import HTTPMiddleware
 from dreamserve.api.deps import ServicesDep
 from dreamserve.metrics import Monitor, RequestStats
 
 router = APIRouter()
 
 
-class RequestCounter:
-    """Pure ASGI (not ``BaseHTTPMiddleware``), so streamed file responses and disconnect checks pass untouched.
+class RequestCounter(HTTPMiddleware):
+    """Counts HTTP requests by route and status, and times them.
 
     Routes are labelled by their template (``/v1/File/{accesskey}/{name}``), never the raw path, and
     unknown paths share one label: label values must stay few.
     """
 
     def __init__(self, app: ASGIApp, stats: RequestStats) -> None:
-        self.app = app
+        super().__init__(app)
         self.stats = stats
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500  # what the client gets if the app raises before answering
 

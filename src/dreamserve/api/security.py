@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dreamserve.api.asgi import HTTPMiddleware
 from dreamserve.dialects.wiro.errors import envelope_of
 from dreamserve.errors import AuthError
 from dreamserve.settings import Settings
@@ -46,17 +47,14 @@ def ops_authorized(settings: Settings, headers: Headers) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), expected.encode())
 
 
-class EdgeGuard:
-    """Pure ASGI (streamed files and sockets pass untouched): ops token first, then headers on the way out."""
+class EdgeGuard(HTTPMiddleware):
+    """The ops token first, then the playground's headers on the way out."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
+        super().__init__(app)
         self.settings = settings
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         if path in OPS_PATHS and not ops_authorized(self.settings, Headers(scope=scope)):
             error = AuthError(OPS_REFUSED)
