@@ -7,6 +7,7 @@ import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -19,6 +20,7 @@ from dreamserve.queue.db import File
 from dreamserve.queue.keyring import ServerKey
 from dreamserve.queue.store import TaskStore, add_files, check_storage, new_blob_folder
 from dreamserve.request import StoredImage, Upload
+from dreamserve.settings import Settings
 from dreamserve.status import FileRole
 
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
@@ -51,17 +53,31 @@ def stored_reference(blobs: BlobStore, file: File, url: str) -> StoredImage | Up
         return None
 
 
-async def one_image(
-    fields: Mapping[str, Sequence[Any]], name: str, required: str, max_bytes: int, max_pixels: int
-) -> tuple[Upload, str, int, int]:
+@dataclass(frozen=True)
+class CheckedUpload:
+    """The one file of an upload form, checked as an image: its bytes, its format's extension, its size."""
+
+    upload: Upload
+    ext: str
+    width: int
+    height: int
+
+    def row(self, project_id: int, meta: FileMeta, *, folder_id: int | None = None, stem: str) -> File:
+        """Its upload row (``upload_row``)."""
+        upload = self.upload
+        return upload_row(project_id, upload.filename, self.ext, len(upload.data), meta, folder_id=folder_id, stem=stem)
+
+
+async def one_image(fields: Mapping[str, Sequence[Any]], name: str, required: str, settings: Settings) -> CheckedUpload:
     """The one file of the form field ``name`` (``required``: what the error says when there is not exactly one),
-    checked as an image off the event loop: the upload, its format's extension, its width and height."""
+    checked as an image off the event loop, within ``max_upload_bytes`` and ``max_input_pixels``."""
     uploads = [value for value in fields.get(name, []) if isinstance(value, Upload)]
     if len(uploads) != 1:
         raise InvalidField(name, required, files=True)
     upload = uploads[0]
-    ext, width, height = await asyncio.to_thread(check_image, upload.data, repr(upload.filename), max_bytes, max_pixels)
-    return upload, ext, width, height
+    limits = settings.max_upload_bytes, settings.max_input_pixels
+    ext, width, height = await asyncio.to_thread(check_image, upload.data, repr(upload.filename), *limits)
+    return CheckedUpload(upload, ext, width, height)
 
 
 def input_row(project_id: int, folder: str, position: int, ext: str, size: int, meta: FileMeta) -> File:

@@ -27,7 +27,7 @@ from dreamserve.dialects.common import BearerProject, error_route
 from dreamserve.dialects.replicate.render import iso, replicate_error
 from dreamserve.errors import InvalidField, NotFound
 from dreamserve.facts import FileMeta
-from dreamserve.filerows import one_image, store_upload, stored_reference, upload_row
+from dreamserve.filerows import one_image, store_upload, stored_reference
 from dreamserve.queue.db import File, Project
 from dreamserve.request import Field, RunRequest, Source, StoredImage, Upload
 from dreamserve.services import Services
@@ -45,21 +45,16 @@ async def create(request: Request, project: BearerProject, services: ServicesDep
     """Multipart, the file in the field ``content`` (what ``client.files.create`` sends), ``metadata`` JSON."""
     settings = services.settings
     fields = await read_fields(request, settings.max_upload_bytes)
-    required = "is required: send one file as the multipart field 'content'."
-    upload, ext, width, height = await one_image(
-        fields, "content", required, settings.max_upload_bytes, settings.max_input_pixels
-    )
-    metadata = _metadata(fields.get("metadata", [None])[-1])
+    image = await one_image(fields, "content", "is required: send one file as the multipart field 'content'.", settings)
+    data = image.upload.data
     meta = FileMeta(
-        width=width,
-        height=height,
-        metadata=metadata,
-        sha256=hashlib.sha256(upload.data).hexdigest(),
-        md5=hashlib.md5(upload.data, usedforsecurity=False).hexdigest(),
+        width=image.width,
+        height=image.height,
+        metadata=_metadata(fields.get("metadata", [None])[-1]),
+        sha256=hashlib.sha256(data).hexdigest(),
+        md5=hashlib.md5(data, usedforsecurity=False).hexdigest(),
     )
-    file = await store_upload(
-        services, upload_row(project.id, upload.filename, ext, len(upload.data), meta, stem="file"), upload.data
-    )
+    file = await store_upload(services, image.row(project.id, meta, stem="file"), data)
     return file_object(services, file)
 
 

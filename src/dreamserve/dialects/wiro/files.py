@@ -15,7 +15,7 @@ from dreamserve.dialects.wire import ascii_id
 from dreamserve.dialects.wiro.render import envelope, file_item, unix
 from dreamserve.errors import InvalidField, NotFound
 from dreamserve.facts import FileMeta
-from dreamserve.filerows import one_image, store_upload, upload_row
+from dreamserve.filerows import one_image, store_upload
 from dreamserve.queue.db import Folder
 
 router = APIRouter()
@@ -52,19 +52,15 @@ async def folder_create(request: Request, project: ProjectDep, services: Service
 async def upload(request: Request, project: ProjectDep, services: ServicesDep) -> dict[str, Any]:
     settings = services.settings
     fields = await read_fields(request, settings.max_upload_bytes)
-    required = "required: send one file as multipart field 'file'."
-    data, ext, width, height = await one_image(
-        fields, "file", required, settings.max_upload_bytes, settings.max_input_pixels
-    )
+    image = await one_image(fields, "file", "required: send one file as multipart field 'file'.", settings)
     folder_id = ascii_id(fields, "folderid")
-    meta = FileMeta(width=width, height=height)
-    file = upload_row(project.id, data.filename, ext, len(data.data), meta, folder_id=folder_id, stem="upload")
+    file = image.row(project.id, FileMeta(width=image.width, height=image.height), folder_id=folder_id, stem="upload")
 
     async def in_folder(session: AsyncSession) -> None:
         if folder_id is not None and await _folder(session, project.id, folder_id) is None:
             raise NotFound(f"Folder {folder_id} does not exist in this project.")
 
-    await store_upload(services, file, data.data, in_folder)
+    await store_upload(services, file, image.upload.data, in_folder)
     return envelope(list=[file_item(settings.base_url, file, services.keys, settings.retention_seconds)])
 
 
