@@ -11,7 +11,6 @@ import httpx
 from websockets.asyncio.client import connect as async_connect
 
 from dreamserve.client.base import (
-    DEFAULT_TIMEOUT,
     SOCKET_ERRORS,
     BaseClient,
     EventReader,
@@ -32,21 +31,11 @@ from dreamserve.client.errors import maybe_error, raise_download_error
 from dreamserve.client.records import Event
 
 
-class AsyncClient(BaseClient):
+class AsyncClient(BaseClient[httpx.AsyncClient, httpx.AsyncBaseTransport]):
     """Asynchronous client, the same API as ``Client`` with ``await`` (``events`` is an async iterator)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        api_secret: str | None = None,
-        *,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-        transport: httpx.AsyncBaseTransport | None = None,
-        socket_url: str | None = None,
-    ) -> None:
-        super().__init__(base_url, api_key, api_secret, socket_url)
-        self._http = httpx.AsyncClient(timeout=timeout, transport=transport)
+    def _open(self, timeout: httpx.Timeout | float, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
         return self

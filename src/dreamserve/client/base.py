@@ -193,10 +193,25 @@ def saving(url: str, path: Path) -> Iterator[IO[bytes]]:
         partial.unlink(missing_ok=True)
 
 
-class BaseClient:
+#: A face's httpx client and the transports it takes (``httpx.MockTransport`` in tests is either).
+Http = TypeVar("Http", httpx.Client, httpx.AsyncClient)
+Transport = TypeVar("Transport", httpx.BaseTransport, httpx.AsyncBaseTransport)
+
+
+class BaseClient(Generic[Http, Transport]):
     """Everything but I/O: request shapes, envelope parsing, frame parsing. Shared by both clients."""
 
-    def __init__(self, base_url: str, api_key: str, api_secret: str | None, socket_url: str | None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        api_secret: str | None = None,
+        *,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        transport: Transport | None = None,
+        socket_url: str | None = None,
+    ) -> None:
+        self._http: Http = self._open(timeout, transport)
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.api_secret = api_secret
@@ -204,6 +219,10 @@ class BaseClient:
         self.socket_url = socket_url or to_ws(self.base_url) + "/v1"
         self._last_nonce = 0
         self._nonce_lock = threading.Lock()
+
+    def _open(self, timeout: httpx.Timeout | float, transport: Transport | None) -> Http:
+        """The face's httpx client."""
+        raise NotImplementedError
 
     def _headers(self) -> dict[str, str]:
         # Milliseconds, strictly increasing: a server that accepts each nonce once (unique_nonces)

@@ -11,7 +11,6 @@ import httpx
 from websockets.sync.client import connect as sync_connect
 
 from dreamserve.client.base import (
-    DEFAULT_TIMEOUT,
     SOCKET_ERRORS,
     BaseClient,
     EventReader,
@@ -32,21 +31,11 @@ from dreamserve.client.errors import maybe_error, raise_download_error
 from dreamserve.client.records import Event
 
 
-class Client(BaseClient):
+class Client(BaseClient[httpx.Client, httpx.BaseTransport]):
     """Synchronous client. ``transport=`` takes an ``httpx.MockTransport`` in tests."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        api_secret: str | None = None,
-        *,
-        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-        transport: httpx.BaseTransport | None = None,
-        socket_url: str | None = None,
-    ) -> None:
-        super().__init__(base_url, api_key, api_secret, socket_url)
-        self._http = httpx.Client(timeout=timeout, transport=transport)
+    def _open(self, timeout: httpx.Timeout | float, transport: httpx.BaseTransport | None) -> httpx.Client:
+        return httpx.Client(timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
         return self
