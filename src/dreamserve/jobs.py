@@ -4,14 +4,14 @@ between a supervisor and its model child (``GenerationJob`` and what comes back)
 ``TaskJob`` is written once, by ``submit.py``, as its dump in the ``tasks.job`` JSON column, and read back with
 validation (``TaskJob.load``, which also reads the rows stored before it had this shape). The others are plain
 dataclasses, pickled over the pipe (``worker/protocol.py``), so the supervisor never needs torch to build or read
-them.
+them. ``ModelEngine`` is what the model process runs them on, with its callbacks' types written once here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
@@ -195,15 +195,26 @@ class GenerationResult:
     failed: list[FailedImage] = field(default_factory=list)
 
 
-GroupRunner = Callable[
-    [
-        list[GenerationJob],
-        Callable[[int, StepInfo], None],
-        Callable[[int], bool],
-        Callable[[int, GeneratedImage | FailedImage], None] | None,
-    ],
-    list[GenerationResult | Exception],
-]
+# The callbacks of an engine's ``generate_group`` (see ``engine.Engine.generate_group`` for their contract), each
+# called with the index of the job of the group it is about.
+#: ``on_step(i, info)``: job ``i`` made a denoising step.
+OnStep = Callable[[int, StepInfo], None]
+#: ``should_stop(i)``: whether job ``i`` is to stop at its next step.
+ShouldStop = Callable[[int], bool]
+#: ``on_image(i, image)``: an image of job ``i`` is finished and saved, or failed.
+OnImage = Callable[[int, GeneratedImage | FailedImage], None]
+GroupRunner = Callable[[list[GenerationJob], OnStep, ShouldStop, OnImage | None], list[GenerationResult | Exception]]
+
+
+class ModelEngine(Protocol):
+    """What a model process runs jobs on: diffusers' ``engine.Engine``, or the class ``ModelSpec.engine`` names
+    (its ``load(spec)`` classmethod builds one)."""
+
+    load_seconds: float
+
+    def generate_group(
+        self, jobs: list[GenerationJob], on_step: OnStep, should_stop: ShouldStop, on_image: OnImage | None = None
+    ) -> list[GenerationResult | Exception]: ...
 
 
 def generate_alone(

@@ -71,7 +71,7 @@ class ModelSpec(BaseModel):
     keep_freed_memory: bool = True
     #: The engine that loads and runs the model in the model process, as ``module:Class``; ``None`` is diffusers'
     #: (``dreamserve.engine.Engine``). Another runtime plugs in here behind the same supervisor, pipe and queue: a
-    #: class with ``load(spec)`` and the ``ModelEngine`` methods of ``worker/child.py``. The tests' scripted
+    #: class with ``load(spec)`` and the ``ModelEngine`` methods of ``jobs.py``. The tests' scripted
     #: engine (``tests/scripted_engine.py``: real PNGs after a set delay per step, no torch) simulates GPUs with it.
     engine: str | None = None
 

@@ -32,6 +32,9 @@ from dreamserve.jobs import (
     GenerationJob,
     GenerationResult,
     Interrupted,
+    OnImage,
+    OnStep,
+    ShouldStop,
     StepInfo,
     generate_alone,
 )
@@ -88,14 +91,12 @@ class _Group:
     def _batches_of(self, index: int) -> int:
         return sum(any(i == index for i, _ in batch) for batch in self.batches)
 
-    def live(
-        self, batch: list[tuple[int, int]], should_stop: Callable[[int], bool]
-    ) -> tuple[list[tuple[int, int]], list[int]]:
+    def live(self, batch: list[tuple[int, int]], should_stop: ShouldStop) -> tuple[list[tuple[int, int]], list[int]]:
         """The images of a batch still wanted (their job neither ended nor stopped), and those jobs."""
         live = [(i, seed) for i, seed in batch if self.outcome[i] is None and not should_stop(i)]
         return live, sorted({i for i, _ in live})
 
-    def advance(self, members: list[int], should_stop: Callable[[int], bool]) -> None:
+    def advance(self, members: list[int], should_stop: ShouldStop) -> None:
         """A batch is done: its jobs' steps move on, and a job asked to stop is interrupted."""
         for index in members:
             self.steps_done[index] += self.steps_per_batch
@@ -153,9 +154,9 @@ class Engine:
     def generate_group(
         self,
         jobs: list[GenerationJob],
-        on_step: Callable[[int, StepInfo], None],
-        should_stop: Callable[[int], bool],
-        on_image: Callable[[int, GeneratedImage | FailedImage], None] | None = None,
+        on_step: OnStep,
+        should_stop: ShouldStop,
+        on_image: OnImage | None = None,
     ) -> list[GenerationResult | Exception]:
         """Run several jobs of one size in shared pipeline calls: the images of all jobs are denoised together,
         ``max_batch`` per call, one prompt and one seeded generator per image.
@@ -206,9 +207,9 @@ class Engine:
         size: tuple[int, int],
         timings: dict[str, float],
         started: float,
-        on_step: Callable[[int, StepInfo], None],
-        should_stop: Callable[[int], bool],
-        on_image: Callable[[int, GeneratedImage | FailedImage], None] | None,
+        on_step: OnStep,
+        should_stop: ShouldStop,
+        on_image: OnImage | None,
     ) -> list[Future[None]]:
         """Denoise one batch, and hand its images to the finishing thread (none when its jobs all stopped)."""
         live, members = group.live(batch, should_stop)
@@ -242,7 +243,7 @@ class Engine:
         batch: list[tuple[int, int]],
         members: list[int],
         size: tuple[int, int],
-        on_step: Callable[[int, StepInfo], None],
+        on_step: OnStep,
     ) -> Callable[[int, float, Any], None]:
         """What reports a step of this batch to each of its jobs; each job's preview shows its first image in it."""
         rows = {index: next(row for row, (i, _) in enumerate(batch) if i == index) for index in members}
@@ -262,7 +263,7 @@ class Engine:
         batch: list[tuple[tuple[int, int], Image.Image]],
         done: dict[int, list[GeneratedImage | FailedImage]],
         timings: dict[str, float],
-        on_image: Callable[[int, GeneratedImage | FailedImage], None] | None,
+        on_image: OnImage | None,
     ) -> None:
         """Finish each image of a denoised batch (in the finishing thread) and announce it."""
         for (index, seed), image in batch:

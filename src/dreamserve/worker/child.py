@@ -28,7 +28,6 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
-from typing import Protocol
 
 from dreamserve import malloc
 from dreamserve.jobs import (
@@ -37,6 +36,7 @@ from dreamserve.jobs import (
     GenerationJob,
     GenerationResult,
     Interrupted,
+    ModelEngine,
     StepInfo,
     generate_alone,
 )
@@ -62,21 +62,6 @@ from dreamserve.worker.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ModelEngine(Protocol):
-    """What the model process runs jobs on: diffusers' ``engine.Engine``, or the class ``ModelSpec.engine`` names
-    (its ``load(spec)`` classmethod builds one). See ``Engine.generate_group`` for the callbacks' contract."""
-
-    load_seconds: float
-
-    def generate_group(
-        self,
-        jobs: list[GenerationJob],
-        on_step: Callable[[int, StepInfo], None],
-        should_stop: Callable[[int], bool],
-        on_image: Callable[[int, GeneratedImage | FailedImage], None] | None = None,
-    ) -> list[GenerationResult | Exception]: ...
 
 
 def load_engine(model: ModelSpec) -> ModelEngine:
