@@ -3,8 +3,9 @@ database is seeded as ``bench/fleet.py`` seeds it (``--backlog`` queued tasks, o
 app runs API-only (no model workers: the API's own cost; ``--gpus`` adds fleet.py's scripted ones) under uvicorn
 in this process's main thread with cProfile on, and a child process (``--drive``) sends signed Runs or
 Task/Details (on random backlog tasks) from ``--connections`` keep-alive connections for ``--seconds``. Prints
-the rate, then the top entries by own time and by cumulative time. The database's own work runs in aiosqlite's
-thread, which cProfile does not see: it shows as the awaits of ``aiosqlite``'s calls.
+the rate, then the top entries by own time and by cumulative time. The session path's database work runs in
+aiosqlite's thread, which cProfile does not see (it shows as the awaits of ``aiosqlite``'s calls); the direct reads
+of ``queue/reads.py`` run in this thread and show as ``sqlite3.Connection.execute``.
 Not a test, e.g.
 
     .venv/bin/python bench/profile_api.py --route detail --backlog 100000
