@@ -4,7 +4,9 @@ database falls back to the async path with the same answer, and a server databas
 
 from __future__ import annotations
 
+import os
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -272,3 +274,30 @@ async def test_positions_from_the_counts_equal_the_index_counts_through_claims_c
                 assert direct == await store.queue_position(task), (round_, task_id)
             finally:
                 store.reads = reads
+
+
+@pytest.mark.skipif(not os.environ.get("DREAMSERVE_TEST_POSTGRES"), reason="needs scripts/scaleout-env")
+async def test_postgres_keeps_the_session_path(tmp_path: Path) -> None:
+    url = os.environ["DREAMSERVE_TEST_POSTGRES"]
+    services = Services(Settings(data_dir=tmp_path, database_url=url, models={MODEL: ModelSpec(workers=0)}), "none")
+    try:
+        assert services.store.reads is None
+        await upgrade(services.engine)
+        creds = await add_project(services.sessions, services.keys, "pg", signature=True)
+        model = f"test/reads-{secrets.token_hex(4)}"  # its own queue in a shared database
+        job = TaskJob(prompt="p", width=64, height=64, num_images=1, seed=1, asked_size="64x64")
+        ids = [
+            (
+                await services.store.create(
+                    project_id=creds.project_id, model=model, job=job, callback_url="", priority=0, inputs=[]
+                )
+            ).id
+            for _ in range(3)
+        ]
+        task = await services.store.get(project_id=creds.project_id, taskid=ids[2])
+        assert task is not None and task.status == TaskStatus.QUEUE
+        assert await services.store.queue_position(task) == 2
+        project = await lookup_project(services.sessions, services.store.reads, creds.api_key)
+        assert project is not None and project.id == creds.project_id
+    finally:
+        await services.engine.dispose()
