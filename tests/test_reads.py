@@ -33,7 +33,7 @@ from dreamserve.queue.db import (
 )
 from dreamserve.queue.keyring import digest
 from dreamserve.queue.migrate import upgrade
-from dreamserve.queue.reads import Reads
+from dreamserve.queue.reads import COUNT_TRIGGERS, Reads
 from dreamserve.services import Services
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import FileRole, TaskStatus
@@ -301,3 +301,25 @@ async def test_postgres_keeps_the_session_path(tmp_path: Path) -> None:
         assert project is not None and project.id == creds.project_id
     finally:
         await services.engine.dispose()
+
+
+async def test_positions_leave_the_counts_when_a_trigger_is_missing(services: Services) -> None:
+    """A migration that rebuilds ``tasks`` (Alembic's batch mode on SQLite) drops its triggers: the counts would go
+    stale, so the direct path stops reading them and the claim index answers, until they are back."""
+    project_id, ids = await _seed(services)
+    reads = services.store.reads
+    assert reads is not None
+    task = reads.task(ids[-2])
+    assert task is not None and task.status == TaskStatus.QUEUE
+    expected = reads.queue_position(task)
+    async with services.engine.begin() as connection:
+        names = [
+            row[0] for row in await connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        ]
+        assert sorted(names) == sorted(COUNT_TRIGGERS)
+        await connection.exec_driver_sql("DROP TRIGGER tr_queue_counts_leave")
+    fresh = Reads(str(services.settings.data_dir / "dreamserve.db"), services.engine.dialect)
+    with pytest.raises(Fallback):
+        fresh.queue_position(task)
+    services.store.reads = fresh
+    assert await services.store.queue_position(task) == expected  # from the claim index

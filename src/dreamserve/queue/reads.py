@@ -32,6 +32,8 @@ from dreamserve.status import FileRole, TaskStatus
 #: Virtual-machine steps a direct statement may take before it is interrupted (a few milliseconds): past that
 #: the read goes the async way, off the event loop.
 MAX_STEPS = 50_000
+#: The triggers that keep ``queue_counts`` (migration e1a2b3c4d5f6): positions are read from it only when all are.
+COUNT_TRIGGERS = ("tr_queue_counts_insert", "tr_queue_counts_enter", "tr_queue_counts_leave", "tr_queue_counts_delete")
 #: How often (in steps) the budget is checked: a read is interrupted within this many steps past ``MAX_STEPS``.
 PROGRESS_EVERY = 1_000
 
@@ -112,6 +114,8 @@ class Reads:
         counts = "SELECT coalesce(sum(queued), 0) FROM queue_counts WHERE model = :model"
         self.higher_sql = f"{counts} AND priority > :priority"
         self.all_sql = counts
+        names = ", ".join("?" * len(COUNT_TRIGGERS))
+        self.triggers_sql = f"SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ({names})"
 
     @classmethod
     def of(cls, sessions: async_sessionmaker[AsyncSession]) -> Reads | None:
@@ -174,11 +178,22 @@ class Reads:
         sql = self.files_sql % ", ".join("?" * len(wanted))
         return [self.files.load(row) for row in self.rows(sql, (task_id, *wanted))]
 
+    def _check_counted(self) -> None:
+        """``Fallback`` unless the triggers that keep ``queue_counts`` are all there (a migration that rebuilds
+        ``tasks``, as Alembic's batch mode does on SQLite, drops them with the old table); asked until they are."""
+        if getattr(self.local, "counted", False):
+            return
+        found = self.rows(self.triggers_sql, COUNT_TRIGGERS)[0][0]
+        if found != len(COUNT_TRIGGERS):
+            raise Fallback(f"{found} of the {len(COUNT_TRIGGERS)} queue_counts triggers")
+        self.local.counted = True
+
     def _count(self, sql: str, values: dict[str, Any]) -> int:
         return int(self.rows(sql, values)[0][0])
 
     def queue_position(self, task: Task) -> int:
         """``order.Positions.queue_position`` from ``queue_counts``: the same figure, whatever the backlog."""
+        self._check_counted()
         values: dict[str, Any] = {"model": task.model, "priority": task.priority}
         if task.status != TaskStatus.QUEUE or not task.inputs_ready:
             return self._count(self.all_sql, values)  # its URL inputs are being fetched: every claimable task
