@@ -23,7 +23,7 @@ from urllib.parse import quote
 from sqlalchemy import Table
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm import configure_mappers, make_transient_to_detached
 
 from dreamserve.queue.base import Fallback
 from dreamserve.queue.db import QUEUE_BUCKET_BITS, File, Project, Task
@@ -43,6 +43,7 @@ class Loader:
     instance detached with its identity, so that it behaves as one a closed session left."""
 
     def __init__(self, model: type[Task] | type[File] | type[Project], dialect: Dialect) -> None:
+        configure_mappers()  # instances are made without a query, which would have configured them
         table = model.__table__
         assert isinstance(table, Table)
         mapper = model.__mapper__
