@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import random
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -323,3 +325,17 @@ async def test_positions_leave_the_counts_when_a_trigger_is_missing(services: Se
         fresh.queue_position(task)
     services.store.reads = fresh
     assert await services.store.queue_position(task) == expected  # from the claim index
+
+
+async def test_a_process_whose_first_database_use_is_a_direct_read(services: Services) -> None:
+    """No query has configured the mappers there: the direct read configures them before making instances."""
+    _, ids = await _seed(services)
+    path = services.settings.data_dir / "dreamserve.db"
+    script = (
+        "import sys\nfrom dreamserve.queue.db import make_engine\nfrom dreamserve.queue.reads import Reads\n"
+        f"reads = Reads({str(path)!r}, make_engine('sqlite+aiosqlite:///{path}', 1).dialect)\n"
+        f"task = reads.task({ids[0]})\nprint(task.id, task.status, task.details.method)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(ids[0]), "task_accept", "t2i"]
