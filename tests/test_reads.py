@@ -131,6 +131,8 @@ async def _answers(services: Services, task_id: int, project_id: int) -> dict[st
         "files": [_columns(f) for f in files[task_id]],
         "partial": [_columns(f) for f in partial[task_id]],
         "position": await store.queue_position(by_id),
+        "events": await store.events(task_id),
+        "events_after": await store.events(task_id, after=1),
     }
 
 
@@ -263,7 +265,16 @@ async def test_positions_from_the_counts_equal_the_index_counts_through_claims_c
         for task_id in picked[20:25]:
             await store.cancel_queued(task_id)
         claimed = await store.claim_next("w:2", [MODEL], 60)
-        assert claimed is not None and await store.requeue(claimed.id, "lost", "w:2")
+        assert claimed is not None and await store.start(claimed.id, "w:2")
+        assert await store.progress(claimed.id, "w:2", Progress(step=1, total=4, elapsed=0.1))
+        assert await store.requeue(claimed.id, "lost", "w:2")
+        direct_events = await store.events(claimed.id)
+        store.reads, reads_before = None, store.reads
+        try:
+            assert direct_events == await store.events(claimed.id)
+        finally:
+            store.reads = reads_before
+        assert any(isinstance(event.message, Progress) for event in direct_events)
         await _recount(services)
         reads = store.reads
         assert reads is not None

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import configure_mappers, make_transient_to_detached
 
 from dreamserve.queue.base import Fallback
-from dreamserve.queue.db import QUEUE_BUCKET_BITS, File, Project, Task
+from dreamserve.queue.db import QUEUE_BUCKET_BITS, File, Project, Task, TaskEvent
 from dreamserve.status import FileRole, TaskStatus
 
 #: Virtual-machine steps a direct statement may take before it is interrupted (a few milliseconds): past that
@@ -42,7 +42,7 @@ class Loader:
     """Rows of one table as the ORM would load them: each column through its type's result processor, the
     instance detached with its identity, so that it behaves as one a closed session left."""
 
-    def __init__(self, model: type[Task] | type[File] | type[Project], dialect: Dialect) -> None:
+    def __init__(self, model: type[Task] | type[File] | type[Project] | type[TaskEvent], dialect: Dialect) -> None:
         configure_mappers()  # instances are made without a query, which would have configured them
         table = model.__table__
         assert isinstance(table, Table)
@@ -93,12 +93,14 @@ class Reads:
         self.tasks = Loader(Task, dialect)
         self.files = Loader(File, dialect)
         self.projects = Loader(Project, dialect)
-        t, f, p = self.tasks.columns, self.files.columns, self.projects.columns
+        self.events = Loader(TaskEvent, dialect)
+        t, f, p, e = self.tasks.columns, self.files.columns, self.projects.columns, self.events.columns
         self.task_sql = f"SELECT {t} FROM tasks WHERE tasks.id = ?"
         self.own_task_sql = f"SELECT {t} FROM tasks WHERE tasks.id = ? AND tasks.project_id = ?"
         self.token_sql = f"SELECT {t} FROM tasks WHERE tasks.token_digest = ?"
         self.own_token_sql = f"SELECT {t} FROM tasks WHERE tasks.token_digest = ? AND tasks.project_id = ?"
         self.files_sql = f"SELECT {f} FROM files WHERE files.task_id = ? AND files.role IN (%s) ORDER BY files.position"
+        self.events_sql = f"SELECT {e} FROM task_events WHERE task_id = ? AND id > ? ORDER BY id"
         self.project_sql = f"SELECT {p} FROM projects WHERE projects.api_key_hash = ? AND projects.revoked = 0"
         bits = QUEUE_BUCKET_BITS
         queued = f"status = '{TaskStatus.QUEUE.value}' AND model = :model AND inputs_ready = 1"
@@ -178,6 +180,10 @@ class Reads:
         wanted = [str(role) for role in roles]
         sql = self.files_sql % ", ".join("?" * len(wanted))
         return [self.files.load(row) for row in self.rows(sql, (task_id, *wanted))]
+
+    def task_events(self, task_id: int, after: int = 0) -> list[TaskEvent]:
+        """A task's event log after ``after`` (Replicate's poll shows it as the prediction's logs)."""
+        return [self.events.load(row) for row in self.rows(self.events_sql, (task_id, after))]
 
     def _check_counted(self) -> None:
         """``Fallback`` unless the triggers that keep ``queue_counts`` are all there (a migration that rebuilds
