@@ -2,9 +2,11 @@
 database is seeded as ``bench/fleet.py`` seeds it (``--backlog`` queued tasks, of the bench's project here), the
 app runs API-only (no model workers: the API's own cost; ``--gpus`` adds fleet.py's scripted ones) under uvicorn
 in this process's main thread with cProfile on, and a child process (``--drive``) sends signed Runs or
-Task/Details (on random backlog tasks) from ``--connections`` keep-alive connections for ``--seconds``. Prints
-the rate, then the top entries by own time and by cumulative time. The database's own work runs in aiosqlite's
-thread, which cProfile does not see: it shows as the awaits of ``aiosqlite``'s calls.
+Task/Details (on random backlog tasks; ``replicate`` and ``fal``: those dialects' GET polls of them) from
+``--connections`` keep-alive connections for ``--seconds``. Prints
+the rate, then the top entries by own time and by cumulative time. The session path's database work runs in
+aiosqlite's thread, which cProfile does not see (it shows as the awaits of ``aiosqlite``'s calls); the direct reads
+of ``queue/reads.py`` run in this thread and show as ``sqlite3.Connection.execute``.
 Not a test, e.g.
 
     .venv/bin/python bench/profile_api.py --route detail --backlog 100000
@@ -19,6 +21,7 @@ import cProfile
 import json
 import os
 import pstats
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -30,11 +33,61 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 
 import fleet  # noqa: E402
 
+#: The GET polls of the bearer dialects: Replicate's prediction, fal's queue status (``{id}``: a backlog task).
+POLLS = {
+    "replicate": ("Bearer", "/v1/predictions/{id}"),
+    "fal": ("Key", "/fal/queue/fal-ai/bytedance/requests/{id}/status"),
+}
+
+
+class Getter(fleet.Connection):
+    """fleet's keep-alive connection, sending GETs (the polls of Replicate's and fal's clients)."""
+
+    async def get(self, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self.writer.write(f"{head}\r\n".encode())
+        return await self._answer()
+
+
+def asked_through(path: Path, dialect: str) -> None:
+    """The seeded tasks as if asked through ``dialect``: fal finds only the tasks it queued."""
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE tasks SET job = json_set(job, '$.dialect', ?)", (dialect,))
+
+
+async def poll(args: argparse.Namespace, ids: list[int]) -> None:
+    scheme, path = POLLS[args.route]
+    headers = {"authorization": f"{scheme} {args.key}:{args.secret}"}
+    pool: asyncio.Queue[Getter] = asyncio.Queue()
+    for _ in range(args.connections):
+        pool.put_nowait(Getter("127.0.0.1", args.drive))
+    stats = fleet.Route()
+
+    async def call(n: int) -> None:
+        connection = await pool.get()
+        started = time.perf_counter()
+        try:
+            status, _ = await connection.get(path.format(id=ids[n % len(ids)]), headers)
+        finally:
+            pool.put_nowait(connection)
+        stats.took.append(time.perf_counter() - started)
+        stats.statuses[status] += 1
+
+    seconds = await fleet.closed_loop(args.seconds, args.connections, call)
+    answer = {"per_second": round(len(stats.took) / seconds, 1), **fleet.percentiles(stats.took)}
+    print(f"{args.route}: {json.dumps({**answer, 'statuses': dict(stats.statuses)})}", flush=True)
+
 
 async def drive(args: argparse.Namespace) -> None:
+    ids = json.loads(args.ids)
+    if args.route in POLLS:
+        await poll(args, ids)
+        return
     bench = fleet.Project(args.key, args.secret, 0)
     clients = fleet.Clients([args.drive], args.connections)
-    ids = json.loads(args.ids)
 
     async def call(n: int) -> None:
         if args.route == "run":
@@ -49,7 +102,7 @@ async def drive(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--route", choices=("detail", "run"), default="detail")
+    parser.add_argument("--route", choices=("detail", "run", *POLLS), default="detail")
     parser.add_argument("--backlog", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=16)
@@ -89,6 +142,8 @@ def main() -> None:
     )
     # The backlog tasks are read by the bench's project: Detail finds a project's own tasks only.
     bench, _, ids = asyncio.run(fleet.seed(db_url, settings, args.backlog, same_project=True))
+    if args.route in POLLS:
+        asked_through(data_dir / "dreamserve.db", args.route)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     sample = json.dumps(ids[:: max(1, len(ids) // 2000)])
     command = [sys.executable, __file__, "--route", args.route, "--seconds", str(args.seconds)]

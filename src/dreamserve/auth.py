@@ -21,8 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.errors import AuthError, QuotaExceeded
-from dreamserve.projects import find_project, unseal_secret
+from dreamserve.projects import find_project, hash_key, unseal_secret
+from dreamserve.queue.base import Fallback
 from dreamserve.queue.db import Nonce, Project
+from dreamserve.queue.reads import Reads
 from dreamserve.settings import Settings
 from dreamserve.signing import verify
 
@@ -48,16 +50,30 @@ def nonce_time(nonce: str) -> float | None:
     return None
 
 
+async def lookup_project(
+    sessions: async_sessionmaker[AsyncSession], reads: Reads | None, api_key: str
+) -> Project | None:
+    """The unrevoked project of an API key: read directly where the store can (every request asks), else
+    through a session. Never cached, so that a revocation holds from the next request on."""
+    if reads is not None:
+        try:
+            return reads.project(hash_key(api_key))
+        except Fallback:
+            pass
+    return await find_project(sessions, api_key)
+
+
 async def authenticate(
     sessions: async_sessionmaker[AsyncSession],
     settings: Settings,
     headers: Mapping[str, str],
     clock: Callable[[], float] = time.time,
+    reads: Reads | None = None,
 ) -> Project:
     api_key = headers.get("x-api-key", "").strip()
     if not api_key:
         raise AuthError(NOT_FOUND)
-    project = await find_project(sessions, api_key)
+    project = await lookup_project(sessions, reads, api_key)
     if project is None:
         raise AuthError(NOT_FOUND)
     nonce = headers.get("x-nonce", "").strip()

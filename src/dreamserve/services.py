@@ -27,6 +27,7 @@ from dreamserve.queue.db import make_engine, make_sessionmaker
 from dreamserve.queue.events import Event, EventHub, Hub
 from dreamserve.queue.keyring import ServerKey, private_dir
 from dreamserve.queue.migrate import upgrade
+from dreamserve.queue.reads import Reads
 from dreamserve.queue.sealing import scrub_freed_pages, seal_legacy_capabilities
 from dreamserve.queue.store import StorageQuota, TaskStore
 from dreamserve.settings import Settings
@@ -75,7 +76,8 @@ class Services:
         #: Bytes in flight for checking uploaded references, per process (``reference_budget_bytes``).
         self.reference_budget = ByteBudget(settings.reference_budget_bytes)
         storage = StorageQuota(settings.max_project_bytes, settings.max_project_files)
-        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(), storage)
+        reads = Reads.of(self.sessions)
+        self.store = TaskStore(self.sessions, self.hub, self.keys, self.blobs, Outbox(), storage, reads)
         self.supervisors: list[Supervisor] = []
         self.liveness = Liveness(settings.loop_stale_seconds)
         formats = {name: build(self) for name, build in (callback_formats or {}).items()}

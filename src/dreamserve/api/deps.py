@@ -20,16 +20,22 @@ from dreamserve.request import Upload
 from dreamserve.services import Services
 
 
-def get_services(request: Request) -> Services:
+def services_of(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop on every request.
+    return services_of(request)
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def get_project(request: Request, services: ServicesDep) -> Project:
-    project = await authenticate(services.sessions, services.settings, request.headers, services.clock)
+    settings, store = services.settings, services.store
+    project = await authenticate(services.sessions, settings, request.headers, services.clock, store.reads)
     check_rate(request, services, project)
     return project
 
@@ -84,7 +90,7 @@ async def read_fields(request: Request, max_file_bytes: int) -> dict[str, list[A
     counted as they stream (see ``_limited_body``); an oversized file is cut at ``max_file_bytes + 1`` bytes
     so the size check can refuse it without reading all of it.
     """
-    settings = get_services(request).settings
+    settings = services_of(request).settings
     content_type = request.headers.get("content-type", "")
     fields: dict[str, list[Any]] = {}
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):

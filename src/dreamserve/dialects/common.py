@@ -19,6 +19,7 @@ from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 
 from dreamserve.api.deps import ServicesDep, check_rate
+from dreamserve.auth import lookup_project
 from dreamserve.errors import (
     AuthError,
     DreamError,
@@ -29,7 +30,7 @@ from dreamserve.errors import (
     RequestTooLarge,
     StorageFull,
 )
-from dreamserve.projects import find_project, unseal_secret
+from dreamserve.projects import unseal_secret
 from dreamserve.queue.db import Project, Task
 from dreamserve.services import Services
 from dreamserve.status import StopKind
@@ -110,7 +111,7 @@ async def scheme_project(request: Request, services: ServicesDep, scheme: str) -
     prefix = f"{scheme.lower()} "
     token = header[len(prefix) :].strip() if header.lower().startswith(prefix) else ""
     api_key, _, secret = token.partition(":")
-    project = await find_project(services.sessions, api_key) if api_key else None
+    project = await lookup_project(services.sessions, services.store.reads, api_key) if api_key else None
     if project is None:
         raise AuthError(
             f"Send the API key as Authorization: {scheme} <key> (or <key>:<secret> for signature projects)."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -18,6 +18,9 @@ from dreamserve.queue.db import Task
 from dreamserve.queue.events import Hub
 from dreamserve.queue.keyring import ServerKey
 from dreamserve.queue.quotas import StorageQuota
+
+if TYPE_CHECKING:
+    from dreamserve.queue.reads import Reads
 
 #: The store's logger, named as before it was split in parts (log filters name it).
 log = logging.getLogger("dreamserve.queue.store")
@@ -38,6 +41,10 @@ class Outbox(Protocol):
     def refused(self, session: AsyncSession, task_id: int, url: str, reason: str, now: float) -> None: ...
 
 
+class Fallback(Exception):
+    """A direct read (``reads.Reads``) gave up (too slow, locked, no database yet): take the async path."""
+
+
 class StoreBase:
     """The state every part of the store reads; each part adds the methods of its concern."""
 
@@ -49,8 +56,11 @@ class StoreBase:
         blobs: Blobs,
         outbox: Outbox,
         storage: StorageQuota | None = None,
+        reads: Reads | None = None,
     ) -> None:
         self.sessions = sessions
+        #: The hot point reads taken directly on SQLite (``reads.py``); None: every read is a session's.
+        self.reads = reads
         self.hub = hub
         self.keys = keys
         #: Where the bytes of the task files live: inputs of failed and cancelled tasks are deleted at their end.

@@ -185,6 +185,27 @@ class Task(Base):
         return None if value is None else Progress.read(value)
 
 
+class QueueCount(Base):
+    """How many claimable tasks (queued, inputs stored) a project has of one model at one priority, per bucket of
+    2**``QUEUE_BUCKET_BITS`` consecutive task ids: a queue position is then a sum over buckets and a count inside one,
+    whatever the backlog (``reads.py``). Kept exact by triggers on ``tasks`` in every writer's transaction, on
+    SQLite only (migration e1a2b3c4d5f6): PostgreSQL leaves it empty and counts positions on the claim index."""
+
+    __tablename__ = "queue_counts"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    priority: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: ``tasks.id >> QUEUE_BUCKET_BITS``.
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    queued: Mapped[int] = mapped_column(Integer)
+
+
+#: ``queue_counts`` buckets hold 2**8 task ids: a position counts at most that many index entries, plus one row
+#: per bucket of its level (sqrt(100,000) is about 316).
+QUEUE_BUCKET_BITS = 8
+
+
 class TaskEvent(Base):
     """The event log: every socket frame of a task, in order, so late clients can replay it."""
 

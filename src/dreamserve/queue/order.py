@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import case, false, func, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dreamserve.queue.base import StoreBase
+from dreamserve.queue.base import Fallback, StoreBase
 from dreamserve.queue.db import Project, Task
 from dreamserve.status import TaskStatus
 
@@ -79,7 +79,7 @@ async def in_claim_order(session: AsyncSession, where: Sequence[Any], room: int)
     return chosen
 
 
-def turn_counts(level: Sequence[Any], turn: int) -> Any:
+def turn_counts(level: Sequence[Any], turn: Any) -> Any:
     """Per project with claimable tasks (``level``: one priority): its last claim, the id of its task on
     ``turn`` (None when it has fewer), and how many of its tasks come on earlier turns."""
     mine = (*level, Task.project_id == Project.id)
@@ -92,6 +92,17 @@ def turn_counts(level: Sequence[Any], turn: int) -> Any:
     return select(ranked.c.id, ranked.c.last_claimed, ranked.c.nth, ranked.c.before).where(ranked.c.first.is_not(None))
 
 
+def count_ahead(task: Task, ahead: int, rows: Sequence[Any]) -> int:
+    """``ahead`` (the tasks at higher priorities) plus, from ``turn_counts``'s rows, every project's tasks on
+    earlier turns and those on the same turn that go first."""
+    served = {project_id: last for project_id, last, _, _ in rows}.get(task.project_id, 0.0)
+    for project_id, last, nth, before in rows:
+        ahead += int(before)  # its tasks on earlier turns
+        if project_id != task.project_id and nth is not None and (last, nth) < (served, task.id):
+            ahead += 1  # its task on the same turn goes first
+    return ahead
+
+
 class Positions(StoreBase):
     async def queue_position(self, task: Task) -> int:
         """How many queued tasks of the same model are claimed before this one (0 = next), in today's claim order.
@@ -101,6 +112,11 @@ class Positions(StoreBase):
         ``t`` in its project, and per project its first ``t`` tasks at this priority (see ``in_claim_order``), so the
         cost follows the position, not the backlog behind it.
         """
+        if self.reads is not None:
+            try:
+                return self.reads.queue_position(task)
+            except Fallback:
+                pass  # deep in a large backlog: counted off the event loop
         ready = claimable([task.model])
         async with self.sessions() as session:
             if task.status != TaskStatus.QUEUE or not task.inputs_ready:
@@ -112,9 +128,4 @@ class Positions(StoreBase):
             earlier = select(func.count()).where(*level, Task.project_id == task.project_id, Task.id < task.id)
             turn = int((await session.execute(earlier)).scalar_one()) + 1
             rows = (await session.execute(turn_counts(level, turn))).all()
-        served = {project_id: last for project_id, last, _, _ in rows}.get(task.project_id, 0.0)
-        for project_id, last, nth, before in rows:
-            ahead += int(before)  # its tasks on earlier turns
-            if project_id != task.project_id and nth is not None and (last, nth) < (served, task.id):
-                ahead += 1  # its task on the same turn goes first
-        return ahead
+        return count_ahead(task, ahead, rows)

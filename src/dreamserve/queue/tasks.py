@@ -12,7 +12,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from dreamserve.facts import TaskDetails
 from dreamserve.jobs import TaskJob
-from dreamserve.queue.base import StoreBase
+from dreamserve.queue.base import Fallback, StoreBase
 from dreamserve.queue.db import File, Task, TaskEvent
 from dreamserve.queue.events import Event
 from dreamserve.queue.files import add_files
@@ -92,22 +92,39 @@ class Tasks(StoreBase):
         return task
 
     async def get(self, *, project_id: int, taskid: int | None = None, token: str | None = None) -> Task | None:
+        if taskid is None and token is None:
+            return None
+        if self.reads is not None:
+            try:
+                if taskid is not None:
+                    return self.reads.task(taskid, project_id)
+                return self.reads.task_by_token(digest(token or ""), project_id)
+            except Fallback:
+                pass
         query = select(Task).where(Task.project_id == project_id)
         if taskid is not None:
             query = query.where(Task.id == taskid)
-        elif token is not None:
-            query = query.where(Task.token_digest == digest(token))
         else:
-            return None
+            query = query.where(Task.token_digest == digest(token or ""))
         async with self.sessions() as session:
             return (await session.execute(query)).scalar_one_or_none()
 
     async def get_by_token(self, token: str) -> Task | None:
+        if self.reads is not None:
+            try:
+                return self.reads.task_by_token(digest(token))
+            except Fallback:
+                pass
         async with self.sessions() as session:
             query = select(Task).where(Task.token_digest == digest(token))
             return (await session.execute(query)).scalar_one_or_none()
 
     async def get_by_id(self, taskid: int) -> Task | None:
+        if self.reads is not None:
+            try:
+                return self.reads.task(taskid)
+            except Fallback:
+                pass
         async with self.sessions() as session:
             return await session.get(Task, taskid)
 
