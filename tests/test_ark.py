@@ -210,7 +210,9 @@ def test_stream_read_by_the_sdk_one_event_per_saved_image(server: Any) -> None:
     assert usage["generated_images"] == 2 and usage["output_tokens"] == 2 * 1280 * 720 // 256
 
     # On the wire: named events, single-line JSON, [DONE], the task in a header; and each image was saved (and
-    # its event published) before the next one was denoised.
+    # its event published) once, while the task ran. (The engine saves a batch's images while the next batch
+    # denoises, so with a tiny model the first save may end after the second image's steps: test_engine proves
+    # the overlap itself.)
     body = {"model": MODEL_ID, "prompt": "two posters", "size": "1280x720", "sequential_image_generation": "auto"}
     body["response_format"] = "b64_json"
     url = f"{server.url}/api/v3/images/generations"
@@ -228,9 +230,9 @@ def test_stream_read_by_the_sdk_one_event_per_saved_image(server: Any) -> None:
     assert payloads[2]["usage"]["generated_images"] == 2 and payloads[2]["task_id"] == str(task_id)
     with sqlite3.connect(server.settings.data_dir / "dreamserve.db") as db:
         log = [row[0] for row in db.execute("SELECT type FROM task_events WHERE task_id = ? ORDER BY id", (task_id,))]
-    first_saved = log.index("task_output_image")
-    assert "task_output" in log[first_saved:], "the second image was denoised after the first was announced"
-    assert log.count("task_output_image") == 2 and log[-1] == "task_postprocess_end"
+    saved = [at for at, kind in enumerate(log) if kind == "task_output_image"]
+    assert len(saved) == 2 and saved[-1] < log.index("task_end"), "each image announced once, before the end"
+    assert log[-1] == "task_postprocess_end"
 
 
 def test_stream_checks_answer_400_json_before_the_stream(server: Any) -> None:
