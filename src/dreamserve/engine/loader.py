@@ -70,7 +70,8 @@ def family_of(pipeline: Any) -> str:
 
 def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     """Build or load the pipeline for ``spec`` (a preset name is expanded by ``models.resolve``), move it to its
-    device, fuse its LoRA, quantize and compile it if asked; returns ``(pipeline, family)``."""
+    device (its convolutions in channels-last memory format), fuse its LoRA, quantize and compile it if asked;
+    returns ``(pipeline, family)``."""
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     # Checked before the weights load: a setting this machine cannot honour fails in a second, not minutes.
@@ -79,12 +80,29 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     # from_pretrained already loaded in ``dtype``; the tiny builds are float32 unless asked otherwise.
     pipeline = pipeline.to(device) if pipeline.dtype == dtype else pipeline.to(device=device, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
+    if spec.channels_last:
+        channels_last(pipeline)
     pipeline = _adapted(spec, pipeline)
     if quantize is not None:
         quantize(getattr(pipeline, "transformer", None) or pipeline.unet)
     if spec.compile:
         _compile(getattr(pipeline, "transformer", None) or pipeline.unet)
     return pipeline, family_of(pipeline)
+
+
+#: The pipeline parts made of convolutions: what channels-last memory format speeds up.
+CONVOLUTIONAL = ("unet", "vae")
+
+
+def channels_last(pipeline: Any) -> None:
+    """Put the 2-D convolutions of the pipeline's convolutional parts in channels-last memory format
+    (``ModelSpec.channels_last``). Their inputs need not be converted: a convolution on NHWC weights returns NHWC
+    activations, which the next layers keep. 3-D convolutions (Qwen-Image's video VAE) are left as they are."""
+    for name in CONVOLUTIONAL:
+        module = getattr(pipeline, name, None)
+        for layer in module.modules() if module is not None else ():
+            if isinstance(layer, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                layer.to(memory_format=torch.channels_last)
 
 
 def _weights(spec: ModelSpec, source: str, dtype: torch.dtype, device: str) -> Any:
