@@ -70,9 +70,9 @@ class ModelSpec(BaseModel):
     #: per call on SD-Turbo, but the process holds its peak memory. Not used on GPUs.
     keep_freed_memory: bool = True
     #: Keep the convolutional modules (UNet, VAE) in channels-last (NHWC) memory format: oneDNN's CPU and cuDNN's
-    #: GPU convolutions run faster on it, with the same results to float rounding (a 2-core CPU: the SD VAE
-    #: decode 13 % and the UNet step 4 % less CPU time, bench/RESULTS.md). Transformers have no convolutions but
-    #: their VAE's.
+    #: GPU convolutions run faster on it, with the same results to float rounding (SD-Turbo at 256x256 on a CPU:
+    #: the VAE decode in 0.83x the CPU time, the UNet step about the same; ``bench/memory_format.py``).
+    #: Transformers have no convolutions but their VAE's.
     channels_last: bool = True
     #: The engine that loads and runs the model in the model process, as ``module:Class``; ``None`` is diffusers'
     #: (``dreamserve.engine.Engine``). Another runtime plugs in here behind the same supervisor, pipe and queue: a
