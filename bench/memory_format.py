@@ -15,19 +15,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from dreamserve.engine.loader import CONVOLUTIONAL, channels_last, load_pipeline
+from dreamserve.engine.loader import load_pipeline, set_memory_format
 from dreamserve.settings import ModelSpec
-
-
-def contiguous(pipeline: Any) -> None:
-    for name in CONVOLUTIONAL:
-        for layer in getattr(pipeline, name).modules():
-            if isinstance(layer, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
-                layer.to(memory_format=torch.contiguous_format)
 
 
 def cpu_seconds(work: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -58,8 +50,8 @@ def main() -> None:
         cpu_seconds(work)
     seconds: dict[tuple[str, str], list[float]] = {}
     for round_ in range(args.rounds):
-        for layout, apply in (("contiguous", contiguous), ("channels-last", channels_last)):
-            apply(pipeline)
+        for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels-last", torch.channels_last)):
+            set_memory_format(pipeline, memory_format)
             outputs = {}
             for part, work in parts.items():
                 spent, outputs[part] = cpu_seconds(work)
