@@ -21,7 +21,10 @@ Needs ``dreamserve[bench]`` (litserve, psutil).
 Every system's process tree runs with the same glibc allocator settings by default (``ALLOCATOR``: those that
 dreamserve's model process sets for itself on a CPU, ``dreamserve/malloc.py``, as environment variables), so that
 no system is ahead by its allocator alone; ``--glibc-defaults`` runs the peers with glibc's defaults instead
-(dreamserve's model process still sets its own). The table says which. For dreamserve, one task of the
+(dreamserve's model process still sets its own). dreamserve's loader puts the UNet's and the VAE's convolutions
+in channels-last memory format (``ModelSpec.channels_last``, its default, a choice of its engine); the peers run
+the pipeline as diffusers loads it unless ``--peers-channels-last`` gives them the same. The table says which of
+each. For dreamserve, one task of the
 throughput run (the first of its largest batch) is laid out as a timeline from the client's Run to its PNG on
 disk: the client's clock, the task's event log and its ``details.timings`` (one machine, one clock).
 """
@@ -73,6 +76,9 @@ class Config:
     same_allocator: bool = True
     #: More ModelSpec fields for every system (``compile``, ``quantize``: bench/gpu.py).
     options: dict[str, Any] = field(default_factory=dict)
+    #: The peers' convolutions in channels-last memory format too, as dreamserve's loader puts them by default
+    #: (``ModelSpec.channels_last``); else they run as diffusers loads them (contiguous).
+    peers_channels_last: bool = False
 
 
 @dataclass
@@ -99,13 +105,14 @@ class Figures:
 
 
 def load(config: Config) -> tuple[Any, Callable[[int], list[Any]]]:
-    """The pipeline from the folder and a ``generate(n)`` that makes n images in one call (engine arguments)."""
+    """The pipeline from the folder and a ``generate(n)`` that makes n images in one call (engine arguments), for
+    the peers: their convolutions are channels-last only with ``--peers-channels-last``."""
     from dreamserve.engine.loader import load_pipeline
     from dreamserve.engine.runner import call_kwargs
     from dreamserve.presets import resolve
     from dreamserve.settings import ModelSpec
 
-    spec = ModelSpec(**model_spec(config))
+    spec = ModelSpec(**{"channels_last": config.peers_channels_last, **model_spec(config)})
     pipeline, family = load_pipeline(spec)
     extra = call_kwargs(pipeline, family, resolve(spec, family))
     size, steps = config.size, config.steps
@@ -575,6 +582,11 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=1800)
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument(
+        "--peers-channels-last",
+        action="store_true",
+        help="give raw diffusers and LitServe dreamserve's channels-last convolutions too",
+    )
+    parser.add_argument(
         "--glibc-defaults",
         action="store_true",
         help="run the peers with glibc's default allocator, not dreamserve's CPU settings (ALLOCATOR)",
@@ -593,6 +605,7 @@ def main() -> None:
         args.clients,
         args.ready_timeout,
         same_allocator=not args.glibc_defaults,
+        peers_channels_last=args.peers_channels_last,
     )
     allocator = (
         "glibc's defaults for the peers (dreamserve's model process sets its own on a CPU)"
@@ -603,7 +616,8 @@ def main() -> None:
         f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model {args.model} "
         f"({folder}), {args.size}x{args.size}, {args.steps} step(s), {args.dtype} on {args.device}; "
         f"{args.images} image(s) for latency, {args.images * args.clients} for throughput with {args.clients} "
-        f"clients; {args.rounds} round(s); allocator: {allocator}",
+        f"clients; {args.rounds} round(s); allocator: {allocator}; convolutions: dreamserve channels-last (its "
+        f"default), peers {'channels-last too' if args.peers_channels_last else 'as diffusers loads them'}",
         flush=True,
     )
     results: list[Figures] = []
