@@ -1,6 +1,7 @@
-"""Channels-last against contiguous convolutions (``ModelSpec.channels_last``): the UNet step and the VAE decode
-of one pipeline, alternated in one process, timed in CPU seconds of one thread (``process_time`` on one torch
-thread counts the work, not the waits for a core, so a busy machine blurs it less than wall time).
+"""Channels-last against contiguous convolutions (``ModelSpec.channels_last``, which reorders the VAE's: this is
+why): the UNet step and the VAE decode of one pipeline, alternated in one process, timed in CPU seconds of one
+thread (``process_time`` on one torch thread counts the work, not the waits for a core, so a busy machine blurs
+it less than wall time).
 
     .venv/bin/python bench/memory_format.py --weights /tmp/gen-w/sd-turbo --size 256 --rounds 3
 
@@ -51,7 +52,7 @@ def main() -> None:
     seconds: dict[tuple[str, str], list[float]] = {}
     for round_ in range(args.rounds):
         for layout, memory_format in (("contiguous", torch.contiguous_format), ("channels-last", torch.channels_last)):
-            set_memory_format(pipeline, memory_format)
+            set_memory_format(pipeline, memory_format, parts=("unet", "vae"))
             outputs = {}
             for part, work in parts.items():
                 spent, outputs[part] = cpu_seconds(work)

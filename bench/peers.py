@@ -21,8 +21,8 @@ Needs ``dreamserve[bench]`` (litserve, psutil).
 Every system's process tree runs with the same glibc allocator settings by default (``ALLOCATOR``: those that
 dreamserve's model process sets for itself on a CPU, ``dreamserve/malloc.py``, as environment variables), so that
 no system is ahead by its allocator alone; ``--glibc-defaults`` runs the peers with glibc's defaults instead
-(dreamserve's model process still sets its own). dreamserve's loader puts the UNet's and the VAE's convolutions
-in channels-last memory format (``ModelSpec.channels_last``, its default, a choice of its engine); the peers run
+(dreamserve's model process still sets its own). dreamserve's loader puts the VAE's convolutions in
+channels-last memory format (``ModelSpec.channels_last``, its default, a choice of its engine); the peers run
 the pipeline as diffusers loads it unless ``--peers-channels-last`` gives them the same. The table says which of
 each. For dreamserve, one task of the
 throughput run (the first of its largest batch) is laid out as a timeline from the client's Run to its PNG on

@@ -479,18 +479,19 @@ def test_a_job_whose_every_image_fails_fails(klein: Engine, tmp_path: Path) -> N
 
 
 def test_convolutions_run_channels_last_with_the_same_images(tmp_path: Path) -> None:
-    # NHWC weights make oneDNN/cuDNN convolutions faster; the images must be those of the default format.
+    # NHWC weights make the VAE's oneDNN/cuDNN convolutions faster; the images must be those of the default format.
     made = {}
     for flag in (True, False):
         engine = Engine.load(ModelSpec(source="tiny-sd-turbo", max_pixels=128 * 128, channels_last=flag))
-        parts = (engine.pipeline.unet, engine.pipeline.vae)
         # A 1x1 kernel's weight is laid out alike in both formats: the 3x3 ones tell.
-        convolutions = [
-            m for p in parts for m in p.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size > (1, 1)
-        ]
-        assert convolutions and all(
-            m.weight.is_contiguous(memory_format=torch.channels_last) == flag for m in convolutions
-        ), "every 2-D convolution of the UNet and the VAE is NHWC exactly when asked"
+        vae, unet = (
+            [m for m in part.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size > (1, 1)]
+            for part in (engine.pipeline.vae, engine.pipeline.unet)
+        )
+        assert vae and all(m.weight.is_contiguous(memory_format=torch.channels_last) == flag for m in vae), (
+            "every 2-D convolution of the VAE is NHWC exactly when asked"
+        )
+        assert unet and all(m.weight.is_contiguous() for m in unet), "the UNet's stay as loaded"
         folder = str(tmp_path / str(flag))
         result = engine.generate(job(tmp_path, output_dir=folder), lambda s: None, lambda: False)
         with Image.open(result.images[0].path) as image:

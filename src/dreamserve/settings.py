@@ -69,10 +69,9 @@ class ModelSpec(BaseModel):
     #: (glibc: no mmap, no trimming; ``dreamserve/malloc.py``): no page faults after the first call, 15-20 % faster
     #: per call on SD-Turbo, but the process holds its peak memory. Not used on GPUs.
     keep_freed_memory: bool = True
-    #: Keep the convolutional modules (UNet, VAE) in channels-last (NHWC) memory format: oneDNN's CPU and cuDNN's
-    #: GPU convolutions run faster on it, with the same results to float rounding (SD-Turbo at 256x256 on a CPU:
-    #: the VAE decode in 0.83x the CPU time, the UNet step about the same; ``bench/memory_format.py``).
-    #: Transformers have no convolutions but their VAE's.
+    #: Keep the VAE's convolutions in channels-last (NHWC) memory format: oneDNN's CPU and cuDNN's GPU
+    #: convolutions run faster on it, with the same results to float rounding (SD-Turbo at 256x256 on a CPU: the
+    #: VAE decode, most of an image's time there, in 0.83x the CPU time; ``bench/memory_format.py``).
     channels_last: bool = True
     #: The engine that loads and runs the model in the model process, as ``module:Class``; ``None`` is diffusers'
     #: (``dreamserve.engine.Engine``). Another runtime plugs in here behind the same supervisor, pipe and queue: a

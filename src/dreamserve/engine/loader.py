@@ -70,7 +70,7 @@ def family_of(pipeline: Any) -> str:
 
 def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     """Build or load the pipeline for ``spec`` (a preset name is expanded by ``models.resolve``), move it to its
-    device (its convolutions in channels-last memory format), fuse its LoRA, quantize and compile it if asked;
+    device (its VAE's convolutions in channels-last memory format), fuse its LoRA, quantize and compile it if asked;
     returns ``(pipeline, family)``."""
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
@@ -90,15 +90,19 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     return pipeline, family_of(pipeline)
 
 
-#: The pipeline parts made of convolutions: what channels-last memory format speeds up.
-CONVOLUTIONAL = ("unet", "vae")
+#: The pipeline parts whose convolutions ``ModelSpec.channels_last`` reorders: the VAE, whose decode is most of an
+#: SD-Turbo image's time on a CPU and runs in 0.83x the CPU time channels-last. The UNet ran no faster (1.01x),
+#: and reordering its 2.5 GiB of weights cost 3 s of load (``bench/memory_format.py``, bench/RESULTS.md).
+CONVOLUTIONAL = ("vae",)
 
 
-def set_memory_format(pipeline: Any, memory_format: torch.memory_format) -> None:
-    """Lay the 2-D convolutions of the pipeline's convolutional parts out in ``memory_format``: channels-last with
+def set_memory_format(
+    pipeline: Any, memory_format: torch.memory_format, parts: tuple[str, ...] = CONVOLUTIONAL
+) -> None:
+    """Lay the 2-D convolutions of the pipeline's ``parts`` out in ``memory_format``: channels-last with
     ``ModelSpec.channels_last``. Their inputs need not be converted: a convolution on NHWC weights returns NHWC
     activations, which the next layers keep. 3-D convolutions (Qwen-Image's video VAE) are left as they are."""
-    for name in CONVOLUTIONAL:
+    for name in parts:
         module = getattr(pipeline, name, None)
         for layer in module.modules() if module is not None else ():
             if isinstance(layer, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
