@@ -6,11 +6,17 @@ integer strings. Types are portable so the same schema runs on SQLite and Postgr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -25,7 +31,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 from dreamserve.facts import FileMeta, Progress, Record, TaskDetails
@@ -97,6 +103,10 @@ class Project(Base):
     max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: When a worker last claimed one of its tasks: the claim serves the least recently served project first.
     last_claimed: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    #: The project's unfinished tasks and their work (images x width x height), kept by the transactions that
+    #: create and end tasks (``quotas.py``): a Run's quota check reads them, never a sum over the backlog.
+    unfinished_tasks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    unfinished_pixels: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Task(Base):
@@ -284,18 +294,85 @@ def make_engine(url: str, pool_size: int) -> AsyncEngine:
     sqlite = url.startswith("sqlite")
     engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=not sqlite)
     if sqlite:
-        # WAL lets the API read while a worker writes; busy_timeout queues writers instead of failing.
+        # WAL lets the API read while a worker writes. Within a process, write transactions queue on the
+        # sessions' gate (``Sessions``); busy_timeout is for the writers of other processes (a GPU worker, the CLI).
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
+        # A rollback is a hop to the connection's thread, and a session makes two (its close, then the pool's
+        # reset): reads run outside any transaction and a committed write has nothing left, so only a connection
+        # with a transaction open is rolled back.
+        dialect = engine.sync_engine.dialect
+        rollback = dialect.do_rollback
+
+        def _rollback_if_open(dbapi_conn: Any) -> None:
+            if dbapi_conn.driver_connection.in_transaction:
+                rollback(dbapi_conn)
+
+        dialect.do_rollback = _rollback_if_open  # type: ignore[method-assign,assignment]
     return engine
 
 
-def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[Any]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+class WriteGate:
+    """The FIFO queue of one process's write transactions on one SQLite database (``asyncio.Lock`` wakes its
+    waiters in arrival order), one lock per event loop (a lock is bound to the loop it first waits on)."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        #: The task holding each loop's lock: a write transaction opened inside another of the same task would
+        #: wait for itself, so it is refused instead.
+        self._holders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        if me is not None and self._holders.get(loop) is me:
+            raise RuntimeError("a write transaction was opened inside another one of the same task")
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        async with lock:
+            if me is not None:
+                self._holders[loop] = me
+            try:
+                yield
+            finally:
+                self._holders.pop(loop, None)
+
+
+class Sessions(async_sessionmaker[AsyncSession]):
+    """The sessions of one database: ``sessions()`` for reads, ``sessions.begin()`` for a write transaction.
+
+    SQLite has one writer at a time. Concurrent write transactions of one process would race for the file lock
+    (a deferred transaction that reads first and then writes cannot wait for the lock: ``database is locked``),
+    so on SQLite each write transaction passes through the process's ``WriteGate`` in arrival order and takes
+    the lock up front (``BEGIN IMMEDIATE``, which waits out other processes' writers for the busy_timeout)."""
+
+    gate: WriteGate | None = None
+
+    def begin(self) -> AbstractAsyncContextManager[AsyncSession]:  # type: ignore[override]
+        if self.gate is None:
+            return super().begin()
+        return self._gated(self.gate)
+
+    @contextlib.asynccontextmanager
+    async def _gated(self, gate: WriteGate) -> AsyncIterator[AsyncSession]:
+        async with gate.held(), async_sessionmaker.begin(self) as session:
+            await (await session.connection()).exec_driver_sql("BEGIN IMMEDIATE")
+            yield session
+
+
+def make_sessionmaker(engine: AsyncEngine) -> Sessions:
+    sessions = Sessions(engine, expire_on_commit=False)
+    if engine.dialect.name == "sqlite":
+        sessions.gate = WriteGate()
+    return sessions
