@@ -244,7 +244,8 @@ async def seed(
 
     from dreamserve.jobs import TaskJob
     from dreamserve.projects import add_project
-    from dreamserve.queue.db import Project, Task, TaskEvent, make_engine, make_sessionmaker
+    from dreamserve.queue.db import Project as ProjectRow
+    from dreamserve.queue.db import Task, TaskEvent, make_engine, make_sessionmaker
     from dreamserve.queue.keyring import ServerKey, new_salt
     from dreamserve.queue.migrate import upgrade
 
@@ -287,9 +288,10 @@ async def seed(
         events = [{"task_id": i, "type": "task_queue", "message": None, "created": now} for i in ids]
         for start in range(0, len(events), 5000):
             await session.execute(insert(TaskEvent), events[start : start + 5000])
-        if hasattr(Project, "unfinished_tasks"):  # the counters store.create keeps (absent before issue 27)
+        if hasattr(ProjectRow, "unfinished_tasks"):  # the counters store.create keeps (absent before issue 27)
             counted = {"unfinished_tasks": count, "unfinished_pixels": count * 64 * 64}
-            await session.execute(update(Project).where(Project.id == owner.project_id).values(**counted))
+            mine = ProjectRow.id == owner.project_id
+            await session.execute(update(ProjectRow).where(mine).values(**counted))
     await engine.dispose()
 
     def project(creds: Any) -> Project:
