@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
+import threading
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from enum import StrEnum
@@ -288,6 +288,10 @@ class WebhookDelivery(Base):
         return DeliveryState(value)
 
 
+#: How long a SQLite writer waits for the lock held by another process, or for its turn in its own (``WriteGate``).
+BUSY_TIMEOUT_MS = 30_000
+
+
 def make_engine(url: str, pool_size: int) -> AsyncEngine:
     """An engine whose pool keeps up to ``pool_size`` connections and opens no more (``max_overflow=0``).
     Only a server's connections can drop, so only they are pinged before use."""
@@ -300,7 +304,7 @@ def make_engine(url: str, pool_size: int) -> AsyncEngine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
@@ -312,7 +316,8 @@ def make_engine(url: str, pool_size: int) -> AsyncEngine:
         rollback = dialect.do_rollback
 
         def _rollback_if_open(dbapi_conn: Any) -> None:
-            if dbapi_conn.driver_connection.in_transaction:
+            driver = dbapi_conn.driver_connection
+            if driver.in_transaction or getattr(driver, "dreamserve_turn", None) is not None:
                 rollback(dbapi_conn)
 
         dialect.do_rollback = _rollback_if_open  # type: ignore[method-assign,assignment]
@@ -320,42 +325,69 @@ def make_engine(url: str, pool_size: int) -> AsyncEngine:
 
 
 class WriteGate:
-    """The FIFO queue of one process's write transactions on one SQLite database (``asyncio.Lock`` wakes its
-    waiters in arrival order), one lock per event loop (a lock is bound to the loop it first waits on)."""
+    """The FIFO turns of one process's write transactions on one SQLite database.
+
+    A turn is taken on the event loop (``issue``, in arrival order) and waited for in the connection's own thread
+    (``wait``), which then begins the transaction there: the writer next in line is already in its thread with
+    its ``BEGIN IMMEDIATE`` due when the one before it ends (``finish``), so a hand-over costs no turn of a busy
+    event loop (an ``asyncio.Lock`` held across the transaction's statements made the loop's reads its writers'
+    bottleneck). SQLite's own busy handler polls instead, and with many writers some waited out busy_timeout."""
 
     def __init__(self) -> None:
-        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-        #: The task holding each loop's lock: a write transaction opened inside another of the same task would
-        #: wait for itself, so it is refused instead.
-        self._holders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._turns = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+        #: Turns ended before they came up (none do today: a cancelled writer still waits for its turn to roll back).
+        self._ended: set[int] = set()
+        #: The task holding each turn: a write transaction opened inside another of the same task would wait for
+        #: itself, so it is refused instead.
+        self._holders: dict[int, asyncio.Task[Any] | None] = {}
 
-    @contextlib.asynccontextmanager
-    async def held(self) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
+    def issue(self) -> int:
         me = asyncio.current_task()
-        if me is not None and self._holders.get(loop) is me:
+        if me is not None and me in self._holders.values():
             raise RuntimeError("a write transaction was opened inside another one of the same task")
-        lock = self._locks.get(loop)
-        if lock is None:
-            lock = self._locks[loop] = asyncio.Lock()
-        async with lock:
-            if me is not None:
-                self._holders[loop] = me
-            try:
-                yield
-            finally:
-                self._holders.pop(loop, None)
+        with self._turns:
+            ticket = self._issued
+            self._issued += 1
+        self._holders[ticket] = me
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """In the connection's thread: block until ``ticket``'s turn; False if it ended before it came up. Past
+        ``timeout`` (the busy_timeout: a turn held that long is a writer stuck, say waiting for a connection that
+        the writers queued behind it hold) ``TimeoutError``, and the turn is skipped when it comes up."""
+        with self._turns:
+            if not self._turns.wait_for(lambda: self._serving >= ticket, timeout):
+                raise TimeoutError(f"no turn to write to the database in {timeout:.0f} s (a writer holds it)")
+            return self._serving == ticket
+
+    def finish(self, ticket: int) -> None:
+        self._holders.pop(ticket, None)
+        with self._turns:
+            if ticket < self._serving:
+                return
+            self._ended.add(ticket)
+            while self._serving in self._ended:
+                self._ended.remove(self._serving)
+                self._serving += 1
+            self._turns.notify_all()
+
+
+def _begin_in_turn(gate: WriteGate, ticket: int, connection: Any) -> None:
+    """Run in the connection's thread: wait for the turn, then take SQLite's write lock up front."""
+    if gate.wait(ticket, BUSY_TIMEOUT_MS / 1000):
+        connection.execute("BEGIN IMMEDIATE")
 
 
 class Sessions(async_sessionmaker[AsyncSession]):
     """The sessions of one database: ``sessions()`` for reads, ``sessions.begin()`` for a write transaction.
 
-    SQLite has one writer at a time. Concurrent write transactions of one process would race for the file lock
-    (a deferred transaction that reads first and then writes cannot wait for the lock: ``database is locked``),
-    so on SQLite each write transaction passes through the process's ``WriteGate`` in arrival order and takes
-    the lock up front (``BEGIN IMMEDIATE``, which waits out other processes' writers for the busy_timeout)."""
+    SQLite has one writer at a time. Concurrent write transactions of one process raced for the file lock, each
+    connection polling for it in SQLite's busy handler, and under load some waited past busy_timeout (``database
+    is locked``, a 5xx), so on SQLite each write transaction takes a turn of the process's ``WriteGate`` in
+    arrival order and takes the lock up front (``BEGIN IMMEDIATE``, which waits out other processes' writers
+    for the busy_timeout)."""
 
     gate: WriteGate | None = None
 
@@ -366,9 +398,24 @@ class Sessions(async_sessionmaker[AsyncSession]):
 
     @contextlib.asynccontextmanager
     async def _gated(self, gate: WriteGate) -> AsyncIterator[AsyncSession]:
-        async with gate.held(), async_sessionmaker.begin(self) as session:
-            await (await session.connection()).exec_driver_sql("BEGIN IMMEDIATE")
-            yield session
+        ticket: int | None = None
+        driver: Any = None
+        try:
+            async with async_sessionmaker.begin(self) as session:
+                raw = await (await session.connection()).get_raw_connection()
+                driver = raw.driver_connection
+                ticket = gate.issue()
+                # Marked while the BEGIN is queued: a rollback of this session (a cancel while it waits for its
+                # turn) is then sent too, behind the BEGIN in the connection's queue, whether or not it has run.
+                driver.dreamserve_turn = ticket
+                await driver._execute(_begin_in_turn, gate, ticket, driver._conn)
+                driver.dreamserve_turn = None
+                yield session
+        finally:
+            if driver is not None:
+                driver.dreamserve_turn = None
+            if ticket is not None:
+                gate.finish(ticket)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> Sessions:
