@@ -316,8 +316,12 @@ def make_engine(url: str, pool_size: int) -> AsyncEngine:
         rollback = dialect.do_rollback
 
         def _rollback_if_open(dbapi_conn: Any) -> None:
-            driver = dbapi_conn.driver_connection
-            if driver.in_transaction or getattr(driver, "dreamserve_turn", None) is not None:
+            driver: Any = getattr(dbapi_conn, "driver_connection", None)
+            try:
+                idle = not driver.in_transaction and getattr(driver, "dreamserve_turn", None) is None
+            except (AttributeError, ValueError):  # no driver, or its connection closed: the driver's own rollback
+                idle = False
+            if not idle:
                 rollback(dbapi_conn)
 
         dialect.do_rollback = _rollback_if_open  # type: ignore[method-assign,assignment]
