@@ -240,10 +240,11 @@ async def seed(
 ) -> tuple[Project, Project, list[int]]:
     """The two projects, and ``count`` queued backlog tasks inserted in one transaction (see the docstring);
     ``same_project``: the backlog is the bench project's own."""
-    from sqlalchemy import insert, select
+    from sqlalchemy import insert, select, update
 
     from dreamserve.jobs import TaskJob
     from dreamserve.projects import add_project
+    from dreamserve.queue.db import Project as ProjectRow
     from dreamserve.queue.db import Task, TaskEvent, make_engine, make_sessionmaker
     from dreamserve.queue.keyring import ServerKey, new_salt
     from dreamserve.queue.migrate import upgrade
@@ -287,6 +288,10 @@ async def seed(
         events = [{"task_id": i, "type": "task_queue", "message": None, "created": now} for i in ids]
         for start in range(0, len(events), 5000):
             await session.execute(insert(TaskEvent), events[start : start + 5000])
+        if hasattr(ProjectRow, "unfinished_tasks"):  # the counters store.create keeps (absent before issue 27)
+            counted = {"unfinished_tasks": count, "unfinished_pixels": count * 64 * 64}
+            mine = ProjectRow.id == owner.project_id
+            await session.execute(update(ProjectRow).where(mine).values(**counted))
     await engine.dispose()
 
     def project(creds: Any) -> Project:
@@ -322,18 +327,24 @@ def start(args: argparse.Namespace, hook_port: int) -> Fleet:
     print(f"seeded {len(ids)} backlog tasks in {time.perf_counter() - seeded:.1f} s", flush=True)
     env = server_env(args, data_dir, db_url, hook_port)
     processes, ports = [], []
+    celery = args.dispatch == "celery"
     for index in range(args.api_processes):
         port = free_port()
         command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        if index:
+        if index or celery:
             command.append("--no-workers")
         with (data_dir / f"server-{index}.log").open("ab") as log:
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
         ports.append(port)
-    if args.dispatch == "celery":
-        with (data_dir / "worker.log").open("ab") as log:
-            command = [sys.executable, "-m", "dreamserve", "worker"]
-            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    if celery:
+        # One ``dreamserve worker`` process per simulated GPU group: each runs one supervisor (Celery's one
+        # slot) with one scripted model process of ``max_batch`` --gpus-per-process.
+        spec = {"engine": SCRIPTED, "steps": args.steps, "max_batch": args.gpus_per_process, "workers": 1}
+        worker_env = {**env, "DREAMSERVE_MODELS": json.dumps({MODEL: spec})}
+        for index in range(max(1, args.gpus // args.gpus_per_process)):
+            command = [sys.executable, "-m", "dreamserve", "worker", "--name", f"gpu{index}"]
+            with (data_dir / f"worker-{index}.log").open("ab") as log:
+                processes.append(subprocess.Popen(command, env=worker_env, stdout=log, stderr=subprocess.STDOUT))
     fleet = Fleet(processes, ports, data_dir, db_url, ids, bench, backlog)
     asyncio.run(wait_ready(fleet, args))
     return fleet
@@ -355,7 +366,10 @@ async def wait_ready(fleet: Fleet, args: argparse.Namespace, timeout: float = 18
                 ready = [(await http.get(f"http://127.0.0.1:{p}/readyz")).status_code == 200 for p in fleet.ports]
                 health = (await http.get(f"http://127.0.0.1:{fleet.ports[0]}/healthz")).json()
                 loaded = [w for w in health.get("workers", []) if w["state"] in ("ready", "busy")]
-                if all(ready) and (args.dispatch == "celery" or len(loaded) >= workers):
+                if args.dispatch == "celery":
+                    logs = [path.read_text(errors="replace") for path in fleet.data_dir.glob("worker-*.log")]
+                    loaded = [log for log in logs if " ready." in log]
+                if all(ready) and len(loaded) >= workers:
                     return
             await asyncio.sleep(0.5)
     raise SystemExit("the fleet was not ready in time")

@@ -93,6 +93,41 @@ async def test_queue_columns_are_filled_in_for_unfinished_tasks(tmp_path: Path) 
         await engine.dispose()
 
 
+async def test_the_unfinished_counters_start_from_the_rows(tmp_path: Path) -> None:
+    """Issue 27: the counters a Run's quota check reads are filled, once, from the tasks already unfinished."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite")
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(_upgrade_to, "d7f3a9c2e5b1")
+            for project in (1, 2):
+                await connection.execute(
+                    text(
+                        "INSERT INTO projects (id, name, api_key_hash, api_key_prefix, signature_required,"
+                        " webhook_secret, webhook_secret_sealed, revoked, created) VALUES (:id, 'p', :h, 'k', 1, '',"
+                        " '', 0, 0)"
+                    ),
+                    {"id": project, "h": f"h{project}"},
+                )
+            shapes = [(1, "task_queue", 2), (1, "task_start", 1), (1, "task_postprocess_end", 4), (1, "task_cancel", 1)]
+            for number, (project, status, images) in enumerate(shapes, start=1):
+                await connection.execute(
+                    text(
+                        "INSERT INTO tasks (id, project_id, model, status, priority, parameters, job, width, height,"
+                        " num_images, has_inputs, inputs_ready, callback_url, callback_events, pexit, debugoutput,"
+                        " debugerror, details, createtime, attempts, stop_requested) VALUES (:id, :project, 'm',"
+                        " :status, 0, '{}', '{}', 100, 50, :images, 0, 1, '', '[]', '', '', '', '{}', 0, 0, '')"
+                    ),
+                    {"id": number, "project": project, "status": status, "images": images},
+                )
+        await upgrade(engine)
+        async with engine.connect() as connection:
+            query = text("SELECT id, unfinished_tasks, unfinished_pixels FROM projects ORDER BY id")
+            rows = [tuple(row) for row in (await connection.execute(query)).all()]
+        assert rows == [(1, 2, 3 * 100 * 50), (2, 0, 0)]
+    finally:
+        await engine.dispose()
+
+
 def test_detail_parameters_of_rows_stored_before_the_job_kept_the_request() -> None:
     """A row of an earlier version shows the echo stored with it (its upload's marker as the file's URL); a
     newer row's echo is rendered from its job, with the same keys."""

@@ -189,3 +189,83 @@ async def test_a_failure_ends_the_task_once_in_wiros_order(services: Services) -
         hooks = (await session.execute(select(WebhookDelivery.event).where(WebhookDelivery.task_id == task.id))).all()
         events = (await session.execute(select(TaskEvent.id).where(TaskEvent.task_id == task.id))).all()
     assert [hook for (hook,) in hooks] == ["completed"] and len(events) == 9
+
+
+async def _counters(services: Services) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The project's kept counters, and the sums over its unfinished tasks they stand for."""
+    from sqlalchemy import func
+
+    from dreamserve.status import FINAL
+
+    async with services.sessions() as session:
+        kept = (await session.execute(select(Project.unfinished_tasks, Project.unfinished_pixels))).one()
+        work = func.coalesce(func.sum(Task.num_images * Task.width * Task.height), 0)
+        unfinished = select(func.count(Task.id), work).where(Task.status.not_in(sorted(FINAL)))
+        summed = (await session.execute(unfinished)).one()
+    return (int(kept[0]), int(kept[1])), (int(summed[0]), int(summed[1]))
+
+
+async def test_the_unfinished_counters_follow_every_way_a_task_ends(services: Services) -> None:
+    """Issue 27: a Run's quota check read a sum over the project's unfinished tasks (its whole backlog). The counters
+    the project's row keeps instead are what the sum was after creates, a cancel while queued, a cancel and a
+    failure while running, a re-queue, and a success, and a task that is ended twice is taken off them once."""
+    from dreamserve.errors import QuotaExceeded
+    from dreamserve.facts import TaskDetails
+    from dreamserve.queue.store import Quota
+    from dreamserve.status import StopKind
+
+    store = services.store
+    jobs = [TaskJob(prompt=f"{n}", width=64 * (n + 1), height=64, num_images=n + 1, seed=1) for n in range(6)]
+    tasks = [await _queue(store, job) for job in jobs]
+    kept, summed = await _counters(services)
+    assert kept == summed == (6, sum(job.work for job in jobs))
+
+    assert await store.cancel_queued(tasks[0].id) is not None
+    for _ in range(4):
+        claimed = await store.claim_next(WORKER, [MODEL], 30.0)
+        assert claimed is not None
+    assert await store.cancel(tasks[1].id, StopKind.KILL, WORKER)
+    assert await store.fail(tasks[2].id, Pexit.FAILED, "broke", worker_id=WORKER)
+    assert not await store.fail(tasks[2].id, Pexit.FAILED, "again", worker_id=WORKER)  # ended once
+    assert await store.requeue(tasks[3].id, "lost", WORKER)
+    assert await store.succeed(tasks[4].id, WORKER, [], "", TaskDetails())
+    kept, summed = await _counters(services)
+    assert kept == summed == (2, jobs[3].work + jobs[5].work)
+
+    # As strict as the sum: at the cap the next task is refused (and not counted), after an end it is accepted.
+    quota = Quota(max_tasks=3)
+    await store.create(project_id=1, model=MODEL, job=jobs[0], callback_url="", priority=0, inputs=[], quota=quota)
+    with pytest.raises(QuotaExceeded, match="has 3 unfinished tasks and may have 3"):
+        await store.create(project_id=1, model=MODEL, job=jobs[0], callback_url="", priority=0, inputs=[], quota=quota)
+    assert (await _counters(services))[0] == (3, jobs[0].work + jobs[3].work + jobs[5].work)
+    assert await store.cancel_queued(tasks[5].id) is not None
+    await store.create(project_id=1, model=MODEL, job=jobs[0], callback_url="", priority=0, inputs=[], quota=quota)
+    pixels = Quota(max_megapixels=(jobs[0].work * 3 + jobs[3].work - 1) / 1e6)  # one pixel short
+    with pytest.raises(QuotaExceeded, match="max_queued_megapixels"):
+        await store.create(project_id=1, model=MODEL, job=jobs[0], callback_url="", priority=0, inputs=[], quota=pixels)
+    kept, summed = await _counters(services)
+    assert kept == summed == (3, 2 * jobs[0].work + jobs[3].work)
+
+
+async def test_concurrent_runs_of_one_project_fill_its_quota_exactly(services: Services) -> None:
+    """40 Runs at once against a cap of 25: exactly 25 are queued, the others refused."""
+    import asyncio
+
+    from dreamserve.errors import QuotaExceeded
+    from dreamserve.queue.store import Quota
+
+    job = TaskJob(prompt="p", width=64, height=64, num_images=1, seed=1)
+
+    async def run() -> bool:
+        try:
+            await services.store.create(
+                project_id=1, model=MODEL, job=job, callback_url="", priority=0, inputs=[], quota=Quota(max_tasks=25)
+            )
+        except QuotaExceeded:
+            return False
+        return True
+
+    accepted = await asyncio.gather(*(run() for _ in range(40)))
+    assert sum(accepted) == 25
+    kept, summed = await _counters(services)
+    assert kept == summed == (25, 25 * job.work)

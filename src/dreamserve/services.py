@@ -152,9 +152,11 @@ class Services:
 
     # -- used by the API -------------------------------------------------------------------------
 
-    def wake(self, model: str) -> None:
-        """A task was queued: its URL inputs (if any) are fetched, or a worker of its model claims it."""
-        self.preprocessor.wake()
+    def wake(self, model: str, *, inputs_ready: bool = False) -> None:
+        """A task was queued: its URL inputs (if any) are fetched, or a worker of its model claims it.
+        ``inputs_ready``: it has none to fetch (the preprocess loop would read the queue for nothing)."""
+        if not inputs_ready:
+            self.preprocessor.wake()
         self.wake_workers(model)
 
     def wake_workers(self, model: str) -> None:

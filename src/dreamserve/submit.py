@@ -64,7 +64,7 @@ class Services(Protocol):
     sessions: async_sessionmaker[AsyncSession]
     reference_budget: ByteBudget
 
-    def wake(self, model: str) -> None: ...
+    def wake(self, model: str, *, inputs_ready: bool = False) -> None: ...
 
 
 def served_model(services: Services, slug: str) -> str:
@@ -183,7 +183,7 @@ async def _store(
         for file, _ in inputs:
             services.blobs.delete(file.blob_key)
         raise
-    services.wake(slug)
+    services.wake(slug, inputs_ready=task.inputs_ready)
     return task
 
 

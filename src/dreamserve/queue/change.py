@@ -14,7 +14,8 @@ from dreamserve.queue.base import Outbox
 from dreamserve.queue.db import File, Task, TaskEvent
 from dreamserve.queue.events import Event, Message, dump_message
 from dreamserve.queue.files import delete_rows
-from dreamserve.status import LIFECYCLE, FileRole, Frame, Pexit, StopKind, TaskStatus
+from dreamserve.queue.quotas import release_task
+from dreamserve.status import FINAL, LIFECYCLE, FileRole, Frame, Pexit, StopKind, TaskStatus
 
 #: The task's column each status stamps with the time it was reached.
 TIMESTAMP = {
@@ -53,8 +54,10 @@ class Change:
 
     async def advance(self, status: TaskStatus, message: Message = None) -> None:
         """Move the task to ``status`` (stamping its time), and append that event. Leaving the running statuses
-        gives the lease up."""
+        gives the lease up; ending takes the task off its project's unfinished counters."""
         task = self.task
+        if status in FINAL and task.status not in FINAL:
+            await release_task(self.session, task)
         task.status = status
         stamp = TIMESTAMP.get(status)
         if stamp is not None:

@@ -90,23 +90,20 @@ class Claims(StoreBase):
                 lease_until=now + lease_seconds,
                 attempts=Task.attempts + 1,
             )
-            .returning(Task.id, Task.project_id)
+            .returning(Task)
         )
         events: list[Event] = []
         async with self.sessions.begin() as session:
-            rows = sorted((await session.execute(claim)).all())
-            if not rows:
+            # The claimed rows come back from the claim itself (one statement, where a claim and a read were two).
+            tasks = sorted((await session.execute(claim)).scalars(), key=lambda task: task.id)
+            if not tasks:
                 return []
-            projects = sorted({project_id for _, project_id in rows})
+            projects = sorted({task.project_id for task in tasks})
             await session.execute(update(Project).where(Project.id.in_(projects)).values(last_claimed=now))
-            accepted = [
-                TaskEvent(task_id=task_id, type=TaskStatus.ACCEPT, message=None, created=now) for task_id, _ in rows
-            ]
+            accepted = [TaskEvent(task_id=task.id, type=TaskStatus.ACCEPT, message=None, created=now) for task in tasks]
             session.add_all(accepted)
             await session.flush()
             events = [Event(row.id, row.task_id, row.type, None) for row in accepted]
-            query = select(Task).where(Task.id.in_([task_id for task_id, _ in rows])).order_by(Task.id)
-            tasks = list((await session.execute(query)).scalars())
         for event in events:
             await self.hub.publish(event)
         return tasks

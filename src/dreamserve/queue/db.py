@@ -6,11 +6,17 @@ integer strings. Types are portable so the same schema runs on SQLite and Postgr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -25,7 +31,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 from dreamserve.facts import FileMeta, Progress, Record, TaskDetails
@@ -97,6 +103,10 @@ class Project(Base):
     max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: When a worker last claimed one of its tasks: the claim serves the least recently served project first.
     last_claimed: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    #: The project's unfinished tasks and their work (images x width x height), kept by the transactions that
+    #: create and end tasks (``quotas.py``): a Run's quota check reads them, never a sum over the backlog.
+    unfinished_tasks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    unfinished_pixels: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Task(Base):
@@ -299,24 +309,142 @@ class WebhookDelivery(Base):
         return DeliveryState(value)
 
 
+#: How long a SQLite writer waits for the lock held by another process, or for its turn in its own (``WriteGate``).
+BUSY_TIMEOUT_MS = 30_000
+
+
 def make_engine(url: str, pool_size: int) -> AsyncEngine:
     """An engine whose pool keeps up to ``pool_size`` connections and opens no more (``max_overflow=0``).
     Only a server's connections can drop, so only they are pinged before use."""
     sqlite = url.startswith("sqlite")
     engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=not sqlite)
     if sqlite:
-        # WAL lets the API read while a worker writes; busy_timeout queues writers instead of failing.
+        # WAL lets the API read while a worker writes. Within a process, write transactions queue on the
+        # sessions' gate (``Sessions``); busy_timeout is for the writers of other processes (a GPU worker, the CLI).
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
+        # A rollback is a hop to the connection's thread, and a session makes two (its close, then the pool's
+        # reset): reads run outside any transaction and a committed write has nothing left, so only a connection
+        # with a transaction open is rolled back.
+        dialect = engine.sync_engine.dialect
+        rollback = dialect.do_rollback
+
+        def _rollback_if_open(dbapi_conn: Any) -> None:
+            driver: Any = getattr(dbapi_conn, "driver_connection", None)
+            try:
+                idle = not driver.in_transaction and getattr(driver, "dreamserve_turn", None) is None
+            except (AttributeError, ValueError):  # no driver, or its connection closed: the driver's own rollback
+                idle = False
+            if not idle:
+                rollback(dbapi_conn)
+
+        dialect.do_rollback = _rollback_if_open  # type: ignore[method-assign,assignment]
     return engine
 
 
-def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[Any]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+class WriteGate:
+    """The FIFO turns of one process's write transactions on one SQLite database.
+
+    A turn is taken on the event loop (``issue``, in arrival order) and waited for in the connection's own thread
+    (``wait``), which then begins the transaction there: the writer next in line is already in its thread with
+    its ``BEGIN IMMEDIATE`` due when the one before it ends (``finish``), so a hand-over costs no turn of a busy
+    event loop (an ``asyncio.Lock`` held across the transaction's statements made the loop's reads its writers'
+    bottleneck). SQLite's own busy handler polls instead, and with many writers some waited out busy_timeout."""
+
+    def __init__(self) -> None:
+        self._turns = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+        #: Turns ended before they came up (none do today: a cancelled writer still waits for its turn to roll back).
+        self._ended: set[int] = set()
+        #: The task holding each turn: a write transaction opened inside another of the same task would wait for
+        #: itself, so it is refused instead.
+        self._holders: dict[int, asyncio.Task[Any] | None] = {}
+
+    def issue(self) -> int:
+        me = asyncio.current_task()
+        if me is not None and me in self._holders.values():
+            raise RuntimeError("a write transaction was opened inside another one of the same task")
+        with self._turns:
+            ticket = self._issued
+            self._issued += 1
+        self._holders[ticket] = me
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """In the connection's thread: block until ``ticket``'s turn; False if it ended before it came up. Past
+        ``timeout`` (the busy_timeout: a turn held that long is a writer stuck, say waiting for a connection that
+        the writers queued behind it hold) ``TimeoutError``, and the turn is skipped when it comes up."""
+        with self._turns:
+            if not self._turns.wait_for(lambda: self._serving >= ticket, timeout):
+                raise TimeoutError(f"no turn to write to the database in {timeout:.0f} s (a writer holds it)")
+            return self._serving == ticket
+
+    def finish(self, ticket: int) -> None:
+        self._holders.pop(ticket, None)
+        with self._turns:
+            if ticket < self._serving:
+                return
+            self._ended.add(ticket)
+            while self._serving in self._ended:
+                self._ended.remove(self._serving)
+                self._serving += 1
+            self._turns.notify_all()
+
+
+def _begin_in_turn(gate: WriteGate, ticket: int, connection: Any) -> None:
+    """Run in the connection's thread: wait for the turn, then take SQLite's write lock up front."""
+    if gate.wait(ticket, BUSY_TIMEOUT_MS / 1000):
+        connection.execute("BEGIN IMMEDIATE")
+
+
+class Sessions(async_sessionmaker[AsyncSession]):
+    """The sessions of one database: ``sessions()`` for reads, ``sessions.begin()`` for a write transaction.
+
+    SQLite has one writer at a time. Concurrent write transactions of one process raced for the file lock, each
+    connection polling for it in SQLite's busy handler, and under load some waited past busy_timeout (``database
+    is locked``, a 5xx), so on SQLite each write transaction takes a turn of the process's ``WriteGate`` in
+    arrival order and takes the lock up front (``BEGIN IMMEDIATE``, which waits out other processes' writers
+    for the busy_timeout)."""
+
+    gate: WriteGate | None = None
+
+    def begin(self) -> AbstractAsyncContextManager[AsyncSession]:  # type: ignore[override]
+        if self.gate is None:
+            return super().begin()
+        return self._gated(self.gate)
+
+    @contextlib.asynccontextmanager
+    async def _gated(self, gate: WriteGate) -> AsyncIterator[AsyncSession]:
+        ticket: int | None = None
+        driver: Any = None
+        try:
+            async with async_sessionmaker.begin(self) as session:
+                raw = await (await session.connection()).get_raw_connection()
+                driver = raw.driver_connection
+                ticket = gate.issue()
+                # Marked while the BEGIN is queued: a rollback of this session (a cancel while it waits for its
+                # turn) is then sent too, behind the BEGIN in the connection's queue, whether or not it has run.
+                driver.dreamserve_turn = ticket
+                await driver._execute(_begin_in_turn, gate, ticket, driver._conn)
+                driver.dreamserve_turn = None
+                yield session
+        finally:
+            if driver is not None:
+                driver.dreamserve_turn = None
+            if ticket is not None:
+                gate.finish(ticket)
+
+
+def make_sessionmaker(engine: AsyncEngine) -> Sessions:
+    sessions = Sessions(engine, expire_on_commit=False)
+    if engine.dialect.name == "sqlite":
+        sessions.gate = WriteGate()
+    return sessions

@@ -1,4 +1,5 @@
-"""What a project may queue and store: the caps, counted under the project's lock in the transaction that adds."""
+"""What a project may queue and store: the caps, counted under the project's lock in the transaction that adds
+(unfinished tasks from counters the project's row keeps, stored files by a sum)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamserve.errors import QuotaExceeded, StorageFull
 from dreamserve.queue.db import File, Project, Task
-from dreamserve.status import FINAL
 
 
 @dataclass(frozen=True)
@@ -61,22 +61,41 @@ async def check_storage(session: AsyncSession, project_id: int, quota: StorageQu
         )
 
 
-async def check_tasks(session: AsyncSession, project_id: int, quota: Quota, pixels: int) -> None:
-    """``QuotaExceeded`` if one more task of ``pixels`` work would take the project past ``quota``; counted in the
-    caller's transaction, which stores the task, under the project's lock."""
-    await lock_project(session, project_id)
-    work = func.coalesce(func.sum(cast(Task.num_images, BigInteger) * Task.width * Task.height), 0)
-    query = select(func.count(Task.id), work).where(Task.project_id == project_id, Task.status.not_in(sorted(FINAL)))
-    count, queued = (await session.execute(query)).one()
+async def count_task(session: AsyncSession, project_id: int, quota: Quota | None, pixels: int) -> None:
+    """Add a new task of ``pixels`` work to its project's unfinished counters, in the caller's transaction, which
+    stores the task; ``QuotaExceeded`` (and the caller's transaction rolls back) if it takes the project past
+    ``quota``. One UPDATE: it locks the project's row (PostgreSQL) or holds the database (SQLite) until the
+    transaction ends, so concurrent requests of one project are counted one after another, and it returns the
+    figures with this task counted, which the check reads instead of a sum over the project's backlog."""
+    stmt = (
+        update(Project)
+        .where(Project.id == project_id)
+        .values(unfinished_tasks=Project.unfinished_tasks + 1, unfinished_pixels=Project.unfinished_pixels + pixels)
+        .returning(Project.unfinished_tasks, Project.unfinished_pixels)
+    )
+    counted = (await session.execute(stmt)).one_or_none()
+    if quota is None or counted is None:
+        return
+    count, queued = counted[0] - 1, int(counted[1]) - pixels  # the project's figures before this task
     if quota.max_tasks and count + 1 > quota.max_tasks:
         raise QuotaExceeded(
             f"Concurrency limit reached: this project has {count} unfinished tasks and may have "
             f"{quota.max_tasks} (max_queued_tasks). Send this task again when some of them have ended."
         )
-    if quota.max_megapixels and (int(queued) + pixels) / 1e6 > quota.max_megapixels:
+    if quota.max_megapixels and (queued + pixels) / 1e6 > quota.max_megapixels:
         raise QuotaExceeded(
-            f"Concurrency limit reached: this project's unfinished tasks add up to {int(queued) / 1e6:,.0f} "
+            f"Concurrency limit reached: this project's unfinished tasks add up to {queued / 1e6:,.0f} "
             f"megapixels (images x width x height) and this one to {pixels / 1e6:,.0f}; the limit is "
             f"{quota.max_megapixels:,.0f} (max_queued_megapixels). Ask for fewer or smaller images, or send "
             "it again when some of them have ended."
         )
+
+
+async def release_task(session: AsyncSession, task: Task) -> None:
+    """Take an ending task off its project's unfinished counters, in the transaction that ends it."""
+    pixels = task.num_images * task.width * task.height
+    await session.execute(
+        update(Project)
+        .where(Project.id == task.project_id)
+        .values(unfinished_tasks=Project.unfinished_tasks - 1, unfinished_pixels=Project.unfinished_pixels - pixels)
+    )

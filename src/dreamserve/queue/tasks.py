@@ -17,7 +17,7 @@ from dreamserve.queue.db import File, Task, TaskEvent
 from dreamserve.queue.events import Event
 from dreamserve.queue.files import add_files
 from dreamserve.queue.keyring import digest, new_salt
-from dreamserve.queue.quotas import Quota, check_storage, check_tasks
+from dreamserve.queue.quotas import Quota, check_storage, count_task
 from dreamserve.status import TaskStatus
 
 #: Task/List's sort keys (Wiro sends ``sort: "id"``); ties are broken by id.
@@ -53,8 +53,7 @@ class Tasks(StoreBase):
         """
         now = time.time()
         async with self.sessions.begin() as session:
-            if quota is not None and (quota.max_tasks or quota.max_megapixels):
-                await check_tasks(session, project_id, quota, job.work)
+            await count_task(session, project_id, quota, job.work)
             if inputs:
                 await check_storage(session, project_id, self.storage, sum(f.size for f in inputs), len(inputs))
             task = Task(

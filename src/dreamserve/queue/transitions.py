@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from sqlalchemy import update
 
@@ -27,10 +28,16 @@ from dreamserve.status import RUNNING, FileRole, Frame, Pexit, StopKind, TaskSta
 class Transitions(StoreBase):
     @contextlib.asynccontextmanager
     async def _transition(
-        self, task_id: int, *, expect: Iterable[str] | None = None, worker_id: str | None = None
+        self,
+        task_id: int,
+        *,
+        expect: Iterable[str] | None = None,
+        worker_id: str | None = None,
+        values: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Change | None]:
         """One transaction on one task, if it passes the guard (else ``None``): ``expect`` the statuses it may be
-        in, ``worker_id`` the worker that must hold its lease. Once it commits, the blobs of the file rows it
+        in, ``worker_id`` the worker that must hold its lease; ``values``, columns set by the statement that locks
+        the row (a step's progress: no second UPDATE). Once it commits, the blobs of the file rows it
         deleted go (rows first: a crash leaves bytes without a row, never a row without bytes) and its events
         are published."""
         async with self.sessions.begin() as session:
@@ -39,10 +46,10 @@ class Transitions(StoreBase):
                 conditions.append(Task.status.in_(list(expect)))
             if worker_id is not None:
                 conditions.append(Task.worker_id == worker_id)
-            # A write that changes nothing, to lock the row (the database, on SQLite) for the rest of the transaction.
-            lock = update(Task).where(*conditions).values(lease_until=Task.lease_until).returning(Task.id)
-            found = (await session.execute(lock)).scalar_one_or_none() is not None
-            task = await session.get(Task, task_id) if found else None
+            # A write that changes nothing locks the row (PostgreSQL; on SQLite the transaction holds the database)
+            # for the rest of the transaction, and returns it: one statement, where a lock and a read were two.
+            lock = update(Task).where(*conditions).values(values or {"lease_until": Task.lease_until}).returning(Task)
+            task = (await session.execute(lock)).scalar_one_or_none()
             change = None if task is None else Change(self.outbox, session, task, time.time())
             yield change
             if change is not None:
@@ -88,10 +95,9 @@ class Transitions(StoreBase):
     async def progress(self, task_id: int, worker_id: str, progress: Progress) -> bool:
         """A denoising step (``task_output``): it is kept on the row and in the log without its preview (large,
         short-lived), which only goes to live subscribers."""
-        async with self._transition(task_id, worker_id=worker_id) as change:
+        async with self._transition(task_id, worker_id=worker_id, values={"progress": progress.stored()}) as change:
             if change is None:
                 return False
-            change.task.progress = progress.stored()
             await change.event(Frame.OUTPUT, progress.stored(), live=progress if progress.preview else None)
         return True
 
