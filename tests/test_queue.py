@@ -147,9 +147,11 @@ def _keys_create(server: App, *args: str) -> Credentials:
 def test_quotas_priority_caps_and_round_robin(scripted: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 11.7: one tenant's flood of priority-9 tasks put another tenant last."""
     monkeypatch.setenv("DREAMSERVE_SCRIPTED_PER_CALL", "1")  # 15 images at max_batch 1: 15 calls of 10 steps
+    # An image is 0.5 s (10 steps of 50 ms): the blocker holds the worker for 7.5 s while the queue fills, and the
+    # six tasks behind it take 3 s.
     server = scripted(
         steps=10,
-        step_seconds=0.1,
+        step_seconds=0.05,
         model={"max_pixels": 96 * 96, "max_batch": 1},
         max_queued_tasks=5,
         max_queued_megapixels=20,
