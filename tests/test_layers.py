@@ -74,7 +74,15 @@ MAY_IMPORT: dict[str, set[str]] = {
 FORBIDDEN: dict[str, set[str]] = {
     # Only the model process imports the engine (and with it torch); the supervisor and its parts never do.
     **dict.fromkeys(
-        ["worker.supervisor", "worker.process", "worker.protocol", "worker.running", "worker.inputs", "worker.outputs"],
+        [
+            "worker.supervisor",
+            "worker.process",
+            "worker.protocol",
+            "worker.running",
+            "worker.inputs",
+            "worker.outputs",
+            "worker.clock",
+        ],
         {"engine"},
     ),
     # The client side imports no server module: it must install and run without the server extras.

@@ -32,6 +32,7 @@ from dreamserve.queue.db import Task
 from dreamserve.queue.store import TaskStore, new_blob_folder
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import RUNNING, FileRole, Pexit, StopKind, WorkerState
+from dreamserve.worker.clock import MONOTONIC, Clock
 from dreamserve.worker.inputs import local_references
 from dreamserve.worker.outputs import output_file, success_details
 from dreamserve.worker.process import ChildProcess, adopt, child_name, worker_key
@@ -104,10 +105,12 @@ class Supervisor:
         self.running: dict[int, RunningTask] = {}
         #: How long the running group waited for companions (``details.timings.batch_wait``).
         self._batch_wait = 0.0
-        #: When the last group ended, if it ran alone (``time.monotonic()``); None after a group with companions.
+        #: When the last group ended, if it ran alone (``clock.now()``); None after a group with companions.
         self._lone_until: float | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        #: The batch window's time (``_companions``, ``_lone_until``); a test moves its own by hand.
+        self.clock: Clock = MONOTONIC
         #: Where the claim loop waits for ``wake``: idle (its last claim found nothing) or forming a batch.
         self._waiting: str | None = None
         self._closing = False
@@ -248,7 +251,7 @@ class Supervisor:
         if room <= 0 or task.has_inputs:
             return []
         window = self.spec.batch_window_ms if self.spec.batch_window_ms is not None else self.settings.batch_window_ms
-        started = time.monotonic()
+        started = self.clock.now()
         deadline = limit = started + window / 1000
         # A worker whose last task ran alone and ended moments ago serves clients one after another (each
         # submits when its last image is done): a whole window would only add itself to every image. So then it
@@ -260,23 +263,22 @@ class Supervisor:
         while not self._closing:
             self._wake.clear()  # before the count: a task queued after it wakes the wait below
             same, others = await self.store.waiting_for(self.slug, task.width, task.height, room)
-            now = time.monotonic()
+            now = self.clock.now()
             if serial and same != seen:
                 seen, deadline = same, min(limit, now + window / 2000)
             remaining = deadline - now
             if same >= room or others or remaining <= 0:
                 break
-            await self._wait("batch", remaining)
-        self._batch_wait = time.monotonic() - started
+            await self._wait("batch", remaining, self.clock)
+        self._batch_wait = self.clock.now() - started
         return await self.store.claim_similar(
             self.worker_id, self.slug, task.width, task.height, room, self.settings.lease_seconds
         )
 
-    async def _wait(self, why: str, timeout: float) -> None:
+    async def _wait(self, why: str, timeout: float, clock: Clock = MONOTONIC) -> None:
         self._waiting = why
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            await clock.wait(self._wake, timeout)
         finally:
             self._waiting = None
 
@@ -307,7 +309,7 @@ class Supervisor:
         self._become(WorkerState.BUSY)
         try:
             await self._process(group)
-            self._lone_until = time.monotonic() if len(group) == 1 else None
+            self._lone_until = self.clock.now() if len(group) == 1 else None
         except Exception:
             error_id = new_error_id()
             log.exception(
