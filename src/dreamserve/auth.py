@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from dreamserve.errors import AuthError, QuotaExceeded
 from dreamserve.projects import find_project, hash_key, unseal_secret
-from dreamserve.queue.base import Fallback
+from dreamserve.queue.base import UNANSWERED, direct
 from dreamserve.queue.db import Nonce, Project
 from dreamserve.queue.reads import Reads
 from dreamserve.settings import Settings
@@ -55,11 +55,9 @@ async def lookup_project(
 ) -> Project | None:
     """The unrevoked project of an API key: read directly where the store can (every request asks), else
     through a session. Never cached, so that a revocation holds from the next request on."""
-    if reads is not None:
-        try:
-            return reads.project(hash_key(api_key))
-        except Fallback:
-            pass
+    found = direct(reads, lambda store_reads: store_reads.project(hash_key(api_key)))
+    if found is not UNANSWERED:
+        return found
     return await find_project(sessions, api_key)
 
 

@@ -8,9 +8,10 @@ tiers above the queue, passed in, and named here by what the store needs of them
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -43,6 +44,28 @@ class Outbox(Protocol):
 
 class Fallback(Exception):
     """A direct read (``reads.Reads``) gave up (too slow, locked, no database yet): take the async path."""
+
+
+class Unanswered(enum.Enum):
+    """What ``direct`` returns when the async path must answer (a found nothing is ``None``, an answer)."""
+
+    UNANSWERED = enum.auto()
+
+
+UNANSWERED = Unanswered.UNANSWERED
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+def direct(reads: R | None, read: Callable[[R], T]) -> T | Literal[Unanswered.UNANSWERED]:
+    """``read`` made on the direct reads; ``UNANSWERED`` when there are none (PostgreSQL) or it gave up
+    (``Fallback``), and the caller takes its session."""
+    if reads is None:
+        return UNANSWERED
+    try:
+        return read(reads)
+    except Fallback:
+        return UNANSWERED
 
 
 class StoreBase:

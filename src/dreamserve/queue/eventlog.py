@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from sqlalchemy import and_, func, or_, select
 
-from dreamserve.queue.base import Fallback, StoreBase
+from dreamserve.queue.base import UNANSWERED, StoreBase, direct
 from dreamserve.queue.db import TaskEvent
 from dreamserve.queue.events import Event, load_message
 
@@ -20,11 +20,9 @@ def stored_event(row: TaskEvent) -> Event:
 
 class EventLog(StoreBase):
     async def events(self, task_id: int, after: int = 0) -> list[Event]:
-        if self.reads is not None:
-            try:
-                return [stored_event(row) for row in self.reads.task_events(task_id, after)]
-            except Fallback:
-                pass
+        rows = direct(self.reads, lambda reads: reads.task_events(task_id, after))
+        if rows is not UNANSWERED:
+            return [stored_event(row) for row in rows]
         query = select(TaskEvent).where(TaskEvent.task_id == task_id, TaskEvent.id > after).order_by(TaskEvent.id)
         async with self.sessions() as session:
             return [stored_event(row) for row in (await session.execute(query)).scalars()]

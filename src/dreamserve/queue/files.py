@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dreamserve.queue.base import Fallback, StoreBase
+from dreamserve.queue.base import UNANSWERED, StoreBase, direct
 from dreamserve.queue.db import File, Folder, Task
 from dreamserve.queue.keyring import ServerKey, digest, new_salt
 from dreamserve.status import FINAL, FileRole
@@ -51,12 +51,10 @@ class Files(StoreBase):
         if not ids:
             return result
         roles = [role] if isinstance(role, str) else list(role)
-        if self.reads is not None and len(ids) == 1:
-            try:
-                result[ids[0]] = self.reads.task_files(ids[0], roles)
-                return result
-            except Fallback:
-                pass
+        if len(ids) == 1:  # a poll's: read directly where the store can
+            found = direct(self.reads, lambda reads: reads.task_files(ids[0], roles))
+            if found is not UNANSWERED:
+                return {ids[0]: found}
         query = select(File).where(File.task_id.in_(ids), File.role.in_(roles)).order_by(File.position)
         async with self.sessions() as session:
             for file in (await session.execute(query)).scalars():

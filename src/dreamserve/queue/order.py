@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import case, false, func, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dreamserve.queue.base import Fallback, StoreBase
+from dreamserve.queue.base import UNANSWERED, StoreBase, direct
 from dreamserve.queue.db import Project, Task
 from dreamserve.status import TaskStatus
 
@@ -112,11 +112,10 @@ class Positions(StoreBase):
         ``t`` in its project, and per project its first ``t`` tasks at this priority (see ``in_claim_order``), so the
         cost follows the position, not the backlog behind it.
         """
-        if self.reads is not None:
-            try:
-                return self.reads.queue_position(task)
-            except Fallback:
-                pass  # deep in a large backlog: counted off the event loop
+        position = direct(self.reads, lambda reads: reads.queue_position(task))
+        if position is not UNANSWERED:
+            return position
+        # PostgreSQL, or deep in a large backlog: counted off the event loop.
         ready = claimable([task.model])
         async with self.sessions() as session:
             if task.status != TaskStatus.QUEUE or not task.inputs_ready:

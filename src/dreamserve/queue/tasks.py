@@ -12,7 +12,7 @@ from sqlalchemy.orm import InstrumentedAttribute
 
 from dreamserve.facts import TaskDetails
 from dreamserve.jobs import TaskJob
-from dreamserve.queue.base import Fallback, StoreBase
+from dreamserve.queue.base import UNANSWERED, StoreBase, direct
 from dreamserve.queue.db import File, Task, TaskEvent
 from dreamserve.queue.events import Event
 from dreamserve.queue.files import add_files
@@ -93,13 +93,12 @@ class Tasks(StoreBase):
     async def get(self, *, project_id: int, taskid: int | None = None, token: str | None = None) -> Task | None:
         if taskid is None and token is None:
             return None
-        if self.reads is not None:
-            try:
-                if taskid is not None:
-                    return self.reads.task(taskid, project_id)
-                return self.reads.task_by_token(digest(token or ""), project_id)
-            except Fallback:
-                pass
+        if taskid is not None:
+            found = direct(self.reads, lambda reads: reads.task(taskid, project_id))
+        else:
+            found = direct(self.reads, lambda reads: reads.task_by_token(digest(token or ""), project_id))
+        if found is not UNANSWERED:
+            return found
         query = select(Task).where(Task.project_id == project_id)
         if taskid is not None:
             query = query.where(Task.id == taskid)
@@ -109,21 +108,17 @@ class Tasks(StoreBase):
             return (await session.execute(query)).scalar_one_or_none()
 
     async def get_by_token(self, token: str) -> Task | None:
-        if self.reads is not None:
-            try:
-                return self.reads.task_by_token(digest(token))
-            except Fallback:
-                pass
+        found = direct(self.reads, lambda reads: reads.task_by_token(digest(token)))
+        if found is not UNANSWERED:
+            return found
         async with self.sessions() as session:
             query = select(Task).where(Task.token_digest == digest(token))
             return (await session.execute(query)).scalar_one_or_none()
 
     async def get_by_id(self, taskid: int) -> Task | None:
-        if self.reads is not None:
-            try:
-                return self.reads.task(taskid)
-            except Fallback:
-                pass
+        found = direct(self.reads, lambda reads: reads.task(taskid))
+        if found is not UNANSWERED:
+            return found
         async with self.sessions() as session:
             return await session.get(Task, taskid)
 
