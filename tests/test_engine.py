@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamserve.engine import Engine, Interrupted, WeightsNotFound, runner
-from dreamserve.engine.loader import resolve_dtype, set_memory_format
+from dreamserve.engine import Engine, Interrupted, WeightsNotFound, loader, runner
+from dreamserve.engine.loader import LayoutChange, resolve_dtype, set_memory_format
 from dreamserve.engine.runner import native_size
 from dreamserve.jobs import FailedImage, GeneratedImage, GenerationJob, StepInfo
 from dreamserve.settings import ModelSpec
@@ -483,6 +483,7 @@ def test_convolutions_run_channels_last_with_the_same_images(tmp_path: Path) -> 
     made = {}
     for flag in (True, False):
         engine = Engine.load(ModelSpec(source="tiny-sd-turbo", max_pixels=128 * 128, channels_last=flag))
+        engine.pipeline.vae.state_dict()  # waits for the background layout change (LayoutChange)
         # A 1x1 kernel's weight is laid out alike in both formats: the 3x3 ones tell.
         vae, unet = (
             [m for m in part.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size > (1, 1)]
@@ -514,3 +515,48 @@ def test_convolutions_are_reordered_within_their_own_storage() -> None:
     assert pipeline.vae.decoder.conv_in.weight.is_contiguous() and torch.equal(
         pipeline.vae.decoder.conv_in.weight, before
     )
+
+
+def test_a_layout_change_in_the_background_holds_each_convolution_until_it_is_done() -> None:
+    # The model process reports ready while the VAE is reordered; a convolution that runs meanwhile must wait.
+    pipeline = Engine.load(ModelSpec(source="tiny-sd-turbo", channels_last=False)).pipeline
+    conv = pipeline.vae.decoder.conv_in
+    before, pointer = conv.weight.detach().clone(), conv.weight.data_ptr()
+    sample = torch.randn(1, conv.in_channels, 8, 8)
+    expected = torch.nn.functional.conv2d(sample, before, conv.bias, conv.stride, conv.padding)
+    change = LayoutChange(pipeline, torch.channels_last)
+    answers: list[torch.Tensor] = []
+    caller = threading.Thread(target=lambda: answers.append(conv(sample).detach()))
+    caller.start()
+    caller.join(0.3)
+    assert caller.is_alive() and not answers  # held: the change has not even started
+    change.start()
+    caller.join(30)
+    assert not caller.is_alive() and change.done.is_set()
+    weight = conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and weight.data_ptr() == pointer
+    assert torch.allclose(answers[0], expected, atol=1e-5)
+    assert not conv._forward_pre_hooks  # passed once, the hook is gone: later calls take torch's fast path
+    state = pipeline.vae.state_dict()  # waits for the change too, and is done now
+    assert torch.equal(state["decoder.conv_in.weight"], before)
+
+
+def test_a_failed_layout_change_fails_the_convolutions_rather_than_run_them() -> None:
+    pipeline = Engine.load(ModelSpec(source="tiny-sd-turbo", channels_last=False)).pipeline
+    with mock.patch.object(loader, "_reorder_in_place", side_effect=MemoryError("no room")):
+        change = LayoutChange(pipeline, torch.channels_last)
+        change.start()
+        change.done.wait(30)
+    with pytest.raises(RuntimeError, match="memory format could not be changed: no room"):
+        pipeline.vae.decoder.conv_in(torch.randn(1, pipeline.vae.decoder.conv_in.in_channels, 8, 8))
+    with pytest.raises(RuntimeError, match="no room"):
+        pipeline.vae.state_dict()
+
+
+def test_the_service_loads_the_vae_channels_last_in_the_background() -> None:
+    engine = Engine.load(ModelSpec(source="tiny-sd-turbo"))
+    # Any call into the VAE waits for the change: after one, every convolution is channels-last.
+    engine.pipeline.vae.state_dict()
+    convolutions = [m for m in engine.pipeline.vae.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convolutions)
+    assert all(p.is_contiguous() for p in engine.pipeline.unet.parameters())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import logging
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ import torch
 
 from dreamserve.presets import PRESETS, resolve
 from dreamserve.settings import ModelSpec
+
+log = logging.getLogger(__name__)
 
 BUILDERS = {
     "tiny": ("dreamserve.engine.tiny", "build_tiny_klein"),
@@ -68,10 +72,11 @@ def family_of(pipeline: Any) -> str:
     return FAMILIES.get(type(pipeline).__name__, "other")
 
 
-def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
+def load_pipeline(spec: ModelSpec, layout_in_background: bool = False) -> tuple[Any, str]:
     """Build or load the pipeline for ``spec`` (a preset name is expanded by ``models.resolve``), move it to its
     device (its VAE's convolutions in channels-last memory format), fuse its LoRA, quantize and compile it if asked;
-    returns ``(pipeline, family)``."""
+    returns ``(pipeline, family)``. With ``layout_in_background`` the convolutions are reordered by a
+    ``LayoutChange`` that may still be running when this returns (the service's model process: ready sooner)."""
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     # Checked before the weights load: a setting this machine cannot honour fails in a second, not minutes.
@@ -80,7 +85,9 @@ def load_pipeline(spec: ModelSpec) -> tuple[Any, str]:
     # from_pretrained already loaded in ``dtype``; the tiny builds are float32 unless asked otherwise.
     pipeline = pipeline.to(device) if pipeline.dtype == dtype else pipeline.to(device=device, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
-    if spec.channels_last:
+    if spec.channels_last and layout_in_background:
+        LayoutChange(pipeline, torch.channels_last).start()
+    elif spec.channels_last:
         set_memory_format(pipeline, torch.channels_last)
     pipeline = _adapted(spec, pipeline)
     if quantize is not None:
@@ -102,11 +109,67 @@ def set_memory_format(
     """Lay the 2-D convolutions of the pipeline's ``parts`` out in ``memory_format``: channels-last with
     ``ModelSpec.channels_last``. Their inputs need not be converted: a convolution on NHWC weights returns NHWC
     activations, which the next layers keep. 3-D convolutions (Qwen-Image's video VAE) are left as they are."""
-    for name in parts:
-        module = getattr(pipeline, name, None)
-        for layer in module.modules() if module is not None else ():
+    for layer in _convolutions(_parts(pipeline, parts)):
+        _reorder_in_place(layer.weight, memory_format)
+
+
+class LayoutChange:
+    """``set_memory_format`` on a thread, so that the model process reports ready without waiting for it: the VAE
+    is first needed at the first request's decode, seconds later, and reordering SD-Turbo's 335 MB of VAE weights
+    in place (every page of the safetensors mapping written once) cost 0.4-0.9 s of load on a 2-core CPU.
+
+    Nothing reads the weights half reordered: until the thread is done, each convolution's forward and each
+    part's ``state_dict`` wait for it (the forward hooks remove themselves once passed). A reorder that failed
+    fails those calls rather than let a convolution read weights left in an unknown order."""
+
+    def __init__(
+        self, pipeline: Any, memory_format: torch.memory_format, parts: tuple[str, ...] = CONVOLUTIONAL
+    ) -> None:
+        self.memory_format = memory_format
+        modules = _parts(pipeline, parts)
+        self.layers = list(_convolutions(modules))
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._hooks = {id(layer): layer.register_forward_pre_hook(self._before) for layer in self.layers}
+        # Kept for good: ``state_dict`` iterates over the hooks themselves, so one must not remove itself there.
+        for module in modules:
+            module.register_state_dict_pre_hook(lambda *_: self.wait())
+
+    def start(self) -> None:
+        # Not a daemon: an interpreter exiting mid-reorder would abort in torch (C++ terminate), not end cleanly.
+        threading.Thread(target=self._run, name="layout-change").start()
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"the convolutions' memory format could not be changed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        try:
+            for layer in self.layers:
+                _reorder_in_place(layer.weight, self.memory_format)
+        except BaseException as exc:  # kept for the waiting calls: raised there, in the model's own thread
+            log.exception("changing the convolutions' memory format failed")
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def _before(self, layer: torch.nn.Module, _args: Any) -> None:
+        self.wait()
+        hook = self._hooks.pop(id(layer), None)
+        if hook is not None:  # the forward iterates over a copy of the hooks: removing this one as it runs is safe
+            hook.remove()
+
+
+def _parts(pipeline: Any, names: tuple[str, ...]) -> list[torch.nn.Module]:
+    return [module for name in names if (module := getattr(pipeline, name, None)) is not None]
+
+
+def _convolutions(modules: list[torch.nn.Module]) -> Iterator[torch.nn.Module]:
+    for module in modules:
+        for layer in module.modules():
             if isinstance(layer, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
-                _reorder_in_place(layer.weight, memory_format)
+                yield layer
 
 
 def _reorder_in_place(weight: torch.Tensor, memory_format: torch.memory_format) -> None:

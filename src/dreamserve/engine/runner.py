@@ -134,7 +134,7 @@ class Engine:
     @classmethod
     def load(cls, spec: ModelSpec) -> Engine:
         started = time.perf_counter()
-        pipeline, family = load_pipeline(spec)
+        pipeline, family = load_pipeline(spec, layout_in_background=True)
         return cls(spec, pipeline, family, time.perf_counter() - started)
 
     @property
