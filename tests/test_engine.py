@@ -526,7 +526,8 @@ def test_a_layout_change_in_the_background_holds_each_convolution_until_it_is_do
     expected = torch.nn.functional.conv2d(sample, before, conv.bias, conv.stride, conv.padding)
     change = LayoutChange(pipeline, torch.channels_last)
     answers: list[torch.Tensor] = []
-    caller = threading.Thread(target=lambda: answers.append(conv(sample).detach()))
+    # A daemon: should the hold be broken, a failed assert must not leave pytest waiting on a blocked thread.
+    caller = threading.Thread(target=lambda: answers.append(conv(sample).detach()), daemon=True)
     caller.start()
     caller.join(0.3)
     assert caller.is_alive() and not answers  # held: the change has not even started
