@@ -146,6 +146,7 @@ class Services:
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+        await self.store.steps.close()  # the last steps the workers reported
         await self.webhooks.close()
         await self.hub.close()
         await self.engine.dispose()

@@ -25,6 +25,7 @@ from dreamserve.queue.leases import Beat, Leases
 from dreamserve.queue.order import Positions
 from dreamserve.queue.quotas import Quota, StorageQuota, check_storage
 from dreamserve.queue.tasks import LIST_SORTS, Tasks
+from dreamserve.queue.transitions import Success
 
 # The names the rest of the server imports from here, wherever their concern's module defines them.
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Outbox",
     "Quota",
     "StorageQuota",
+    "Success",
     "TaskStore",
     "add_files",
     "check_storage",

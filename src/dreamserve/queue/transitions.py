@@ -10,22 +10,69 @@ loser changes nothing and learns so from what it gets back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from dreamserve.facts import ImageReport, LogText, Progress, TaskDetails
-from dreamserve.queue.base import StoreBase
+from dreamserve.queue.base import StoreBase, log
 from dreamserve.queue.change import Change
 from dreamserve.queue.db import File, Task
 from dreamserve.queue.files import add_files
+from dreamserve.queue.steps import Step, StepWriter
 from dreamserve.status import RUNNING, FileRole, Frame, Pexit, StopKind, TaskStatus
+
+#: What a transition does to the task it has locked.
+ChangeStep = Callable[[Change], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Success:
+    """What a task's success records (``succeed``): its output rows, its log and its details."""
+
+    task_id: int
+    outputs: Sequence[File]
+    output: str
+    details: TaskDetails
 
 
 class Transitions(StoreBase):
+    @functools.cached_property
+    def steps(self) -> StepWriter:
+        """This process's steps of running tasks, written together (``steps.py``)."""
+        return StepWriter(self._write_steps, self._write_step)
+
+    async def _lock(
+        self,
+        session: AsyncSession,
+        task_id: int,
+        *,
+        expect: Iterable[str] | None = None,
+        worker_id: str | None = None,
+        values: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> Change | None:
+        """The task's row locked in ``session`` if it passes the guard (else ``None``), as a ``Change`` at ``now``;
+        ``values``, columns set by the statement that locks the row (a step's progress: no second UPDATE)."""
+        conditions = [Task.id == task_id]
+        if expect is not None:
+            conditions.append(Task.status.in_(list(expect)))
+        if worker_id is not None:
+            conditions.append(Task.worker_id == worker_id)
+        # A write that changes nothing locks the row (PostgreSQL; on SQLite the transaction holds the database)
+        # for the rest of the transaction, and returns it: one statement, where a lock and a read were two.
+        lock = update(Task).where(*conditions).values(values or {"lease_until": Task.lease_until}).returning(Task)
+        task = (await session.execute(lock)).scalar_one_or_none()
+        return None if task is None else Change(self.outbox, session, task, time.time() if now is None else now)
+
     @contextlib.asynccontextmanager
     async def _transition(
         self,
@@ -33,24 +80,14 @@ class Transitions(StoreBase):
         *,
         expect: Iterable[str] | None = None,
         worker_id: str | None = None,
-        values: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Change | None]:
         """One transaction on one task, if it passes the guard (else ``None``): ``expect`` the statuses it may be
-        in, ``worker_id`` the worker that must hold its lease; ``values``, columns set by the statement that locks
-        the row (a step's progress: no second UPDATE). Once it commits, the blobs of the file rows it
-        deleted go (rows first: a crash leaves bytes without a row, never a row without bytes) and its events
-        are published."""
+        in, ``worker_id`` the worker that must hold its lease. The task's steps posted before it are written
+        first, so its events follow theirs. Once it commits, the blobs of the file rows it deleted go (rows first:
+        a crash leaves bytes without a row, never a row without bytes) and its events are published."""
+        await self.steps.settle(task_id)
         async with self.sessions.begin() as session:
-            conditions = [Task.id == task_id]
-            if expect is not None:
-                conditions.append(Task.status.in_(list(expect)))
-            if worker_id is not None:
-                conditions.append(Task.worker_id == worker_id)
-            # A write that changes nothing locks the row (PostgreSQL; on SQLite the transaction holds the database)
-            # for the rest of the transaction, and returns it: one statement, where a lock and a read were two.
-            lock = update(Task).where(*conditions).values(values or {"lease_until": Task.lease_until}).returning(Task)
-            task = (await session.execute(lock)).scalar_one_or_none()
-            change = None if task is None else Change(self.outbox, session, task, time.time())
+            change = await self._lock(session, task_id, expect=expect, worker_id=worker_id)
             yield change
             if change is not None:
                 await session.flush()
@@ -58,6 +95,31 @@ class Transitions(StoreBase):
             await self._delete_blobs(change.dropped)
             for event in change.published():
                 await self.hub.publish(event)
+
+    async def _apply_all(self, steps: Sequence[tuple[int, ChangeStep]], worker_id: str) -> list[bool]:
+        """A transition of each task (its id, its step), all in one transaction (a batch's members move together),
+        each under its own guard (the worker must hold it): whether each passed. Published as ``_transition``."""
+        for task_id, _ in steps:
+            await self.steps.settle(task_id)
+        changes: list[Change | None] = []
+        async with self.sessions.begin() as session:
+            for task_id, step in steps:
+                change = await self._lock(session, task_id, worker_id=worker_id)
+                if change is not None:
+                    await step(change)
+                changes.append(change)
+            await session.flush()
+        for change in changes:
+            if change is not None:
+                await self._delete_blobs(change.dropped)
+                for event in change.published():
+                    await self.hub.publish(event)
+        return [change is not None for change in changes]
+
+    async def _advance_all(self, task_ids: Sequence[int], status: TaskStatus, worker_id: str) -> list[bool]:
+        return await self._apply_all(
+            [(task_id, lambda change: change.advance(status)) for task_id in task_ids], worker_id
+        )
 
     async def _apply(
         self,
@@ -92,24 +154,82 @@ class Transitions(StoreBase):
         """The model process took the job (``task_start``; the ``start`` callback)."""
         return await self._advance(task_id, TaskStatus.START, worker_id)
 
+    async def assign_all(self, task_ids: Sequence[int], worker_id: str) -> list[bool]:
+        """``assign`` of a batch's members in one transaction: whether each passed its guard."""
+        return await self._advance_all(task_ids, TaskStatus.ASSIGN, worker_id)
+
+    async def start_all(self, task_ids: Sequence[int], worker_id: str) -> list[bool]:
+        """``start`` of a batch's members in one transaction (the model process took them together)."""
+        return await self._advance_all(task_ids, TaskStatus.START, worker_id)
+
     async def progress(self, task_id: int, worker_id: str, progress: Progress) -> bool:
-        """A denoising step (``task_output``): it is kept on the row and in the log without its preview (large,
-        short-lived), which only goes to live subscribers."""
-        async with self._transition(task_id, worker_id=worker_id, values={"progress": progress.stored()}) as change:
-            if change is None:
-                return False
-            await change.event(Frame.OUTPUT, progress.stored(), live=progress if progress.preview else None)
-        return True
+        """A denoising step (``task_output``), written with the other steps of this process (``steps.py``): it is
+        kept on the row and in the log without its preview (large, short-lived), which only goes to live
+        subscribers. Returns once written: whether the worker still held the task."""
+        written = self.post_progress(task_id, worker_id, progress)
+        await self.steps.settle(task_id)
+        return await written
+
+    def post_progress(self, task_id: int, worker_id: str, progress: Progress) -> asyncio.Future[bool]:
+        """``progress`` without waiting for it to be written (a supervisor goes on reading its model process)."""
+        return self.steps.post(Step(task_id, worker_id, progress=progress))
+
+    async def _write_steps(self, take: Callable[[], list[Step]]) -> list[bool]:
+        """The steps handed over until the transaction began, in it, each guarded as its own transition was: each
+        task's row locked once (set to its latest progress by that statement), then each step's rows, event and
+        callback in order."""
+        changes: list[Change | None] = []
+        async with self.sessions.begin() as session:
+            steps = take()
+            latest = {(step.task_id, step.worker_id): step.progress for step in steps if step.progress is not None}
+            locked: dict[tuple[int, str], Change | None] = {}
+            for step in steps:
+                key = (step.task_id, step.worker_id)
+                if key not in locked:
+                    values = {"progress": latest[key].stored()} if key in latest else None
+                    locked[key] = await self._lock(session, step.task_id, worker_id=step.worker_id, values=values)
+                held = locked[key]
+                changes.append(
+                    None
+                    if held is None
+                    else await self._step(Change(self.outbox, session, held.task, step.posted), step)
+                )
+            await session.flush()
+        for change in changes:
+            for event in change.published() if change is not None else ():
+                try:
+                    await self.hub.publish(event)
+                except Exception:  # written: a socket reads it from the log; writing it again would double it
+                    log.exception("could not publish event %s of task %s", event.id, event.task_id)
+        return [change is not None for change in changes]
+
+    async def _write_step(self, step: Step) -> bool:
+        return (await self._write_steps(lambda: [step]))[0]
+
+    async def _step(self, change: Change, step: Step) -> Change:
+        """One step's rows and event, on its task's locked row."""
+        if step.image is not None:
+            await add_files(change.session, self.keys, [step.image])
+            await change.event(Frame.OUTPUT_IMAGE, ImageReport(index=step.image.position, name=step.image.name))
+            return change
+        assert step.progress is not None
+        stored = step.progress.stored()
+        # The row holds the latest step already; its callback (``Outbox``) reads this one's, as when each was written.
+        set_committed_value(change.task, "progress", stored)
+        await change.event(Frame.OUTPUT, stored, live=step.progress if step.progress.preview else None)
+        return change
 
     async def image_saved(self, task_id: int, worker_id: str, file: File) -> bool:
         """One image of the running attempt is stored: its ``partial`` row makes its URL work at once; the event
-        (``Frame.OUTPUT_IMAGE``, no URL nor key: the API renders them from the row) tells followers (Ark's stream)."""
-        async with self._transition(task_id, worker_id=worker_id) as change:
-            if change is None:
-                return False
-            await add_files(change.session, self.keys, [file])
-            await change.event(Frame.OUTPUT_IMAGE, ImageReport(index=file.position, name=file.name))
-        return True
+        (``Frame.OUTPUT_IMAGE``, no URL nor key: the API renders them from the row) tells followers (Ark's stream).
+        Written with the process's steps (``post_image``); returns once written."""
+        written = self.post_image(task_id, worker_id, file)
+        await self.steps.settle(task_id)
+        return await written
+
+    def post_image(self, task_id: int, worker_id: str, file: File) -> asyncio.Future[bool]:
+        """``image_saved`` without waiting for it to be written; the future says whether the worker held the task."""
+        return self.steps.post(Step(task_id, worker_id, image=file))
 
     async def image_failed(self, task_id: int, worker_id: str, index: int, failure: str) -> bool:
         """One image could not be finished (``failure``: what the client is told); the task's other images go on."""
@@ -123,26 +243,41 @@ class Transitions(StoreBase):
     async def begin_postprocess(self, task_id: int, worker_id: str, output: str) -> bool:
         """The model is done: its log (``task_output_full``), ``task_end``, then ``task_postprocess_start`` while
         the worker stores the images."""
-        async with self._transition(task_id, worker_id=worker_id) as change:
-            if change is None:
-                return False
-            await change.event(Frame.OUTPUT_FULL, LogText(raw=output))
-            await change.advance(TaskStatus.END)
-            await change.advance(TaskStatus.POSTPROCESS_START)
-        return True
+        return (await self.begin_postprocess_all([(task_id, output)], worker_id))[0]
+
+    async def begin_postprocess_all(self, outputs: Sequence[tuple[int, str]], worker_id: str) -> list[bool]:
+        """``begin_postprocess`` of a batch's members (task id, its log), in one transaction."""
+
+        def step(output: str) -> ChangeStep:
+            async def begin(change: Change) -> None:
+                await change.event(Frame.OUTPUT_FULL, LogText(raw=output))
+                await change.advance(TaskStatus.END)
+                await change.advance(TaskStatus.POSTPROCESS_START)
+
+            return begin
+
+        return await self._apply_all([(task_id, step(output)) for task_id, output in outputs], worker_id)
 
     async def succeed(
         self, task_id: int, worker_id: str, outputs: Sequence[File], output: str, details: TaskDetails
     ) -> bool:
         """The task's end (``task_postprocess_end``, pexit 0) with its output rows (the attempt's ``partial`` rows
         become outputs here) and its details; the ``completed`` callback."""
-        async with self._transition(task_id, worker_id=worker_id) as change:
-            if change is None:
-                return False
-            await add_files(change.session, self.keys, outputs)
-            change.task.pexit, change.task.debugoutput, change.task.details = Pexit.OK, output, details
-            await change.advance(TaskStatus.POSTPROCESS_END)
-        return True
+        return (await self.succeed_all([Success(task_id, outputs, output, details)], worker_id))[0]
+
+    async def succeed_all(self, successes: Sequence[Success], worker_id: str) -> list[bool]:
+        """``succeed`` of a batch's members, in one transaction."""
+
+        def step(success: Success) -> ChangeStep:
+            async def succeed(change: Change) -> None:
+                await add_files(change.session, self.keys, success.outputs)
+                change.task.pexit, change.task.debugoutput = Pexit.OK, success.output
+                change.task.details = success.details
+                await change.advance(TaskStatus.POSTPROCESS_END)
+
+            return succeed
+
+        return await self._apply_all([(success.task_id, step(success)) for success in successes], worker_id)
 
     async def cancel(self, task_id: int, kind: StopKind, worker_id: str) -> bool:
         """A running task stopped as asked: ``task_cancel`` with pexit 130 (cancel) or 137 (kill)."""

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from dreamserve.blobs import BlobStore
@@ -28,8 +30,8 @@ from dreamserve.facts import Progress, WorkerStatus
 from dreamserve.jobs import GenerationJob, GenerationResult
 from dreamserve.liveness import Liveness, backoff
 from dreamserve.logs import about
-from dreamserve.queue.db import Task
-from dreamserve.queue.store import TaskStore, new_blob_folder
+from dreamserve.queue.db import File, Task
+from dreamserve.queue.store import Beat, Success, TaskStore, new_blob_folder
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.status import RUNNING, FileRole, Pexit, StopKind, WorkerState
 from dreamserve.worker.clock import MONOTONIC, Clock
@@ -382,10 +384,18 @@ class Supervisor:
             self.running = {}
 
     async def _prepare_all(self, scratches: list[Path]) -> list[RunningTask]:
-        """Prepare every claimed task in its scratch folder; the ones still to run (not failed nor stopped)."""
+        """Prepare every claimed task in its scratch folder, and record ``task_assign`` of those ready (in one
+        transaction); the ones still to run (not failed nor stopped)."""
+        ready = []
         for entry, scratch in zip(list(self.running.values()), scratches, strict=True):
-            if not await self._prepare(entry, scratch):
+            if await self._prepare(entry, scratch):
+                ready.append(entry)
+            else:
                 entry.settle()  # failed its inputs, or was cancelled, before the model ran
+        held = await self.store.assign_all([entry.id for entry in ready], self.worker_id) if ready else []
+        for entry, assigned in zip(ready, held, strict=True):
+            if not assigned:
+                entry.settle()  # not this worker's any more (ended, or re-queued): nothing to record
         for entry in self.running.values():
             if entry.stop and entry.settle():  # stopped after its inputs were ready, before the model got it
                 await self._record_stopped(entry)
@@ -418,7 +428,7 @@ class Supervisor:
         return True
 
     async def _prepare(self, entry: RunningTask, scratch: Path) -> bool:
-        """Inputs on local disk, the job built, ``task_assign`` recorded; False if the task ended instead."""
+        """Inputs on local disk and the job built; False if the task ended instead."""
         references = await local_references(self.store, self.blobs, self.worker_id, entry, scratch)
         if references is None:
             return False
@@ -434,7 +444,7 @@ class Supervisor:
             model=self.slug,
             embed_prompt=self.settings.png_embed_prompt,
         )
-        return await self.store.assign(entry.id, self.worker_id)
+        return True
 
     async def _heartbeat(self) -> None:
         while True:
@@ -448,20 +458,27 @@ class Supervisor:
             self.liveness.tick(self.loop_name)
 
     async def _beat(self) -> None:
-        """Renew the lease of every unsettled task and act on a stop asked for through the database."""
-        for task_id, entry in list(self.running.items()):
-            if entry.settled:
-                continue
-            beat = await self.store.heartbeat(task_id, self.worker_id, self.settings.lease_seconds)
-            if not beat.held and (entry.settled or entry.stop is StopKind.KILL):
-                continue  # it ended while the heartbeat was on its way, or is being killed: not a lost lease
-            if not beat.held:
-                log.warning("lease lost; abandoning the task", extra=about(task_id))
-                entry.lose()
-                if self.child is not None:
-                    self.child.kill()
-            elif beat.stop is not None and beat.stop != entry.stop:
-                await self.stop(task_id, beat.stop)
+        """Renew the lease of every unsettled task (one statement) and act on a stop asked for through the
+        database."""
+        beating = [task_id for task_id, entry in self.running.items() if not entry.settled]
+        if not beating:
+            return
+        beats = await self.store.heartbeat_all(beating, self.worker_id, self.settings.lease_seconds)
+        for task_id, beat in beats.items():
+            entry = self.running.get(task_id)
+            if entry is not None and not entry.settled:
+                await self._beaten(entry, beat)
+
+    async def _beaten(self, entry: RunningTask, beat: Beat) -> None:
+        if not beat.held and entry.stop is StopKind.KILL:
+            return  # it is being killed: not a lost lease
+        if not beat.held:
+            log.warning("lease lost; abandoning the task", extra=about(entry.id))
+            entry.lose()
+            if self.child is not None:
+                self.child.kill()
+        elif beat.stop is not None and beat.stop != entry.stop:
+            await self.stop(entry.id, beat.stop)
 
     async def _follow(self, live: list[RunningTask]) -> None:
         # The process this work was sent to: ``close`` may drop ``self.child`` while its last messages are read.
@@ -474,13 +491,13 @@ class Supervisor:
         """Record one message of the model process about the running work; True once the work has ended."""
         match message:
             case Started():
-                for entry in live:
-                    await self.store.start(entry.id, self.worker_id)
+                await self.store.start_all([entry.id for entry in live], self.worker_id)
             case Step(job=job, step=step, total=total, elapsed=elapsed, preview=preview):
                 entry = live[job]
                 entry.log.append(f"step {step}/{total}")
                 step_done = Progress(step=step, total=total, elapsed=elapsed, preview=preview)
-                await self.store.progress(entry.id, self.worker_id, step_done)
+                # Not waited for: written with the fleet's other steps; the task's next transition follows it.
+                self.store.post_progress(entry.id, self.worker_id, step_done)
             case ImageSaved(job=job) | ImageFailed(job=job) as saved:
                 await self._saved(live[job], saved)
             case JobCanceled(job=job):
@@ -488,9 +505,7 @@ class Supervisor:
                 # images will be dropped, so it ends now rather than when the call ends.
                 await self._settle(live[job], Canceled())
             case GroupDone() | Done() | Canceled() | Error() as outcome:
-                outcomes = outcome.outcomes if isinstance(outcome, GroupDone) else (outcome,) * len(live)
-                for entry, each in zip(live, outcomes, strict=True):
-                    await self._settle(entry, each)
+                await self._ended(live, outcome.outcomes if isinstance(outcome, GroupDone) else (outcome,) * len(live))
                 return True
             case Gone():
                 await self._child_exited(live)
@@ -499,13 +514,23 @@ class Supervisor:
                 log.warning("unexpected message from the model process: %r", other)
         return False
 
+    async def _ended(self, live: list[RunningTask], outcomes: Sequence[Outcome]) -> None:
+        """The model process's outcome for each member: the successes recorded together, then the others."""
+        pairs = list(zip(live, outcomes, strict=True))
+        await self._succeed_all(
+            [(entry, each.result) for entry, each in pairs if isinstance(each, Done) and entry.settle()]
+        )
+        for entry, each in pairs:
+            if not isinstance(each, Done):
+                await self._settle(entry, each)
+
     async def _settle(self, entry: RunningTask, outcome: Outcome) -> None:
         """End one task from what the child reported for it (once: a cancelled group member ends early)."""
         if not entry.settle():
             return
         match outcome:
             case Done(result=result):
-                await self._succeed(entry, result)
+                await self._succeed_all([(entry, result)])
             case Canceled():
                 await self.store.cancel(entry.id, StopKind.CANCEL, self.worker_id)
             case Error(kind=kind, message=text, traceback=trace):
@@ -560,16 +585,35 @@ class Supervisor:
             await self.store.image_failed(entry.id, self.worker_id, failed.index, text)
             return
         file = await output_file(self.blobs, entry, saved.image, FileRole.PARTIAL)
-        if await self.store.image_saved(entry.id, self.worker_id, file):
-            entry.partial[file.name] = file
-        else:
-            # The task is not this worker's any more (its lease was lost): no row points at these bytes.
-            await asyncio.to_thread(self.blobs.delete, file.blob_key)
+        entry.partial[file.name] = file
+        # Not waited for: written with the fleet's steps, before the task's next transition.
+        written = self.store.post_image(entry.id, self.worker_id, file)
+        written.add_done_callback(functools.partial(self._image_written, entry, file))
 
-    async def _succeed(self, entry: RunningTask, result: GenerationResult) -> None:
+    def _image_written(self, entry: RunningTask, file: File, written: asyncio.Future[bool]) -> None:
+        if written.cancelled() or written.result():
+            return
+        # The task is not this worker's any more (its lease was lost): no row points at these bytes.
+        entry.partial.pop(file.name, None)
+        deleting = asyncio.get_running_loop().create_task(asyncio.to_thread(self.blobs.delete, file.blob_key))
+        self._background.add(deleting)
+        deleting.add_done_callback(self._background.discard)
+
+    async def _succeed_all(self, done: list[tuple[RunningTask, GenerationResult]]) -> None:
+        """Record the success of the members that ended well (each one's end settled by the caller): their
+        ``task_end`` together, then their images and details together."""
+        if not done:
+            return
+        outputs = [(entry.id, "\n".join(entry.log)) for entry, _ in done]
+        began = await self.store.begin_postprocess_all(outputs, self.worker_id)
+        # Only those still this worker's: nothing is stored for the others.
+        successes = [
+            await self._success(entry, result) for (entry, result), held in zip(done, began, strict=True) if held
+        ]
+        await self.store.succeed_all(successes, self.worker_id)
+
+    async def _success(self, entry: RunningTask, result: GenerationResult) -> Success:
         task, output = entry.task, "\n".join(entry.log)
-        if not await self.store.begin_postprocess(task.id, self.worker_id, output):
-            return  # not this worker's task any more: nothing is stored for it
         files = []
         for image in result.images:
             file = entry.partial.pop(image.name, None) or await output_file(self.blobs, entry, image, FileRole.OUTPUT)
@@ -586,4 +630,4 @@ class Supervisor:
         # The event keeps no URLs nor access keys: the API renders them from the file rows with its own public
         # URL and the derived keys (a worker host's base_url is not the one clients reach), as Task/Detail does.
         log.info("task %s succeeded on worker %s", task.id, self.worker_id, extra=about(task.id))
-        await self.store.succeed(task.id, self.worker_id, files, output, details)
+        return Success(task.id, files, output, details)
