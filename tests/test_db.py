@@ -177,3 +177,39 @@ async def test_a_write_transaction_inside_another_of_the_same_task_is_refused_no
             assert (await session.execute(text("SELECT count(*) FROM t"))).scalar_one() == 1
     finally:
         await engine.dispose()
+
+
+async def test_an_urgent_write_transaction_goes_before_the_others_waiting(tmp_path: Path) -> None:
+    """A worker's claim (``Lane.CLAIM``) takes the next turn of the gate, ahead of writes queued before it; within
+    a lane, arrival order."""
+    from dreamserve.queue.db import Lane, begin_in
+
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", pool_size=5)
+    sessions = make_sessionmaker(engine)
+    order: list[str] = []
+    try:
+        async with sessions.begin() as session:
+            await session.execute(text("CREATE TABLE t (x INTEGER)"))
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with sessions.begin():
+                holding.set()
+                await release.wait()
+            order.append("first")
+
+        async def write(name: str, lane: Lane = Lane.OTHER) -> None:
+            async with begin_in(sessions, lane):
+                order.append(name)
+
+        held = asyncio.create_task(first())
+        await holding.wait()
+        waiting = []
+        for name, lane in (("plain 1", Lane.OTHER), ("plain 2", Lane.OTHER), ("claim", Lane.CLAIM)):
+            waiting.append(asyncio.create_task(write(name, lane)))
+            await asyncio.sleep(0.05)  # queued at the gate in this order
+        release.set()
+        await asyncio.gather(held, *waiting)
+        assert order == ["first", "claim", "plain 1", "plain 2"]
+    finally:
+        await engine.dispose()

@@ -12,7 +12,7 @@ from sqlalchemy import false, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dreamserve.queue.base import StoreBase
-from dreamserve.queue.db import Project, Task, TaskEvent
+from dreamserve.queue.db import Lane, Project, Task, TaskEvent, begin_in
 from dreamserve.queue.events import Event
 from dreamserve.queue.order import claimable, heads, in_claim_order, same_shape, top_priority
 from dreamserve.status import TaskStatus
@@ -100,7 +100,7 @@ class Claims(StoreBase):
         """Claim the queued tasks that ``choose`` picks (a condition on ``Task``, read in the claiming transaction;
         None: there is nothing to claim, and ``[]`` is returned); None if none of them could be claimed."""
         events: list[Event] = []
-        async with self.sessions.begin() as session:
+        async with begin_in(self.sessions, Lane.CLAIM) as session:
             which = await choose(session)
             if which is None:
                 return []
