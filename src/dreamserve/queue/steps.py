@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from dreamserve.facts import Progress
 from dreamserve.queue.db import File
+from dreamserve.status import TaskStatus
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,14 @@ TICK_SECONDS = 0.05
 
 @dataclass
 class Step:
-    """What the worker of a running task reported, and when: a denoising step's ``progress``, or an ``image``
-    saved (its ``partial`` file row)."""
+    """What the worker of a running task reported, and when: a denoising step's ``progress``, an ``image`` saved
+    (its ``partial`` file row), or a ``status`` reached (the model process took the task: ``task_start``)."""
 
     task_id: int
     worker_id: str
     progress: Progress | None = None
     image: File | None = None
+    status: TaskStatus | None = None
     posted: float = field(default_factory=time.time)
     #: Its place among the process's steps (``StepWriter.post``).
     number: int = 0

@@ -14,13 +14,11 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm.attributes import set_committed_value
 
 from dreamserve.facts import ImageReport, LogText, Progress, TaskDetails
 from dreamserve.queue.base import StoreBase, log
@@ -57,11 +55,8 @@ class Transitions(StoreBase):
         *,
         expect: Iterable[str] | None = None,
         worker_id: str | None = None,
-        values: Mapping[str, Any] | None = None,
-        now: float | None = None,
     ) -> Change | None:
-        """The task's row locked in ``session`` if it passes the guard (else ``None``), as a ``Change`` at ``now``;
-        ``values``, columns set by the statement that locks the row (a step's progress: no second UPDATE)."""
+        """The task's row locked in ``session`` if it passes the guard (else ``None``), as a ``Change``."""
         conditions = [Task.id == task_id]
         if expect is not None:
             conditions.append(Task.status.in_(list(expect)))
@@ -69,9 +64,23 @@ class Transitions(StoreBase):
             conditions.append(Task.worker_id == worker_id)
         # A write that changes nothing locks the row (PostgreSQL; on SQLite the transaction holds the database)
         # for the rest of the transaction, and returns it: one statement, where a lock and a read were two.
-        lock = update(Task).where(*conditions).values(values or {"lease_until": Task.lease_until}).returning(Task)
+        lock = update(Task).where(*conditions).values(lease_until=Task.lease_until).returning(Task)
         task = (await session.execute(lock)).scalar_one_or_none()
-        return None if task is None else Change(self.outbox, session, task, time.time() if now is None else now)
+        return None if task is None else Change(self.outbox, session, task, time.time())
+
+    async def _lock_all(self, session: AsyncSession, held: Iterable[tuple[int, str]]) -> dict[tuple[int, str], Task]:
+        """The rows of the tasks that these workers hold (task id, worker id), locked in ``session`` by one statement
+        (as ``_lock``'s), by (task id, worker id); a task whose guard fails is not among them."""
+        keys = sorted(set(held))
+        if not keys:
+            return {}
+        lock = (
+            update(Task)
+            .where(tuple_(Task.id, Task.worker_id).in_(keys))
+            .values(lease_until=Task.lease_until)
+            .returning(Task)
+        )
+        return {(task.id, task.worker_id or ""): task for task in (await session.execute(lock)).scalars()}
 
     @contextlib.asynccontextmanager
     async def _transition(
@@ -103,8 +112,11 @@ class Transitions(StoreBase):
             await self.steps.settle(task_id)
         changes: list[Change | None] = []
         async with self.sessions.begin() as session:
+            locked = await self._lock_all(session, [(task_id, worker_id) for task_id, _ in steps])
+            now = time.time()
             for task_id, step in steps:
-                change = await self._lock(session, task_id, worker_id=worker_id)
+                task = locked.get((task_id, worker_id))
+                change = None if task is None else Change(self.outbox, session, task, now)
                 if change is not None:
                     await step(change)
                 changes.append(change)
@@ -158,9 +170,9 @@ class Transitions(StoreBase):
         """``assign`` of a batch's members in one transaction: whether each passed its guard."""
         return await self._advance_all(task_ids, TaskStatus.ASSIGN, worker_id)
 
-    async def start_all(self, task_ids: Sequence[int], worker_id: str) -> list[bool]:
-        """``start`` of a batch's members in one transaction (the model process took them together)."""
-        return await self._advance_all(task_ids, TaskStatus.START, worker_id)
+    def post_start(self, task_id: int, worker_id: str) -> asyncio.Future[bool]:
+        """``start`` without waiting for it to be written: with the process's steps, before the task's first."""
+        return self.steps.post(Step(task_id, worker_id, status=TaskStatus.START))
 
     async def progress(self, task_id: int, worker_id: str, progress: Progress) -> bool:
         """A denoising step (``task_output``), written with the other steps of this process (``steps.py``): it is
@@ -176,23 +188,16 @@ class Transitions(StoreBase):
 
     async def _write_steps(self, take: Callable[[], list[Step]]) -> list[bool]:
         """The steps handed over until the transaction began, in it, each guarded as its own transition was: each
-        task's row locked once (set to its latest progress by that statement), then each step's rows, event and
-        callback in order."""
+        task's row locked once, then each step's rows, event and callback in order (the latest progress is
+        written once, at the flush)."""
         changes: list[Change | None] = []
         async with self.sessions.begin() as session:
             steps = take()
-            latest = {(step.task_id, step.worker_id): step.progress for step in steps if step.progress is not None}
-            locked: dict[tuple[int, str], Change | None] = {}
+            locked = await self._lock_all(session, [(step.task_id, step.worker_id) for step in steps])
             for step in steps:
-                key = (step.task_id, step.worker_id)
-                if key not in locked:
-                    values = {"progress": latest[key].stored()} if key in latest else None
-                    locked[key] = await self._lock(session, step.task_id, worker_id=step.worker_id, values=values)
-                held = locked[key]
+                task = locked.get((step.task_id, step.worker_id))
                 changes.append(
-                    None
-                    if held is None
-                    else await self._step(Change(self.outbox, session, held.task, step.posted), step)
+                    None if task is None else await self._step(Change(self.outbox, session, task, step.posted), step)
                 )
             await session.flush()
         for change in changes:
@@ -207,16 +212,16 @@ class Transitions(StoreBase):
         return (await self._write_steps(lambda: [step]))[0]
 
     async def _step(self, change: Change, step: Step) -> Change:
-        """One step's rows and event, on its task's locked row."""
-        if step.image is not None:
+        """One step's rows and event, on its task's locked row (as it stands after the steps before it)."""
+        if step.status is not None:
+            await change.advance(step.status)
+        elif step.image is not None:
             await add_files(change.session, self.keys, [step.image])
             await change.event(Frame.OUTPUT_IMAGE, ImageReport(index=step.image.position, name=step.image.name))
-            return change
-        assert step.progress is not None
-        stored = step.progress.stored()
-        # The row holds the latest step already; its callback (``Outbox``) reads this one's, as when each was written.
-        set_committed_value(change.task, "progress", stored)
-        await change.event(Frame.OUTPUT, stored, live=step.progress if step.progress.preview else None)
+        elif step.progress is not None:
+            stored = step.progress.stored()
+            change.task.progress = stored
+            await change.event(Frame.OUTPUT, stored, live=step.progress if step.progress.preview else None)
         return change
 
     async def image_saved(self, task_id: int, worker_id: str, file: File) -> bool:

@@ -491,7 +491,8 @@ class Supervisor:
         """Record one message of the model process about the running work; True once the work has ended."""
         match message:
             case Started():
-                await self.store.start_all([entry.id for entry in live], self.worker_id)
+                for entry in live:  # not waited for, as the steps: written with them, in order
+                    self.store.post_start(entry.id, self.worker_id)
             case Step(job=job, step=step, total=total, elapsed=elapsed, preview=preview):
                 entry = live[job]
                 entry.log.append(f"step {step}/{total}")
