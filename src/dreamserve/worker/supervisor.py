@@ -611,7 +611,8 @@ class Supervisor:
         successes = [
             await self._success(entry, result) for (entry, result), held in zip(done, began, strict=True) if held
         ]
-        await self.store.succeed_all(successes, self.worker_id)
+        if successes:
+            await self.store.succeed_all(successes, self.worker_id)
 
     async def _success(self, entry: RunningTask, result: GenerationResult) -> Success:
         task, output = entry.task, "\n".join(entry.log)
