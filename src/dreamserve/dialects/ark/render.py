@@ -17,7 +17,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from dreamserve.dialects.ark.decode import NAMES, ArkRequest
-from dreamserve.dialects.common import ErrorKind, Ladder, render_error
+from dreamserve.dialects.common import Drawn, ErrorKind, Ladder, render_error
 from dreamserve.errors import DreamError, InvalidField, InvalidState, TaskFailed
 from dreamserve.fileurls import expires, file_url
 from dreamserve.queue.db import File, Task
@@ -27,6 +27,10 @@ from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 
 #: Ark counts 256 pixels as one output token.
 PIXELS_PER_TOKEN = 256
+
+
+def _ark_body(drawn: Drawn, code: str, type_: str) -> dict[str, object]:
+    return {"error": {"code": code, "message": drawn.message, "param": drawn.param or "", "type": type_}}
 
 
 #: Ark's status, error code and type for each kind of error. Not 5xx for a task that did not complete: SDKs retry
@@ -42,9 +46,7 @@ ARK: Ladder[tuple[str, str]] = Ladder(
     },
     server=("InternalServiceError", "InternalServerError"),
     other=lambda exc, _: (max(400, exc.http_status), ("InvalidParameter", "BadRequest")),
-    body=lambda drawn, label: {
-        "error": {"code": label[0], "message": drawn.message, "param": drawn.param or "", "type": label[1]}
-    },
+    body=lambda drawn, label: _ark_body(drawn, *label),
 )
 
 

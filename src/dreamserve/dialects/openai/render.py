@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from dreamserve.dialects.common import ErrorKind, Ladder, render_error
+from dreamserve.dialects.common import Drawn, ErrorKind, Ladder, render_error
 from dreamserve.dialects.openai.decode import NAMES, OpenAIRequest
 from dreamserve.errors import (
     DreamError,
@@ -23,6 +23,11 @@ from dreamserve.fileurls import file_url
 from dreamserve.queue.db import Task
 from dreamserve.services import Services
 from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
+
+
+def _openai_body(drawn: Drawn, type_: str, code: str | None) -> dict[str, object]:
+    return {"error": {"message": drawn.message, "type": type_, "param": drawn.param, "code": code}}
+
 
 #: OpenAI's status, error type and code for each kind of error. Not 5xx for a task that did not complete: OpenAI
 #: clients retry those, and a retry would queue a second task.
@@ -37,9 +42,7 @@ OPENAI: Ladder[tuple[str, str | None]] = Ladder(
     },
     server=("server_error", None),
     other=lambda _, param: (400, ("invalid_request_error", "invalid_value" if param else None)),
-    body=lambda drawn, label: {
-        "error": {"message": drawn.message, "type": label[0], "param": drawn.param, "code": label[1]}
-    },
+    body=lambda drawn, label: _openai_body(drawn, *label),
 )
 
 
