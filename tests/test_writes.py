@@ -4,6 +4,7 @@ JSON 'null' is not NULL, 1 is not 1.0), the same detached task, the same quota a
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import sqlite3
 import types
@@ -182,3 +183,31 @@ async def test_a_failed_write_rolls_back_and_passes_the_turn_on(both: tuple[Serv
     task = await _create(services, 0)  # the next writer's turn came
     assert task.id == 1
     assert _rows(services)["projects"][0][1] == ("str", "p")
+
+
+async def test_concurrent_runs_share_turns_and_are_each_counted_alone(both: tuple[Services, Services]) -> None:
+    """Runs arriving together are written in fewer transactions than Runs (group commit), each in its savepoint:
+    a cap of 6 queues exactly 6 of 10, the 4 refused leave no row and count nothing."""
+    _, services = both
+    writer = services.store.writes
+    assert writer is not None
+    turns = 0
+    transaction = writer.transaction
+
+    async def counted(write: Any) -> Any:
+        nonlocal turns
+        turns += 1
+        return await transaction(write)
+
+    writer.transaction = counted  # type: ignore[method-assign]
+    outcomes = await asyncio.gather(
+        *(_create(services, 0, quota=Quota(max_tasks=6)) for _ in range(10)), return_exceptions=True
+    )
+    refused = [outcome for outcome in outcomes if isinstance(outcome, QuotaExceeded)]
+    made = [outcome for outcome in outcomes if isinstance(outcome, Task)]
+    assert len(made) == 6 and len(refused) == 4
+    assert sorted(task.id for task in made) == list(range(1, 7))
+    assert 1 <= turns < 10
+    rows = _rows(services)
+    assert len(rows["tasks"]) == 6 and len(rows["task_events"]) == 6
+    assert [value for _, value in rows["projects"][0][-2:]] == [6, 6 * 64 * 48]

@@ -15,6 +15,7 @@ NULL; every value through its column type's bind processor, so JSON columns hold
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -115,6 +116,9 @@ class Writes:
         self.files = Inserter(File, dialect)
         self.events = Inserter(TaskEvent, dialect)
         self.deliveries = Inserter(WebhookDelivery, dialect)
+        #: Runs waiting for the next batch, and the task writing batches while there are any.
+        self._pending: list[tuple[NewTask, asyncio.Future[int]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     def of(cls, sessions: async_sessionmaker[AsyncSession], keys: ServerKey) -> Writes | None:
@@ -126,11 +130,61 @@ class Writes:
         return cls(engine, gate, keys)
 
     async def create(self, new: NewTask) -> int:
-        """Store ``new`` in one transaction; the event's id. ``QuotaExceeded`` or ``StorageFull``: nothing stored."""
-        event_id = await self.transaction(lambda connection: self._create(connection, new))
+        """Store ``new``; the event's id once it is committed. ``QuotaExceeded`` or ``StorageFull``: nothing stored.
+
+        Runs that arrive while a batch is being written are written together in the next turn, one transaction
+        with a savepoint each (group commit): each is checked, written or refused as it would be alone, in
+        arrival order, and the turn, the hop and the commit are paid once per batch instead of once per Run."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((new, done))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_batches(), name="run-writes")
+        event_id = await done
         self.tasks.loaded(new.task)
         for file in new.inputs:
             self.files.loaded(file)
+        return event_id
+
+    async def _write_batches(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._write_batch(batch)
+        except BaseException:  # cancelled (the loop is closing): the Runs still waiting are too
+            pending, self._pending = self._pending, []
+            for _, done in pending:
+                done.cancel()
+            raise
+        finally:
+            self._writer = None
+
+    async def _write_batch(self, batch: list[tuple[NewTask, asyncio.Future[int]]]) -> None:
+        try:
+            outcomes = await self.transaction(lambda connection: [self._saved(connection, new) for new, _ in batch])
+        except asyncio.CancelledError:
+            for _, done in batch:
+                done.cancel()
+            raise
+        except Exception as exc:  # the turn or the commit failed: no Run of the batch is stored
+            outcomes = [exc] * len(batch)
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            if done.done():
+                continue  # its Run was cancelled meanwhile (its task is stored all the same)
+            if isinstance(outcome, Exception):
+                done.set_exception(outcome)
+            else:
+                done.set_result(outcome)
+
+    def _saved(self, connection: Any, new: NewTask) -> int | Exception:
+        """One Run of a batch inside its savepoint: its event's id, or why it was refused (and nothing kept)."""
+        connection.execute("SAVEPOINT run")
+        try:
+            event_id = self._create(connection, new)
+        except Exception as exc:
+            connection.execute("ROLLBACK TO run")
+            connection.execute("RELEASE run")
+            return exc
+        connection.execute("RELEASE run")
         return event_id
 
     async def transaction(self, write: Callable[[Any], T]) -> T:
