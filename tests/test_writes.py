@@ -211,3 +211,32 @@ async def test_concurrent_runs_share_turns_and_are_each_counted_alone(both: tupl
     rows = _rows(services)
     assert len(rows["tasks"]) == 6 and len(rows["task_events"]) == 6
     assert [value for _, value in rows["projects"][0][-2:]] == [6, 6 * 64 * 48]
+
+
+async def test_a_run_cancelled_before_its_batch_is_taken_is_never_written(both: tuple[Services, Services]) -> None:
+    """A Run waits for the batch being written to end; cancelled meanwhile (the server stopping), it is dropped
+    from the next batch, so nothing of it is stored (its caller deletes its input blobs)."""
+    _, services = both
+    writer = services.store.writes
+    assert writer is not None
+    release = asyncio.Event()
+    transaction = writer.transaction
+
+    async def held(write: Any) -> Any:
+        await release.wait()
+        return await transaction(write)
+
+    writer.transaction = held  # type: ignore[method-assign]
+    first = asyncio.create_task(_create(services, 0))
+    await asyncio.sleep(0.05)  # its batch taken and held
+    second = asyncio.create_task(_create(services, 1))
+    await asyncio.sleep(0.05)  # waiting for the next batch
+    second.cancel()
+    release.set()
+    assert (await first).id == 1
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    await asyncio.sleep(0.05)
+    rows = _rows(services)
+    assert len(rows["tasks"]) == 1 and len(rows["task_events"]) == 1
+    assert [value for _, value in rows["projects"][0][-2:]] == [1, 64 * 48]

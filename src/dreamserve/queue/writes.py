@@ -139,7 +139,13 @@ class Writes:
         self._pending.append((new, done))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_batches(), name="run-writes")
-        event_id = await done
+        try:
+            event_id = await done
+        except asyncio.CancelledError:
+            # Not taken into a batch yet: it is never written. Once taken it is (the caller cancelled after the
+            # fact, as a cancel that lands while a commit is on its way).
+            self._pending = [(n, d) for n, d in self._pending if d is not done]
+            raise
         self.tasks.loaded(new.task)
         for file in new.inputs:
             self.files.loaded(file)
