@@ -24,7 +24,7 @@ from dreamserve.dialects.openai.decode import OPENAI_SIZES, generation_size
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.sizes import parse_size
-from tests.conftest import MODEL, SCRIPTED_SLOW, png_bytes, until
+from tests.conftest import MODEL, SCRIPTED_SLOW, LiveServer, png_bytes, until
 
 
 def _client(server: Any) -> openai.OpenAI:
@@ -38,8 +38,8 @@ def _image(b64: str | None) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64 or "")))
 
 
-def test_generate_url_and_b64(tiny: Any) -> None:
-    server = tiny
+def test_generate_url_and_b64(tiny_server: LiveServer) -> None:
+    server = tiny_server
     client = _client(server)
     result = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dusk", n=2, size="1024x1024")
     assert len(result.data or []) == 2 and all(item.url for item in result.data or [])
@@ -93,8 +93,8 @@ def test_every_size_the_openai_package_lists_is_accepted() -> None:
     assert generation_size("10x10", floor) == ("10x10", None)  # refused by Seedream's check, in its words
 
 
-def test_edit_with_several_images_url_and_b64(tiny: Any) -> None:
-    server = tiny
+def test_edit_with_several_images_url_and_b64(tiny_server: LiveServer) -> None:
+    server = tiny_server
     client = _client(server)
     images = [("a.png", png_bytes(80, 80), "image/png"), ("b.png", png_bytes(96, 64, (0, 0, 200)), "image/png")]
     result = client.images.edit(image=images, prompt="put the blue thing on the red thing", size="1024x1024")
@@ -147,8 +147,8 @@ def test_bearer_rules_and_errors_in_openai_shape(make_app: Any) -> None:
     assert error["type"] == "invalid_request_error" and error["param"] == "output_format"
 
 
-def test_key_only_project_takes_the_bare_key(tiny: Any) -> None:
-    server = tiny
+def test_key_only_project_takes_the_bare_key(tiny_server: LiveServer) -> None:
+    server = tiny_server
     other = create_project(server.settings, "key-only", signature=False)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=other.api_key, max_retries=0, http_client=server.http)
     result = client.images.generate(prompt="a red kite", size="1K")
