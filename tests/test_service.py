@@ -67,10 +67,11 @@ def _app_socket_events(app: App, token: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def scripted_slow(scripted: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> App:
     """SLOW's shape on the scripted engine: 4 images a call, tasks of 4 s (400 steps of 10 ms: long enough to stop
-    one while it runs), and a model process that takes a second to start (so a test sees it restarting after a
-    kill)."""
+    one while it runs), and a replacement model process that takes a second to start (so a test sees it restarting
+    after a kill). The first one starts at once: the variable is read by each model process as it is spawned."""
+    app = scripted(steps=400, step_seconds=0.01, model={"max_pixels": 384 * 384, "max_batch": 4})
     monkeypatch.setenv("DREAMSERVE_SCRIPTED_LOAD_SECONDS", "1")
-    return scripted(steps=400, step_seconds=0.01, model={"max_pixels": 384 * 384, "max_batch": 4})
+    return app
 
 
 def test_seed_flow_files_url_socket_detail_output(tiny_server: LiveServer, receiver: Receiver) -> None:
