@@ -1,5 +1,6 @@
 """HTTPS served by ``dreamserve serve`` itself (``ssl_certfile``/``ssl_keyfile``): a certificate from a CA made for
-the session (trustme), a real subprocess server, httpx and websockets trusting only that CA."""
+the session (trustme), a live server (uvicorn as ``serve`` configures it), httpx and websockets trusting only that
+CA."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from websockets.sync.client import connect
 from dreamserve.cli.server import _tls_files
 from dreamserve.client import Client
 from dreamserve.settings import Settings
-from tests.conftest import MODEL, TINY, LiveServer, certificates, png_bytes
+from tests.conftest import MODEL, SCRIPTED, TINY, LiveServer, certificates
 
-#: The session's HTTPS server: the tiny model, and a short head timeout for the guard's test below.
-HTTPS: dict[str, Any] = {**TINY, "tls": True, "http_header_timeout_seconds": 2}
+#: The session's HTTPS server, and a short head timeout for the guard's test below. Its model process runs the
+#: scripted engine (real PNGs of the asked size, no torch): what is proven here is TLS, not the pipeline, and the
+#: tiny pipeline cost a model process start of its own and seconds of CPU per 1K reference.
+HTTPS: dict[str, Any] = {"model": {**TINY["model"], "engine": SCRIPTED}, "tls": True, "http_header_timeout_seconds": 2}
 
 
 def test_settings_say_https_once_a_certificate_is_set(tmp_path: Path) -> None:
@@ -88,14 +91,9 @@ def test_https_api_wss_socket_and_https_file_urls(shared_server: Any) -> None:
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)
 
-    # An https file URL of this server as a reference: linked as this server's own file. A fetch could not have
-    # read it (the server's fetcher does not trust the session's CA), so success means it was not fetched. It is a
-    # small upload's URL (looked up as an output's is, by its file row): the output's 1024x1024 as a reference cost
-    # the tiny pipeline 4096 reference tokens, some 10 s of CPU (test_fal edits with an https output URL).
-    files = [("file", ("small.png", png_bytes(96, 64), "image/png"))]
-    uploaded = server.post("/v1/File/Upload", files=files).json()["list"][0]["url"]
-    assert uploaded.startswith(f"{server.url}/v1/File/")
-    edit = server.run({"prompt": "the same at night", "size": "1K", "inputImage": uploaded})
+    # The https file URL as a reference: linked as this server's own file. A fetch could not have read it (the
+    # server's fetcher does not trust the session's CA), so success means it was not fetched.
+    edit = server.run({"prompt": "the same at night", "size": "1K", "inputImage": url})
     edited = server.wait(edit["taskid"])
     assert edited["pexit"] == "0", edited["debugerror"]
     assert edited["parameters"]["inputImage"].startswith(f"{server.url}/v1/File/")
