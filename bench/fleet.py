@@ -331,12 +331,12 @@ def start(args: argparse.Namespace, hook_port: int) -> Fleet:
     for index in range(args.api_processes):
         port = free_port()
         command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        if index or celery:
+        if index or celery or not args.gpus:
             command.append("--no-workers")
         with (data_dir / f"server-{index}.log").open("ab") as log:
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
         ports.append(port)
-    if celery:
+    if celery and args.gpus:
         # One ``dreamserve worker`` process per simulated GPU group: each runs one supervisor (Celery's one
         # slot) with one scripted model process of ``max_batch`` --gpus-per-process.
         spec = {"engine": SCRIPTED, "steps": args.steps, "max_batch": args.gpus_per_process, "workers": 1}
@@ -355,7 +355,7 @@ async def wait_ready(fleet: Fleet, args: argparse.Namespace, timeout: float = 18
     import httpx
 
     deadline = time.monotonic() + timeout
-    workers = max(1, args.gpus // args.gpus_per_process)
+    workers = max(1, args.gpus // args.gpus_per_process) if args.gpus else 0
     async with httpx.AsyncClient(timeout=5) as http:
         while time.monotonic() < deadline:
             for process in fleet.processes:
@@ -626,7 +626,7 @@ def main() -> None:
     parser.add_argument("--api-processes", type=int, default=1)
     parser.add_argument("--dispatch", choices=("local", "celery"), default="local")
     parser.add_argument("--redis", default=os.environ.get("DREAMSERVE_TEST_REDIS"), help="Events hub (and broker).")
-    parser.add_argument("--gpus", type=int, default=100)
+    parser.add_argument("--gpus", type=int, default=100, help="0: the API alone (serve --no-workers), no fleet.")
     parser.add_argument("--gpus-per-process", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--step-seconds", type=float, default=0.25, help="4 x 0.25 s: an image a second.")

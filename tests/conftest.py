@@ -2,14 +2,15 @@
 
 * ``make_app``: ``create_app(settings)`` in this process behind Starlette's ``TestClient`` (the lifespan runs, so
   the database, reaper, webhook loop and supervisors are real), for every test that needs no socket of a server.
-  Fast: no interpreter start. ``shared_app`` keeps one per set of options for the session (``tiny``: the tiny
-  FLUX.2-klein pipeline in its spawned model process); ``scripted`` runs the scripted engine in the model process
-  (the supervisor tier: no torch, steps as long as the test needs).
+  Fast: no interpreter start. ``shared_app`` keeps one per set of options for the session; ``scripted`` runs the
+  scripted engine in the model process (the supervisor tier: no torch, steps as long as the test needs).
 * ``make_live``: the same app served by uvicorn on a thread of this process, configured as ``serve`` configures it
   (``LiveServer``), for the tests that need a real socket (raw HTTP, WebSockets, hang-ups, TLS, write stalls, a
   browser, a CLI or curl in another process). No interpreter to start: a start costs what the app's lifespan and
   its model processes cost. ``shared_server`` starts one per set of options for the session, for all the tests
-  that ask for the same; ``tiny_server`` is the common case.
+  that ask for the same; ``tiny_server`` (the tiny FLUX.2-klein pipeline in its spawned model process) is the
+  common case: every test that needs the real pipeline and no options of its own uses it, so the session pays
+  torch's imports and the pipeline's load for it once (an in-process ``TINY`` app beside it paid them again).
 * ``make_server``: ``dreamserve serve`` in a subprocess, SQLite on disk, only for the tests that need its process
   (they kill it, restart it, sabotage its data folder or lower its descriptor limit). A start costs an
   interpreter's imports on top.
@@ -650,7 +651,7 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 #: The scripted engine (``tests/scripted_engine.py``): a model process with no torch, real PNGs after a set delay
 #: per step; words in the prompt make it crash, fail or ignore stops.
 SCRIPTED = "tests.scripted_engine:ScriptedEngine"
-#: The tiny model generating at 64x64 (larger sizes are upscaled): what most end-to-end tests need (``tiny``).
+#: The tiny model generating at 64x64 (larger sizes are upscaled): what most end-to-end tests need (``tiny_server``).
 TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}}
 #: 384x384 in 60 steps: tasks long enough to cancel or kill while they run (test_service, test_openai); a task
 #: that only has to finish asks for a small size (64x64 is allowed) and takes a fraction of that.
@@ -777,16 +778,9 @@ def shared_app(shared_apps: SharedApps) -> Iterator[Callable[..., App]]:
 
 
 @pytest.fixture
-def tiny(shared_app: Callable[..., App]) -> App:
-    """The session's in-process ``TINY`` app (the tiny FLUX.2-klein pipeline in its spawned model process, no
-    uvicorn), seen through a fresh project."""
-    return shared_app(**TINY)
-
-
-@pytest.fixture
 def tiny_server(shared_server: Callable[..., LiveServer]) -> LiveServer:
-    """The session's ``TINY`` live server, seen through a fresh project: for tests that need its socket (a CLI or
-    curl in a subprocess, a raw WebSocket)."""
+    """The session's ``TINY`` live server, seen through a fresh project: for every test of the real pipeline with
+    no options of its own, those that need its socket (a CLI or curl in a subprocess, a raw WebSocket) or not."""
     return shared_server(**TINY)
 
 

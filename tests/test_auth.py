@@ -22,7 +22,7 @@ from dreamserve.errors import RateLimited
 from dreamserve.projects import create_project
 from dreamserve.ratelimit import RateLimiter
 from dreamserve.signing import auth_headers, sign
-from tests.conftest import App, new_project, png_bytes
+from tests.conftest import LiveServer, new_project, png_bytes
 
 ACCESSKEY_URL = re.compile(r"/v1/File/[0-9a-f]{8}(?:-[0-9a-f]{8}){7}/0\.png$")
 
@@ -208,8 +208,8 @@ def test_rate_limit_per_project(make_app: Any) -> None:
     assert _post(server, server.headers()).status_code == 200
 
 
-def test_output_urls_reveal_nothing_about_other_projects(tiny: App) -> None:
-    server = tiny
+def test_output_urls_reveal_nothing_about_other_projects(tiny_server: LiveServer) -> None:
+    server = tiny_server
     other = create_project(server.settings, "other", signature=False)
     theirs = auth_headers(other.api_key, None)
 

@@ -148,14 +148,17 @@ async def test_a_process_s_concurrent_writers_never_see_database_is_locked(tmp_p
     connection polling for it in its busy handler, and some waited past busy_timeout (``database is locked``, a 5xx).
     Now a process's write transactions pass its gate one at a time, in arrival order, and none waits in the busy
     handler for another of its own: with a busy_timeout of 100 ms (where the racing writers failed within a
-    second) none fails."""
-    await _fleet_writes(tmp_path, busy_ms=100, runs=60, workers=12, processes=1)
+    second) none fails. What races is the 12 workers and 4 senders at once, not the count of tasks: without the
+    gate the first burst of Runs fails in half a second, so 24 Runs (36 tasks, 3 each) prove what 60 did."""
+    await _fleet_writes(tmp_path, busy_ms=100, runs=24, workers=12, processes=1)
 
 
 async def test_writers_of_two_processes_wait_for_each_other_on_one_sqlite_file(tmp_path: Path) -> None:
     """Each write transaction takes the lock up front (``BEGIN IMMEDIATE``), so the writers of another process (here
-    a second set of services with a gate of its own) are waited for within the busy_timeout."""
-    await _fleet_writes(tmp_path, busy_ms=None, runs=40, workers=8, processes=2)
+    a second set of services with a gate of its own) are waited for within the busy_timeout. 16 Runs (24 tasks,
+    3 for each of the 8 workers) keep both processes' writers overlapping: with no busy_timeout the first burst
+    already fails, as it did with 40."""
+    await _fleet_writes(tmp_path, busy_ms=None, runs=16, workers=8, processes=2)
 
 
 async def test_a_write_transaction_inside_another_of_the_same_task_is_refused_not_a_deadlock(tmp_path: Path) -> None:

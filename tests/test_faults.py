@@ -1,8 +1,9 @@
 """Faults under load: the server and the model process are killed with SIGKILL at random moments while
 tasks stream in, and afterwards every task has ended exactly once, in Wiro's order, with its files whole.
 
-The default run submits 60 tasks and kills the server once and the model process three times; the ``slow``
-variant (``DREAMSERVE_SLOW=1``) submits 200 with 3 and 5 kills. ``DREAMSERVE_CHAOS_TASKS`` and
+The default run submits 60 tasks to the scripted model process and kills the server once and the model process
+three times; the ``slow`` variant (``DREAMSERVE_SLOW=1``) submits 200 to the tiny diffusers pipeline with 3 and 5
+kills. ``DREAMSERVE_CHAOS_TASKS`` and
 ``DREAMSERVE_CHAOS_SEED`` change the default run's count and the seed, and ``DREAMSERVE_CHAOS_REPORT=<path>``
 writes the figures (docs/reliability.md quotes them).
 """
@@ -27,7 +28,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.conftest import MODEL, Server, png_bytes, until
+from tests.conftest import MODEL, SCRIPTED, Server, png_bytes, until
 
 LIFECYCLE = [
     "task_queue",
@@ -227,10 +228,19 @@ def check_invariants(server: Server, submitted: list[str]) -> dict[str, Any]:
     }
 
 
-def run_chaos(make_server: Any, count: int, server_kills: int, child_kills: int) -> dict[str, Any]:
+#: The default run's model process: the scripted engine (the real child, pipe and PNG files; no torch), so each of
+#: its restarts costs a second, not torch's imports. The slow run keeps the tiny diffusers pipeline.
+SCRIPTED_CHAOS: dict[str, Any] = {"engine": SCRIPTED, "steps": 4}
+
+
+def run_chaos(
+    make_server: Any, count: int, server_kills: int, child_kills: int, model: dict[str, Any] | None = None
+) -> dict[str, Any]:
     seed = int(os.environ.get("DREAMSERVE_CHAOS_SEED", random.randrange(1 << 30)))
     log.info("chaos seed %s", seed)  # shown with a failure; reproduce it with DREAMSERVE_CHAOS_SEED
-    server = make_server(model={"max_pixels": 64 * 64, "max_batch": 4}, min_pixels=64 * 64)
+    env = {"DREAMSERVE_SCRIPTED_STEP_SECONDS": "0.02"}
+    spec = {"max_pixels": 64 * 64, "max_batch": 4, **(model or {})}
+    server = make_server(model=spec, min_pixels=64 * 64, env=env)
     chaos = Chaos(server, random.Random(seed), count, server_kills, child_kills)
     started = time.monotonic()
     submitter = threading.Thread(target=chaos.submit_all)
@@ -260,7 +270,7 @@ def run_chaos(make_server: Any, count: int, server_kills: int, child_kills: int)
 
 def test_kill_server_and_model_process_during_a_stream_of_tasks(make_server: Any) -> None:
     count = int(os.environ.get("DREAMSERVE_CHAOS_TASKS", 60))
-    run_chaos(make_server, count, server_kills=1, child_kills=3)
+    run_chaos(make_server, count, server_kills=1, child_kills=3, model=SCRIPTED_CHAOS)
 
 
 @pytest.mark.slow

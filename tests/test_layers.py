@@ -32,6 +32,7 @@ TIERS: dict[str, str] = {
             "logs",
             "liveness",
             "malloc",
+            "gcpause",
             "userconfig",
             "groups",
             "budget",

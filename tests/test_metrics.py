@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dreamserve.facts import WorkerStatus
 from dreamserve.metrics import GpuMemory, Histogram, RequestStats, worker_families
-from tests.conftest import MODEL, Receiver
+from tests.conftest import MODEL, LiveServer, Receiver
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -54,9 +54,9 @@ def exposition(families: Iterable[Metric]) -> str:
     return generate_latest(Families(families)).decode()
 
 
-def test_finished_tasks_stage_histograms_workers_and_requests(tiny: Any, receiver: Receiver) -> None:
-    """On the session's shared app: what this test did is the difference between two scrapes."""
-    server = tiny
+def test_finished_tasks_stage_histograms_workers_and_requests(tiny_server: LiveServer, receiver: Receiver) -> None:
+    """On the session's shared server: what this test did is the difference between two scrapes."""
+    server = tiny_server
     before, kinds = scrape(server)
     assert kinds["dreamserve_task_stage_seconds"] == "histogram"
     assert value(before, "dreamserve_queue_depth", model=MODEL) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -15,7 +16,8 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, text
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dreamserve.dialects.ark.render import image_error
@@ -315,3 +317,64 @@ async def test_facts_stored_as_dicts_by_earlier_versions_read_as_records(tmp_pat
         assert File(meta={"width": 2, "height": 3}).meta == FileMeta(width=2, height=3)
     finally:
         await services.engine.dispose()
+
+
+SCHEMAS = Path(__file__).with_name("migration_schemas.json")
+
+
+CONSTRAINT = re.compile(r"(PRIMARY KEY|FOREIGN KEY|UNIQUE|CHECK|CONSTRAINT) ?\(")
+
+
+def _ddl(sql: str | None) -> str:
+    """A table's DDL with its constraints sorted: a batch rewrite of a table lists them in an order that varies
+    from run to run (a set's), which SQLite does not mind; its columns keep their order."""
+    if not sql or not sql.startswith("CREATE TABLE"):
+        return str(sql)
+    head, _, body = sql.partition("(\n\t")
+    items = body.removesuffix("\n)").split(", \n\t")
+    columns = [item for item in items if not CONSTRAINT.match(item)]
+    constraints = sorted(item for item in items if CONSTRAINT.match(item))
+    return f"{head}(\n\t" + ", \n\t".join(columns + constraints) + "\n)"
+
+
+def _schema(connection: Connection) -> list[list[str]]:
+    rows = connection.execute(text("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"))
+    return [[kind, name, table, _ddl(sql)] for kind, name, table, sql in rows]
+
+
+def _walk(connection: Connection) -> dict[str, list[list[str]]]:
+    """sqlite_master after each revision on the way up, then after each one on the way back down to base."""
+    script = ScriptDirectory.from_config(alembic_config(connection))
+    revisions = [revision.revision for revision in reversed(list(script.walk_revisions()))]
+    schemas = {}
+    for revision in revisions:
+        command.upgrade(alembic_config(connection), revision)
+        schemas[f"up {revision}"] = _schema(connection)
+    for revision in reversed(revisions):
+        command.downgrade(alembic_config(connection), "-1")
+        schemas[f"down {revision}"] = _schema(connection)
+    return schemas
+
+
+def _walked(path: Path) -> dict[str, list[list[str]]]:
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as connection:
+            return _walk(connection)
+    finally:
+        engine.dispose()
+
+
+def test_every_revision_up_and_down_leaves_the_schema_it_always_left(tmp_path: Path) -> None:
+    """The revisions' SQL, step by step both ways, is the one dumped before they were rewritten (the DDL of
+    every table, index and trigger in sqlite_master): a change to how a revision is written changes no schema.
+    ``python -m tests.test_migrations`` rewrites the dump, only for a revision that is meant to change."""
+    expected = json.loads(SCHEMAS.read_text())
+    assert _walked(tmp_path / "db.sqlite") == expected
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        SCHEMAS.write_text(json.dumps(_walked(Path(folder) / "db.sqlite"), indent=1) + "\n")

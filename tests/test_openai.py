@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import io
 import json
 import socket
@@ -25,7 +24,7 @@ from dreamserve.dialects.openai.decode import OPENAI_SIZES, generation_size
 from dreamserve.projects import create_project
 from dreamserve.settings import ModelSpec, Settings
 from dreamserve.sizes import parse_size
-from tests.conftest import MODEL, SCRIPTED_SLOW, png_bytes, until
+from tests.conftest import MODEL, SCRIPTED_SLOW, LiveServer, png_bytes, until
 
 
 def _client(server: Any) -> openai.OpenAI:
@@ -39,8 +38,8 @@ def _image(b64: str | None) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64 or "")))
 
 
-def test_generate_url_and_b64(tiny: Any) -> None:
-    server = tiny
+def test_generate_url_and_b64(tiny_server: LiveServer) -> None:
+    server = tiny_server
     client = _client(server)
     result = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dusk", n=2, size="1024x1024")
     assert len(result.data or []) == 2 and all(item.url for item in result.data or [])
@@ -94,8 +93,8 @@ def test_every_size_the_openai_package_lists_is_accepted() -> None:
     assert generation_size("10x10", floor) == ("10x10", None)  # refused by Seedream's check, in its words
 
 
-def test_edit_with_several_images_url_and_b64(tiny: Any) -> None:
-    server = tiny
+def test_edit_with_several_images_url_and_b64(tiny_server: LiveServer) -> None:
+    server = tiny_server
     client = _client(server)
     images = [("a.png", png_bytes(80, 80), "image/png"), ("b.png", png_bytes(96, 64, (0, 0, 200)), "image/png")]
     result = client.images.edit(image=images, prompt="put the blue thing on the red thing", size="1024x1024")
@@ -148,8 +147,8 @@ def test_bearer_rules_and_errors_in_openai_shape(make_app: Any) -> None:
     assert error["type"] == "invalid_request_error" and error["param"] == "output_format"
 
 
-def test_key_only_project_takes_the_bare_key(tiny: Any) -> None:
-    server = tiny
+def test_key_only_project_takes_the_bare_key(tiny_server: LiveServer) -> None:
+    server = tiny_server
     other = create_project(server.settings, "key-only", signature=False)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=other.api_key, max_retries=0, http_client=server.http)
     result = client.images.generate(prompt="a red kite", size="1K")
@@ -176,36 +175,60 @@ def test_client_that_hangs_up_cancels_its_task(shared_server: Any) -> None:
 
 
 def test_synchronous_waits_are_capped_per_project(make_live: Any) -> None:
-    # No model worker: every task stays queued, so each request waits until its client hangs up.
+    # No model worker: every task stays queued, so each request waits until its client hangs up. The waiting
+    # requests are sent on raw sockets and hung up by closing them when the test is done, not by a client timeout.
     server = make_live(model={"workers": 0}, sync_max_per_project=2, sync_wait_seconds=60)
     other = create_project(server.settings, "other", signature=True)
+    waits = server.services._sync_waiting
 
-    def post(creds: Any, timeout: float) -> httpx.Response | None:
-        headers = {"Authorization": f"Bearer {creds.api_key}:{creds.api_secret}"}
+    def hold(creds: Any) -> socket.socket:
+        """A synchronous request left waiting for its answer: closing the socket hangs up."""
+        body = json.dumps({"prompt": "q"}).encode()
+        head = (
+            "POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {creds.api_key}:{creds.api_secret}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock = socket.create_connection(("127.0.0.1", server.settings.port), timeout=10)
+        sock.sendall(head.encode() + body)
+        return sock
+
+    def unanswered(sock: socket.socket) -> bool:
+        """Nothing came back on it yet (no answer, no hang-up of the server's)."""
+        sock.setblocking(False)
         try:
-            return httpx.post(
-                f"{server.url}/v1/images/generations", headers=headers, json={"prompt": "q"}, timeout=timeout
-            )
-        except httpx.ReadTimeout:
-            return None  # still waiting when the client gave up: it was let in
+            sock.recv(1)
+        except BlockingIOError:
+            return True
+        finally:
+            sock.setblocking(True)
+        return False
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        waiting = [pool.submit(post, server.creds, 6) for _ in range(2)]
-        deadline = time.monotonic() + 30
-        while len(server.post("/v1/Task/List", json={}).json()["tasklist"]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        refused = post(server.creds, 10)
-        assert refused is not None and refused.status_code == 429, refused and refused.text
-        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
-        assert "2 synchronous image requests waiting" in refused.json()["error"]["message"]
-        assert post(other, 1.5) is None, "another project has its own places"
-        assert [future.result() for future in waiting] == [None, None]
-    # The clients hung up: their tasks are cancelled and their places free again.
+    def tasks(creds: Any = None) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = server.post("/v1/Task/List", creds, json={}).json()["tasklist"]
+        return listed
+
+    waiting = [hold(server.creds) for _ in range(2)]
     project = server.creds.project_id
-    until(lambda: project not in server.services._sync_waiting, "the hung-up requests' places to free", 30)
-    listed = server.post("/v1/Task/List", json={}).json()["tasklist"]
+    until(lambda: waits.get(project) == 2 and len(tasks()) == 2, "both requests to be let in and wait", 30)
+    headers = {"Authorization": f"Bearer {server.creds.api_key}:{server.creds.api_secret}"}
+    refused = httpx.post(f"{server.url}/v1/images/generations", headers=headers, json={"prompt": "q"}, timeout=10)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
+    assert "2 synchronous image requests waiting" in refused.json()["error"]["message"]
+    theirs = hold(other)  # another project has its own places
+    until(lambda: waits.get(other.project_id) == 1 and len(tasks(other)) == 1, "the other project's request", 30)
+    assert all(unanswered(sock) for sock in [*waiting, theirs]), "let in requests wait for their task"
+    for sock in [*waiting, theirs]:
+        sock.close()
+    # The clients hung up: their tasks are cancelled and their places free again.
+    until(lambda: project not in waits, "the hung-up requests' places to free", 30)
+    listed = tasks()
     assert [task["status"] for task in listed] == ["task_cancel", "task_cancel"], listed
-    assert post(server.creds, 1.5) is None
+    again = hold(server.creds)
+    until(lambda: waits.get(project) == 1 and len(tasks()) == 3, "a freed place to let a request in", 30)
+    assert unanswered(again)
+    again.close()
 
 
 async def test_synchronous_waits_do_not_poll_the_database(tmp_path: Path) -> None:

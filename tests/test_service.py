@@ -67,10 +67,11 @@ def _app_socket_events(app: App, token: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def scripted_slow(scripted: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> App:
     """SLOW's shape on the scripted engine: 4 images a call, tasks of 4 s (400 steps of 10 ms: long enough to stop
-    one while it runs), and a model process that takes a second to start (so a test sees it restarting after a
-    kill)."""
+    one while it runs), and a replacement model process that takes a second to start (so a test sees it restarting
+    after a kill). The first one starts at once: the variable is read by each model process as it is spawned."""
+    app = scripted(steps=400, step_seconds=0.01, model={"max_pixels": 384 * 384, "max_batch": 4})
     monkeypatch.setenv("DREAMSERVE_SCRIPTED_LOAD_SECONDS", "1")
-    return scripted(steps=400, step_seconds=0.01, model={"max_pixels": 384 * 384, "max_batch": 4})
+    return app
 
 
 def test_seed_flow_files_url_socket_detail_output(tiny_server: LiveServer, receiver: Receiver) -> None:
@@ -120,8 +121,8 @@ def test_seed_flow_files_url_socket_detail_output(tiny_server: LiveServer, recei
     assert task["outputs"][0]["seed"] != task["outputs"][1]["seed"]
 
 
-def test_json_body_and_late_socket_replay(tiny: App) -> None:
-    server = tiny
+def test_json_body_and_late_socket_replay(tiny_server: LiveServer) -> None:
+    server = tiny_server
     run = server.run({"prompt": "a lighthouse", "size": "1K", "maxImages": 1, "watermark": True})
     task = server.wait(run["taskid"])
     assert task["pexit"] == "0"
@@ -198,10 +199,10 @@ def test_restart_loses_no_task(make_server: Any, monkeypatch: pytest.MonkeyPatch
     assert "was lost" in tasks[0]["debugerror"]
 
 
-def test_projects_never_see_each_other(tiny: App) -> None:
+def test_projects_never_see_each_other(tiny_server: LiveServer) -> None:
     from dreamserve.projects import create_project
 
-    server = tiny
+    server = tiny_server
     other = create_project(server.settings, "other", signature=False)
     run = server.run({"prompt": "private", "size": "1K"})
     # Key-only project: x-api-key alone is enough for it.
@@ -213,10 +214,10 @@ def test_projects_never_see_each_other(tiny: App) -> None:
     assert mine["total"] == "1" and theirs["total"] == "0"
 
 
-def test_callback_is_posted_signed_and_retried(tiny: App, receiver: Receiver) -> None:
+def test_callback_is_posted_signed_and_retried(tiny_server: LiveServer, receiver: Receiver) -> None:
     from dreamserve.signing import verify_webhook
 
-    server = tiny
+    server = tiny_server
     receiver.fail_first = 1
     fields = {
         "prompt": "callback",

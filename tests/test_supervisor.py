@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dreamserve.status import TaskStatus
+from dreamserve.worker import supervisor as supervisor_module
 from dreamserve.worker.process import adopt, prestart
 from tests.conftest import SCRIPTED, App, build_settings, open_app, png_bytes, until
 
@@ -152,3 +153,27 @@ def test_a_stubborn_task_is_killed_after_the_cancel_grace(scripted: Callable[...
     task = app.wait(taskid, timeout=10)
     assert task["status"] == TaskStatus.CANCEL, task
     until(lambda: app.workers()[0]["pid"] not in (None, pid) and app.workers()[0]["state"] == "ready", "a new child")
+
+
+def test_a_worker_closed_while_it_prepares_a_batch_gives_the_tasks_back(
+    scripted: Callable[..., App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Services.close`` closes its workers one by one, and a worker's loop may be preparing a batch meanwhile: the
+    tasks, which never reached the model process, are re-queued with their attempt given back (the fleet bench
+    saw them failed, pexit 1, as ``_send`` asserted a model process it no longer had)."""
+    app = scripted()
+    supervisor = app.services.supervisors[0]
+    real = supervisor_module.local_references
+
+    async def closed_meanwhile(*args: Any) -> Any:
+        found = await real(*args)
+        await supervisor.close()  # as the server's shutdown would, while this task is being prepared
+        return found
+
+    monkeypatch.setattr(supervisor_module, "local_references", closed_meanwhile)
+    taskid = run(app)
+    until(lambda: "Re-queued" in app.detail(taskid)["debugerror"], "the task to be given back")
+    task = app.detail(taskid)
+    assert task["status"] == TaskStatus.QUEUE and task["pexit"] == ""
+    assert task["debugerror"] == f"Re-queued: the server stopped before task {taskid} was sent to its model process.\n"
+    assert "supervisor error" not in app.log()

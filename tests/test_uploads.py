@@ -20,7 +20,7 @@ from PIL import Image
 from dreamserve.engine.runner import load_reference
 from dreamserve.errors import InvalidRequest
 from dreamserve.images import check_image
-from tests.conftest import MODEL, png_bytes
+from tests.conftest import MODEL, LiveServer, png_bytes
 
 LIMIT_BYTES = 30 * 1024 * 1024
 LIMIT_PIXELS = 36_000_000
@@ -241,9 +241,9 @@ def test_request_limits_are_enforced_before_and_while_reading(make_live: Any) ->
     assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
 
 
-def test_every_image_mode_produces_an_image(tiny: Any) -> None:
+def test_every_image_mode_produces_an_image(tiny_server: LiveServer) -> None:
     """Rotated JPEG first: with size 1K the output takes its upright (portrait) aspect."""
-    server = tiny
+    server = tiny_server
     files = [("inputImage", (name, make(), "application/octet-stream")) for name, make in KINDS.items()]
     files[0] = ("inputImage", ("rotated.jpg", rotated_jpeg(1200, 600), "image/jpeg"))
     run = server.run(data={"prompt": "all kinds", "size": "1K"}, files=files)

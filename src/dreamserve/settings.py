@@ -282,6 +282,9 @@ class Settings(BaseSettings):
     loop_stale_seconds: float = Field(default=60.0, gt=0)
     #: Every so often the API gives the free memory inside its heap back to the system (``malloc.py``); 0 = never.
     release_memory_seconds: float = Field(default=30.0, ge=0)
+    #: Once ``serve`` has started, its heap is frozen out of the garbage collector's scans and young collections
+    #: come less often (``gcpause.py``); false: CPython's defaults.
+    gc_pause: bool = True
 
     #: How long ``/v1/images/*`` (OpenAI's synchronous shape) waits for its task before answering an error
     #: that names the task, which keeps running and can be followed with Task/Detail.

@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import select
@@ -40,6 +40,7 @@ from dreamserve.sizes import parse_size
 
 _FILE_ROUTE = re.compile(r"^/v1/File/([^/]+)/([^/]+)$")
 REFERENCES = Field.REFERENCES
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,23 @@ async def submit(services: Services, project: Project, slug: str, request: RunRe
     """
     sources = await _read_own_files(services, request.references)
     uploads = [source for source in sources if isinstance(source, Upload)]
-    claim = await asyncio.to_thread(check_bytes, uploads, services.settings.max_input_pixels)
+    claim = await _decoding(uploads, check_bytes, uploads, services.settings.max_input_pixels)
     with services.reference_budget.claim(claim):
-        # Off the event loop: checking uploads decodes them (bounded by max_input_pixels).
-        references = await asyncio.to_thread(_check_references, services.settings, sources)
+        references = await _decoding(uploads, _check_references, services.settings, sources)
         first = next((r for r in references if r.url is None), None)
         size = parse_size(request.size, (first.width, first.height) if first else None, services.settings.min_pixels)
         await _check_urls(services, references)
         inputs, stored = _inputs(project, references)
         return await _store(services, project, slug, request, _job(request, size, stored), inputs)
+
+
+async def _decoding(uploads: Sequence[Upload], check: Callable[..., T], *args: Any) -> T:
+    """``check(*args)`` off the event loop when there are uploads (checking them decodes them, bounded by
+    max_input_pixels); with none (URLs and stored images are checked from their rows) at once, sparing a Run two
+    hops to a thread and back."""
+    if not uploads:
+        return check(*args)
+    return await asyncio.to_thread(check, *args)
 
 
 def _check_references(settings: Settings, sources: Sequence[Source]) -> list[Reference]:

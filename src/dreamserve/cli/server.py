@@ -119,7 +119,7 @@ def serve(
     _banner(settings, creds.api_key, creds.api_secret if created else None, creds.api_secret is None)
     _raise_open_file_limit()
     # The hook runs from the app's startup, inside server.run(): ``server`` is bound by then.
-    app = create_app(settings, on_start=lambda services: _announce(services, server, started))
+    app = create_app(settings, on_start=lambda services: _started(services, server, started))
     server = uvicorn.Server(uvicorn_config(app, settings, certfile, keyfile))
     server.run()
 
@@ -245,6 +245,15 @@ def _banner(settings: Settings, key: str, new_secret: str | None, key_only: bool
         out("The model is `tiny`: random weights built in code, so its images are noise by design.")
         out(f"Real weights (FLUX.2 [klein] 4B, Apache-2.0; best on a GPU):\n\n  {cli} pull flux2-klein-4b")
         out(f"  {cli} serve --model flux2-klein-4b\n")
+
+
+async def _started(services: Services, server: Any, started: float) -> None:
+    """Once the services are up: the collector set for serving (``gcpause.py``), then the announcement."""
+    if services.settings.gc_pause:
+        from dreamserve import gcpause
+
+        gcpause.pause_after_startup()
+    await _announce(services, server, started)
 
 
 async def _announce(services: Services, server: Any, started: float) -> None:

@@ -11,11 +11,13 @@ the key into a project that asked for signatures.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from dreamserve.api.deps import ServicesDep, check_rate
@@ -79,6 +81,48 @@ _REQUEST_KINDS: tuple[tuple[type[DreamError], ErrorKind], ...] = (
 def retry_after(exc: DreamError) -> dict[str, str] | None:
     """The ``Retry-After`` header of a rate limit; None for any other error."""
     return {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+
+
+#: What a dialect's body says of a kind of error besides its status (Ark's code and type, Replicate's title).
+Label = TypeVar("Label")
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """What an error body is drawn from: the error, its message and field at fault in the dialect's names, and
+    the status it is answered with."""
+
+    exc: DreamError
+    message: str
+    param: str | None
+    status: int
+
+
+@dataclass(frozen=True)
+class Ladder(Generic[Label]):
+    """One dialect's translation of our error tree: the status and label of each kind of error, and its body."""
+
+    #: The dialect's wire name of each field the core names.
+    names: Mapping[str, str]
+    kinds: Mapping[ErrorKind, tuple[int, Label]]
+    #: A server error keeps its own status.
+    server: Label
+    #: Any kind ``kinds`` leaves out, from the error and its field at fault.
+    other: Callable[[DreamError, str | None], tuple[int, Label]]
+    body: Callable[[Drawn, Label], object]
+    media_type: str | None = None
+
+
+def render_error(exc: DreamError, ladder: Ladder[Label]) -> JSONResponse:
+    """``exc`` in a dialect's status, body and headers (``Retry-After`` of a rate limit)."""
+    message, param = exc.named(ladder.names)
+    kind = error_kind(exc)
+    if kind is ErrorKind.SERVER:
+        status, label = exc.http_status, ladder.server
+    else:
+        status, label = ladder.kinds.get(kind) or ladder.other(exc, param)
+    body = ladder.body(Drawn(exc, message, param, status), label)
+    return JSONResponse(body, status_code=status, headers=retry_after(exc), media_type=ladder.media_type)
 
 
 def error_route(render: Callable[[DreamError], Response]) -> type[APIRoute]:

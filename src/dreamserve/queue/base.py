@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dreamserve.queue.db import Task
+from dreamserve.queue.db import Task, WebhookDelivery
 from dreamserve.queue.events import Hub
 from dreamserve.queue.keyring import ServerKey
 from dreamserve.queue.quotas import StorageQuota
+from dreamserve.queue.writes import Writes
 
 if TYPE_CHECKING:
     from dreamserve.queue.reads import Reads
@@ -40,6 +41,8 @@ class Outbox(Protocol):
     async def event(self, session: AsyncSession, task: Task, event_type: str, now: float) -> None: ...
 
     def refused(self, session: AsyncSession, task_id: int, url: str, reason: str, now: float) -> None: ...
+
+    def refused_row(self, task_id: int, url: str, reason: str, now: float) -> WebhookDelivery: ...
 
 
 class Fallback(Exception):
@@ -84,6 +87,8 @@ class StoreBase:
         self.sessions = sessions
         #: The hot point reads taken directly on SQLite (``reads.py``); None: every read is a session's.
         self.reads = reads
+        #: A Run's rows written in one hop on SQLite (``writes.py``); None: the session path (PostgreSQL).
+        self.writes = Writes.of(sessions, keys)
         self.hub = hub
         self.keys = keys
         #: Where the bytes of the task files live: inputs of failed and cancelled tasks are deleted at their end.

@@ -406,6 +406,11 @@ class WriteGate:
 
     def finish(self, ticket: int) -> None:
         self._holders.pop(ticket, None)
+        self.release(ticket)
+
+    def release(self, ticket: int) -> None:
+        """The turn passes on (any thread: a writer that commits in the connection's thread hands it over there,
+        ``queue/writes.py``); ``finish`` on the event loop afterwards is then a no-op but for the holder."""
         with self._turns:
             if self._granted == ticket:
                 self._granted = heapq.heappop(self._waiting)[1] if self._waiting else None

@@ -48,17 +48,26 @@ async def check_storage(session: AsyncSession, project_id: int, quota: StorageQu
     await lock_project(session, project_id)
     query = select(func.count(File.id), func.coalesce(func.sum(cast(File.size, BigInteger)), 0))
     files, stored = (await session.execute(query.where(File.project_id == project_id))).one()
+    refusal = storage_refusal(quota, files, int(stored), size, count)
+    if refusal is not None:
+        raise refusal
+
+
+def storage_refusal(quota: StorageQuota, files: int, stored: int, size: int, count: int) -> StorageFull | None:
+    """Why ``count`` more files of ``size`` bytes cannot join the project's ``files`` of ``stored`` bytes; None
+    when they fit (every path that stores a Run's inputs refuses with these words)."""
     if quota.max_files and files + count > quota.max_files:
-        raise StorageFull(
+        return StorageFull(
             f"Storage full: this project stores {files:,} files and may store {quota.max_files:,} "
             "(max_project_files). Delete some (File/Delete, File/FolderDelete, Task/InputOutputDelete) first."
         )
-    if quota.max_bytes and int(stored) + size > quota.max_bytes:
-        raise StorageFull(
-            f"Storage full: this project stores {int(stored):,} bytes, this adds {size:,} and the limit is "
+    if quota.max_bytes and stored + size > quota.max_bytes:
+        return StorageFull(
+            f"Storage full: this project stores {stored:,} bytes, this adds {size:,} and the limit is "
             f"{quota.max_bytes:,} (max_project_bytes). Delete some files (File/Delete, File/FolderDelete, "
             "Task/InputOutputDelete) first."
         )
+    return None
 
 
 async def count_task(session: AsyncSession, project_id: int, quota: Quota | None, pixels: int) -> None:
@@ -76,19 +85,28 @@ async def count_task(session: AsyncSession, project_id: int, quota: Quota | None
     counted = (await session.execute(stmt)).one_or_none()
     if quota is None or counted is None:
         return
-    count, queued = counted[0] - 1, int(counted[1]) - pixels  # the project's figures before this task
+    refusal = task_refusal(quota, counted[0], int(counted[1]), pixels)
+    if refusal is not None:
+        raise refusal
+
+
+def task_refusal(quota: Quota, counted: int, counted_pixels: int, pixels: int) -> QuotaExceeded | None:
+    """Why a new task of ``pixels`` work takes its project past ``quota``, from the project's counters with the
+    task counted (what the counting UPDATE returns); None when it fits."""
+    count, queued = counted - 1, counted_pixels - pixels  # the project's figures before this task
     if quota.max_tasks and count + 1 > quota.max_tasks:
-        raise QuotaExceeded(
+        return QuotaExceeded(
             f"Concurrency limit reached: this project has {count} unfinished tasks and may have "
             f"{quota.max_tasks} (max_queued_tasks). Send this task again when some of them have ended."
         )
     if quota.max_megapixels and (queued + pixels) / 1e6 > quota.max_megapixels:
-        raise QuotaExceeded(
+        return QuotaExceeded(
             f"Concurrency limit reached: this project's unfinished tasks add up to {queued / 1e6:,.0f} "
             f"megapixels (images x width x height) and this one to {pixels / 1e6:,.0f}; the limit is "
             f"{quota.max_megapixels:,.0f} (max_queued_megapixels). Ask for fewer or smaller images, or send "
             "it again when some of them have ended."
         )
+    return None
 
 
 async def release_task(session: AsyncSession, task: Task) -> None:

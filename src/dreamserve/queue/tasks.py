@@ -18,6 +18,7 @@ from dreamserve.queue.events import Event
 from dreamserve.queue.files import add_files
 from dreamserve.queue.keyring import digest, new_salt
 from dreamserve.queue.quotas import Quota, check_storage, count_task
+from dreamserve.queue.writes import NewTask
 from dreamserve.status import TaskStatus
 
 #: Task/List's sort keys (Wiro sends ``sort: "id"``); ties are broken by id.
@@ -52,29 +53,47 @@ class Tasks(StoreBase):
         carries the note through to the worker's output).
         """
         now = time.time()
+        task = Task(
+            project_id=project_id,
+            token_salt=new_salt(),
+            model=model,
+            status=TaskStatus.QUEUE,
+            priority=priority,
+            parameters={},  # legacy: Task/Detail renders new rows' request from their job
+            job=job.dump(),
+            width=job.width,
+            height=job.height,
+            num_images=job.num_images,
+            has_inputs=bool(job.references),
+            inputs_ready=job.inputs_ready,
+            callback_url=callback_url,
+            callback_events=list(callback_events),
+            details=TaskDetails(),
+            createtime=now,
+            debugoutput="\n".join(job.notes),
+        )
+        row = TaskEvent(type=TaskStatus.QUEUE, message=None, created=now)
+        if self.writes is not None:  # SQLite: the same rows in one hop to the connection's thread
+            refused = None if refused_callback is None else self.outbox.refused_row(0, *refused_callback, now)
+            await self.writes.create(NewTask(task, inputs, quota, self.storage, refused, row))
+        else:
+            await self._create_in_session(task, inputs, quota, refused_callback, row)
+        await self.hub.publish(Event(row.id, task.id, row.type, None))
+        return task
+
+    async def _create_in_session(
+        self,
+        task: Task,
+        inputs: Sequence[File],
+        quota: Quota | None,
+        refused_callback: tuple[str, str] | None,
+        row: TaskEvent,
+    ) -> None:
+        """``create``'s rows through the ORM session (PostgreSQL; ``writes.Writes`` writes the same on SQLite)."""
         async with self.sessions.begin() as session:
-            await count_task(session, project_id, quota, job.work)
+            await count_task(session, task.project_id, quota, task.num_images * task.width * task.height)
             if inputs:
-                await check_storage(session, project_id, self.storage, sum(f.size for f in inputs), len(inputs))
-            task = Task(
-                project_id=project_id,
-                token_salt=new_salt(),
-                model=model,
-                status=TaskStatus.QUEUE,
-                priority=priority,
-                parameters={},  # legacy: Task/Detail renders new rows' request from their job
-                job=job.dump(),
-                width=job.width,
-                height=job.height,
-                num_images=job.num_images,
-                has_inputs=bool(job.references),
-                inputs_ready=job.inputs_ready,
-                callback_url=callback_url,
-                callback_events=list(callback_events),
-                details=TaskDetails(),
-                createtime=now,
-                debugoutput="\n".join(job.notes),
-            )
+                await check_storage(session, task.project_id, self.storage, sum(f.size for f in inputs), len(inputs))
             session.add(task)
             await session.flush()
             task.token_digest = digest(self.keys.token(task))
@@ -82,13 +101,10 @@ class Tasks(StoreBase):
                 file.task_id = task.id
             await add_files(session, self.keys, inputs)
             if refused_callback is not None:
-                self.outbox.refused(session, task.id, *refused_callback, now)
-            row = TaskEvent(task_id=task.id, type=TaskStatus.QUEUE, message=None, created=now)
+                self.outbox.refused(session, task.id, *refused_callback, row.created)
+            row.task_id = task.id
             session.add(row)
             await session.flush()
-            event = Event(row.id, task.id, row.type, None)
-        await self.hub.publish(event)
-        return task
 
     async def get(self, *, project_id: int, taskid: int | None = None, token: str | None = None) -> Task | None:
         if taskid is None and token is None:

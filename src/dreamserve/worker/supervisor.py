@@ -402,20 +402,24 @@ class Supervisor:
         return [entry for entry in self.running.values() if not entry.settled]
 
     async def _send(self, live: list[RunningTask]) -> bool:
-        """Hand the prepared tasks to the model process; False (and the tasks re-queued) if it had died."""
-        assert self.child is not None
+        """Hand the prepared tasks to the model process; False (and the tasks re-queued) if it had died, or if
+        the server closed this worker while they were prepared."""
+        child = self.child
+        if child is None:
+            # ``close`` (the server stopping: ``Services.close`` closes its workers one by one) took the process
+            # while this batch was prepared: nothing ran, so the tasks run again, here at the next start or on a
+            # worker still open. Asserted before, which failed every task of the batch.
+            await self._give_back(live, "the server stopped before task {id} was sent to its model process")
+            return False
         jobs = tuple(entry.job for entry in live if entry.job is not None)
         # The stop event is cleared here, before the work is sent, never by the child when it begins: a cancel
         # that came between the send and the child's start would otherwise be wiped, and the task run to the end.
-        self.child.stop_event.clear()
+        child.stop_event.clear()
         try:
-            self.child.send(Run(jobs[0]) if len(jobs) == 1 else RunGroup(jobs))
+            child.send(Run(jobs[0]) if len(jobs) == 1 else RunGroup(jobs))
         except OSError:
             # The model process died before it was given the work: nothing ran, so the tasks run again.
-            for entry in live:
-                if entry.settle():
-                    note = f"Re-queued: the model process had exited before task {entry.id} was sent to it.\n"
-                    await self.store.requeue(entry.id, note, self.worker_id, refund=True)
+            await self._give_back(live, "the model process had exited before task {id} was sent to it")
             await self._respawn("a crash")
             return False
         for index, entry in enumerate(live):
@@ -426,6 +430,13 @@ class Supervisor:
                 stop, entry.stop = entry.stop, None
                 await self.stop(entry.id, stop)
         return True
+
+    async def _give_back(self, live: list[RunningTask], why: str) -> None:
+        """Re-queue prepared tasks that never reached the model process; the attempt is not theirs (refunded)."""
+        for entry in live:
+            if entry.settle():
+                note = f"Re-queued: {why.format(id=entry.id)}.\n"
+                await self.store.requeue(entry.id, note, self.worker_id, refund=True)
 
     async def _prepare(self, entry: RunningTask, scratch: Path) -> bool:
         """Inputs on local disk and the job built; False if the task ended instead."""

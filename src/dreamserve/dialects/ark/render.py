@@ -17,7 +17,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from dreamserve.dialects.ark.decode import NAMES, ArkRequest
-from dreamserve.dialects.common import ErrorKind, error_kind, retry_after
+from dreamserve.dialects.common import Drawn, ErrorKind, Ladder, render_error
 from dreamserve.errors import DreamError, InvalidField, InvalidState, TaskFailed
 from dreamserve.fileurls import expires, file_url
 from dreamserve.queue.db import File, Task
@@ -29,27 +29,30 @@ from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 PIXELS_PER_TOKEN = 256
 
 
+def _ark_body(drawn: Drawn, code: str, type_: str) -> dict[str, object]:
+    return {"error": {"code": code, "message": drawn.message, "param": drawn.param or "", "type": type_}}
+
+
 #: Ark's status, error code and type for each kind of error. Not 5xx for a task that did not complete: SDKs retry
 #: those, and a retry would queue a second task.
-_ARK = {
-    ErrorKind.AUTH: (401, "AuthenticationError", "Unauthorized"),
-    ErrorKind.RATE: (429, "RateLimitExceeded", "TooManyRequests"),
-    ErrorKind.NOT_FOUND: (404, "InvalidEndpointOrModel.NotFound", "NotFound"),
-    ErrorKind.STATE: (400, "TaskNotCompleted", "BadRequest"),
-    ErrorKind.TOO_LARGE: (413, "InvalidParameter", "BadRequest"),
-}
+ARK: Ladder[tuple[str, str]] = Ladder(
+    names=NAMES,
+    kinds={
+        ErrorKind.AUTH: (401, ("AuthenticationError", "Unauthorized")),
+        ErrorKind.RATE: (429, ("RateLimitExceeded", "TooManyRequests")),
+        ErrorKind.NOT_FOUND: (404, ("InvalidEndpointOrModel.NotFound", "NotFound")),
+        ErrorKind.STATE: (400, ("TaskNotCompleted", "BadRequest")),
+        ErrorKind.TOO_LARGE: (413, ("InvalidParameter", "BadRequest")),
+    },
+    server=("InternalServiceError", "InternalServerError"),
+    other=lambda exc, _: (max(400, exc.http_status), ("InvalidParameter", "BadRequest")),
+    body=lambda drawn, label: _ark_body(drawn, *label),
+)
 
 
 def ark_error(exc: DreamError) -> JSONResponse:
     """The translation of our error tree into Ark's status codes and error body."""
-    message, param = exc.named(NAMES)
-    kind = error_kind(exc)
-    if kind is ErrorKind.SERVER:
-        status, code, kind_name = exc.http_status, "InternalServiceError", "InternalServerError"
-    else:
-        status, code, kind_name = _ARK.get(kind, (max(400, exc.http_status), "InvalidParameter", "BadRequest"))
-    body = {"error": {"code": code, "message": message, "param": param or "", "type": kind_name}}
-    return JSONResponse(body, status_code=status, headers=retry_after(exc))
+    return render_error(exc, ARK)
 
 
 async def answer(services: Services, task: Task, ask: ArkRequest) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from dreamserve.dialects.common import ErrorKind, error_kind, retry_after
+from dreamserve.dialects.common import Drawn, ErrorKind, Ladder, render_error
 from dreamserve.dialects.fal.decode import ALIAS, NAMES, OWNER
 from dreamserve.errors import DreamError, InvalidField, InvalidRequest, InvalidState, TaskFailed
 from dreamserve.facts import ImageReport, Progress
@@ -27,32 +27,34 @@ from dreamserve.request import Field
 from dreamserve.services import Services
 from dreamserve.status import FINAL, LABELS, FileRole, Frame, Pexit, TaskStatus
 
-#: fal's status for each kind of error; a field error (and any other invalid request) is FastAPI's 422.
-_STATUS = {
-    ErrorKind.AUTH: 401,
-    ErrorKind.RATE: 429,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.TOO_LARGE: 413,
-    ErrorKind.STORAGE: 400,
-    ErrorKind.STATE: 400,
-}
+
+def _detail(drawn: Drawn, listed: bool) -> dict[str, object]:
+    """fal's body: the message, or for an invalid request FastAPI's list of field errors."""
+    loc = ["body", *([drawn.param] if drawn.param else [])]
+    return {"detail": [{"loc": loc, "msg": drawn.message, "type": "value_error"}] if listed else drawn.message}
+
+
+#: fal's status for each kind of error (its label: whether the detail is a list of field errors); a field error
+#: (and any other invalid request) is FastAPI's 422.
+FAL: Ladder[bool] = Ladder(
+    names=NAMES,
+    kinds={
+        ErrorKind.AUTH: (401, False),
+        ErrorKind.RATE: (429, False),
+        ErrorKind.NOT_FOUND: (404, False),
+        ErrorKind.TOO_LARGE: (413, False),
+        ErrorKind.STORAGE: (400, False),
+        ErrorKind.STATE: (400, False),
+    },
+    server=False,
+    other=lambda exc, _: (422, True) if isinstance(exc, InvalidRequest) else (max(400, exc.http_status), False),
+    body=_detail,
+)
 
 
 def fal_error(exc: DreamError) -> JSONResponse:
     """The translation of our error tree into fal's statuses and bodies."""
-    message, param = exc.named(NAMES)
-    kind = error_kind(exc)
-    detail: Any = message
-    if kind is ErrorKind.SERVER:
-        status = exc.http_status
-    elif kind in _STATUS:
-        status = _STATUS[kind]
-    elif isinstance(exc, InvalidRequest):
-        status = 422
-        detail = [{"loc": ["body", *([param] if param else [])], "msg": message, "type": "value_error"}]
-    else:
-        status = max(400, exc.http_status)
-    return JSONResponse({"detail": detail}, status_code=status, headers=retry_after(exc))
+    return render_error(exc, FAL)
 
 
 def request_urls(base_url: str, task_id: int) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from dreamserve.dialects.common import ErrorKind, error_kind, retry_after
+from dreamserve.dialects.common import Drawn, ErrorKind, Ladder, render_error
 from dreamserve.dialects.openai.decode import NAMES, OpenAIRequest
 from dreamserve.errors import (
     DreamError,
@@ -24,27 +24,31 @@ from dreamserve.queue.db import Task
 from dreamserve.services import Services
 from dreamserve.status import FINAL, FileRole, Pexit, TaskStatus
 
+
+def _openai_body(drawn: Drawn, type_: str, code: str | None) -> dict[str, object]:
+    return {"error": {"message": drawn.message, "type": type_, "param": drawn.param, "code": code}}
+
+
 #: OpenAI's status, error type and code for each kind of error. Not 5xx for a task that did not complete: OpenAI
 #: clients retry those, and a retry would queue a second task.
-_OPENAI: dict[ErrorKind, tuple[int, str, str | None]] = {
-    ErrorKind.AUTH: (401, "invalid_request_error", "invalid_api_key"),
-    ErrorKind.RATE: (429, "requests", "rate_limit_exceeded"),
-    ErrorKind.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
-    ErrorKind.TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
-    ErrorKind.STATE: (400, "invalid_request_error", "task_not_completed"),
-}
+OPENAI: Ladder[tuple[str, str | None]] = Ladder(
+    names=NAMES,
+    kinds={
+        ErrorKind.AUTH: (401, ("invalid_request_error", "invalid_api_key")),
+        ErrorKind.RATE: (429, ("requests", "rate_limit_exceeded")),
+        ErrorKind.NOT_FOUND: (404, ("invalid_request_error", "model_not_found")),
+        ErrorKind.TOO_LARGE: (413, ("invalid_request_error", "request_too_large")),
+        ErrorKind.STATE: (400, ("invalid_request_error", "task_not_completed")),
+    },
+    server=("server_error", None),
+    other=lambda _, param: (400, ("invalid_request_error", "invalid_value" if param else None)),
+    body=lambda drawn, label: _openai_body(drawn, *label),
+)
 
 
 def openai_error(exc: DreamError) -> JSONResponse:
     """The translation of our error tree into OpenAI's status codes and error body."""
-    message, param = exc.named(NAMES)
-    kind = error_kind(exc)
-    if kind is ErrorKind.SERVER:
-        status, type_, code = exc.http_status, "server_error", None
-    else:
-        status, type_, code = _OPENAI.get(kind, (400, "invalid_request_error", "invalid_value" if param else None))
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=retry_after(exc))
+    return render_error(exc, OPENAI)
 
 
 async def answer(services: Services, task: Task, ask: OpenAIRequest) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from dreamserve.dialects.common import ErrorKind, error_kind, retry_after
+from dreamserve.dialects.common import Drawn, ErrorKind, Ladder, render_error
 from dreamserve.dialects.replicate.decode import NAMES
 from dreamserve.dialects.replicate.schema import VERSION
 from dreamserve.errors import (
@@ -36,31 +36,36 @@ DEFAULT_MODEL_NAME = "bytedance/seedream-4"
 BAR_WIDTH = 10
 
 
+def _problem(drawn: Drawn, title: str) -> dict[str, object]:
+    """Replicate's problem details; a field error names the field first in ``detail``."""
+    exc = drawn.exc
+    detail = f"{drawn.param}: {exc.reason}" if isinstance(exc, InvalidField) else drawn.message
+    return {"title": title, "detail": detail, "status": drawn.status}
+
+
 #: Replicate's status and problem title for each kind of error.
-_REPLICATE = {
-    ErrorKind.AUTH: (401, "Unauthenticated"),
-    ErrorKind.RATE: (429, "Too many requests"),
-    ErrorKind.NOT_FOUND: (404, "Not found"),
-    ErrorKind.TOO_LARGE: (413, "Request too large"),
-    ErrorKind.STORAGE: (507, "Insufficient storage"),
-    ErrorKind.STATE: (409, "Conflict"),
-    ErrorKind.FIELD: (422, "Input validation failed"),
-}
+REPLICATE: Ladder[str] = Ladder(
+    names=NAMES,
+    kinds={
+        ErrorKind.AUTH: (401, "Unauthenticated"),
+        ErrorKind.RATE: (429, "Too many requests"),
+        ErrorKind.NOT_FOUND: (404, "Not found"),
+        ErrorKind.TOO_LARGE: (413, "Request too large"),
+        ErrorKind.STORAGE: (507, "Insufficient storage"),
+        ErrorKind.STATE: (409, "Conflict"),
+        ErrorKind.FIELD: (422, "Input validation failed"),
+    },
+    server="Internal server error",
+    other=lambda _exc, _param: (400, "Bad request"),
+    body=_problem,
+    media_type="application/problem+json",
+)
 
 
 def replicate_error(exc: DreamError) -> JSONResponse:
     """Our error tree as Replicate's problem details (``title``, ``detail``, ``status``), which its client raises
-    as ``ReplicateError`` with those fields; a field error names the field first in ``detail``."""
-    message, param = exc.named(NAMES)
-    kind = error_kind(exc)
-    if kind is ErrorKind.SERVER:
-        status, title = exc.http_status, "Internal server error"
-    else:
-        status, title = _REPLICATE.get(kind, (400, "Bad request"))
-    if isinstance(exc, InvalidField):
-        message = f"{param}: {exc.reason}"
-    body = {"title": title, "detail": message, "status": status}
-    return JSONResponse(body, status_code=status, headers=retry_after(exc), media_type="application/problem+json")
+    as ``ReplicateError`` with those fields."""
+    return render_error(exc, REPLICATE)
 
 
 def status_of(task: Task) -> str:

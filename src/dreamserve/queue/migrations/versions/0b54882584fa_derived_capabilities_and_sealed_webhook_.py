@@ -11,15 +11,12 @@ Create Date: 2026-12-01 22:26:36.228060
 """
 
 import hashlib
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0b54882584fa"
-down_revision: str | None = "c4e1f0a7d2b3"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0b54882584fa"
+down_revision = "c4e1f0a7d2b3"
 
 
 def _digest(value: str) -> str:

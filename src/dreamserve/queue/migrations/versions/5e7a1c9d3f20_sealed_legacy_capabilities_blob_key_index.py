@@ -11,15 +11,11 @@ Revises: 0b54882584fa
 Create Date: 2026-12-07 07:20:00.000000
 """
 
-from collections.abc import Sequence
-
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "5e7a1c9d3f20"
-down_revision: str | None = "0b54882584fa"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "5e7a1c9d3f20"
+down_revision = "0b54882584fa"
 
 
 def upgrade() -> None:

@@ -11,15 +11,12 @@ false), as a new one would be.
 """
 
 import json
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "c4e1f0a7d2b3"
-down_revision: str | None = "9bc1bd1e81df"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "c4e1f0a7d2b3"
+down_revision = "9bc1bd1e81df"
 
 
 def upgrade() -> None:

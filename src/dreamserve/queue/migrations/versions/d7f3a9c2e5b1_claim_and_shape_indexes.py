@@ -10,14 +10,10 @@ Revises: 5e7a1c9d3f20
 Create Date: 2026-12-07 10:00:00.000000
 """
 
-from collections.abc import Sequence
-
 from alembic import op
 
-revision: str = "d7f3a9c2e5b1"
-down_revision: str | None = "5e7a1c9d3f20"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "d7f3a9c2e5b1"
+down_revision = "5e7a1c9d3f20"
 
 CLAIM = ["status", "model", "inputs_ready", "priority", "project_id", "id"]
 SHAPE = ["status", "model", "inputs_ready", "has_inputs", "width", "height", "priority", "project_id", "id"]

@@ -11,15 +11,11 @@ Revises: d7f3a9c2e5b1
 Create Date: 2026-12-07 16:00:00.000000
 """
 
-from collections.abc import Sequence
-
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "e1a2b3c4d5f6"
-down_revision: str | None = "d7f3a9c2e5b1"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "e1a2b3c4d5f6"
+down_revision = "d7f3a9c2e5b1"
 
 CLAIMABLE = "{row}.status = 'task_queue' AND {row}.inputs_ready"
 KEY = "model = {row}.model AND priority = {row}.priority AND project_id = {row}.project_id AND bucket = {row}.id >> 8"

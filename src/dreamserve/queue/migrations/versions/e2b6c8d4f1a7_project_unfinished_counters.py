@@ -6,15 +6,11 @@ Revises: e1a2b3c4d5f6
 Create Date: 2026-12-07 16:10:00.000000
 """
 
-from collections.abc import Sequence
-
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "e2b6c8d4f1a7"
-down_revision: str | None = "e1a2b3c4d5f6"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "e2b6c8d4f1a7"
+down_revision = "e1a2b3c4d5f6"
 
 UNFINISHED = "tasks.project_id = projects.id AND tasks.status NOT IN ('task_postprocess_end', 'task_cancel')"
 
