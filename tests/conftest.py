@@ -652,7 +652,9 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 #: per step; words in the prompt make it crash, fail or ignore stops.
 SCRIPTED = "tests.scripted_engine:ScriptedEngine"
 #: The tiny model generating at 64x64 (larger sizes are upscaled): what most end-to-end tests need (``tiny_server``).
-TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}}
+#: Files are kept a day, as long as Ark's links last, so URLs carry when they expire (test_ark); no other user of
+#: the tiny server reads an expiry.
+TINY: dict[str, Any] = {"model": {"max_pixels": 64 * 64}, "retention_seconds": 86400}
 #: 384x384 in 60 steps: tasks long enough to cancel or kill while they run (test_service, test_openai); a task
 #: that only has to finish asks for a small size (64x64 is allowed) and takes a fraction of that.
 SLOW: dict[str, Any] = {"model": {"max_pixels": 384 * 384, "steps": 60, "max_batch": 4}, "min_pixels": 64 * 64}

@@ -1,6 +1,6 @@
 """ByteDance's Ark images API at ``/api/v3``, driven by ByteDance's own SDK (``volcengine-ark-runtime``) and the
-OpenAI SDK against the in-process app (the SDKs over its ASGI client) with the tiny pipeline, and against a real
-server where a client hangs up on a stream or holds one open; the BytePlus SDK runs too when it is installed."""
+OpenAI SDK against the session's tiny server (``tiny_server``: the tiny pipeline, over its socket), and against a
+real server where a client hangs up on a stream or holds one open; the BytePlus SDK runs too when it is installed."""
 
 from __future__ import annotations
 
@@ -32,34 +32,29 @@ from dreamserve.api.app import create_app
 from dreamserve.projects import create_project
 from dreamserve.queue.db import File
 from dreamserve.settings import ModelSpec, Settings
-from tests.conftest import MODEL, SCRIPTED, App, LiveServer, Receiver, open_app, png_bytes, start_live, until
+from tests.conftest import MODEL, SCRIPTED, TINY, LiveServer, Receiver, png_bytes, start_live
 
 MODEL_ID = "seedream-4-0-250828"
-RETENTION = 86400
+#: ``TINY``'s: files are kept a day, as long as Ark's links last, so URLs carry when they expire.
+RETENTION = TINY["retention_seconds"]
 
 
-#: One image per pipeline call, so a group's images are saved (and streamed) one after another; files are kept a
-#: day, as long as Ark's links last, so URLs carry when they expire.
-OPTIONS: dict[str, Any] = {"model": {"max_pixels": 64 * 64, "max_batch": 1}, "retention_seconds": RETENTION}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    app = open_app(tmp_path_factory.mktemp("ark"), **json.loads(json.dumps(OPTIONS)))
+@pytest.fixture
+def server(tiny_server: LiveServer) -> Iterator[LiveServer]:
+    """The session's tiny server (no model process of this module's own to start), through a project of the
+    test's own; the SDK clients the test made are closed when it ends."""
     try:
-        until(lambda: app.http.get("/readyz").status_code == 200, "the model process", 300)
-        yield app
+        yield tiny_server
     finally:
-        for client in _CLIENTS:
-            client.close()
-        app.close()
+        while _CLIENTS:
+            _CLIENTS.pop().close()
 
 
 @pytest.fixture(scope="module")
 def streaming(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """A real socket for the clients that hang up on a stream (a socket closing), its model process the scripted
     engine (no model load): one image per call of 8 steps of 50 ms, saved (and streamed) one after another."""
-    model = {**OPTIONS["model"], "engine": SCRIPTED, "steps": 8}
+    model = {**TINY["model"], "max_batch": 1, "engine": SCRIPTED, "steps": 8}
     env = {"DREAMSERVE_SCRIPTED_STEP_SECONDS": "0.05", "DREAMSERVE_SCRIPTED_PER_CALL": "1"}
     server = start_live(tmp_path_factory, model=model, retention_seconds=RETENTION, env=env)
     try:
@@ -68,7 +63,7 @@ def streaming(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         server.stop()
 
 
-#: SDK clients made by the tests, closed with the server (an open connection is a ResourceWarning).
+#: SDK clients made by a test, closed when it ends (an open connection is a ResourceWarning).
 _CLIENTS: list[Any] = []
 
 
@@ -78,11 +73,10 @@ def _opened(client: Any) -> Any:
 
 
 def _ark(server: Any, key: str | None = None) -> Ark:
-    """Ark's SDK over the tier's own HTTP client: the ASGI app for an app, its own sockets for a server."""
+    """Ark's SDK over its own sockets to the live server."""
     creds = server.creds
     api_key = key or f"{creds.api_key}:{creds.api_secret}"
-    http = server.sdk_http() if isinstance(server, App) else None
-    return _opened(Ark(base_url=f"{server.url}/api/v3", api_key=api_key, max_retries=0, http_client=http))
+    return _opened(Ark(base_url=f"{server.url}/api/v3", api_key=api_key, max_retries=0))
 
 
 def _bearer(server: Any) -> dict[str, str]:
@@ -95,7 +89,7 @@ def _picture(data: bytes) -> Image.Image:
     return image
 
 
-def _fetched(server: App, url: str) -> Image.Image:
+def _fetched(server: LiveServer, url: str) -> Image.Image:
     response = server.http.get(url)
     assert response.status_code == 200
     return _picture(response.content)
@@ -305,9 +299,7 @@ def test_input_output_delete_takes_the_images_a_cancelled_stream_sent(streaming:
 def test_openai_sdk_pointed_at_api_v3(server: Any) -> None:
     creds = server.creds
     key = f"{creds.api_key}:{creds.api_secret}"
-    client = _opened(
-        openai.OpenAI(base_url=f"{server.url}/api/v3", api_key=key, max_retries=0, http_client=server.sdk_http())
-    )
+    client = _opened(openai.OpenAI(base_url=f"{server.url}/api/v3", api_key=key, max_retries=0))
     result = client.images.generate(
         model=MODEL_ID,
         prompt="a red fox in snow",
@@ -426,9 +418,7 @@ def byteplus() -> Any:
 def test_byteplus_sdk(byteplus: Any, server: Any) -> None:
     creds = server.creds
     key = f"{creds.api_key}:{creds.api_secret}"
-    client = _opened(
-        byteplus.Ark(base_url=f"{server.url}/api/v3", api_key=key, max_retries=0, http_client=server.sdk_http())
-    )
+    client = _opened(byteplus.Ark(base_url=f"{server.url}/api/v3", api_key=key, max_retries=0))
     result = client.images.generate(model=MODEL_ID, prompt="a lighthouse", size="1280x720", response_format="b64_json")
     assert _picture(base64.b64decode(result.data[0].b64_json)).size == (1280, 720)
     events = list(client.images.generate(model=MODEL_ID, prompt="a lighthouse", size="1280x720", stream=True))

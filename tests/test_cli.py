@@ -150,10 +150,25 @@ def banner_commands(text: str) -> dict[str, str]:
     return commands
 
 
+def start_shell(command: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    pipe = subprocess.PIPE
+    return subprocess.Popen(["bash", "-c", command], env=env, cwd=cwd, stdout=pipe, stderr=pipe, text=True)
+
+
+def finish_shell(shell: subprocess.Popen[str], timeout: float = 180) -> str:
+    """The stdout of a command ``start_shell`` started, which must succeed."""
+    try:
+        stdout, stderr = shell.communicate(timeout=timeout)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+            shell.wait()
+    assert shell.returncode == 0, f"{shell.args}\nstdout: {stdout}\nstderr: {stderr}"
+    return stdout
+
+
 def run_shell(command: str, env: dict[str, str], cwd: Path, timeout: float = 180) -> str:
-    done = subprocess.run(["bash", "-c", command], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{command}\nstdout: {done.stdout}\nstderr: {done.stderr}"
-    return done.stdout
+    return finish_shell(start_shell(command, env, cwd), timeout)
 
 
 @pytest.mark.timeout(600)  # two server starts, a generation and a download: minutes on a loaded 2-core machine
@@ -165,6 +180,7 @@ def test_the_banners_commands_run_as_printed_from_another_folder(hub: Hub, tmp_p
     server = Serve(
         [sys.executable, "-m", "dreamserve", "serve", "--data-dir", str(data), "--port", str(port)], env, data.parent
     )
+    pulling: subprocess.Popen[str] | None = None
     try:
         banner = server.wait_ready()
         url = f"http://127.0.0.1:{port}"
@@ -185,6 +201,8 @@ def test_the_banners_commands_run_as_printed_from_another_folder(hub: Hub, tmp_p
         assert set(commands) == {"curl", "generate", "pull", "serve --model"}, banner
         answer = json.loads(run_shell(commands["curl"], env, elsewhere))
         assert answer["result"] is True and answer["taskid"], answer
+        # `pull` talks to the hub, not the server: it runs while the server cancels and generates.
+        pulling = start_shell(commands["pull"], env, elsewhere)
         # Its 2048x2048 task is not waited for: cancelled, so `generate`'s task does not queue behind it.
         headers = auth_headers(stored["api_key"], stored["api_secret"])
         cancel = httpx.post(f"{url}/v1/Task/Cancel", json={"taskid": answer["taskid"]}, headers=headers, timeout=30)
@@ -192,8 +210,11 @@ def test_the_banners_commands_run_as_printed_from_another_folder(hub: Hub, tmp_p
         run_shell(commands["generate"], env, elsewhere)
         images = sorted((elsewhere / "out").glob("*.png"))
         assert len(images) == 1 and images[0].stat().st_size > 0
-        run_shell(commands["pull"], env, elsewhere)
+        finish_shell(pulling)
     finally:
+        if pulling is not None and pulling.poll() is None:  # the test failed before it was waited for
+            pulling.kill()
+            pulling.wait()
         server.stop()
 
     # The printed `serve --model flux2-klein-4b`, as a later start of the same project (env names its folder):

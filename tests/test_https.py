@@ -20,12 +20,16 @@ from websockets.sync.client import connect
 from dreamserve.cli.server import _tls_files
 from dreamserve.client import Client
 from dreamserve.settings import Settings
-from tests.conftest import MODEL, SCRIPTED, TINY, LiveServer, certificates
+from tests.conftest import MODEL, SCRIPTED, LiveServer, certificates
 
 #: The session's HTTPS server, and a short head timeout for the guard's test below. Its model process runs the
 #: scripted engine (real PNGs of the asked size, no torch): what is proven here is TLS, not the pipeline, and the
 #: tiny pipeline cost a model process start of its own and seconds of CPU per 1K reference.
-HTTPS: dict[str, Any] = {"model": {**TINY["model"], "engine": SCRIPTED}, "tls": True, "http_header_timeout_seconds": 2}
+HTTPS: dict[str, Any] = {
+    "model": {"max_pixels": 64 * 64, "engine": SCRIPTED},
+    "tls": True,
+    "http_header_timeout_seconds": 2,
+}
 
 
 def test_settings_say_https_once_a_certificate_is_set(tmp_path: Path) -> None:
