@@ -79,6 +79,8 @@ class Config:
     #: The peers' convolutions in channels-last memory format too, as dreamserve's loader puts them by default
     #: (``ModelSpec.channels_last``); else they run as diffusers loads them (contiguous).
     peers_channels_last: bool = False
+    #: dreamserve's own convolutions contiguous (``ModelSpec.channels_last`` off), as the peers load them.
+    dreamserve_contiguous: bool = False
 
 
 @dataclass
@@ -327,7 +329,14 @@ def measure_dreamserve(config: Config, figures: Figures, scratch: Path) -> None:
         config,
         DREAMSERVE_DATA_DIR=str(scratch / "data"),
         DREAMSERVE_MIN_PIXELS=str(min(config.size * config.size, 1280 * 720)),
-        DREAMSERVE_MODELS=json.dumps({"bytedance/seedream-v4": model_spec(config)}),
+        DREAMSERVE_MODELS=json.dumps(
+            {
+                "bytedance/seedream-v4": {
+                    **model_spec(config),
+                    **({"channels_last": False} if config.dreamserve_contiguous else {}),
+                }
+            }
+        ),
     )
     command = [sys.executable, "-m", "dreamserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
@@ -587,6 +596,11 @@ def main() -> None:
         help="give raw diffusers and LitServe dreamserve's channels-last convolutions too",
     )
     parser.add_argument(
+        "--dreamserve-contiguous",
+        action="store_true",
+        help="dreamserve's convolutions contiguous too (ModelSpec.channels_last off), as the peers load them",
+    )
+    parser.add_argument(
         "--glibc-defaults",
         action="store_true",
         help="run the peers with glibc's default allocator, not dreamserve's CPU settings (ALLOCATOR)",
@@ -606,6 +620,7 @@ def main() -> None:
         args.ready_timeout,
         same_allocator=not args.glibc_defaults,
         peers_channels_last=args.peers_channels_last,
+        dreamserve_contiguous=args.dreamserve_contiguous,
     )
     allocator = (
         "glibc's defaults for the peers (dreamserve's model process sets its own on a CPU)"
