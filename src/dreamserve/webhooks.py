@@ -250,12 +250,9 @@ class Outbox:
         )
         session.add(delivery)
 
-    def refused(self, session: AsyncSession, task_id: int, url: str, reason: str, now: float) -> None:
-        """A callbackUrl that is never called (not a URL, say), logged as a failed delivery with the reason."""
-        session.add(self.refused_row(task_id, url, reason, now))
-
     def refused_row(self, task_id: int, url: str, reason: str, now: float) -> WebhookDelivery:
-        """The failed delivery ``refused`` adds, for a writer that stores it without a session."""
+        """A callbackUrl that is never called (not a URL, say): the failed delivery, with the reason, that the
+        task's creation stores."""
         return WebhookDelivery(
             task_id=task_id, url=url, state=DeliveryState.FAILED, last_error=reason, next_attempt=now, created=now
         )

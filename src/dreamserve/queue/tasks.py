@@ -72,38 +72,34 @@ class Tasks(StoreBase):
             createtime=now,
             debugoutput="\n".join(job.notes),
         )
+        refused = None if refused_callback is None else self.outbox.refused_row(0, *refused_callback, now)
         row = TaskEvent(type=TaskStatus.QUEUE, message=None, created=now)
+        new = NewTask(task, inputs, job.work, quota, self.storage, refused, row)
         if self.writes is not None:  # SQLite: the same rows in one hop to the connection's thread
-            refused = None if refused_callback is None else self.outbox.refused_row(0, *refused_callback, now)
-            await self.writes.create(NewTask(task, inputs, quota, self.storage, refused, row))
+            await self.writes.create(new)
         else:
-            await self._create_in_session(task, inputs, quota, refused_callback, row)
+            await self._create_in_session(new)
         await self.hub.publish(Event(row.id, task.id, row.type, None))
         return task
 
-    async def _create_in_session(
-        self,
-        task: Task,
-        inputs: Sequence[File],
-        quota: Quota | None,
-        refused_callback: tuple[str, str] | None,
-        row: TaskEvent,
-    ) -> None:
+    async def _create_in_session(self, new: NewTask) -> None:
         """``create``'s rows through the ORM session (PostgreSQL; ``writes.Writes`` writes the same on SQLite)."""
+        task, inputs = new.task, new.inputs
         async with self.sessions.begin() as session:
-            await count_task(session, task.project_id, quota, task.num_images * task.width * task.height)
+            await count_task(session, task.project_id, new.quota, new.work)
             if inputs:
-                await check_storage(session, task.project_id, self.storage, sum(f.size for f in inputs), len(inputs))
+                await check_storage(session, task.project_id, new.storage, sum(f.size for f in inputs), len(inputs))
             session.add(task)
             await session.flush()
             task.token_digest = digest(self.keys.token(task))
             for file in inputs:
                 file.task_id = task.id
             await add_files(session, self.keys, inputs)
-            if refused_callback is not None:
-                self.outbox.refused(session, task.id, *refused_callback, row.created)
-            row.task_id = task.id
-            session.add(row)
+            if new.refused is not None:
+                new.refused.task_id = task.id
+                session.add(new.refused)
+            new.event.task_id = task.id
+            session.add(new.event)
             await session.flush()
 
     async def get(self, *, project_id: int, taskid: int | None = None, token: str | None = None) -> Task | None:

@@ -95,11 +95,13 @@ class Inserter:
 
 @dataclass(frozen=True)
 class NewTask:
-    """What one Run writes: the task (its ``project_id`` and work counted against ``quota``), its stored inputs
-    (checked against ``storage``), a refused callback's failed delivery and the ``task_queue`` event."""
+    """What one Run writes: the task (its ``project_id`` and ``work``, images x pixels, counted against ``quota``),
+    its stored inputs (checked against ``storage``), a refused callback's failed delivery and the ``task_queue``
+    event. Both paths write it: ``Writes.create`` on SQLite, ``tasks.Tasks`` through the session elsewhere."""
 
     task: Task
     inputs: Sequence[File]
+    work: int
     quota: Quota | None
     storage: StorageQuota
     refused: WebhookDelivery | None
@@ -211,11 +213,10 @@ class Writes:
     def _create(self, connection: Any, new: NewTask) -> int:
         """In the connection's thread, inside the transaction: the rows of ``tasks.Tasks.create``, in its order."""
         task = new.task
-        pixels = task.num_images * task.width * task.height
-        counted = connection.execute(COUNT_TASK, (pixels, task.project_id)).fetchall()
+        counted = connection.execute(COUNT_TASK, (new.work, task.project_id)).fetchall()
         refusal: Exception | None = None
         if new.quota is not None and counted:
-            refusal = task_refusal(new.quota, counted[0][0], int(counted[0][1]), pixels)
+            refusal = task_refusal(new.quota, counted[0][0], int(counted[0][1]), new.work)
         if refusal is None and new.inputs and new.storage.active:
             files, stored = connection.execute(STORED, (task.project_id,)).fetchall()[0]
             size = sum(f.size for f in new.inputs)
