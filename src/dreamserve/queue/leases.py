@@ -28,17 +28,7 @@ class Leases(Transitions):
 
     async def heartbeat(self, task_id: int, worker_id: str, lease_seconds: float) -> Beat:
         """Extend the lease, and read the stop asked for (Task/Cancel, Task/Kill) through the database."""
-        stmt = (
-            update(Task)
-            .where(Task.id == task_id, Task.worker_id == worker_id, Task.status.in_(list(RUNNING)))
-            .values(lease_until=time.time() + lease_seconds)
-            .returning(Task.stop_requested)
-        )
-        async with self.sessions.begin() as session:
-            requested = (await session.execute(stmt)).scalar_one_or_none()
-        if requested is None:
-            return Beat(held=False)
-        return Beat(held=True, stop=StopKind(requested) if requested else None)
+        return (await self.heartbeat_all([task_id], worker_id, lease_seconds))[task_id]
 
     async def heartbeat_all(self, task_ids: Sequence[int], worker_id: str, lease_seconds: float) -> dict[int, Beat]:
         """``heartbeat`` of a worker's tasks in one statement: each one's beat (not held: its lease is lost)."""
