@@ -101,9 +101,13 @@ class Transitions(StoreBase):
             if change is not None:
                 await session.flush()
         if change is not None:
-            await self._delete_blobs(change.dropped)
-            for event in change.published():
-                await self.hub.publish(event)
+            await self._committed(change)
+
+    async def _committed(self, change: Change) -> None:
+        """After a transition's commit: the blobs of the file rows it deleted go, and its events are published."""
+        await self._delete_blobs(change.dropped)
+        for event in change.published():
+            await self.hub.publish(event)
 
     async def _apply_all(self, steps: Sequence[tuple[int, ChangeStep]], worker_id: str) -> list[bool]:
         """A transition of each task (its id, its step), all in one transaction (a batch's members move together),
@@ -123,9 +127,7 @@ class Transitions(StoreBase):
             await session.flush()
         for change in changes:
             if change is not None:
-                await self._delete_blobs(change.dropped)
-                for event in change.published():
-                    await self.hub.publish(event)
+                await self._committed(change)
         return [change is not None for change in changes]
 
     async def _advance_all(self, task_ids: Sequence[int], status: TaskStatus, worker_id: str) -> list[bool]:
