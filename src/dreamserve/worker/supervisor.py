@@ -620,13 +620,17 @@ class Supervisor:
         began = await self.store.begin_postprocess_all(outputs, self.worker_id)
         # Only those still this worker's: nothing is stored for the others.
         successes = [
-            await self._success(entry, result) for (entry, result), held in zip(done, began, strict=True) if held
+            await self._success(entry, result, output)
+            for (entry, result), (_, output), held in zip(done, outputs, began, strict=True)
+            if held
         ]
         if successes:
             await self.store.succeed_all(successes, self.worker_id)
 
-    async def _success(self, entry: RunningTask, result: GenerationResult) -> Success:
-        task, output = entry.task, "\n".join(entry.log)
+    async def _success(self, entry: RunningTask, result: GenerationResult, output: str) -> Success:
+        """What the success of ``entry`` records: its output rows, ``output`` (its log, as ``task_end`` stored
+        it) and its details."""
+        task = entry.task
         files = []
         for image in result.images:
             file = entry.partial.pop(image.name, None) or await output_file(self.blobs, entry, image, FileRole.OUTPUT)
